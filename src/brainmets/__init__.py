@@ -1,0 +1,3 @@
+"""brainmets: patient-level detection of brain metastases on head CT."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,303 @@
+"""Command line: one thin subcommand per step of the data flow.
+
+Each subcommand parses its arguments and calls a function that works from Python too;
+nothing here computes anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("brainmets")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # pydicom warns once per odd header; the index already records what matters.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
+def _preprocess_from_args(args):
+    from brainmets.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    return cfg.preprocess
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def cmd_synth(args) -> int:
+    from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
+
+    cfg = SynthConfig(
+        num_patients=args.patients,
+        positive_fraction=args.positive_fraction,
+        slices=(args.min_slices, args.max_slices),
+        matrix=args.matrix,
+        slice_thickness_mm=args.thickness,
+        seed=args.seed,
+    )
+    labels = write_synthetic_cohort(args.out, cfg, progress=not args.quiet)
+    print(
+        f"wrote {cfg.num_patients} patients: DICOM under {Path(args.out) / 'dicom'}, "
+        f"labels {labels}"
+    )
+    return 0
+
+
+def cmd_index(args) -> int:
+    from brainmets.data.manifest import choose_series, index_dicom_root, write_index
+
+    index = index_dicom_root(args.dicom_root, workers=args.workers, progress=not args.quiet)
+    index.series = choose_series(index.series, target_mm=args.target_mm, min_slices=args.min_slices)
+    write_index(index, args.out)
+    chosen = int(index.series["chosen"].sum())
+    patients = index.series["patient_id"].nunique()
+    print(
+        f"{len(index.series)} series of {patients} patients; {chosen} chosen; "
+        f"{len(index.errors)} unreadable files; table in {args.out}"
+    )
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from brainmets.data.cache import prepare_cache
+    from brainmets.data.manifest import read_index, read_labels
+
+    preprocess = _preprocess_from_args(args)
+    labels = read_labels(args.labels)
+    series_index = read_index(args.index) if args.index else None
+    result = prepare_cache(
+        labels,
+        args.out,
+        preprocess,
+        series_index=series_index,
+        workers=args.workers,
+        num_shards=args.num_shards,
+        shard_id=args.shard_id,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(
+        f"prepared {result.prepared}, already done {result.skipped}, failed {result.failed}; "
+        f"cache {args.out} ({len(result.index)} patients in index.csv)"
+    )
+    if result.failed:
+        print(f"failures are listed in {args.out} (errors*.csv)", file=sys.stderr)
+        return 0 if args.allow_failures else 1
+    return 0
+
+
+def cmd_train(args) -> int:
+    from brainmets.config import load_config
+    from brainmets.train.trainer import train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = load_config(run_dir / "config.yaml", args.set)
+    else:
+        overrides = list(args.set)
+        if args.data:
+            overrides.append(f"data.cache={args.data}")
+        cfg = load_config(args.config, overrides)
+        run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
+    result = train(cfg, run_dir, resume=bool(args.resume))
+    print(
+        f"run {run_dir}: best {cfg.train.best_metric} = "
+        f"{result.get('best_value', float('nan')):.4f}"
+    )
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from brainmets.evaluate.evaluation import evaluate_run
+
+    summary = evaluate_run(
+        args.run,
+        args.data,
+        split=args.split,
+        out_dir=args.out,
+        n_boot=args.n_boot,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(summary.text)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from brainmets.predict import predict
+
+    result = predict(
+        args.run,
+        args.inputs,
+        out_csv=args.out,
+        heatmaps_dir=args.heatmaps,
+        top_k=args.top_k,
+        device=args.device,
+        batch_slices=args.batch_slices,
+        progress=not args.quiet,
+    )
+    print(f"{result.predicted} patients predicted, {result.failed} failed -> {args.out}")
+    return 1 if result.failed and not args.allow_failures else 0
+
+
+def cmd_report(args) -> int:
+    from brainmets.evaluate.report import write_report
+
+    print(write_report(Path(args.run)))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from brainmets.demo import run_demo
+
+    run_demo(
+        Path(args.out),
+        patients=args.patients,
+        epochs=args.epochs,
+        device=args.device,
+        full=args.full,
+        seed=args.seed,
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config (defaults: the specification)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set preprocess.slice_mm=native",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="brainmets", description="Patient-level brain metastasis detection on head CT."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic head-CT cohort as DICOM + labels.csv")
+    p.add_argument("out", type=Path)
+    p.add_argument("--patients", type=int, default=40)
+    p.add_argument("--positive-fraction", type=float, default=0.4)
+    p.add_argument("--min-slices", type=int, default=24)
+    p.add_argument("--max-slices", type=int, default=32)
+    p.add_argument("--matrix", type=int, default=256)
+    p.add_argument("--thickness", type=float, default=5.0, help="slice thickness in mm")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("index", help="find the series under a DICOM root; choose one per patient")
+    p.add_argument("dicom_root", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="folder for series.csv / files.csv")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--target-mm", type=float, default=5.0)
+    p.add_argument("--min-slices", type=int, default=8)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("prepare", help="HU -> slabs -> brain window -> 256^2, cached per patient")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        required=True,
+        help="CSV: patient_id,label[,split][,series_uid][,path]",
+    )
+    p.add_argument("--index", type=Path, help="output folder of `brainmets index`")
+    p.add_argument("--out", type=Path, required=True, help="cache folder")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--shard-id", type=int, default=0)
+    p.add_argument(
+        "--overwrite", action="store_true", help="discard a cache prepared with other parameters"
+    )
+    p.add_argument(
+        "--allow-failures",
+        action="store_true",
+        help="exit 0 even when some patients failed (they are still listed)",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="three-stage curriculum training on a prepared cache")
+    _add_config_args(p)
+    p.add_argument("--data", type=Path, help="prepared cache (same as --set data.cache=...)")
+    p.add_argument("--out", type=Path, help="run folder (default runs/<name>)")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="patient-level metrics with 95%% CIs and plots")
+    p.add_argument("run", type=Path)
+    p.add_argument("--data", type=Path, required=True, help="prepared cache to evaluate on")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="only patients of this manifest split (e.g. test); default: all",
+    )
+    p.add_argument("--out", type=Path, help="default RUN/evaluation")
+    p.add_argument("--n-boot", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="score new studies: DICOM folders, NIfTI files or a cache")
+    p.add_argument("run", type=Path)
+    p.add_argument("inputs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"))
+    p.add_argument("--heatmaps", type=Path, help="write Grad-CAM PNGs of the top slices here")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-slices", type=int, default=64)
+    p.add_argument("--allow-failures", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="(re)write RUN/report.html")
+    p.add_argument("run", type=Path)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="synth -> index -> prepare -> train -> evaluate -> predict")
+    p.add_argument("--out", type=Path, default=Path("brainmets-demo"))
+    p.add_argument("--patients", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--full", action="store_true", help="the full specified configuration even without a GPU"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from brainmets.config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"brainmets: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("brainmets: interrupted (run the same command again to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

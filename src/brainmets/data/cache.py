@@ -1,0 +1,465 @@
+"""The preprocessing cache: ``prepare`` writes it, training and evaluation read it.
+
+Layout of a cache directory::
+
+    preprocess.json        the preprocessing parameters and their hash
+    patients/<stem>.npy    uint8 [N, size, size], the brain window [0, 80] HU as 0..255
+    patients/<stem>.json   the patient's index row (written after its array: the marker of done)
+    index.csv              one row per prepared patient, rebuilt from the sidecars
+    errors.csv             every patient that failed, with the file and the reason
+                           (``errors-shard<K>-of<N>.csv`` for a sharded run)
+
+Resuming is per patient: a patient whose sidecar carries the current preprocessing hash is
+skipped, so a killed ``prepare`` continues where it stopped, and shards of an array job can
+share one directory. A cache prepared with other parameters is never reused silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from brainmets.config import PreprocessConfig
+from brainmets.io import atomic_save_npy, atomic_write_csv, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+INDEX_COLUMNS = [
+    "patient_id",
+    "label",
+    "split",
+    "num_slices",
+    "slice_mm",
+    "file",
+    "source_kind",
+    "series_uid",
+    "source",
+    "warnings",
+    "config_hash",
+]
+ERROR_COLUMNS = ["patient_id", "file", "reason"]
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class CacheError(RuntimeError):
+    """A cache that is missing, incomplete or prepared with other parameters."""
+
+
+def patient_stem(patient_id: str) -> str:
+    """A file name for a patient id; ids with unsafe characters get a digest to stay unique."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", patient_id).strip(".") or "patient"
+    if safe != patient_id:
+        safe = f"{safe[:64]}-{hashlib.sha1(patient_id.encode()).hexdigest()[:8]}"
+    return safe
+
+
+def _is_nifti(path: str) -> bool:
+    return path.lower().endswith(NIFTI_SUFFIXES)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class PatientCache:
+    """Read access to a prepared cache; arrays are memory-mapped, not loaded."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        meta_path = self.root / "preprocess.json"
+        index_path = self.root / "index.csv"
+        if not meta_path.is_file():
+            raise CacheError(
+                f"{self.root}: not a brainmets cache (no preprocess.json); "
+                "create one with `brainmets prepare`"
+            )
+        if not index_path.is_file():
+            raise CacheError(
+                f"{self.root}: cache has no index.csv; run `brainmets prepare` "
+                "again on it to finish (patients already done are kept)"
+            )
+        meta = json.loads(meta_path.read_text())
+        self.preprocess = PreprocessConfig.model_validate(meta["preprocess"])
+        self.config_hash: str = meta["config_hash"]
+        index = pd.read_csv(
+            index_path, dtype={"patient_id": str, "split": str}, keep_default_na=False
+        )
+        stale = index[index["config_hash"] != self.config_hash]
+        if len(stale):
+            raise CacheError(
+                f"{index_path}: {len(stale)} rows were prepared with other "
+                "preprocessing parameters; run `brainmets prepare` again"
+            )
+        self.index = index.reset_index(drop=True)
+        self._rows = {pid: i for i, pid in enumerate(self.index["patient_id"])}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, patient_id: object) -> bool:
+        return patient_id in self._rows
+
+    @property
+    def patient_ids(self) -> list[str]:
+        return list(self.index["patient_id"])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.index["label"].to_numpy(dtype=np.int64)
+
+    def row(self, patient_id: str) -> pd.Series:
+        try:
+            return self.index.iloc[self._rows[patient_id]]
+        except KeyError:
+            raise KeyError(f"patient {patient_id!r} is not in the cache {self.root}") from None
+
+    def load(self, patient_id: str) -> np.ndarray:
+        """uint8 [N, size, size], memory-mapped read-only."""
+        return np.load(self.root / "patients" / self.row(patient_id)["file"], mmap_mode="r")
+
+    def positions(self, patient_id: str) -> np.ndarray | None:
+        """Slab positions (mm along the slice normal) when prepare recorded them."""
+        path = self.root / "patients" / (Path(self.row(patient_id)["file"]).stem + ".pos.npy")
+        return np.load(path) if path.is_file() else None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_meta(root: Path, preprocess: PreprocessConfig, *, overwrite: bool) -> None:
+    """Create the cache or check that an existing one used the same parameters."""
+    meta_path = root / "preprocess.json"
+    digest = preprocess.config_hash()
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        if old.get("config_hash") == digest:
+            return
+        if not overwrite:
+            changed = {
+                k: (old.get("preprocess", {}).get(k), v)
+                for k, v in preprocess.model_dump(mode="json").items()
+                if old.get("preprocess", {}).get(k) != v
+            }
+            raise CacheError(
+                f"{root} was prepared with other preprocessing parameters "
+                f"(old -> new: {changed}); use another --out directory or --overwrite"
+            )
+        log.warning("%s: preprocessing changed, discarding the old cache", root)
+        for stale in (root / "patients").glob("*"):
+            stale.unlink()
+        (root / "index.csv").unlink(missing_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "patients").mkdir(exist_ok=True)
+    atomic_write_text(
+        meta_path,
+        json.dumps(
+            {"preprocess": preprocess.model_dump(mode="json"), "config_hash": digest}, indent=2
+        ),
+    )
+
+
+def _write_patient(
+    root: Path, row: dict, array: np.ndarray, positions: np.ndarray | None = None
+) -> dict:
+    stem = patient_stem(row["patient_id"])
+    row = {**row, "file": f"{stem}.npy", "num_slices": int(array.shape[0])}
+    atomic_save_npy(root / "patients" / f"{stem}.npy", np.ascontiguousarray(array, np.uint8))
+    if positions is not None:
+        atomic_save_npy(root / "patients" / f"{stem}.pos.npy", np.asarray(positions, np.float64))
+    # The sidecar goes last: its presence means the patient is complete.
+    atomic_write_text(root / "patients" / f"{stem}.json", json.dumps(row))
+    return row
+
+
+def finalize_index(root: str | Path) -> pd.DataFrame:
+    """Rebuild index.csv from the per-patient sidecars that match the cache's parameters."""
+    root = Path(root)
+    digest = json.loads((root / "preprocess.json").read_text())["config_hash"]
+    rows = []
+    for sidecar in sorted((root / "patients").glob("*.json")):
+        row = json.loads(sidecar.read_text())
+        if row.get("config_hash") == digest:
+            rows.append(row)
+    index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
+    index = index.sort_values("patient_id", kind="stable").reset_index(drop=True)
+    atomic_write_csv(root / "index.csv", index)
+    return index
+
+
+def build_cache_from_arrays(
+    root: str | Path,
+    patients: Iterable[tuple[str, int, np.ndarray]],
+    preprocess: PreprocessConfig,
+    splits: Mapping[str, str] | None = None,
+) -> PatientCache:
+    """Write already-windowed uint8 volumes as a cache (tests, synthetic benchmarks)."""
+    root = Path(root)
+    _write_meta(root, preprocess, overwrite=True)
+    digest = preprocess.config_hash()
+    for patient_id, label, array in patients:
+        if array.dtype != np.uint8 or array.ndim != 3:
+            raise ValueError(
+                f"patient {patient_id}: expected uint8 [N,H,W], got {array.dtype} {array.shape}"
+            )
+        _write_patient(
+            root,
+            {
+                "patient_id": patient_id,
+                "label": int(label),
+                "split": (splits or {}).get(patient_id, ""),
+                "slice_mm": preprocess.slice_mm,
+                "source_kind": "array",
+                "series_uid": "",
+                "source": "",
+                "warnings": "",
+                "config_hash": digest,
+            },
+            array,
+        )
+    finalize_index(root)
+    return PatientCache(root)
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+@dataclass
+class PatientJob:
+    """Where one patient's image comes from."""
+
+    patient_id: str
+    label: int
+    split: str = ""
+    kind: str = "dicom"  # dicom (files of one series) | dicom_dir | nifti
+    files: list[str] = field(default_factory=list)
+    path: str = ""
+    series_uid: str = ""
+
+
+@dataclass
+class PrepareResult:
+    prepared: int
+    skipped: int
+    errors: pd.DataFrame
+    index: pd.DataFrame
+
+    @property
+    def failed(self) -> int:
+        return len(self.errors)
+
+
+def plan_jobs(labels: pd.DataFrame, series_index=None) -> tuple[list[PatientJob], list[dict]]:
+    """One job per manifest patient; patients with no usable series become error rows.
+
+    A ``path`` column (NIfTI file or a patient's DICOM folder) wins over the series index;
+    a ``series_uid`` column pins the series instead of the automatic choice.
+    """
+    from brainmets.data.manifest import choose_series, series_files
+
+    jobs: list[PatientJob] = []
+    errors: list[dict] = []
+    chosen = None
+    if series_index is not None:
+        pins = {}
+        if "series_uid" in labels:
+            pins = {r.patient_id: r.series_uid for r in labels.itertuples() if r.series_uid}
+        chosen = choose_series(series_index.series, pins=pins)
+    for r in labels.itertuples():
+        base = dict(
+            patient_id=r.patient_id, label=int(r.label), split=getattr(r, "split", "") or ""
+        )
+        path = getattr(r, "path", "") or ""
+        if path:
+            kind = "nifti" if _is_nifti(path) else "dicom_dir"
+            jobs.append(PatientJob(**base, kind=kind, path=path))
+            continue
+        if chosen is None:
+            errors.append(
+                {
+                    "patient_id": r.patient_id,
+                    "file": "",
+                    "reason": "no path in the manifest and no series index given",
+                }
+            )
+            continue
+        mine = chosen[(chosen["patient_id"] == r.patient_id) & chosen["chosen"]]
+        if mine.empty:
+            rows = chosen[chosen["patient_id"] == r.patient_id]
+            why = "; ".join(f"{s.series_uid}: {s.reason}" for s in rows.itertuples())
+            errors.append(
+                {
+                    "patient_id": r.patient_id,
+                    "file": "",
+                    "reason": f"no usable series ({why or 'patient not in the index'})",
+                }
+            )
+            continue
+        uid = mine.iloc[0]["series_uid"]
+        jobs.append(
+            PatientJob(**base, kind="dicom", series_uid=uid, files=series_files(series_index, uid))
+        )
+    return jobs, errors
+
+
+def load_patient_volume(job: PatientJob):
+    """The HU volume of a job, whatever its source kind."""
+    from brainmets.data.dicom import load_series
+    from brainmets.data.manifest import choose_series, index_dicom_root, series_files
+    from brainmets.data.nifti import load_nifti
+
+    if job.kind == "nifti":
+        return load_nifti(job.path), ""
+    if job.kind == "dicom_dir":
+        index = index_dicom_root(job.path, workers=1, progress=False)
+        pins = {job.patient_id: job.series_uid} if job.series_uid else None
+        series = choose_series(index.series, pins=pins)
+        picked = series[series["chosen"]]
+        if picked.empty:
+            reasons = "; ".join(f"{s.series_uid}: {s.reason}" for s in series.itertuples())
+            raise ValueError(f"{job.path}: no usable CT series ({reasons or 'no DICOM images'})")
+        uid = picked.iloc[0]["series_uid"]
+        return load_series(series_files(index, uid)), uid
+    return load_series(job.files), job.series_uid
+
+
+def _prepare_one(job: PatientJob, root: str, preprocess: PreprocessConfig) -> dict:
+    """Worker: load, preprocess and store one patient. Returns an index row or an error row."""
+    import torch
+
+    from brainmets.data.dicom import SeriesError
+    from brainmets.data.volume import preprocess_volume
+
+    torch.set_num_threads(1)  # parallelism comes from the process pool
+    try:
+        volume, series_uid = load_patient_volume(job)
+        array, positions = preprocess_volume(
+            volume,
+            slice_mm=preprocess.slab_mm,
+            center=preprocess.window_center,
+            width=preprocess.window_width,
+            size=preprocess.size,
+        )
+        if array.shape[0] < 1:
+            raise ValueError("no slices left after preprocessing")
+    except SeriesError as err:
+        return {"error": True, "patient_id": job.patient_id, "file": err.path, "reason": err.reason}
+    except Exception as err:  # noqa: BLE001 - a batch job records every failure and goes on
+        return {
+            "error": True,
+            "patient_id": job.patient_id,
+            "file": job.path or (job.files[0] if job.files else ""),
+            "reason": f"{type(err).__name__}: {err}",
+        }
+    source = job.path or str(Path(job.files[0]).parent)
+    row = {
+        "patient_id": job.patient_id,
+        "label": job.label,
+        "split": job.split,
+        "slice_mm": preprocess.slice_mm,
+        "source_kind": job.kind,
+        "series_uid": series_uid,
+        "source": source,
+        "warnings": " | ".join(volume.warnings),
+        "config_hash": preprocess.config_hash(),
+    }
+    return _write_patient(Path(root), row, array, positions)
+
+
+def _done_patients(root: Path, digest: str) -> dict[str, dict]:
+    done = {}
+    for sidecar in (root / "patients").glob("*.json"):
+        row = json.loads(sidecar.read_text())
+        if row.get("config_hash") == digest:
+            done[row["patient_id"]] = row
+    return done
+
+
+def _errors_path(root: Path, num_shards: int, shard_id: int) -> Path:
+    if num_shards == 1:
+        return root / "errors.csv"
+    return root / f"errors-shard{shard_id}-of{num_shards}.csv"
+
+
+def _run_jobs(
+    jobs: Sequence[PatientJob],
+    root: Path,
+    preprocess: PreprocessConfig,
+    workers: int,
+    progress: bool,
+) -> Iterator[dict]:
+    bar = tqdm(total=len(jobs), desc="prepare", unit="patient", disable=not progress)
+    try:
+        if workers <= 1:
+            for job in jobs:
+                yield _prepare_one(job, str(root), preprocess)
+                bar.update()
+            return
+        # spawn, not fork: the parent may hold torch threads and open file handles.
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_prepare_one, job, str(root), preprocess) for job in jobs]
+            for future in as_completed(futures):
+                yield future.result()
+                bar.update()
+    finally:
+        bar.close()
+
+
+def prepare_cache(
+    labels: pd.DataFrame,
+    out: str | Path,
+    preprocess: PreprocessConfig,
+    *,
+    series_index=None,
+    workers: int = 1,
+    num_shards: int = 1,
+    shard_id: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PrepareResult:
+    """Preprocess every manifest patient into ``out``; failures are recorded, not raised."""
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id must be in [0, {num_shards}), got {shard_id}")
+    root = Path(out)
+    _write_meta(root, preprocess, overwrite=overwrite)
+    digest = preprocess.config_hash()
+
+    # Shard by manifest row so that every shard of an array job sees a fixed, disjoint share.
+    jobs, errors = plan_jobs(labels.iloc[shard_id::num_shards], series_index)
+    done = _done_patients(root, digest)
+    todo, skipped = [], 0
+    for job in jobs:
+        old = done.get(job.patient_id)
+        if old is None:
+            todo.append(job)
+            continue
+        skipped += 1
+        if (old["label"], old["split"]) != (job.label, job.split):
+            # The manifest changed a label or split only: no need to recompute the array.
+            old.update(label=job.label, split=job.split)
+            atomic_write_text(root / "patients" / f"{Path(old['file']).stem}.json", json.dumps(old))
+    if skipped:
+        log.info("%d patients already prepared, %d to do", skipped, len(todo))
+
+    prepared = 0
+    for result in _run_jobs(todo, root, preprocess, workers, progress):
+        if result.pop("error", False):
+            errors.append(result)
+            log.warning(
+                "patient %s failed: %s: %s", result["patient_id"], result["file"], result["reason"]
+            )
+        else:
+            prepared += 1
+    error_frame = pd.DataFrame(errors, columns=ERROR_COLUMNS)
+    atomic_write_csv(_errors_path(root, num_shards, shard_id), error_frame)
+    index = finalize_index(root)
+    return PrepareResult(prepared=prepared, skipped=skipped, errors=error_frame, index=index)

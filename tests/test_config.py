@@ -1,0 +1,83 @@
+"""The config: specification defaults, validation that names the key, overrides, hashing."""
+
+from __future__ import annotations
+
+import pytest
+
+from brainmets.config import (
+    Config,
+    ConfigError,
+    dump_config,
+    load_config,
+    parse_override,
+    save_config,
+)
+
+
+def test_defaults_are_the_specification():
+    cfg = Config()
+    assert cfg.preprocess.window_center == 40 and cfg.preprocess.window_width == 80
+    assert cfg.preprocess.size == 256 and cfg.preprocess.slice_mm == 5.0
+    assert cfg.model.arch == "resnet50" and cfg.model.pooling == "max"
+    assert cfg.model.conv1_reduce == "mean" and cfg.model.dropout == 0.4
+    assert cfg.train.epochs == 40 and cfg.train.stage_epochs == (0, 5, 12)
+    assert (cfg.train.lr.head, cfg.train.lr.layer4, cfg.train.lr.layer3) == (5e-5, 1e-5, 5e-6)
+    assert (cfg.train.weight_decay.backbone, cfg.train.weight_decay.head) == (1e-4, 1e-3)
+    assert cfg.train.grad_clip == 1.0
+    assert (cfg.train.confidence.target, cfg.train.confidence.weight) == (0.30, 0.15)
+    # 1:1.5 positives to negatives
+    assert cfg.train.pos_fraction == pytest.approx(1 / 2.5)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "named"),
+    [
+        ("train:\n  epochs: 3\n  epoks: 4\n", "train.epoks"),
+        ("model:\n  arch: resnet51\n", "model.arch"),
+        ("train:\n  lr:\n    head: -1\n", "train.lr.head"),
+        ("preprocess:\n  slice_mm: thick\n", "preprocess.slice_mm"),
+        ("train:\n  stage_epochs: [0, 12, 5]\n", "train.stage_epochs"),
+        ("bogus: 1\n", "bogus"),
+    ],
+)
+def test_invalid_keys_are_errors_that_name_them(tmp_path, yaml_text, named):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert named in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_overrides_parse_yaml_values():
+    assert parse_override("train.epochs=3") == ("train.epochs", 3)
+    assert parse_override("preprocess.slice_mm=native") == ("preprocess.slice_mm", "native")
+    assert parse_override("train.stage_epochs=[0,1,2]") == ("train.stage_epochs", [0, 1, 2])
+    cfg = load_config(None, ["train.epochs=3", "model.arch=resnet18", "train.lr.head=1e-3"])
+    assert cfg.train.epochs == 3 and cfg.model.arch == "resnet18" and cfg.train.lr.head == 1e-3
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_override("train.epochs")
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(None, ["train.epochs=many"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.epochs=7", "preprocess.slice_mm=native"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg and again.config_hash() == cfg.config_hash()
+    assert "epochs: 7" in dump_config(cfg)
+
+
+def test_preprocess_hash_follows_every_parameter():
+    base = Config().preprocess
+    seen = {base.config_hash()}
+    for change in (
+        {"slice_mm": "native"},
+        {"window_center": 35.0},
+        {"size": 128},
+        {"window_width": 100.0},
+        {"min_slices": 4},
+    ):
+        seen.add(base.model_copy(update=change).config_hash())
+    assert len(seen) == 6
