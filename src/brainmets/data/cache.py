@@ -20,11 +20,12 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -34,6 +35,7 @@ from brainmets.config import PreprocessConfig
 from brainmets.io import atomic_save_npy, atomic_write_csv, atomic_write_text
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 INDEX_COLUMNS = [
     "patient_id",
@@ -332,47 +334,77 @@ def load_patient_volume(job: PatientJob):
     return load_series(job.files), job.series_uid
 
 
-def _prepare_one(job: PatientJob, root: str, preprocess: PreprocessConfig) -> dict:
-    """Worker: load, preprocess and store one patient. Returns an index row or an error row."""
-    import torch
+@dataclass
+class PreprocessedPatient:
+    """One patient's cached-form array, before it is written anywhere."""
 
-    from brainmets.data.dicom import SeriesError
+    job: PatientJob
+    array: np.ndarray  # uint8 [N, size, size]
+    positions: np.ndarray  # slab centres, mm along the slice normal
+    series_uid: str
+    warnings: list[str]
+
+
+def preprocess_patient(job: PatientJob, preprocess: PreprocessConfig) -> PreprocessedPatient:
+    """Load one patient's volume and apply steps 1, 2 and 4 of the preprocessing."""
     from brainmets.data.volume import preprocess_volume
+
+    volume, series_uid = load_patient_volume(job)
+    array, positions = preprocess_volume(
+        volume,
+        slice_mm=preprocess.slab_mm,
+        center=preprocess.window_center,
+        width=preprocess.window_width,
+        size=preprocess.size,
+    )
+    if array.shape[0] < 1:
+        raise ValueError("no slices left after preprocessing")
+    return PreprocessedPatient(job, array, positions, series_uid, list(volume.warnings))
+
+
+def failure_row(job: PatientJob, err: BaseException) -> dict:
+    """The errors-table row of a failed patient: the file that failed and why."""
+    from brainmets.data.dicom import SeriesError
+
+    if isinstance(err, SeriesError):
+        return {"patient_id": job.patient_id, "file": err.path, "reason": err.reason}
+    return {
+        "patient_id": job.patient_id,
+        "file": job.path or (job.files[0] if job.files else ""),
+        "reason": f"{type(err).__name__}: {err}",
+    }
+
+
+def try_preprocess_patient(
+    job: PatientJob, preprocess: PreprocessConfig
+) -> PreprocessedPatient | dict:
+    """Worker entry point: the preprocessed patient, or its failure row (never raises)."""
+    import torch
 
     torch.set_num_threads(1)  # parallelism comes from the process pool
     try:
-        volume, series_uid = load_patient_volume(job)
-        array, positions = preprocess_volume(
-            volume,
-            slice_mm=preprocess.slab_mm,
-            center=preprocess.window_center,
-            width=preprocess.window_width,
-            size=preprocess.size,
-        )
-        if array.shape[0] < 1:
-            raise ValueError("no slices left after preprocessing")
-    except SeriesError as err:
-        return {"error": True, "patient_id": job.patient_id, "file": err.path, "reason": err.reason}
+        return preprocess_patient(job, preprocess)
     except Exception as err:  # noqa: BLE001 - a batch job records every failure and goes on
-        return {
-            "error": True,
-            "patient_id": job.patient_id,
-            "file": job.path or (job.files[0] if job.files else ""),
-            "reason": f"{type(err).__name__}: {err}",
-        }
-    source = job.path or str(Path(job.files[0]).parent)
+        return failure_row(job, err)
+
+
+def _prepare_one(job: PatientJob, root: str, preprocess: PreprocessConfig) -> dict:
+    """Worker: preprocess and store one patient. Returns an index row or an error row."""
+    result = try_preprocess_patient(job, preprocess)
+    if isinstance(result, dict):
+        return {"error": True, **result}
     row = {
         "patient_id": job.patient_id,
         "label": job.label,
         "split": job.split,
         "slice_mm": preprocess.slice_mm,
         "source_kind": job.kind,
-        "series_uid": series_uid,
-        "source": source,
-        "warnings": " | ".join(volume.warnings),
+        "series_uid": result.series_uid,
+        "source": job.path or str(Path(job.files[0]).parent),
+        "warnings": " | ".join(result.warnings),
         "config_hash": preprocess.config_hash(),
     }
-    return _write_patient(Path(root), row, array, positions)
+    return _write_patient(Path(root), row, result.array, result.positions)
 
 
 def _done_patients(root: Path, digest: str) -> dict[str, dict]:
@@ -390,23 +422,28 @@ def _errors_path(root: Path, num_shards: int, shard_id: int) -> Path:
     return root / f"errors-shard{shard_id}-of{num_shards}.csv"
 
 
-def _run_jobs(
+def map_jobs(
+    fn: Callable[..., T],
     jobs: Sequence[PatientJob],
-    root: Path,
-    preprocess: PreprocessConfig,
-    workers: int,
-    progress: bool,
-) -> Iterator[dict]:
-    bar = tqdm(total=len(jobs), desc="prepare", unit="patient", disable=not progress)
+    *args,
+    workers: int = 1,
+    progress: bool = True,
+    desc: str = "prepare",
+) -> Iterator[T]:
+    """``fn(job, *args)`` for every job, in a process pool when ``workers`` > 1.
+
+    Results come in completion order; a progress bar counts patients.
+    """
+    bar = tqdm(total=len(jobs), desc=desc, unit="patient", disable=not progress)
     try:
-        if workers <= 1:
+        if workers <= 1 or len(jobs) <= 1:
             for job in jobs:
-                yield _prepare_one(job, str(root), preprocess)
+                yield fn(job, *args)
                 bar.update()
             return
         # spawn, not fork: the parent may hold torch threads and open file handles.
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_prepare_one, job, str(root), preprocess) for job in jobs]
+            futures = [pool.submit(fn, job, *args) for job in jobs]
             for future in as_completed(futures):
                 yield future.result()
                 bar.update()
@@ -451,7 +488,9 @@ def prepare_cache(
         log.info("%d patients already prepared, %d to do", skipped, len(todo))
 
     prepared = 0
-    for result in _run_jobs(todo, root, preprocess, workers, progress):
+    for result in map_jobs(
+        _prepare_one, todo, str(root), preprocess, workers=workers, progress=progress
+    ):
         if result.pop("error", False):
             errors.append(result)
             log.warning(

@@ -1,0 +1,135 @@
+"""prepare and the cache: resumable, sharded, errors recorded, stale caches refused."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from brainmets.config import PreprocessConfig
+from brainmets.data.cache import (
+    CacheError,
+    PatientCache,
+    build_cache_from_arrays,
+    patient_stem,
+    prepare_cache,
+)
+
+PRE = PreprocessConfig(size=32, slice_mm=5.0)
+
+
+def _write_nifti(path, hu: np.ndarray, slice_mm: float = 2.5) -> str:
+    """HU volume [N, H, W] as NIfTI with slices along the third voxel axis."""
+    affine = np.diag([0.9, 0.9, slice_mm, 1.0])
+    nib.save(nib.Nifti1Image(np.transpose(hu, (2, 1, 0)).astype(np.int16), affine), path)
+    return str(path)
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    """Four NIfTI patients (2.5 mm slices, a ramp in HU) and one unreadable file."""
+    rows = []
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        hu = np.full((8, 40, 40), 20.0) + rng.normal(0, 5, (8, 40, 40))
+        hu[:, 10:30, 10:30] += 10 * i  # a per-patient brightness we can find in the cache
+        rows.append(
+            {
+                "patient_id": f"P{i}",
+                "label": i % 2,
+                "path": _write_nifti(tmp_path / f"p{i}.nii.gz", hu),
+            }
+        )
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti file")
+    rows.append({"patient_id": "BROKEN", "label": 1, "path": str(broken)})
+    return pd.DataFrame(rows)
+
+
+def test_prepare_writes_windowed_slabs_and_records_failures(tmp_path, manifest):
+    out = tmp_path / "cache"
+    result = prepare_cache(manifest, out, PRE, workers=2, progress=False)
+    assert result.prepared == 4 and result.failed == 1
+    errors = pd.read_csv(out / "errors.csv")
+    assert list(errors["patient_id"]) == ["BROKEN"]
+    assert "broken.nii.gz" in errors.loc[0, "file"] and errors.loc[0, "reason"]
+
+    cache = PatientCache(out)
+    assert cache.patient_ids == ["P0", "P1", "P2", "P3"]
+    assert list(cache.labels) == [0, 1, 0, 1]
+    volumes = [np.asarray(cache.load(pid)) for pid in cache.patient_ids]
+    for array in volumes:
+        # 8 slices of 2.5 mm -> 4 slabs of 5 mm, resized to 32^2, uint8
+        assert array.shape == (4, 32, 32) and array.dtype == np.uint8
+    centres = [float(a[:, 12:20, 12:20].mean()) * 80 / 255 for a in volumes]
+    # 20 HU + 10 HU per patient index inside the square, within the noise of averaging
+    assert np.allclose(centres, [20, 30, 40, 50], atol=1.5)
+
+
+def test_prepare_resumes_and_keeps_done_patients(tmp_path, manifest):
+    out = tmp_path / "cache"
+    first = prepare_cache(manifest.iloc[:2], out, PRE, progress=False)
+    assert first.prepared == 2
+    done = out / "patients" / f"{patient_stem('P0')}.npy"
+    stamp = done.stat().st_mtime_ns
+    # A label change in the manifest is taken without recomputing the array.
+    changed = manifest.copy()
+    changed.loc[0, "label"] = 1
+    second = prepare_cache(changed, out, PRE, progress=False)
+    assert (second.prepared, second.skipped, second.failed) == (2, 2, 1)
+    assert done.stat().st_mtime_ns == stamp
+    assert PatientCache(out).row("P0")["label"] == 1
+
+
+def test_shards_share_one_cache(tmp_path, manifest):
+    out = tmp_path / "cache"
+    for shard in range(2):
+        prepare_cache(manifest, out, PRE, num_shards=2, shard_id=shard, progress=False)
+    cache = PatientCache(out)
+    assert cache.patient_ids == ["P0", "P1", "P2", "P3"]
+    shard_errors = [pd.read_csv(out / f"errors-shard{k}-of2.csv") for k in range(2)]
+    assert sum(len(e) for e in shard_errors) == 1
+    with pytest.raises(ValueError, match="shard_id"):
+        prepare_cache(manifest, out, PRE, num_shards=2, shard_id=2, progress=False)
+
+
+def test_changed_preprocessing_is_never_silently_reused(tmp_path, manifest):
+    out = tmp_path / "cache"
+    prepare_cache(manifest.iloc[:1], out, PRE, progress=False)
+    other = PRE.model_copy(update={"window_center": 35.0})
+    with pytest.raises(CacheError, match="window_center"):
+        prepare_cache(manifest.iloc[:1], out, other, progress=False)
+    result = prepare_cache(manifest.iloc[:1], out, other, overwrite=True, progress=False)
+    assert result.prepared == 1
+    assert PatientCache(out).config_hash == other.config_hash()
+    # A sidecar from other parameters left behind (e.g. copied in) makes the cache refuse.
+    meta = json.loads((out / "preprocess.json").read_text())
+    meta["config_hash"] = "0" * 16
+    (out / "preprocess.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="other preprocessing"):
+        PatientCache(out)
+
+
+def test_missing_or_unfinished_cache_says_what_to_do(tmp_path):
+    with pytest.raises(CacheError, match="brainmets prepare"):
+        PatientCache(tmp_path)
+    build_cache_from_arrays(tmp_path, [("a", 0, np.zeros((2, 8, 8), np.uint8))], PRE)
+    (tmp_path / "index.csv").unlink()
+    with pytest.raises(CacheError, match="index.csv"):
+        PatientCache(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("patient_id", "safe"),
+    [("SYN0001", "SYN0001"), ("a/b", None), ("../x", None), ("Müller 1", None)],
+)
+def test_patient_file_names_are_safe_and_unique(patient_id, safe):
+    stem = patient_stem(patient_id)
+    assert "/" not in stem and not stem.startswith(".")
+    if safe:
+        assert stem == safe
+    else:
+        assert stem != patient_stem(patient_id + "x")
