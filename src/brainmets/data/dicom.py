@@ -1,0 +1,308 @@
+"""DICOM CT series -> Hounsfield-unit volume.
+
+Step 1 of the data flow (DESIGN.md, Preprocessing 1): headers are read with pydicom, pixels are
+decoded through pydicom's pixel plugins (pylibjpeg, gdcm: JPEG, JPEG-LS, JPEG 2000, RLE, deflated,
+big endian), and each slice is rescaled to HU with its *own* RescaleSlope / RescaleIntercept.
+
+Decisions where the standard leaves room:
+
+- **Padding -> air.** Stored values equal to PixelPaddingValue (or inside the range it spans with
+  PixelPaddingRangeLimit) become :data:`AIR_HU` = -1024 HU, the value of air on a 12-bit CT with
+  intercept -1024. Padding marks pixels outside the reconstruction circle; left alone they read
+  as -1500..-3024 HU, which the brain window clips to the same black as air anyway, but averaging
+  (slabs, anti-aliased resize) next to them would otherwise drag real tissue values down.
+- **Missing rescale tags.** RescaleSlope and RescaleIntercept are Type 1 in the CT Image module;
+  a CT file without them is a :class:`SeriesError`. Guessing an intercept of 0 would shift every
+  value of an unsigned scanner by 1024 HU and silently produce a blank brain window.
+- **Geometry.** Slices are ordered by ImagePositionPatient projected on the slice normal (cross
+  product of the two ImageOrientationPatient direction cosines), never by file name or
+  InstanceNumber. Two slices at the same position -> ``"not a volume"``; differing matrix sizes
+  or orientations -> error. Gaps and uneven spacing are recorded in :attr:`HUVolume.warnings`.
+  Gantry tilt is allowed and not corrected: each 2-D slice is used as acquired.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut
+from pydicom.uid import MediaStorageDirectoryStorage
+
+AIR_HU = -1024.0
+"""HU written where the scanner stored PixelPaddingValue (outside the field of view)."""
+
+DUPLICATE_TOLERANCE_MM = 0.01
+"""Two slices closer than this along the normal are the same position."""
+
+UNEVEN_SPACING_TOLERANCE = 0.1
+"""Relative spread of the slice spacing above which a warning is recorded."""
+
+GAP_FACTOR = 1.5
+"""A step larger than this many median spacings is reported as a gap (missing slices)."""
+
+
+class SeriesError(Exception):
+    """A series (or one file of it) that cannot become a volume; names the file and the reason."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass
+class HUVolume:
+    """A CT volume in Hounsfield units, slices in ascending position along the slice normal."""
+
+    hu: np.ndarray
+    """float32 [N, H, W]."""
+    positions_mm: np.ndarray
+    """float64 [N], ImagePositionPatient projected on the slice normal, ascending."""
+    pixel_spacing_mm: tuple[float, float]
+    """(row spacing, column spacing) in mm."""
+    warnings: list[str] = field(default_factory=list)
+    source: str = ""
+    """SeriesInstanceUID for DICOM, the file path for NIfTI."""
+    files: list[str] = field(default_factory=list)
+    """The DICOM files in position order ([] for NIfTI)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Headers
+# --------------------------------------------------------------------------------------------
+
+
+def _is_directory_record(ds: Dataset) -> bool:
+    """DICOMDIR and Philips DIRFILE: media directories, not images."""
+    meta = getattr(ds, "file_meta", None)
+    sop = meta.get("MediaStorageSOPClassUID") if meta is not None else None
+    return sop == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds
+
+
+def read_header_or_reason(path: str | os.PathLike[str]) -> tuple[Dataset | None, str | None]:
+    """Headers of one file (no pixel data) and, when it is unusable, why.
+
+    Returns ``(ds, None)`` for a DICOM instance, ``(None, None)`` for a DICOM file that is not
+    an instance (DICOMDIR, DIRFILE), and ``(None, reason)`` for anything that is not DICOM or
+    cannot be parsed (empty, truncated, text).
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            return None, "empty file (0 bytes)"
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        # Files without the 128-byte preamble still occur (old archives): accept them only
+        # when a forced read finds an instance, so that text files are not taken for DICOM.
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom warns about every guess it makes
+                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
+                return None, "not a DICOM file"
+        except Exception:
+            return None, "not a DICOM file"
+    except (OSError, EOFError) as err:
+        return None, f"unreadable: {err}"
+    except Exception as err:  # pydicom raises many types on corrupt data
+        return None, f"corrupt DICOM header: {type(err).__name__}: {err}"
+    if _is_directory_record(ds):
+        return None, None
+    if "SOPClassUID" not in ds:
+        return None, "truncated or incomplete DICOM header (no SOPClassUID)"
+    return ds, None
+
+
+def read_header(path: str | os.PathLike[str]) -> Dataset | None:
+    """Headers of one DICOM instance, or ``None`` for non-DICOM files, DICOMDIRs and DIRFILEs."""
+    ds, _ = read_header_or_reason(path)
+    return ds
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry
+# --------------------------------------------------------------------------------------------
+
+
+def slice_normal(orientation: Sequence[float]) -> np.ndarray:
+    """Unit normal of a slice: cross product of the row and column direction cosines."""
+    iop = np.asarray(orientation, dtype=np.float64)
+    normal = np.cross(iop[:3], iop[3:6])
+    norm = np.linalg.norm(normal)
+    if iop.shape != (6,) or norm < 1e-6:
+        raise ValueError(f"degenerate ImageOrientationPatient {list(orientation)}")
+    return normal / norm
+
+
+def _orientation(path: str, ds: Dataset) -> np.ndarray:
+    if "ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds:
+        raise SeriesError(path, "missing ImageOrientationPatient/ImagePositionPatient")
+    return np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+
+
+def _spacing_warnings(positions: np.ndarray) -> list[str]:
+    """Gaps (missing slices) and uneven spacing; both are warnings, not errors."""
+    if positions.size < 3:
+        return []
+    steps = np.diff(positions)
+    median = float(np.median(steps))
+    found = []
+    gaps = np.flatnonzero(steps > GAP_FACTOR * median)
+    if gaps.size:
+        where = ", ".join(f"{positions[i]:.2f}->{positions[i + 1]:.2f} mm" for i in gaps[:5])
+        found.append(
+            f"gap in slice positions (missing slices?): {gaps.size} step(s) larger than "
+            f"{GAP_FACTOR} x median spacing {median:.2f} mm at {where}"
+        )
+    if (steps.max() - steps.min()) > UNEVEN_SPACING_TOLERANCE * median:
+        found.append(
+            f"uneven slice spacing: {steps.min():.2f}-{steps.max():.2f} mm (median {median:.2f} mm)"
+        )
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Pixels -> HU
+# --------------------------------------------------------------------------------------------
+
+
+def _as_stored(value: int, stored: np.ndarray) -> int:
+    """PixelPaddingValue in the value domain of the decoded pixels.
+
+    Its VR is US or SS depending on PixelRepresentation; headers read without that context
+    (implicit VR) or written wrongly give e.g. 63536 for -2000 on signed pixels.
+    """
+    value = int(value)
+    info = np.iinfo(stored.dtype) if stored.dtype.kind in "iu" else None
+    if info is not None and stored.dtype.kind == "i" and value > info.max:
+        value -= 1 << (8 * stored.dtype.itemsize)
+    elif info is not None and stored.dtype.kind == "u" and value < 0:
+        value += 1 << (8 * stored.dtype.itemsize)
+    return value
+
+
+def padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+    """Pixels that the scanner marked as padding (outside the field of view), or None."""
+    if "PixelPaddingValue" not in ds or ds.PixelPaddingValue is None:
+        return None
+    low = high = _as_stored(ds.PixelPaddingValue, stored)
+    limit = ds.get("PixelPaddingRangeLimit")
+    if limit is not None:
+        limit = _as_stored(limit, stored)
+        low, high = min(low, limit), max(low, limit)
+    mask = (stored >= low) & (stored <= high)
+    return mask if mask.any() else None
+
+
+def _read_instance(path: str) -> Dataset:
+    """Whole file (pixels decoded later, on first access) as one DICOM image instance."""
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as err:
+        raise SeriesError(path, "not a DICOM file") from err
+    except Exception as err:
+        raise SeriesError(path, f"cannot read: {type(err).__name__}: {err}") from err
+    if _is_directory_record(ds):
+        raise SeriesError(path, "a DICOM directory (DICOMDIR/DIRFILE), not an image")
+    if "PixelData" not in ds:
+        raise SeriesError(path, "no pixel data")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise SeriesError(path, "multi-frame images are not supported (one slice per file)")
+    return ds
+
+
+def _decode(path: str, ds: Dataset) -> np.ndarray:
+    try:
+        return ds.pixel_array
+    except Exception as err:
+        ts = ds.file_meta.get("TransferSyntaxUID")
+        name = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
+        raise SeriesError(
+            path, f"cannot decode pixel data with transfer syntax {name}: {err}"
+        ) from err
+
+
+def slice_hounsfield(path: str, ds: Dataset, stored: np.ndarray) -> np.ndarray:
+    """HU of one slice: stored x RescaleSlope + RescaleIntercept of *this* file; padding -> air."""
+    if ds.get("RescaleSlope") is None or ds.get("RescaleIntercept") is None:
+        raise SeriesError(path, "missing RescaleSlope/RescaleIntercept: HU cannot be derived")
+    if stored.ndim != 2:
+        raise SeriesError(path, f"expected one grey-scale slice, got pixel array {stored.shape}")
+    hu = apply_modality_lut(stored, ds).astype(np.float32, copy=False)
+    mask = padding_mask(ds, stored)
+    if mask is not None:
+        hu[mask] = AIR_HU
+    return hu
+
+
+# --------------------------------------------------------------------------------------------
+# Series
+# --------------------------------------------------------------------------------------------
+
+
+def load_series(files: Sequence[str | os.PathLike[str]]) -> HUVolume:
+    """Decode one series into an :class:`HUVolume` sorted along the slice normal.
+
+    Raises :class:`SeriesError` naming the offending file for undecodable pixels, missing
+    rescale or geometry tags, mixed matrix sizes or orientations, and duplicate positions.
+    """
+    paths = [str(Path(f)) for f in files]
+    if not paths:
+        raise SeriesError("<empty series>", "no files")
+
+    headers = [_read_instance(path) for path in paths]
+
+    first = headers[0]
+    iop = _orientation(paths[0], first)
+    try:
+        normal = slice_normal(iop)
+    except ValueError as err:
+        raise SeriesError(paths[0], str(err)) from err
+    positions = np.empty(len(paths), dtype=np.float64)
+    for i, (path, ds) in enumerate(zip(paths, headers, strict=True)):
+        if not np.allclose(_orientation(path, ds), iop, atol=1e-3):
+            raise SeriesError(path, "ImageOrientationPatient differs within the series")
+        if (ds.get("Rows"), ds.get("Columns")) != (first.get("Rows"), first.get("Columns")):
+            raise SeriesError(
+                path,
+                f"mixed matrix sizes: {ds.get('Rows')}x{ds.get('Columns')} "
+                f"vs {first.get('Rows')}x{first.get('Columns')} in {paths[0]}",
+            )
+        positions[i] = float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal))
+
+    order = np.argsort(positions, kind="stable")
+    positions = positions[order]
+    steps = np.diff(positions)
+    if steps.size and steps.min() < DUPLICATE_TOLERANCE_MM:
+        i = int(np.argmin(steps))
+        raise SeriesError(
+            paths[order[i + 1]],
+            f"not a volume: {int((steps < DUPLICATE_TOLERANCE_MM).sum()) + 1} slices share "
+            f"positions along the normal (e.g. {positions[i]:.2f} mm, also {paths[order[i]]})",
+        )
+
+    sorted_paths = [paths[i] for i in order]
+    hu = np.empty((len(paths), int(first.Rows), int(first.Columns)), dtype=np.float32)
+    for k, i in enumerate(order):
+        path, ds = paths[i], headers[i]
+        stored = _decode(path, ds)
+        if stored.shape != hu.shape[1:]:
+            raise SeriesError(path, f"pixel array {stored.shape} does not match {hu.shape[1:]}")
+        hu[k] = slice_hounsfield(path, ds, stored)
+
+    spacing = first.get("PixelSpacing") or [1.0, 1.0]
+    return HUVolume(
+        hu=hu,
+        positions_mm=positions,
+        pixel_spacing_mm=(float(spacing[0]), float(spacing[1])),
+        warnings=_spacing_warnings(positions),
+        source=str(first.get("SeriesInstanceUID", paths[0])),
+        files=sorted_paths,
+    )

@@ -1,0 +1,403 @@
+"""DICOM root -> series table; one series chosen per patient; labels.csv.
+
+``index_dicom_root`` walks a folder of any layout (files with or without extension), reads
+headers only, and groups image files by SeriesInstanceUID into a :class:`SeriesIndex`:
+
+- ``series``: one row per series (:data:`SERIES_COLUMNS`), with ``chosen`` and ``reason``;
+- ``files``: one row per image file (series_uid, path, instance_number);
+- ``errors``: files that are not DICOM or cannot be parsed (path, reason). DICOMDIRs and
+  Philips DIRFILEs are directories, not images: they are skipped without an error.
+
+Choice rule (:func:`choose_series`), per patient:
+
+1. Eligible: Modality CT; SOP class CT Image Storage (not secondary capture, structured report
+   or any other class); ImageType without LOCALIZER; axial orientation (slice normal within
+   30 degrees of the patient's head-foot axis, so gantry tilt is allowed); at least
+   ``min_slices`` image files.
+2. Among eligible series, in order: soft-tissue/brain reconstruction kernel before unknown
+   kernels before bone/lung (sharp) kernels; SliceThickness nearest ``target_mm``; more slices;
+   then SeriesInstanceUID so that the choice is deterministic.
+3. A pin (patient_id -> SeriesInstanceUID, from the labels' ``series_uid`` column) overrides
+   the rule, eligible or not.
+
+Only PatientID leaves the headers: no names or birth dates appear in any table.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from brainmets.data.dicom import read_header_or_reason, slice_normal
+
+SERIES_COLUMNS = [
+    "patient_id",
+    "study_uid",
+    "series_uid",
+    "modality",
+    "sop_class",
+    "description",
+    "image_type",
+    "orientation",
+    "num_slices",
+    "slice_thickness_mm",
+    "kernel",
+    "manufacturer",
+    "transfer_syntax",
+    "directory",
+    "chosen",
+    "reason",
+]
+FILE_COLUMNS = ["series_uid", "path", "instance_number"]
+ERROR_COLUMNS = ["path", "reason"]
+
+CT_IMAGE_STORAGE = "CT Image Storage"
+MAX_TILT_DEG = 30.0
+
+_SHARP_KERNEL = re.compile(r"BONE|LUNG|EDGE|SHARP|DETAIL|HIGH|CHEST|CHST|ULTRA", re.IGNORECASE)
+_SOFT_KERNEL = re.compile(r"BRAIN|SOFT|STANDARD|STD|SMOOTH|HEAD|NEURO|^U[ABC]$", re.IGNORECASE)
+# Siemens kernels: letter(s) + sharpness number (H31s, Hr40, J30f, Br64); >= 60 is sharp.
+_SIEMENS_KERNEL = re.compile(r"^[A-Z][a-z]?(\d{2})[a-z]?\b")
+
+_INDEX_FILES = {"series": "series.csv", "files": "files.csv", "errors": "index_errors.csv"}
+
+
+@dataclass
+class SeriesIndex:
+    """The three tables written by ``brainmets index``."""
+
+    series: pd.DataFrame
+    files: pd.DataFrame
+    errors: pd.DataFrame
+
+
+# --------------------------------------------------------------------------------------------
+# Headers -> rows
+# --------------------------------------------------------------------------------------------
+
+
+def classify_orientation(orientation: Iterable[float] | None) -> str:
+    """'axial' / 'coronal' / 'sagittal' by the slice normal's main axis; 'oblique' past 30 deg."""
+    if orientation is None:
+        return ""
+    try:
+        normal = slice_normal(list(orientation))
+    except ValueError:
+        return ""
+    axis = int(np.argmax(np.abs(normal)))
+    if np.degrees(np.arccos(min(1.0, abs(normal[axis])))) > MAX_TILT_DEG:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _float_or_nan(value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def header_record(path: str) -> dict[str, object]:
+    """Everything the index needs from one file's headers, as plain picklable values."""
+    ds, reason = read_header_or_reason(path)
+    if ds is None:
+        # reason None: a directory record (DICOMDIR, DIRFILE), skipped without an error.
+        return {"path": path, "error": reason, "skip": True}
+    if "SeriesInstanceUID" not in ds:
+        return {"path": path, "error": "missing SeriesInstanceUID", "skip": True}
+    meta = getattr(ds, "file_meta", None)
+    transfer_syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    study_uid = str(ds.get("StudyInstanceUID", ""))
+    return {
+        "path": path,
+        "error": None,
+        "skip": False,
+        # Without a PatientID the study stands in, so that unrelated studies never merge.
+        "patient_id": str(ds.get("PatientID", "") or "") or f"study-{study_uid}",
+        "study_uid": study_uid,
+        "series_uid": str(ds.SeriesInstanceUID),
+        "modality": str(ds.get("Modality", "")),
+        "sop_class": ds.SOPClassUID.name,
+        "description": str(ds.get("SeriesDescription", "") or ""),
+        "image_type": _text(ds.get("ImageType")),
+        "orientation": classify_orientation(ds.get("ImageOrientationPatient")),
+        "slice_thickness_mm": _float_or_nan(ds.get("SliceThickness")),
+        "kernel": _text(ds.get("ConvolutionKernel")),
+        "manufacturer": str(ds.get("Manufacturer", "") or ""),
+        "transfer_syntax": str(transfer_syntax or ""),
+        "instance_number": int(ds.get("InstanceNumber") or 0),
+        "is_image": "Rows" in ds,
+    }
+
+
+def _walk(root: Path) -> list[str]:
+    paths = []
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        paths.extend(os.path.join(folder, n) for n in sorted(names) if not n.startswith("."))
+    return paths
+
+
+def _most_common(values: pd.Series) -> object:
+    return values.mode(dropna=True).iloc[0] if values.notna().any() else values.iloc[0]
+
+
+def _series_table(records: list[dict[str, object]]) -> pd.DataFrame:
+    if not records:
+        return pd.DataFrame(columns=SERIES_COLUMNS)
+    table = pd.DataFrame(records)
+    rows = []
+    for series_uid, group in table.groupby("series_uid", sort=True):
+        first = group.iloc[0]
+        rows.append(
+            {
+                "patient_id": first["patient_id"],
+                "study_uid": first["study_uid"],
+                "series_uid": series_uid,
+                "modality": first["modality"],
+                "sop_class": _most_common(group["sop_class"]),
+                "description": first["description"],
+                "image_type": _most_common(group["image_type"]),
+                "orientation": _most_common(group["orientation"]),
+                "num_slices": int(group["is_image"].sum()),
+                "slice_thickness_mm": float(group["slice_thickness_mm"].median()),
+                "kernel": _most_common(group["kernel"]),
+                "manufacturer": first["manufacturer"],
+                "transfer_syntax": "\\".join(sorted(set(group["transfer_syntax"]))),
+                "directory": os.path.commonpath([os.path.dirname(p) for p in group["path"]]),
+                "chosen": False,
+                "reason": "",
+            }
+        )
+    return pd.DataFrame(rows, columns=SERIES_COLUMNS)
+
+
+def index_dicom_root(
+    root: str | os.PathLike[str], *, workers: int = 1, progress: bool = True
+) -> SeriesIndex:
+    """Read the headers of every file under ``root`` and build the series index.
+
+    ``workers > 1`` reads headers in a process pool. The series table comes back with the
+    default choice of :func:`choose_series` already applied.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: not a directory")
+    paths = _walk(root)
+    bar = dict(total=len(paths), desc="index", unit="file", disable=not progress)
+    if workers > 1 and len(paths) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            chunk = max(1, min(256, len(paths) // (4 * workers)))
+            records = list(tqdm(pool.map(header_record, paths, chunksize=chunk), **bar))
+    else:
+        records = [header_record(p) for p in tqdm(paths, **bar)]
+
+    good = [r for r in records if not r["skip"]]
+    errors = pd.DataFrame(
+        [{"path": r["path"], "reason": r["error"]} for r in records if r["error"]],
+        columns=ERROR_COLUMNS,
+    )
+    image_records = [r for r in good if r["is_image"]]
+    files = pd.DataFrame(
+        [{c: r[c] for c in FILE_COLUMNS} for r in image_records], columns=FILE_COLUMNS
+    )
+    series = choose_series(_series_table(good))
+    return SeriesIndex(series=series, files=files, errors=errors)
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing one series per patient
+# --------------------------------------------------------------------------------------------
+
+
+def kernel_class(kernel: str) -> int:
+    """0 soft-tissue/brain, 1 unknown, 2 bone/lung (sharp): the order of preference."""
+    kernel = (kernel or "").strip()
+    if not kernel:
+        return 1
+    if _SHARP_KERNEL.search(kernel):
+        return 2
+    if _SOFT_KERNEL.search(kernel):
+        return 0
+    match = _SIEMENS_KERNEL.match(kernel)
+    if match:
+        return 2 if int(match.group(1)) >= 60 else 0
+    return 1
+
+
+def ineligibility(row: Mapping[str, object], min_slices: int) -> str | None:
+    """Why a series cannot be the patient's CT volume, or None when it can."""
+    if row["modality"] != "CT":
+        return f"not CT (modality {row['modality'] or 'missing'})"
+    if row["sop_class"] != CT_IMAGE_STORAGE:
+        return f"not CT Image Storage ({row['sop_class']})"
+    if "LOCALIZER" in str(row["image_type"]).upper().split("\\"):
+        return "localizer"
+    if row["orientation"] != "axial":
+        return f"not axial ({row['orientation'] or 'no orientation'})"
+    if int(row["num_slices"]) < min_slices:
+        return f"too few slices ({row['num_slices']} < {min_slices})"
+    return None
+
+
+def choose_series(
+    series: pd.DataFrame,
+    *,
+    target_mm: float = 5.0,
+    min_slices: int = 8,
+    pins: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """Set ``chosen`` and ``reason`` on a copy of the series table (rule: module docstring)."""
+    table = series.copy()
+    table["chosen"] = False
+    table["reason"] = ""
+    pins = dict(pins or {})
+    for patient_id, group in table.groupby("patient_id", sort=False):
+        pinned = pins.get(str(patient_id))
+        if pinned:
+            hit = group.index[group["series_uid"] == pinned]
+            table.loc[group.index, "reason"] = (
+                f"not chosen: patient pinned to {pinned}"
+                if len(hit)
+                else f"not chosen: pinned series {pinned} not found for this patient"
+            )
+            table.loc[hit, ["chosen", "reason"]] = [True, "chosen: pinned in the manifest"]
+            continue
+
+        candidates = []
+        for idx, row in group.iterrows():
+            why_not = ineligibility(row, min_slices)
+            if why_not:
+                table.at[idx, "reason"] = f"not eligible: {why_not}"
+                continue
+            thickness = float(row["slice_thickness_mm"])
+            distance = abs(thickness - target_mm) if math.isfinite(thickness) else math.inf
+            rank = (kernel_class(str(row["kernel"])), distance, -int(row["num_slices"]))
+            candidates.append((rank, str(row["series_uid"]), idx))
+        if not candidates:
+            continue
+        candidates.sort()
+        best_rank, best_uid, best_idx = candidates[0]
+        kernel_name = ("soft-tissue", "unknown", "bone/lung")[best_rank[0]]
+        table.at[best_idx, "chosen"] = True
+        table.at[best_idx, "reason"] = (
+            f"chosen: axial CT, {kernel_name} kernel, thickness "
+            f"{table.at[best_idx, 'slice_thickness_mm']} mm (target {target_mm}), "
+            f"{-best_rank[2]} slices"
+        )
+        for _, _, idx in candidates[1:]:
+            table.at[idx, "reason"] = f"eligible, not chosen: {best_uid} ranks higher"
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------------------------
+
+
+def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def write_index(index: SeriesIndex, out_dir: str | os.PathLike[str]) -> None:
+    """Write series.csv, files.csv and index_errors.csv (each atomically) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for attr, name in _INDEX_FILES.items():
+        _write_csv_atomic(getattr(index, attr), out / name)
+
+
+_TEXT_COLUMNS = {
+    c: str for c in SERIES_COLUMNS + FILE_COLUMNS + ERROR_COLUMNS if c not in {"chosen"}
+}
+_TEXT_COLUMNS.update(num_slices=int, slice_thickness_mm=float, instance_number=int)
+
+
+def read_index(out_dir: str | os.PathLike[str]) -> SeriesIndex:
+    """Read back what :func:`write_index` wrote (identifiers stay strings)."""
+    out = Path(out_dir)
+    frames = {}
+    for attr, name in _INDEX_FILES.items():
+        path = out / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: index table missing (run `brainmets index` first)")
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        for column in frame.columns:
+            kind = _TEXT_COLUMNS.get(column, str)
+            if column == "chosen":
+                frame[column] = frame[column].str.lower().eq("true")
+            elif kind is int:
+                frame[column] = frame[column].astype(int)
+            elif kind is float:
+                frame[column] = pd.to_numeric(frame[column].replace("", "nan"))
+        frames[attr] = frame
+    return SeriesIndex(**frames)
+
+
+def series_files(index: SeriesIndex, series_uid: str) -> list[str]:
+    """Paths of the image files of one series (unsorted: load_series sorts by position)."""
+    return index.files.loc[index.files["series_uid"] == series_uid, "path"].astype(str).tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# labels.csv
+# --------------------------------------------------------------------------------------------
+
+LABEL_COLUMNS = ["patient_id", "label"]
+OPTIONAL_LABEL_COLUMNS = ["split", "series_uid", "path"]
+SPLITS = ("train", "val", "test")
+
+
+def read_labels(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read and validate labels.csv: patient_id, label (0/1)[, split][, series_uid][, path].
+
+    Raises ValueError naming the file, the line and the reason for a missing column, a label
+    other than 0/1, an unknown split, an empty or duplicate patient id.
+    """
+    path = Path(path)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    frame.columns = [c.strip() for c in frame.columns]
+    missing = [c for c in LABEL_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
+    for column in frame.columns:
+        frame[column] = frame[column].str.strip()
+
+    def fail(i: int, reason: str) -> ValueError:
+        # Line numbers as an editor shows them: the header is line 1.
+        return ValueError(f"{path}: line {i + 2}: {reason}")
+
+    seen: dict[str, int] = {}
+    for i, row in frame.iterrows():
+        patient = row["patient_id"]
+        if not patient:
+            raise fail(i, "empty patient_id")
+        if patient in seen:
+            raise fail(i, f"duplicate patient_id {patient!r} (first on line {seen[patient] + 2})")
+        seen[patient] = i
+        if row["label"] not in ("0", "1"):
+            raise fail(i, f"label must be 0 or 1, got {row['label']!r}")
+        if "split" in frame.columns and row["split"] not in (*SPLITS, ""):
+            raise fail(i, f"split must be one of {SPLITS} or empty, got {row['split']!r}")
+    frame["label"] = frame["label"].astype(int)
+    columns = LABEL_COLUMNS + [c for c in OPTIONAL_LABEL_COLUMNS if c in frame.columns]
+    return frame[columns].reset_index(drop=True)

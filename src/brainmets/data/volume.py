@@ -1,0 +1,128 @@
+"""HU volume -> cached uint8 slices: slab resampling, brain window, resize, storage precision.
+
+Steps 2 and 4 of DESIGN.md's preprocessing plus resampling along the slice normal:
+``preprocess_volume`` = :func:`slab_resample` -> :func:`brain_window` -> :func:`resize_slices`
+-> :func:`to_uint8`.
+
+Slab rule (uneven spacing, gaps): slabs are fixed bins of ``target_mm`` along the normal, the
+first starting half a (median) native spacing below the first slice centre, so that a slice
+contributes to exactly one slab by its centre position. A slab is the plain mean of the slices
+whose centres fall in it, placed at the mean of their positions; empty bins (gaps larger than a
+slab) are dropped rather than invented by interpolation. With 1 mm slices and 5 mm slabs this
+reproduces the scanner's own 5 mm reconstruction grid (first slab centre = first slice + 2 mm).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from brainmets.data.dicom import HUVolume
+
+BRAIN_CENTER_HU = 40.0
+BRAIN_WIDTH_HU = 80.0
+
+
+def window_bounds(center: float, width: float) -> tuple[float, float]:
+    """[low, high] HU of a display window."""
+    if width <= 0:
+        raise ValueError(f"window width must be positive, got {width}")
+    return center - width / 2.0, center + width / 2.0
+
+
+def slab_resample(
+    hu: np.ndarray, positions_mm: np.ndarray, target_mm: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Average consecutive slices into slabs of ``target_mm`` along the normal.
+
+    ``hu`` is [N, H, W] in ascending ``positions_mm`` order. ``None`` returns the input
+    unchanged (native slices). See the module docstring for how uneven spacing is binned.
+    """
+    positions = np.asarray(positions_mm, dtype=np.float64)
+    if target_mm is None or len(positions) < 2:
+        return hu, positions
+    if target_mm <= 0:
+        raise ValueError(f"target_mm must be positive or None, got {target_mm}")
+    if hu.shape[0] != positions.shape[0]:
+        raise ValueError(f"{hu.shape[0]} slices but {positions.shape[0]} positions")
+    if np.any(np.diff(positions) <= 0):
+        raise ValueError("positions_mm must be strictly ascending")
+
+    start = positions[0] - float(np.median(np.diff(positions))) / 2.0
+    # The small epsilon keeps a slice centred exactly on a bin edge (floating-point positions
+    # like 698.71 - 693.71) in the bin the exact arithmetic puts it in.
+    bins = np.floor((positions - start) / target_mm + 1e-6).astype(np.int64)
+    _, first_index, counts = np.unique(bins, return_index=True, return_counts=True)
+    sums = np.add.reduceat(hu, first_index, axis=0, dtype=np.float64)
+    slabs = (sums / counts[:, None, None]).astype(np.float32)
+    slab_positions = np.add.reduceat(positions, first_index) / counts
+    return slabs, slab_positions
+
+
+def brain_window(
+    hu: np.ndarray, center: float = BRAIN_CENTER_HU, width: float = BRAIN_WIDTH_HU
+) -> np.ndarray:
+    """Clip HU to [center - width/2, center + width/2] (brain: [0, 80] HU), float32."""
+    low, high = window_bounds(center, width)
+    return np.clip(hu, low, high).astype(np.float32, copy=False)
+
+
+def resize_slices(x: np.ndarray, size: int) -> np.ndarray:
+    """Anti-aliased bilinear resize of [N, H, W] slices to [N, size, size] float32.
+
+    Non-square slices are first padded to a centred square with their minimum value (air
+    after windowing), so that anatomy keeps its aspect ratio instead of being stretched.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"expected [N, H, W] slices, got shape {x.shape}")
+    n, h, w = x.shape
+    if n == 0:
+        return np.zeros((0, size, size), dtype=np.float32)
+    tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if h != w:
+        side = max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        pad = (left, side - w - left, top, side - h - top)
+        tensor = F.pad(tensor, pad, value=float(tensor.min()))
+    if tensor.shape[-1] == size:
+        return tensor.numpy().copy()
+    out = F.interpolate(
+        tensor[:, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+    return out[:, 0].numpy()
+
+
+def to_uint8(
+    windowed: np.ndarray, center: float = BRAIN_CENTER_HU, width: float = BRAIN_WIDTH_HU
+) -> np.ndarray:
+    """Store a windowed slice stack as uint8: ``round((hu - low) / width * 255)``.
+
+    The step is width/255 HU (0.31 HU for the brain window), largest error half of it.
+    """
+    low, high = window_bounds(center, width)
+    scaled = (np.clip(windowed, low, high) - low) * (255.0 / width)
+    return np.rint(scaled).astype(np.uint8)
+
+
+def from_uint8(
+    u8: np.ndarray, center: float = BRAIN_CENTER_HU, width: float = BRAIN_WIDTH_HU
+) -> np.ndarray:
+    """HU back from the uint8 storage of :func:`to_uint8` (float32)."""
+    low, _ = window_bounds(center, width)
+    return (u8.astype(np.float32) * np.float32(width / 255.0) + np.float32(low)).astype(np.float32)
+
+
+def preprocess_volume(
+    vol: HUVolume,
+    *,
+    slice_mm: float | None = 5.0,
+    center: float = BRAIN_CENTER_HU,
+    width: float = BRAIN_WIDTH_HU,
+    size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Slab -> brain window -> resize -> uint8; returns (uint8 [N, size, size], positions_mm)."""
+    slabs, positions = slab_resample(vol.hu, vol.positions_mm, slice_mm)
+    windowed = brain_window(slabs, center, width)
+    resized = resize_slices(windowed, size)
+    return to_uint8(resized, center, width), positions
