@@ -1,0 +1,368 @@
+"""A run's self-contained ``report.html``: config, learning curves, metrics, plots, heatmaps.
+
+The report is one HTML file with inline CSS and every image embedded as a base64
+``data:`` URI, so it can be mailed, archived with the run or opened on an offline
+workstation. It reads only what the run folder holds::
+
+    RUN/config.yaml                  resolved config (shown verbatim; train.stage_epochs)
+    RUN/metrics.csv                  one row per epoch (trainer)
+    RUN/evaluation/metrics.json      evaluate_predictions() output (brainmets evaluate)
+    RUN/evaluation/*.png             evaluation plots
+    RUN/heatmaps/**/*.png            top-slice heatmaps (brainmets predict --heatmaps)
+
+Each section that lacks its input says so in one line instead of failing: a report of a
+run still in training is useful. All text taken from files (config, patient identifiers
+in heatmap names, JSON fields) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import tempfile
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from brainmets.evaluate.metrics import METRIC_NAMES
+from brainmets.evaluate.plots import EVALUATION_PLOTS, plot_learning_curves
+from brainmets.io import atomic_write_text
+
+__all__ = ["MAX_HEATMAPS", "write_report"]
+
+#: Heatmaps embedded at most; each is ~50-200 kB of base64, and a browser tab should open.
+MAX_HEATMAPS = 48
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+_METRIC_LABELS = {
+    "auc": "AUC",
+    "average_precision": "Average precision",
+    "f1": "F1",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+    "ppv": "PPV (precision)",
+    "npv": "NPV",
+    "accuracy": "Accuracy",
+    "brier": "Brier score (lower is better)",
+    "mean_pos": "Mean p, metastasis",
+    "mean_neg": "Mean p, no metastasis",
+    "separation": "Separation (mean p+ - mean p-)",
+    "n": "Patients",
+    "n_pos": "Positive patients",
+    "n_neg": "Negative patients",
+}
+
+_PLOT_CAPTIONS = {
+    "roc": "ROC curve; the dot is the operating threshold",
+    "pr": "Precision-recall curve; the dotted line is the prevalence",
+    "f1_vs_threshold": "F1, sensitivity and specificity over the threshold sweep",
+    "calibration": "Calibration (reliability) curve with patients per bin",
+    "score_distributions": "Patient probabilities by class, class means dashed",
+}
+_COUNT_METRICS = ("n", "n_pos", "n_neg")
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
+       max-width: 1150px; margin: 0 auto; padding: 1.5em; line-height: 1.45; }
+h1 { margin-bottom: 0.1em; }
+h2 { border-bottom: 2px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
+.meta { color: #666; font-size: 0.9em; }
+.na { color: #777; font-style: italic; }
+nav a { margin-right: 1em; }
+pre { background: #f6f6f6; border: 1px solid #e2e2e2; padding: 0.8em; overflow-x: auto;
+      font-size: 0.85em; max-height: 32em; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ddd; padding: 0.3em 0.7em; text-align: right; }
+th { background: #f0f0f0; }
+td:first-child, th:first-child { text-align: left; }
+.band { display: inline-block; padding: 0.1em 0.6em; border-radius: 0.8em; color: #fff; }
+.band-poor { background: #c0392b; } .band-moderate { background: #d68910; }
+.band-good { background: #2e86c1; } .band-excellent { background: #1e8449; }
+.band-undefined { background: #888; }
+.plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr)); gap: 1em; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(250px, 1fr));
+           gap: 0.8em; }
+figure { margin: 0; border: 1px solid #e2e2e2; padding: 0.4em; background: #fff; }
+figure img { width: 100%; height: auto; display: block; }
+figcaption { font-size: 0.82em; color: #444; margin-top: 0.3em; word-break: break-all; }
+img.wide { max-width: 100%; height: auto; }
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _not_available(what: str, path: Path | None = None, reason: str | None = None) -> str:
+    where = f" (looked for <code>{_esc(path)}</code>)" if path is not None else ""
+    why = f": {_esc(reason)}" if reason else ""
+    return f'<p class="na">{_esc(what)} not available{why}{where}.</p>'
+
+
+def _png_data_uri(path: Path) -> str | None:
+    """The PNG as a data URI, or None when the file is not a PNG (it is then left out)."""
+    data = path.read_bytes()
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _figure(path: Path, caption: str) -> str:
+    uri = _png_data_uri(path)
+    if uri is None:
+        return f'<p class="na">{_esc(path.name)} is not a PNG file; left out.</p>'
+    return (
+        f'<figure><img src="{uri}" alt="{_esc(caption)}">'
+        f"<figcaption>{_esc(caption)}</figcaption></figure>"
+    )
+
+
+def _format(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return _esc(value)
+    if isinstance(value, int):  # counts: n, n_pos, n_bootstrap
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def _ci_text(ci: Any, count: bool = False) -> str:
+    """'low – high'; counts (patients drawn per class) are shown as whole patients."""
+    if not isinstance(ci, list | tuple) or len(ci) != 2:
+        return "n/a"
+    lo, hi = ci
+    if lo is None or hi is None:
+        return "n/a"
+    if count:
+        return "–" if lo == hi else f"{round(lo)} – {round(hi)}"
+    return f"{_format(lo)} – {_format(hi)}"
+
+
+def _band(band: Any) -> str:
+    name = str(band) if band in ("poor", "moderate", "good", "excellent") else "undefined"
+    return f'<span class="band band-{name}">{_esc(band)}</span>'
+
+
+# --- sections -------------------------------------------------------------------------------
+
+
+def _read_config(run_dir: Path) -> tuple[str | None, dict[str, Any], str | None]:
+    """(config text, parsed tree or {}, problem) of RUN/config.yaml."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None, {}, None
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        return text, {}, f"not valid YAML ({err.__class__.__name__})"
+    return text, tree if isinstance(tree, dict) else {}, None
+
+
+def _stage_epochs(config: dict[str, Any]) -> list[int] | None:
+    train = config.get("train")
+    stages = train.get("stage_epochs") if isinstance(train, dict) else None
+    if isinstance(stages, list | tuple) and all(isinstance(e, int) for e in stages):
+        return list(stages)
+    return None
+
+
+def _config_section(run_dir: Path, text: str | None, problem: str | None) -> str:
+    if text is None:
+        return _not_available("Configuration", run_dir / "config.yaml")
+    note = f'<p class="na">config.yaml is {_esc(problem)}; shown as written.</p>' if problem else ""
+    return f"{note}<pre>{_esc(text)}</pre>"
+
+
+def _learning_section(run_dir: Path, stage_epochs: list[int] | None) -> str:
+    csv = run_dir / "metrics.csv"
+    if not csv.is_file():
+        return _not_available("Learning curves", csv)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            png = plot_learning_curves(csv, Path(tmp) / "learning_curves.png", stage_epochs)
+        except ValueError as err:
+            return _not_available("Learning curves", reason=str(err))
+        uri = _png_data_uri(png)
+    stages = (
+        f"Dashed lines: curriculum stages starting at epochs {_esc(stage_epochs)}."
+        if stage_epochs
+        else "Stage boundaries from the stage column of metrics.csv."
+    )
+    table = pd.read_csv(csv).to_html(index=False, na_rep="n/a", float_format="{:.4g}".format)
+    return (
+        f'<img class="wide" src="{uri}" alt="learning curves"><p class="meta">{stages}</p>'
+        f"<details><summary>Per-epoch table ({_esc(csv.name)})</summary>{table}</details>"
+    )
+
+
+def _read_metrics(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    if not path.is_file():
+        return None, None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return None, f"{path.name} is not valid JSON ({err})"
+    if not isinstance(data, dict):
+        return None, f"{path.name} holds a {type(data).__name__}, not an object"
+    return data, None
+
+
+def _metrics_table(metrics: dict[str, Any], ci: dict[str, Any]) -> str:
+    names = [n for n in METRIC_NAMES if n in metrics] + [
+        n for n in metrics if n not in METRIC_NAMES
+    ]
+    rows = "".join(
+        f"<tr><td>{_esc(_METRIC_LABELS.get(n, n))}</td><td>{_format(metrics[n])}</td>"
+        f"<td>{_ci_text(ci.get(n), count=n in _COUNT_METRICS)}</td></tr>"
+        for n in names
+    )
+    return f"<table><tr><th>Metric</th><th>Value</th><th>95% CI</th></tr>{rows}</table>"
+
+
+def _operating_points_table(points: Iterable[dict[str, Any]]) -> str:
+    head = (
+        "<tr><th>Target sensitivity</th><th>Chosen on</th><th>Threshold</th>"
+        "<th>Sensitivity (95% CI)</th><th>Specificity (95% CI)</th><th>PPV</th><th>F1</th></tr>"
+    )
+    rows = []
+    for point in points:
+        m, ci = point.get("metrics") or {}, point.get("ci") or {}
+        rows.append(
+            f"<tr><td>{_format(point.get('target_sensitivity'), 2)}</td>"
+            f"<td>{_esc(point.get('chosen_on', 'n/a'))}</td>"
+            f"<td>{_format(point.get('threshold'))}</td>"
+            f"<td>{_format(m.get('sensitivity'))} ({_ci_text(ci.get('sensitivity'))})</td>"
+            f"<td>{_format(m.get('specificity'))} ({_ci_text(ci.get('specificity'))})</td>"
+            f"<td>{_format(m.get('ppv'))}</td><td>{_format(m.get('f1'))}</td></tr>"
+        )
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _metrics_section(run_dir: Path) -> str:
+    path = run_dir / "evaluation" / "metrics.json"
+    data, problem = _read_metrics(path)
+    if data is None:
+        return _not_available("Evaluation metrics", path, problem)
+    metrics = data.get("metrics")
+    if not isinstance(metrics, dict):
+        return (
+            '<p class="na">metrics.json has no "metrics" object; shown as written.</p>'
+            f"<pre>{_esc(json.dumps(data, indent=2))}</pre>"
+        )
+    level = data.get("ci_level", 0.95)
+    parts = [
+        f"<p>Threshold <b>{_format(data.get('threshold'))}</b> · separation band "
+        f"{_band(data.get('separation_band', 'undefined'))} · "
+        f"{_format(100 * level if isinstance(level, float) else level, 0)}% bootstrap CIs from "
+        f"{_format(data.get('n_boot', 'n/a'))} patient resamples (seed "
+        f"{_format(data.get('seed', 'n/a'))}).</p>",
+        _metrics_table(metrics, data.get("ci") or {}),
+    ]
+    points = data.get("operating_points") or []
+    if points:
+        parts += ["<h3>Screening operating points</h3>", _operating_points_table(points)]
+        if any(point.get("chosen_on") != "validation" for point in points):
+            parts.append(
+                '<p class="meta">Thresholds not chosen on validation were chosen on the '
+                "evaluated patients themselves: their sensitivity is optimistic.</p>"
+            )
+    known = {"metrics", "ci", "threshold", "separation_band", "ci_level", "n_boot", "seed"}
+    extra = {k: v for k, v in data.items() if k not in known and k != "operating_points"}
+    if extra:
+        items = "".join(
+            f"<tr><td>{_esc(k)}</td><td>{_esc(json.dumps(v))}</td></tr>" for k, v in extra.items()
+        )
+        parts.append(f"<details><summary>Other fields</summary><table>{items}</table></details>")
+    return "".join(parts)
+
+
+def _plots_section(run_dir: Path) -> str:
+    folder = run_dir / "evaluation"
+    pngs = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    if not pngs:
+        return _not_available("Evaluation plots", folder / "*.png")
+    # The standard plots in reading order first, then anything else the run added.
+    order = {file: i for i, file in enumerate(EVALUATION_PLOTS.values())}
+    pngs.sort(key=lambda p: (order.get(p.name, len(order)), p.name))
+    by_file = {file: name for name, file in EVALUATION_PLOTS.items()}
+    figures = "".join(
+        _figure(p, _PLOT_CAPTIONS.get(by_file.get(p.name, ""), p.stem.replace("_", " ")))
+        for p in pngs
+    )
+    return f'<div class="plots">{figures}</div>'
+
+
+def _heatmap_section(run_dir: Path) -> str:
+    folder = run_dir / "heatmaps"
+    pngs = sorted(folder.rglob("*.png")) if folder.is_dir() else []
+    if not pngs:
+        return _not_available("Heatmaps", folder / "*.png")
+    shown = pngs[:MAX_HEATMAPS]
+    # Caption = path below heatmaps/ without the suffix: it carries the patient id, slice and
+    # score as predict names them, and the manifest's id is the only identifier allowed.
+    figures = "".join(_figure(p, str(p.relative_to(folder).with_suffix(""))) for p in shown)
+    more = (
+        f'<p class="meta">{len(pngs) - len(shown)} more heatmaps in '
+        f"<code>{_esc(folder)}</code> are not embedded.</p>"
+        if len(pngs) > len(shown)
+        else ""
+    )
+    return f'<p class="meta">{len(shown)} heatmaps.</p><div class="gallery">{figures}</div>{more}'
+
+
+# --- the page -------------------------------------------------------------------------------
+
+_SECTIONS = (
+    ("metrics", "Evaluation metrics"),
+    ("plots", "Evaluation plots"),
+    ("curves", "Learning curves"),
+    ("heatmaps", "Highest-scoring slices"),
+    ("config", "Configuration"),
+)
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Write the run's self-contained HTML report and return its path.
+
+    ``out`` defaults to ``RUN/report.html``. Sections whose inputs are missing or
+    unreadable carry a one-line note; the call fails only when ``run_dir`` is not a folder.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: run folder not found")
+    out = Path(out) if out is not None else run_dir / "report.html"
+    config_text, config, problem = _read_config(run_dir)
+    bodies = {
+        "metrics": _metrics_section(run_dir),
+        "plots": _plots_section(run_dir),
+        "curves": _learning_section(run_dir, _stage_epochs(config)),
+        "heatmaps": _heatmap_section(run_dir),
+        "config": _config_section(run_dir, config_text, problem),
+    }
+    nav = "".join(f'<a href="#{key}">{_esc(title)}</a>' for key, title in _SECTIONS)
+    sections = "".join(
+        f'<section id="{key}"><h2>{_esc(title)}</h2>{bodies[key]}</section>'
+        for key, title in _SECTIONS
+    )
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>brainmets report: {_esc(run_dir.resolve().name)}</title>"
+        f"<style>{_CSS}</style></head><body>"
+        f"<h1>brainmets run report: {_esc(run_dir.resolve().name)}</h1>"
+        f'<p class="meta">Run folder <code>{_esc(run_dir.resolve())}</code> · generated '
+        f"{generated} · patient-level detection of brain metastases on head CT</p>"
+        f"<nav>{nav}</nav>{sections}</body></html>\n"
+    )
+    return atomic_write_text(out, page)
