@@ -1,0 +1,161 @@
+"""Self-contained model checkpoints: safetensors weights + a JSON sidecar.
+
+``model.safetensors`` holds the tensors (no pickle: loading it runs no code) and
+``model.json`` everything needed to use them: the architecture arguments, whatever the caller
+adds (preprocessing, normalisation, threshold, config hash) and the versions that wrote it. So
+``predict`` needs nothing but the pair.
+
+Both files are written atomically (temporary name, then ``os.replace``), so an interrupted save
+never leaves a truncated checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import brainmets
+from brainmets.model.resnet import BrainMetsNet
+
+# Bump when the sidecar or the state dict keys change incompatibly.
+FORMAT_VERSION = 1
+_RESERVED_KEYS = ("format_version", "architecture", "versions", "weights")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare network under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def sidecar_path(path: Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save_checkpoint(model: nn.Module, path: Path, sidecar: dict[str, Any]) -> Path:
+    """Write ``path`` (safetensors) and its JSON sidecar ``path.with_suffix('.json')``.
+
+    Args:
+        model: a :class:`BrainMetsNet`, possibly wrapped by DDP and/or ``torch.compile``.
+        path: the weights file, conventionally ``…/model.safetensors``.
+        sidecar: JSON-serialisable metadata from the caller (preprocessing, normalisation,
+            threshold, config hash ...); the architecture, format version, versions and weights
+            checksum are added here and may not be passed.
+
+    Returns:
+        The sidecar path.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    network = unwrap_model(model)
+    if not isinstance(network, BrainMetsNet):
+        raise TypeError(f"save_checkpoint expects a BrainMetsNet, got {type(network).__name__}")
+    clashes = sorted(set(sidecar) & set(_RESERVED_KEYS))
+    if clashes:
+        raise ValueError(f"sidecar keys {clashes} are reserved and written by save_checkpoint")
+
+    # safetensors wants contiguous tensors that share no storage; channels_last weights are not
+    # contiguous in the default sense, so store a plain copy.
+    tensors = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
+    os.replace(tmp, path)
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "architecture": network.architecture(),
+        "weights": {"file": path.name, "sha256": _sha256(path)},
+        "versions": _versions(),
+        **sidecar,
+    }
+    try:
+        text = json.dumps(meta, indent=2, sort_keys=True)
+    except TypeError as error:
+        raise ValueError(f"sidecar for {path} is not JSON-serialisable: {error}") from error
+    json_path = sidecar_path(path)
+    _write_text_atomic(json_path, text + "\n")
+    return json_path
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[BrainMetsNet, dict[str, Any]]:
+    """Rebuild the network from ``path`` (the weights or the sidecar) and return it in eval mode
+    with the sidecar.
+
+    Raises:
+        FileNotFoundError: the weights or the sidecar is missing.
+        ValueError: an incompatible ``format_version``, a weights file that does not match its
+            sidecar, or weights that do not fit the recorded architecture.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = path.with_suffix(".safetensors") if path.suffix == ".json" else path
+    json_path = sidecar_path(weights)
+    for required in (weights, json_path):
+        if not required.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {required}")
+    meta = json.loads(json_path.read_text())
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        written_by = meta.get("versions", {}).get("brainmets", "an unknown version")
+        raise ValueError(
+            f"{json_path}: checkpoint format_version {version!r} (written by brainmets "
+            f"{written_by}) is not supported by brainmets {brainmets.__version__}, which reads "
+            f"format_version {FORMAT_VERSION}; load it with the brainmets version that wrote it "
+            "or retrain"
+        )
+    expected = meta.get("weights", {}).get("sha256")
+    if expected is not None and expected != _sha256(weights):
+        raise ValueError(
+            f"{weights}: checksum does not match its sidecar {json_path.name}; the pair was "
+            "mixed up or the weights file is damaged"
+        )
+    model = BrainMetsNet(**meta["architecture"])
+    try:
+        model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{weights}: weights do not fit the recorded architecture: {error}"
+        ) from error
+    return model.to(map_location).eval(), meta
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+    import torchvision
+
+    return {
+        "brainmets": brainmets.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
