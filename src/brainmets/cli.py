@@ -288,10 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     from brainmets.config import ConfigError
+    from brainmets.data.cache import CacheError
 
     try:
         return args.func(args)
-    except ConfigError as err:
+    except (ConfigError, CacheError, FileNotFoundError, FileExistsError, ValueError) as err:
+        # Bad input from the user: one clear line (the traceback only with --verbose).
+        if args.verbose:
+            raise
         print(f"brainmets: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

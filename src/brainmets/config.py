@@ -168,6 +168,9 @@ class TrainConfig(_Section):
     # Health checks: warn after this many epochs with zero validation sensitivity.
     zero_sensitivity_patience: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
+    # Resume state (weights, optimiser, RNG, sampler position) is also saved every this many
+    # optimiser steps, so a run killed in the middle of a long epoch loses little.
+    checkpoint_every: int = Field(200, ge=1)
 
     @field_validator("stage_epochs")
     @classmethod

@@ -264,3 +264,15 @@ def test_read_labels_rejects(tmp_path, text, message):
     with pytest.raises(ValueError, match=message) as err:
         read_labels(path)
     assert str(path) in str(err.value)
+
+
+def test_round_trip_keeps_missing_thickness(tmp_path):
+    """A localizer has no SliceThickness: the empty cell reads back as NaN, not an error."""
+    from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
+
+    write_synthetic_cohort(tmp_path / "c", SynthConfig(num_patients=2, matrix=64), progress=False)
+    index = index_dicom_root(tmp_path / "c" / "dicom", progress=False)
+    assert index.series["slice_thickness_mm"].isna().any()
+    write_index(index, tmp_path / "idx")
+    back = read_index(tmp_path / "idx")
+    pd.testing.assert_frame_equal(back.series, index.series, check_dtype=False)

@@ -348,7 +348,8 @@ def read_index(out_dir: str | os.PathLike[str]) -> SeriesIndex:
             elif kind is int:
                 frame[column] = frame[column].astype(int)
             elif kind is float:
-                frame[column] = pd.to_numeric(frame[column].replace("", "nan"))
+                # An empty cell (no SliceThickness, as on a localizer) is a missing number.
+                frame[column] = pd.to_numeric(frame[column], errors="coerce")
         frames[attr] = frame
     return SeriesIndex(**frames)
 
