@@ -1,0 +1,112 @@
+"""Three-stage fine-tuning curriculum: which blocks train when, and their optimiser groups.
+
+Stage 1 (epochs ``stage_epochs[0]..``): head only.  Stage 2: + layer4.  Stage 3: + layer3.
+Frozen blocks are handled by ``BrainMetsNet.set_trainable`` (``requires_grad=False``,
+BatchNorm kept in eval mode, run under ``no_grad``); this module picks the blocks and builds
+AdamW parameter groups for the trainable ones.
+
+Weight decay is applied to weights of rank >= 2 (conv kernels, linear matrices) only. Biases
+and normalisation parameters (BatchNorm gamma/beta, all 1-D) get none: decaying a BN scale
+towards 0 shrinks the activations it normalises, and decaying a bias is a pull towards an
+arbitrary offset rather than a complexity penalty (the convention of timm and torchvision).
+
+When the stage changes, the optimiser is rebuilt for the new trainable set, carrying the AdamW
+state (moments and step count) of the parameters that keep training. The head's moment
+estimates stay valid across the boundary, while newly unfrozen blocks start from zero moments
+with their own step count, so AdamW's bias correction warms them up as at the start of
+training. Rebuilding (instead of adding groups in place) keeps the group layout a pure
+function of the stage, which is what makes a resumed optimiser state loadable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from brainmets.config import StageLR, WeightDecay
+
+STAGE_BLOCKS: dict[int, tuple[str, ...]] = {
+    1: ("head",),
+    2: ("layer4", "head"),
+    3: ("layer3", "layer4", "head"),
+}
+
+
+def stage_for_epoch(epoch: int, stage_epochs: tuple[int, int, int] | list[int]) -> int:
+    """The curriculum stage (1, 2 or 3) that ``epoch`` (0-based) belongs to."""
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    _, start2, start3 = stage_epochs
+    if epoch >= start3:
+        return 3
+    if epoch >= start2:
+        return 2
+    return 1
+
+
+def trainable_blocks(stage: int) -> tuple[str, ...]:
+    """Blocks trained in ``stage``; every other block of ``BrainMetsNet.BLOCKS`` is frozen."""
+    try:
+        return STAGE_BLOCKS[stage]
+    except KeyError:
+        raise ValueError(f"stage must be one of {sorted(STAGE_BLOCKS)}, got {stage}") from None
+
+
+def _block_lr(block: str, lr: StageLR) -> float:
+    return float(getattr(lr, block))
+
+
+def build_param_groups(
+    model: nn.Module, stage: int, lr: StageLR, weight_decay: WeightDecay
+) -> list[dict[str, Any]]:
+    """AdamW groups for the trainable blocks of ``stage``: ``"<block>/decay"`` and
+    ``"<block>/no_decay"``, each with its block's learning rate; empty groups are left out.
+
+    Only parameters with ``requires_grad`` are included, so call ``model.set_trainable``
+    first.
+    """
+    blocks = model.block_parameters()
+    groups: list[dict[str, Any]] = []
+    for block in trainable_blocks(stage):
+        decay = weight_decay.head if block == "head" else weight_decay.backbone
+        params = [p for p in blocks[block] if p.requires_grad]
+        with_decay = [p for p in params if p.ndim >= 2]
+        without_decay = [p for p in params if p.ndim < 2]
+        for suffix, members, wd in (("decay", with_decay, decay), ("no_decay", without_decay, 0.0)):
+            if members:
+                groups.append(
+                    {
+                        "name": f"{block}/{suffix}",
+                        "params": members,
+                        "lr": _block_lr(block, lr),
+                        "weight_decay": wd,
+                    }
+                )
+    if not groups:
+        raise ValueError(f"stage {stage} has no trainable parameters; was set_trainable called?")
+    return groups
+
+
+def build_optimizer(
+    model: nn.Module,
+    stage: int,
+    lr: StageLR,
+    weight_decay: WeightDecay,
+    previous: torch.optim.Optimizer | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over the trainable blocks of ``stage``, carrying ``previous``'s per-parameter
+    state for the parameters that keep training (see the module docstring).
+
+    The fused implementation is used: it is the fastest on GPU and, with the ``found_inf``
+    flag the trainer sets, skips a non-finite step on the device without a host sync.
+    """
+    groups = build_param_groups(model, stage, lr, weight_decay)
+    optimizer = torch.optim.AdamW(groups, fused=True)
+    if previous is not None:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param in previous.state:
+                    optimizer.state[param] = previous.state[param]
+    return optimizer

@@ -1,0 +1,805 @@
+"""The training loop: curriculum, device path, DDP, validation, checkpoints and resume.
+
+``train(cfg, run_dir)`` trains ``BrainMetsNet`` on a prepared cache and leaves a
+self-contained run directory::
+
+    config.yaml            the resolved config
+    environment.json       versions and devices (no host name)
+    splits.csv             patient_id, split
+    train.log              the log of every run and resume
+    metrics.csv            one row per epoch (METRIC_COLUMNS)
+    tensorboard/           the same scalars for TensorBoard
+    model.safetensors      best epoch by ``train.best_metric`` (+ model.json: threshold,
+                           preprocessing, normalisation, architecture, config hash)
+    val_predictions.csv    patient_id, label, probability of the best epoch
+    checkpoints/last.safetensors + last.json   the last saved weights
+    checkpoints/last_state.pt                  everything needed to resume (see below)
+
+Resume: ``last_state.pt`` (written with ``torch.save``, read with ``weights_only=True``)
+holds the weights, optimiser state, curriculum stage, training position (epoch and batches
+done in it), best-so-far, health counters, the running loss of the epoch and the RNG states of
+python, numpy, torch and the augmentation generator (of every rank). It is written atomically
+at each epoch end and every ``train.checkpoint_every`` steps. Everything random is either in
+those states or a pure function of (seed, epoch): the sampler order, the slice windows, the
+DataLoader worker seeds. So a resumed run continues the uninterrupted one bit for bit on CPU.
+
+Device path: the uint8 slices travel from pinned memory with non-blocking copies, become
+window units, are augmented and z-scored on the device; on CUDA the forward runs under bf16
+autocast with channels_last. A step does not wait for the device: the loss and the skip flag
+of a non-finite step stay on the device (the fused AdamW skips the update itself when told
+the gradient norm is not finite, as it does for ``GradScaler``), and are read every
+``train.log_every`` steps.
+
+DDP (``torchrun``): each rank takes a disjoint share of every global batch; the wrapper is
+rebuilt whenever the curriculum changes the trainable set, so frozen parameters are never
+registered with it. Validation is split over ranks and gathered, so every rank computes the
+same metrics; rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import brainmets
+from brainmets.config import Config, save_config
+from brainmets.data.augment import ClassConditionalAugment
+from brainmets.data.cache import PatientCache
+from brainmets.data.dataset import (
+    PatientBatch,
+    PatientBatchSampler,
+    PatientDataset,
+    collate_patients,
+    split_patients,
+)
+from brainmets.data.normalize import normalize_slices, uint8_to_unit
+from brainmets.evaluate.metrics import best_f1_threshold, patient_metrics
+from brainmets.io import atomic_write, atomic_write_csv, atomic_write_text
+from brainmets.model.checkpoint import save_checkpoint
+from brainmets.model.pretrained import load_pretrained_backbone, warn_random_init
+from brainmets.model.resnet import BrainMetsNet
+from brainmets.train.curriculum import build_optimizer, stage_for_epoch, trainable_blocks
+from brainmets.train.losses import patient_loss
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = [
+    "epoch",
+    "stage",
+    "train_loss",
+    "val_loss",
+    "auc",
+    "f1",
+    "threshold",
+    "sensitivity",
+    "specificity",
+    "mean_pos",
+    "mean_neg",
+    "separation",
+    "lr_head",
+    "skipped_steps",
+    "seconds",
+]
+_HIGHER_IS_BETTER = {"auc": True, "f1": True, "separation": True, "val_loss": False}
+STATE_FORMAT = 1
+# Below this, every validation prediction is near 0: the model has collapsed to "negative".
+COLLAPSE_MAX_PROB = 0.05
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by the ``stop_after_steps`` test hook, like a kill: nothing more is saved."""
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # we initialised the process group, so we destroy it
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_spec: str) -> DistInfo:
+    """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1 (nccl on CUDA, else gloo)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    owns = False
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and not device_spec.startswith("cpu")
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        owns = True
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        owns_group=owns,
+    )
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> this rank's GPU when there is one, else the CPU."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"train.device={spec!r} but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def environment_info(device: torch.device, world_size: int) -> dict[str, Any]:
+    """Versions and devices of this run (deliberately without the host name)."""
+    import torchvision
+
+    cuda = torch.cuda.is_available()
+    return {
+        "brainmets": brainmets.__version__,
+        "python": sys.version.split()[0],
+        "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "device": str(device),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if cuda
+        else [],
+        "world_size": world_size,
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def build_model(cfg: Config) -> BrainMetsNet:
+    m = cfg.model
+    model = BrainMetsNet(
+        arch=m.arch,
+        pooling=m.pooling,
+        conv1_reduce=m.conv1_reduce,
+        dropout=m.dropout,
+        hidden=m.hidden,
+        lse_temperature=m.lse_temperature,
+    )
+    if m.pretrained.lower() == "none":
+        warn_random_init()
+    else:
+        log.info("%s", load_pretrained_backbone(model, m.pretrained))
+    return model
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """Clip the gradients of ``optimizer``'s parameters and step, skipping a non-finite step.
+
+    Returns ``found_inf`` (float 0-d tensor on the device, 1.0 = skipped) without a host sync:
+    the fused AdamW reads it on the device and leaves parameters, moments and step counts
+    untouched when it is set (the mechanism ``GradScaler`` uses).
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    total_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    found_inf = (~torch.isfinite(total_norm)).to(torch.float32)
+    optimizer.found_inf = found_inf
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+    return found_inf
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in ``last_state.pt``."""
+
+    epoch: int = 0  # epoch in progress (or the next to start)
+    batch: int = 0  # batches of ``epoch`` already done
+    global_step: int = 0
+    best_value: float | None = None
+    best_epoch: int = -1
+    zero_sensitivity_epochs: int = 0
+    skipped_steps: int = 0  # whole run
+    # Running sums of the epoch in progress, so a mid-epoch resume reports the same loss.
+    epoch_loss_sum: float = 0.0
+    epoch_steps: int = 0
+    epoch_skipped: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _python_rng_state() -> Any:
+    return random.getstate()
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    state = np.random.get_state(legacy=False)
+    return {
+        "key": torch.from_numpy(state["state"]["key"].astype(np.int64)),
+        "pos": int(state["state"]["pos"]),
+        "has_gauss": int(state["has_gauss"]),
+        "gauss": float(state["gauss"]),
+    }
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    key = state["key"].cpu().numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, state["pos"], state["has_gauss"], state["gauss"]))
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """One training run; ``train()`` below is the entry point."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        stop_after_steps: int | None = None,
+    ) -> None:
+        if cfg.data.cache is None:
+            raise ValueError("data.cache is not set: point it at a `brainmets prepare` output")
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.state_path = self.ckpt_dir / "last_state.pt"
+        self.stop_after_steps = stop_after_steps
+        self.dist = init_distributed(cfg.train.device)
+        self.device = resolve_device(cfg.train.device, self.dist.local_rank)
+        self.cuda = self.device.type == "cuda"
+        self._check_run_dir(resume)
+        self._log_handler = self._open_log()
+
+        self.cache = PatientCache(cfg.data.cache)
+        self.splits = self._make_splits(resume)
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.model = build_model(cfg).to(self.device)
+        if self.cuda and cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # Dropout differs between ranks, as it would between the patients of one big batch.
+        torch.manual_seed(cfg.seed + 1_000_003 * self.dist.rank)
+        self.aug_generator = torch.Generator(device=self.device)
+        self.aug_generator.manual_seed(cfg.seed + 7_919 * (self.dist.rank + 1))
+        self.augment = (
+            ClassConditionalAugment.from_config(cfg.augment) if cfg.augment.enabled else None
+        )
+
+        self.train_set = PatientDataset(
+            self.cache, self.splits["train"], cfg.train.max_slices, train=True, seed=cfg.seed
+        )
+        self.sampler = PatientBatchSampler(
+            self.train_set.labels,
+            cfg.train.batch_patients,
+            pos_fraction=cfg.train.pos_fraction,
+            seed=cfg.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        val_local = self.splits["val"][self.dist.rank :: self.dist.world_size]
+        self.val_set = PatientDataset(self.cache, val_local, train=False)
+
+        self.state = TrainState()
+        self.stage: int | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.forward_model: torch.nn.Module = self.model
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._skipped = torch.zeros((), device=self.device)
+        if resume:
+            self._load_state()
+        self.writer = self._open_tensorboard()
+        if self.dist.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+            atomic_write_text(
+                self.run_dir / "environment.json",
+                json.dumps(environment_info(self.device, self.dist.world_size), indent=2) + "\n",
+            )
+
+    # ------------------------------------------------------------------ run directory
+    def _check_run_dir(self, resume: bool) -> None:
+        if resume and not self.state_path.is_file():
+            raise FileNotFoundError(
+                f"cannot resume {self.run_dir}: {self.state_path} does not exist "
+                "(the run never saved a checkpoint)"
+            )
+        if not resume and self.state_path.is_file():
+            raise FileExistsError(
+                f"{self.run_dir} already holds a run ({self.state_path}); resume it with "
+                "--resume or choose another run directory"
+            )
+        if self.dist.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+
+    def _open_log(self) -> logging.Handler | None:
+        if not self.dist.is_main:
+            return None
+        handler = logging.FileHandler(self.run_dir / "train.log", mode="a", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        root = logging.getLogger("brainmets")
+        root.addHandler(handler)
+        if root.level == logging.NOTSET or root.level > logging.INFO:
+            root.setLevel(logging.INFO)
+        return handler
+
+    def _open_tensorboard(self):
+        if not self.dist.is_main:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _make_splits(self, resume: bool) -> dict[str, list[str]]:
+        path = self.run_dir / "splits.csv"
+        if resume and path.is_file():
+            table = pd.read_csv(path, dtype={"patient_id": str, "split": str})
+            splits = {
+                s: table.loc[table["split"] == s, "patient_id"].tolist()
+                for s in ("train", "val", "test")
+            }
+        else:
+            index = self.cache.index
+            splits = split_patients(
+                index["patient_id"].tolist(),
+                index["label"].to_numpy(),
+                val_fraction=self.cfg.data.val_fraction,
+                seed=self.cfg.seed,
+                folds=self.cfg.data.folds,
+                fold=self.cfg.data.fold,
+                given_split=index["split"].tolist() if "split" in index else None,
+            )
+            if self.dist.is_main:
+                rows = [(p, s) for s, ids in splits.items() for p in ids]
+                atomic_write_csv(path, pd.DataFrame(rows, columns=["patient_id", "split"]))
+        for needed in ("train", "val"):
+            if not splits.get(needed):
+                raise ValueError(f"the {needed} split of {self.cfg.data.cache} is empty")
+        counts = {s: len(ids) for s, ids in splits.items()}
+        log.info("patients per split: %s", counts)
+        return splits
+
+    # ------------------------------------------------------------------ curriculum
+    def _enter_stage(self, stage: int) -> None:
+        """Freeze/unfreeze for ``stage``, rebuild the optimiser (carrying the state of the
+        parameters that keep training) and the DDP wrapper around the new trainable set."""
+        self.model.set_trainable(trainable_blocks(stage))
+        self.optimizer = build_optimizer(
+            self.model, stage, self.cfg.train.lr, self.cfg.train.weight_decay, self.optimizer
+        )
+        self.stage = stage
+        self.forward_model = self.model  # drop the old wrapper (and its gradient hooks) first
+        gc.collect()
+        wrapped: torch.nn.Module = self.model
+        if self.dist.enabled:
+            wrapped = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.cuda else None
+            )
+        if self.cfg.train.compile:
+            wrapped = torch.compile(wrapped, dynamic=True)
+        self.forward_model = wrapped
+        log.info("stage %d: training %s", stage, ", ".join(trainable_blocks(stage)))
+
+    # ------------------------------------------------------------------ device path
+    def _autocast(self):
+        if self.cuda and self.cfg.train.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _inputs(self, batch: PatientBatch, *, train: bool) -> torch.Tensor:
+        x = uint8_to_unit(batch.images)
+        if train and self.augment is not None:
+            x = self.augment(x, batch.patient_index, batch.labels, self.aug_generator)
+        x = normalize_slices(x, self.cfg.model.normalization)
+        if self.cuda and self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _loader(self, dataset: PatientDataset, **kwargs: Any) -> DataLoader:
+        # A private generator: the DataLoader draws its worker base seed from it, not from the
+        # global RNG, which would otherwise shift dropout after a resume.
+        generator = torch.Generator()
+        generator.manual_seed(self.cfg.seed * 100_003 + self.state.epoch)
+        return DataLoader(
+            dataset,
+            collate_fn=collate_patients,
+            num_workers=self.cfg.data.num_workers,
+            pin_memory=self.cuda,
+            generator=generator,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ one epoch
+    def _train_epoch(self, epoch: int) -> None:
+        cfg = self.cfg.train
+        self.sampler.set_epoch(epoch)
+        self.sampler.start_batch = self.state.batch
+        self.train_set.set_epoch(epoch)
+        loader = self._loader(self.train_set, batch_sampler=self.sampler)
+        self.model.train()
+        bar = tqdm(
+            loader,
+            total=self.sampler.num_batches(),
+            initial=self.state.batch,
+            desc=f"epoch {epoch} (stage {self.stage})",
+            disable=not self.dist.is_main,
+            dynamic_ncols=True,
+        )
+        for batch in bar:
+            loss, found_inf = self._train_step(batch.to(self.device, non_blocking=True))
+            self._loss_sum += torch.where(found_inf > 0, torch.zeros_like(loss), loss)
+            self._skipped += found_inf
+            self.state.batch += 1
+            self.state.global_step += 1
+            self.state.epoch_steps += 1
+            if self.state.global_step % cfg.log_every == 0:
+                self._log_progress(bar, loss)
+            if self.state.global_step % cfg.checkpoint_every == 0:
+                self._save_last()
+            if (
+                self.stop_after_steps is not None
+                and self.state.global_step >= self.stop_after_steps
+            ):
+                raise TrainingInterrupted(f"stopped after {self.state.global_step} steps")
+        bar.close()
+
+    def _train_step(self, batch: PatientBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._inputs(batch, train=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            out = self.forward_model(x, batch.patient_index, batch.num_patients)
+        loss, _ = patient_loss(
+            out.patient_logits,
+            batch.labels,
+            pos_weight=self.cfg.train.pos_weight,
+            confidence=self.cfg.train.confidence,
+        )
+        loss.backward()
+        found_inf = clip_and_step(self.optimizer, self.cfg.train.grad_clip)
+        return loss.detach(), found_inf
+
+    def _log_progress(self, bar: tqdm, loss: torch.Tensor) -> None:
+        """The only per-step host sync, every ``train.log_every`` steps."""
+        finite_steps = self.state.epoch_steps - self._skipped.item()
+        running = self._loss_sum.item() / max(finite_steps, 1)
+        bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss_step", loss.item(), self.state.global_step)
+        skipped = int(self._skipped.item()) + self.state.epoch_skipped
+        if skipped:
+            log.warning("non-finite loss: %d step(s) skipped so far this epoch", skipped)
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> tuple[dict[str, float], pd.DataFrame]:
+        """Patient-level validation over all ranks; every rank returns the same numbers."""
+        self.model.eval()
+        logits, labels, ids = [], [], []
+        if len(self.val_set):
+            loader = self._loader(self.val_set, batch_size=self.cfg.train.batch_patients)
+            for batch in loader:
+                batch = batch.to(self.device, non_blocking=True)
+                with self._autocast():
+                    out = self.model(
+                        self._inputs(batch, train=False), batch.patient_index, batch.num_patients
+                    )
+                logits.append(out.patient_logits.float().cpu())
+                labels.append(batch.labels.cpu())
+                ids += batch.patient_ids
+        local = (
+            torch.cat(logits) if logits else torch.zeros(0),
+            torch.cat(labels) if labels else torch.zeros(0),
+            ids,
+        )
+        parts = self._all_gather(local)
+        by_id = {
+            pid: (float(lg), float(lb))
+            for part_logits, part_labels, part_ids in parts
+            for pid, lg, lb in zip(
+                part_ids, part_logits.tolist(), part_labels.tolist(), strict=True
+            )
+        }
+        order = self.splits["val"]
+        all_logits = torch.tensor([by_id[p][0] for p in order])
+        all_labels = torch.tensor([by_id[p][1] for p in order])
+        val_loss, _ = patient_loss(
+            all_logits,
+            all_labels,
+            pos_weight=self.cfg.train.pos_weight,
+            confidence=self.cfg.train.confidence,
+        )
+        probs = torch.sigmoid(all_logits).numpy().astype(np.float64)
+        y = all_labels.numpy().astype(np.int64)
+        threshold, _ = best_f1_threshold(y, probs)
+        metrics = patient_metrics(y, probs, threshold)
+        metrics.update(val_loss=float(val_loss), threshold=float(threshold))
+        predictions = pd.DataFrame({"patient_id": order, "label": y, "probability": probs})
+        return metrics, predictions
+
+    # ------------------------------------------------------------------ epoch end
+    def _end_epoch(self, epoch: int, seconds: float) -> dict[str, Any]:
+        skipped = int(self._skipped.item()) + self.state.epoch_skipped
+        steps = self.state.epoch_steps
+        loss_sum = self._reduce_mean(self._loss_sum.item() + self.state.epoch_loss_sum)
+        train_loss = loss_sum / max(steps - skipped, 1) if steps - skipped > 0 else math.nan
+        metrics, predictions = self.validate()
+        row = {
+            "epoch": epoch,
+            "stage": self.stage,
+            "train_loss": train_loss,
+            "val_loss": metrics["val_loss"],
+            **{k: metrics[k] for k in METRIC_COLUMNS[4:12]},
+            "lr_head": self._lr_of("head"),
+            "skipped_steps": skipped,
+            "seconds": round(seconds, 3),
+        }
+        self._health_checks(row, predictions, skipped)
+        improved = self._improved(row[self.cfg.train.best_metric])
+        if improved:
+            self.state.best_value = float(row[self.cfg.train.best_metric])
+            self.state.best_epoch = epoch
+        self.state.history.append(row)
+        self.state.skipped_steps += skipped
+        if self.dist.is_main:
+            if improved:
+                self._save_best(row, predictions)
+            atomic_write_csv(
+                self.run_dir / "metrics.csv",
+                pd.DataFrame(self.state.history, columns=METRIC_COLUMNS),
+            )
+            for key in METRIC_COLUMNS[2:]:
+                value = row[key]
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(f"epoch/{key}", value, epoch)
+            self.writer.flush()
+        log.info(
+            "epoch %d stage %d: train_loss %.4f val_loss %.4f auc %.3f f1 %.3f (threshold %.2f) "
+            "sens %.3f spec %.3f p+ %.3f p- %.3f%s",
+            epoch, self.stage, row["train_loss"], row["val_loss"], row["auc"], row["f1"],
+            row["threshold"], row["sensitivity"], row["specificity"], row["mean_pos"],
+            row["mean_neg"], " *best*" if improved else "",
+        )  # fmt: skip
+        return row
+
+    def _lr_of(self, block: str) -> float:
+        for group in self.optimizer.param_groups:
+            if group["name"].startswith(block + "/"):
+                return float(group["lr"])
+        return math.nan
+
+    def _improved(self, value: float) -> bool:
+        if value is None or not math.isfinite(value):
+            return self.state.best_value is None and self.state.best_epoch < 0
+        best = self.state.best_value
+        if best is None or not math.isfinite(best):
+            return True
+        return value > best if _HIGHER_IS_BETTER[self.cfg.train.best_metric] else value < best
+
+    def _health_checks(self, row: dict[str, Any], predictions: pd.DataFrame, skipped: int) -> None:
+        probs = predictions["probability"].to_numpy()
+        if probs.size and probs.max() < COLLAPSE_MAX_PROB:
+            log.warning(
+                "epoch %d: validation predictions collapsing toward 0 (max p %.4f, mean p+ "
+                "%.4f); check the learning rate, pos_weight and the class balance",
+                row["epoch"], probs.max(), row["mean_pos"],
+            )  # fmt: skip
+        if row["sensitivity"] == 0:
+            self.state.zero_sensitivity_epochs += 1
+            if self.state.zero_sensitivity_epochs >= self.cfg.train.zero_sensitivity_patience:
+                log.warning(
+                    "validation sensitivity has been 0 for %d epochs: no positive patient is "
+                    "detected at any threshold chosen on the sweep",
+                    self.state.zero_sensitivity_epochs,
+                )
+        else:
+            self.state.zero_sensitivity_epochs = 0
+        if skipped:
+            log.warning(
+                "epoch %d: %d step(s) skipped because the loss or gradients were not finite",
+                row["epoch"], skipped,
+            )  # fmt: skip
+
+    # ------------------------------------------------------------------ checkpoints
+    def _sidecar(self, row: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            "threshold": None if row is None else float(row["threshold"]),
+            "epoch": None if row is None else int(row["epoch"]),
+            "metrics": None
+            if row is None
+            else {
+                k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None)
+                for k, v in row.items()
+            },
+            "preprocess": self.cache.preprocess.model_dump(mode="json"),
+            "normalization": self.cfg.model.normalization,
+            "config_hash": self.cfg.config_hash(),
+            "best_metric": self.cfg.train.best_metric,
+        }
+
+    def _save_best(self, row: dict[str, Any], predictions: pd.DataFrame) -> None:
+        save_checkpoint(self.model, self.run_dir / "model.safetensors", self._sidecar(row))
+        atomic_write_csv(self.run_dir / "val_predictions.csv", predictions)
+
+    def _rng_state(self) -> dict[str, Any]:
+        state = {
+            "python": _python_rng_state(),
+            "numpy": _numpy_rng_state(),
+            "torch": torch.get_rng_state(),
+            "augment": self.aug_generator.get_state(),
+        }
+        if self.cuda:
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _save_last(self) -> None:
+        """Everything needed to resume, written atomically (rank 0; RNG states of all ranks)."""
+        rng = self._all_gather(self._rng_state())
+        self.state.epoch_loss_sum += self._loss_sum.item()
+        self.state.epoch_skipped += int(self._skipped.item())
+        self._loss_sum.zero_()
+        self._skipped.zero_()
+        if not self.dist.is_main:
+            return
+        last_row = self.state.history[-1] if self.state.history else None
+        save_checkpoint(self.model, self.ckpt_dir / "last.safetensors", self._sidecar(last_row))
+        payload = {
+            "format": STATE_FORMAT,
+            "train_state": asdict(self.state),
+            "stage": self.stage,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng,
+            "world_size": self.dist.world_size,
+            "config_hash": self.cfg.config_hash(),
+        }
+        atomic_write(self.state_path, lambda fh: torch.save(payload, fh))
+
+    def _load_state(self) -> None:
+        payload = torch.load(self.state_path, map_location=self.device, weights_only=True)
+        if payload.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"{self.state_path}: unsupported resume state format {payload.get('format')!r}"
+            )
+        if payload["config_hash"] != self.cfg.config_hash():
+            log.warning("resuming %s with a changed config", self.run_dir)
+        self.state = TrainState(**payload["train_state"])
+        self.model.load_state_dict(payload["model"])
+        self._enter_stage(payload["stage"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        rng = payload["rng"]
+        if payload["world_size"] != self.dist.world_size:
+            log.warning(
+                "resuming a %d-process run on %d processes: RNG streams restart from the seed",
+                payload["world_size"], self.dist.world_size,
+            )  # fmt: skip
+        else:
+            self._set_rng_state(rng[self.dist.rank])
+        log.info(
+            "resumed %s at epoch %d, batch %d (step %d)",
+            self.run_dir, self.state.epoch, self.state.batch, self.state.global_step,
+        )  # fmt: skip
+
+    def _set_rng_state(self, state: dict[str, Any]) -> None:
+        random.setstate(state["python"])
+        _set_numpy_rng_state(state["numpy"])
+        torch.set_rng_state(state["torch"].cpu())
+        self.aug_generator.set_state(state["augment"].cpu())
+        if self.cuda and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"].cpu(), self.device)
+
+    # ------------------------------------------------------------------ collectives
+    def _barrier(self) -> None:
+        if self.dist.enabled:
+            dist.barrier()
+
+    def _all_gather(self, obj: Any) -> list[Any]:
+        if not self.dist.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _reduce_mean(self, value: float) -> float:
+        return float(np.mean(self._all_gather(value)))
+
+    # ------------------------------------------------------------------ main loop
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg.train
+        for epoch in self._epochs():
+            stage = stage_for_epoch(epoch, cfg.stage_epochs)
+            if stage != self.stage:
+                self._enter_stage(stage)
+            start = time.perf_counter()
+            self._train_epoch(epoch)
+            self._end_epoch(epoch, time.perf_counter() - start)
+            self.state.epoch = epoch + 1
+            self.state.batch = 0
+            self.state.epoch_loss_sum = 0.0
+            self.state.epoch_steps = 0
+            self.state.epoch_skipped = 0
+            self._loss_sum.zero_()
+            self._skipped.zero_()
+            self._save_last()
+        return self.summary()
+
+    def _epochs(self) -> Iterator[int]:
+        yield from range(self.state.epoch, self.cfg.train.epochs)
+
+    def summary(self) -> dict[str, Any]:
+        history = self.state.history
+        best = next((r for r in history if r["epoch"] == self.state.best_epoch), None)
+        return {
+            "best_metric": self.cfg.train.best_metric,
+            "best_epoch": self.state.best_epoch,
+            "best": best,
+            "final": history[-1] if history else None,
+            "skipped_steps": self.state.skipped_steps,
+            "run_dir": str(self.run_dir),
+        }
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self._log_handler is not None:
+            logging.getLogger("brainmets").removeHandler(self._log_handler)
+            self._log_handler.close()
+        if self.dist.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train (or with ``resume=True`` continue) a run in ``run_dir``; returns the best and
+    final epoch's metrics.
+
+    ``stop_after_steps`` is a test hook: the run stops abruptly after that many optimiser
+    steps (raising :class:`TrainingInterrupted`), saving nothing more, as a kill would.
+    """
+    trainer = Trainer(cfg, Path(run_dir), resume=resume, stop_after_steps=stop_after_steps)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

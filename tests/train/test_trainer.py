@@ -1,0 +1,196 @@
+"""The training loop end to end on a tiny CPU config: run files, resume, non-finite steps, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from brainmets.config import Config, PreprocessConfig, StageLR, WeightDecay
+from brainmets.data.cache import build_cache_from_arrays
+from brainmets.model.checkpoint import load_checkpoint
+from brainmets.model.resnet import BrainMetsNet
+from brainmets.train.curriculum import build_optimizer
+from brainmets.train.trainer import METRIC_COLUMNS, TrainingInterrupted, clip_and_step, train
+
+SIZE = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions run faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _make_cache(root: Path):
+    """10 patients of 3 slices; positives carry a small bright lesion on one slice."""
+    rng = np.random.default_rng(0)
+    patients = []
+    for i in range(10):
+        label = int(i % 3 == 0)
+        volume = rng.integers(20, 110, size=(3, SIZE, SIZE)).astype(np.uint8)
+        if label:
+            volume[1, 12:16, 14:18] = 240
+        patients.append((f"P{i:02d}", label, volume))
+    return build_cache_from_arrays(root, patients, PreprocessConfig(size=SIZE))
+
+
+def _config(cache: Path, **train) -> Config:
+    return Config.model_validate(
+        {
+            "seed": 3,
+            "data": {"cache": str(cache), "num_workers": 0, "val_fraction": 0.3},
+            "model": {"arch": "resnet18", "hidden": 16, "dropout": 0.4},
+            "train": {
+                "epochs": 3,
+                "stage_epochs": [0, 1, 2],  # crosses both stage boundaries
+                "batch_patients": 4,
+                "lr": {"head": 1e-3, "layer4": 1e-3, "layer3": 1e-3},
+                "log_every": 2,
+                "checkpoint_every": 3,
+                **train,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cache")
+    _make_cache(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def full_run(cache_dir, tmp_path_factory) -> tuple[Path, dict]:
+    run = tmp_path_factory.mktemp("full")
+    return run, train(_config(cache_dir), run)
+
+
+def test_run_directory_is_complete(full_run):
+    run, summary = full_run
+    for name in ("config.yaml", "environment.json", "splits.csv", "train.log", "metrics.csv",
+                 "model.safetensors", "model.json", "val_predictions.csv",
+                 "checkpoints/last.safetensors", "checkpoints/last.json",
+                 "checkpoints/last_state.pt"):  # fmt: skip
+        assert (run / name).is_file(), name
+    assert next((run / "tensorboard").iterdir()).name.startswith("events.out.tfevents")
+
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics.columns) == METRIC_COLUMNS
+    assert metrics["epoch"].tolist() == [0, 1, 2] and metrics["stage"].tolist() == [1, 2, 3]
+    assert np.isfinite(metrics["train_loss"]).all() and np.isfinite(metrics["val_loss"]).all()
+
+    splits = pd.read_csv(run / "splits.csv", dtype={"patient_id": str})
+    assert not splits["patient_id"].duplicated().any()
+    predictions = pd.read_csv(run / "val_predictions.csv", dtype={"patient_id": str})
+    assert set(predictions["patient_id"]) == set(splits.loc[splits["split"] == "val", "patient_id"])
+
+    model, sidecar = load_checkpoint(run / "model.safetensors")
+    best = metrics.loc[metrics["epoch"] == summary["best_epoch"]].iloc[0]
+    assert sidecar["threshold"] == pytest.approx(best["threshold"])
+    assert sidecar["preprocess"]["size"] == SIZE and sidecar["normalization"] == "zscore"
+    assert isinstance(model, BrainMetsNet) and model.arch == "resnet18"
+    env = json.loads((run / "environment.json").read_text())
+    assert socket.gethostname() not in json.dumps(env)
+
+
+def test_interrupted_and_resumed_run_ends_bit_identical(full_run, cache_dir, tmp_path):
+    run, _ = full_run
+    # 2 batches per epoch; the kill at step 4 (end of epoch 1, stage 2) comes after the periodic
+    # checkpoint at step 3 (mid-epoch), so step 4 is replayed from the saved state.
+    with pytest.raises(TrainingInterrupted):
+        train(_config(cache_dir), tmp_path, stop_after_steps=4)
+    state = torch.load(tmp_path / "checkpoints/last_state.pt", weights_only=True)
+    assert (state["train_state"]["epoch"], state["train_state"]["batch"]) == (1, 1)
+    train(_config(cache_dir), tmp_path, resume=True)
+
+    expected = load_file(run / "checkpoints/last.safetensors")
+    got = load_file(tmp_path / "checkpoints/last.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    columns = [c for c in METRIC_COLUMNS if c != "seconds"]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(run / "metrics.csv")[columns], pd.read_csv(tmp_path / "metrics.csv")[columns]
+    )
+
+
+def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_state(full_run, cache_dir, tmp_path):
+    run, _ = full_run
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(_config(cache_dir), run)
+    with pytest.raises(FileNotFoundError, match="last_state.pt"):
+        train(_config(cache_dir), tmp_path, resume=True)
+
+
+def test_non_finite_step_is_skipped_without_touching_weights_or_moments():
+    torch.manual_seed(0)
+    model = BrainMetsNet(arch="resnet18", hidden=8)
+    model.set_trainable(("head",))
+    optimizer = build_optimizer(model, 1, StageLR(), WeightDecay())
+    for p in model.head.parameters():
+        p.grad = torch.ones_like(p)
+    assert clip_and_step(optimizer, 1.0).item() == 0.0
+    before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    moments = {id(p): s["exp_avg"].clone() for p, s in optimizer.state.items()}
+    for p in model.head.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    assert clip_and_step(optimizer, 1.0).item() == 1.0
+    assert all(torch.equal(before[k], v) for k, v in model.head.state_dict().items())
+    assert all(torch.equal(moments[id(p)], s["exp_avg"]) for p, s in optimizer.state.items())
+    assert all(s["step"].item() == 1 for s in optimizer.state.values())
+
+
+# --------------------------------------------------------------------------- DDP (gloo, CPU)
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, cache: str, run: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    summary = train(_ddp_config(Path(cache)), Path(run))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(summary, default=str))
+
+
+def _ddp_config(cache: Path) -> Config:
+    # Deterministic up to float summation order: no dropout, no augmentation. Epoch 0 is
+    # stage 1 (all BatchNorm frozen, so a rank's half-batch computes what the whole batch
+    # would); epoch 1 unfreezes layer4, whose BatchNorm then sees per-rank batch statistics.
+    cfg = _config(cache, epochs=2, stage_epochs=[0, 1, 12])
+    cfg.model.dropout = 0.0
+    cfg.augment.enabled = False
+    return cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_ranks_agree_and_match_one_process(cache_dir, tmp_path):
+    run, out = tmp_path / "ddp", tmp_path / "out"
+    run.mkdir()
+    out.mkdir()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(cache_dir), str(run), str(out)), nprocs=2)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["final"] == {**ranks[1]["final"], "seconds": ranks[0]["final"]["seconds"]}
+
+    single = train(_ddp_config(cache_dir), tmp_path / "single")
+    ddp_rows = pd.read_csv(run / "metrics.csv")
+    one_rows = pd.read_csv(tmp_path / "single" / "metrics.csv")
+    # Stage 1: the same global batch gives the same result up to summation order.
+    for key in ("train_loss", "val_loss", "auc", "mean_pos", "mean_neg"):
+        assert ddp_rows.loc[0, key] == pytest.approx(one_rows.loc[0, key], abs=1e-6), key
+    assert single["final"]["epoch"] == 1 and ddp_rows["stage"].tolist() == [1, 2]
