@@ -111,9 +111,11 @@ def cmd_train(args) -> int:
         cfg = load_config(args.config, overrides)
         run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
     result = train(cfg, run_dir, resume=bool(args.resume))
+    best = result.get("best") or {}
+    metric = cfg.train.best_metric
     print(
-        f"run {run_dir}: best {cfg.train.best_metric} = "
-        f"{result.get('best_value', float('nan')):.4f}"
+        f"run {run_dir}: best {metric} {best.get(metric, float('nan')):.4f} at epoch "
+        f"{result.get('best_epoch')} (threshold {best.get('threshold', float('nan')):.2f})"
     )
     return 0
 

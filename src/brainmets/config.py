@@ -26,13 +26,15 @@ class _Section(BaseModel):
 class PreprocessConfig(_Section):
     """Steps 1, 2 and 4 of the preprocessing, done once by ``prepare`` and cached."""
 
-    # Slab thickness along the slice normal; "native" keeps the scanner's slices.
-    slice_mm: float | Literal["native"] = 5.0
-    window_center: float = 40.0
-    window_width: float = 80.0
-    size: int = Field(256, ge=16, le=1024)
-    # Fewer slices than this is not a head CT series (localizer, scout, summary).
-    min_slices: int = Field(8, ge=1)
+    slice_mm: float | Literal["native"] = Field(
+        5.0, description='slab thickness along the slice normal (mm); "native" keeps the slices'
+    )
+    window_center: float = Field(40.0, description="brain window centre (HU)")
+    window_width: float = Field(80.0, description="brain window width (HU): clip to [0, 80]")
+    size: int = Field(256, ge=16, le=1024, description="slices are resized to size x size")
+    min_slices: int = Field(
+        8, ge=1, description="fewer slices is not a head CT series (localizer, summary)"
+    )
 
     @field_validator("slice_mm")
     @classmethod
@@ -52,14 +54,13 @@ class PreprocessConfig(_Section):
 
 
 class DataConfig(_Section):
-    cache: str | None = None  # a prepared cache directory (``brainmets prepare --out``)
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    # k-fold cross-validation: ``folds`` > 1 makes fold ``fold`` the validation set.
-    folds: int = Field(1, ge=1)
-    fold: int = Field(0, ge=0)
-    num_workers: int = Field(2, ge=0)
-    # When several GPUs share a node the whole uint8 cache can be kept resident on the device.
-    cache_on_device: bool = False
+    cache: str | None = Field(None, description="prepared cache folder (brainmets prepare --out)")
+    val_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="validation share of patients without a manifest split"
+    )
+    folds: int = Field(1, ge=1, description="k-fold cross-validation when > 1")
+    fold: int = Field(0, ge=0, description="the validation fold when folds > 1")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes")
 
     @model_validator(mode="after")
     def _fold_in_range(self) -> DataConfig:
@@ -69,45 +70,53 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    # resnet18/34 exist for quick CPU demos and tests only; the specified model is resnet50.
-    arch: Literal["resnet50", "resnet34", "resnet18"] = "resnet50"
-    # A RadImageNet (or torchvision-layout) weights file; "none" trains from random init.
-    pretrained: str = "none"
-    conv1_reduce: Literal["mean", "sum"] = "mean"
-    pooling: Literal["max", "mean", "lse", "attention"] = "max"
-    lse_temperature: float = Field(1.0, gt=0.0)
-    dropout: float = Field(0.4, ge=0.0, lt=1.0)
-    hidden: int = Field(512, ge=1)
-    normalization: Literal["zscore", "minus_one_to_one"] = "zscore"
+    arch: Literal["resnet50", "resnet34", "resnet18"] = Field(
+        "resnet50", description="backbone; resnet18/34 are for quick CPU demos and tests only"
+    )
+    pretrained: str = Field(
+        "none", description='RadImageNet or torchvision-layout weights file; "none" = random init'
+    )
+    conv1_reduce: Literal["mean", "sum"] = Field(
+        "mean", description="RGB conv1 -> 1 channel: mean (specified) or sum of the filters"
+    )
+    pooling: Literal["max", "mean", "lse", "attention"] = Field(
+        "max", description="slice logits -> patient logit"
+    )
+    lse_temperature: float = Field(1.0, gt=0.0, description="temperature of lse pooling")
+    dropout: float = Field(0.4, ge=0.0, lt=1.0, description="dropout in the head")
+    hidden: int = Field(512, ge=1, description="width of the head's hidden layer")
+    normalization: Literal["zscore", "minus_one_to_one"] = Field(
+        "zscore", description="per-slice z-score (specified) or the window mapped to [-1, 1]"
+    )
 
 
 class StageLR(_Section):
-    head: float = Field(5e-5, gt=0)
-    layer4: float = Field(1e-5, gt=0)
-    layer3: float = Field(5e-6, gt=0)
+    head: float = Field(5e-5, gt=0, description="learning rate of the head (all stages)")
+    layer4: float = Field(1e-5, gt=0, description="learning rate of layer4 (stages 2-3)")
+    layer3: float = Field(5e-6, gt=0, description="learning rate of layer3 (stage 3)")
 
 
 class WeightDecay(_Section):
-    backbone: float = Field(1e-4, ge=0)
-    head: float = Field(1e-3, ge=0)
+    backbone: float = Field(1e-4, ge=0, description="AdamW decay of backbone weights")
+    head: float = Field(1e-3, ge=0, description="AdamW decay of head weights")
 
 
 class ConfidenceLoss(_Section):
-    enabled: bool = False
-    target: float = Field(0.30, ge=0.0, le=1.0)
-    weight: float = Field(0.15, ge=0.0)
+    enabled: bool = Field(False, description="add the confidence-separation term")
+    target: float = Field(0.30, ge=0.0, le=1.0, description="T in max(0, T - sep)^2")
+    weight: float = Field(0.15, ge=0.0, description="lambda of the confidence term")
 
 
 class AugmentSide(_Section):
     """Augmentation strength for one class (see AugmentConfig for the defaults' reasons)."""
 
-    rotate_deg: float = Field(ge=0, le=180)
-    scale: float = Field(ge=0, lt=1)
-    translate: float = Field(ge=0, lt=1)  # fraction of the image size
-    flip_prob: float = Field(ge=0, le=1)
-    noise_std: float = Field(ge=0)  # in window units (1.0 = 80 HU)
-    gamma: float = Field(ge=0, lt=1)  # log-uniform gamma in [1-g, 1+g]
-    contrast: float = Field(ge=0, lt=1)  # multiplicative contrast around the mean
+    rotate_deg: float = Field(ge=0, le=180, description="uniform rotation in [-r, r] degrees")
+    scale: float = Field(ge=0, lt=1, description="uniform zoom in [1-s, 1+s]")
+    translate: float = Field(ge=0, lt=1, description="shift up to this fraction of the image")
+    flip_prob: float = Field(ge=0, le=1, description="left-right flip probability")
+    noise_std: float = Field(ge=0, description="Gaussian noise in window units (1.0 = 80 HU)")
+    gamma: float = Field(ge=0, lt=1, description="gamma in [1-g, 1+g]")
+    contrast: float = Field(ge=0, lt=1, description="contrast factor in [1-c, 1+c]")
 
 
 def _positive_augment() -> AugmentSide:
@@ -139,38 +148,43 @@ def _negative_augment() -> AugmentSide:
 
 
 class AugmentConfig(_Section):
-    enabled: bool = True
+    enabled: bool = Field(True, description="class-conditional augmentation in training")
     positive: AugmentSide = Field(default_factory=_positive_augment)
     negative: AugmentSide = Field(default_factory=_negative_augment)
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(40, ge=1)
-    # First epoch of stage 1 (head), stage 2 (+layer4) and stage 3 (+layer3).
-    stage_epochs: tuple[int, int, int] = (0, 5, 12)
+    epochs: int = Field(40, ge=1, description="epochs in all")
+    stage_epochs: tuple[int, int, int] = Field(
+        (0, 5, 12), description="first epoch of stage 1 (head), 2 (+layer4), 3 (+layer3)"
+    )
     lr: StageLR = Field(default_factory=StageLR)
     weight_decay: WeightDecay = Field(default_factory=WeightDecay)
-    grad_clip: float = Field(1.0, gt=0)
-    # Patients per batch; with pos_fraction 0.4 a batch of 10 holds 4 positives and 6
-    # negatives, the specified 1:1.5.
-    batch_patients: int = Field(10, ge=2)
-    pos_fraction: float = Field(0.4, gt=0.0, lt=1.0)
-    # Longest slice stack per patient fed at once in training (a random contiguous window
-    # beyond it); None keeps every slice. Bounds memory for thin-slice outliers.
-    max_slices: int | None = Field(None, ge=1)
-    pos_weight: float | None = Field(None, gt=0)
+    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+    # With pos_fraction 0.4 a batch of 10 holds 4 positives and 6 negatives: the specified 1:1.5.
+    batch_patients: int = Field(10, ge=2, description="patients per batch (all their slices)")
+    pos_fraction: float = Field(0.4, gt=0.0, lt=1.0, description="share of positives per batch")
+    max_slices: int | None = Field(
+        None, ge=1, description="train on a random window of at most this many slices"
+    )
+    pos_weight: float | None = Field(None, gt=0, description="BCE weight of positives")
     confidence: ConfidenceLoss = Field(default_factory=ConfidenceLoss)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    channels_last: bool = True
-    compile: bool = False
-    best_metric: Literal["auc", "f1", "separation", "val_loss"] = "auc"
-    # Health checks: warn after this many epochs with zero validation sensitivity.
-    zero_sensitivity_patience: int = Field(3, ge=1)
-    log_every: int = Field(10, ge=1)
-    # Resume state (weights, optimiser, RNG, sampler position) is also saved every this many
-    # optimiser steps, so a run killed in the middle of a long epoch loses little.
-    checkpoint_every: int = Field(200, ge=1)
+    device: str = Field(
+        "auto", description="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)"
+    )
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+    compile: bool = Field(False, description="torch.compile the model")
+    best_metric: Literal["auc", "f1", "separation", "val_loss"] = Field(
+        "auc", description="validation metric that picks model.safetensors"
+    )
+    zero_sensitivity_patience: int = Field(
+        3, ge=1, description="warn after this many epochs with validation sensitivity 0"
+    )
+    log_every: int = Field(10, ge=1, description="read the loss back every this many steps")
+    checkpoint_every: int = Field(
+        200, ge=1, description="also save the resume state every this many steps"
+    )
 
     @field_validator("stage_epochs")
     @classmethod
@@ -181,13 +195,16 @@ class TrainConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    n_boot: int = Field(1000, ge=0)
-    sensitivity_targets: list[float] = Field(default_factory=lambda: [0.90, 0.95])
+    n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the 95% CIs")
+    sensitivity_targets: list[float] = Field(
+        default_factory=lambda: [0.90, 0.95],
+        description="extra operating points, chosen on validation predictions",
+    )
 
 
 class Config(_Section):
-    name: str = "run"
-    seed: int = 0
+    name: str = Field("run", description="run name (default folder runs/NAME)")
+    seed: int = Field(0, description="seeds the split, sampler, augmentation and init")
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -198,6 +215,56 @@ class Config(_Section):
     def config_hash(self) -> str:
         payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# Values DESIGN.md states; every other key is ours to choose (README says why).
+SPECIFIED = {
+    "preprocess.slice_mm": "5 mm slabs (issue)",
+    "preprocess.window_center": "40",
+    "preprocess.window_width": "80",
+    "preprocess.size": "256",
+    "model.arch": "resnet50",
+    "model.pretrained": "RadImageNet",
+    "model.conv1_reduce": "mean",
+    "model.pooling": "max",
+    "model.dropout": "0.4",
+    "model.hidden": "512",
+    "model.normalization": "z-score per slice",
+    "train.epochs": "40",
+    "train.stage_epochs": "0 / 5 / 12",
+    "train.lr.head": "5e-5",
+    "train.lr.layer4": "1e-5",
+    "train.lr.layer3": "5e-6",
+    "train.weight_decay.backbone": "1e-4",
+    "train.weight_decay.head": "1e-3",
+    "train.grad_clip": "1.0",
+    "train.pos_fraction": "pos:neg 1:1.5",
+    "train.confidence.enabled": "optional",
+    "train.confidence.target": "0.30",
+    "train.confidence.weight": "0.15",
+    "train.amp": "bf16 on GPU",
+    "train.channels_last": "on GPU",
+}
+
+
+def reference_rows(section: BaseModel | None = None, prefix: str = "") -> list[tuple[str, ...]]:
+    """(key, default, specified value, meaning) for every leaf key, in declaration order."""
+    section = Config() if section is None else section
+    rows: list[tuple[str, ...]] = []
+    for name, info in type(section).model_fields.items():
+        key, value = f"{prefix}{name}", getattr(section, name)
+        if isinstance(value, BaseModel):
+            rows += reference_rows(value, f"{key}.")
+        else:
+            rows.append((key, json.dumps(value), SPECIFIED.get(key, ""), info.description or ""))
+    return rows
+
+
+def reference_markdown() -> str:
+    """The README's config reference table, generated from the models themselves."""
+    lines = ["| key | default | specified | meaning |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{k}` | `{d}` | {s} | {m} |" for k, d, s, m in reference_rows()]
+    return "\n".join(lines)
 
 
 class ConfigError(ValueError):

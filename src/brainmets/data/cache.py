@@ -260,7 +260,9 @@ class PrepareResult:
         return len(self.errors)
 
 
-def plan_jobs(labels: pd.DataFrame, series_index=None) -> tuple[list[PatientJob], list[dict]]:
+def plan_jobs(
+    labels: pd.DataFrame, series_index=None, preprocess: PreprocessConfig | None = None
+) -> tuple[list[PatientJob], list[dict]]:
     """One job per manifest patient; patients with no usable series become error rows.
 
     A ``path`` column (NIfTI file or a patient's DICOM folder) wins over the series index;
@@ -275,7 +277,13 @@ def plan_jobs(labels: pd.DataFrame, series_index=None) -> tuple[list[PatientJob]
         pins = {}
         if "series_uid" in labels:
             pins = {r.patient_id: r.series_uid for r in labels.itertuples() if r.series_uid}
-        chosen = choose_series(series_index.series, pins=pins)
+        preprocess = preprocess or PreprocessConfig()
+        chosen = choose_series(
+            series_index.series,
+            target_mm=preprocess.slab_mm or 5.0,
+            min_slices=preprocess.min_slices,
+            pins=pins,
+        )
     for r in labels.itertuples():
         base = dict(
             patient_id=r.patient_id, label=int(r.label), split=getattr(r, "split", "") or ""
@@ -471,7 +479,7 @@ def prepare_cache(
     digest = preprocess.config_hash()
 
     # Shard by manifest row so that every shard of an array job sees a fixed, disjoint share.
-    jobs, errors = plan_jobs(labels.iloc[shard_id::num_shards], series_index)
+    jobs, errors = plan_jobs(labels.iloc[shard_id::num_shards], series_index, preprocess)
     done = _done_patients(root, digest)
     todo, skipped = [], 0
     for job in jobs:

@@ -1,0 +1,180 @@
+"""``brainmets evaluate``: a trained run scored on a held-out prepared cache.
+
+Patient-level metrics at the run's saved threshold and threshold-free, each with a bootstrap
+95% CI; operating points for target sensitivities chosen on the run's own validation
+predictions (never on the evaluated patients); plots; and the run report refreshed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from brainmets.config import load_config
+from brainmets.data.cache import PatientCache
+from brainmets.evaluate.metrics import evaluate_predictions
+from brainmets.io import atomic_write_csv, atomic_write_text
+from brainmets.predict import batch_by_slices, load_trained, score_patients
+
+log = logging.getLogger(__name__)
+
+# Rows of the printed summary: (key in metrics.json, label).
+_SUMMARY_ROWS = [
+    ("auc", "AUC"),
+    ("average_precision", "average precision"),
+    ("f1", "F1"),
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("ppv", "PPV"),
+    ("npv", "NPV"),
+    ("brier", "Brier score"),
+    ("separation", "separation"),
+]
+
+
+@dataclass
+class EvaluationSummary:
+    metrics: dict
+    predictions: pd.DataFrame
+    out_dir: Path
+
+    @property
+    def text(self) -> str:
+        m, ci = self.metrics["metrics"], self.metrics["ci"]
+        lines = [
+            f"{m['n']} patients ({m['n_pos']} positive) at threshold {self.metrics['threshold']:.2f}"
+        ]
+        for key, label in _SUMMARY_ROWS:
+            value = m.get(key)
+            lo, hi = ci.get(key, [None, None])
+            shown = "n/a" if value is None else f"{value:.3f}"
+            if lo is not None and hi is not None:
+                shown += f"  (95% CI {lo:.3f}-{hi:.3f})"
+            lines.append(f"  {label:<18} {shown}")
+        lines.append(f"  separation band    {self.metrics['separation_band']}")
+        for point in self.metrics.get("operating_points", []):
+            if point.get("threshold") is None:
+                continue
+            pm = point["metrics"]
+            lines.append(
+                f"  at sensitivity >= {point['target_sensitivity']:.2f} on {point['chosen_on']}: "
+                f"threshold {point['threshold']:.2f}, sensitivity {pm['sensitivity']:.3f}, "
+                f"specificity {pm['specificity']:.3f}"
+            )
+        lines.append(f"written to {self.out_dir}")
+        return "\n".join(lines)
+
+
+def score_cache(
+    trained,
+    cache: PatientCache,
+    patient_ids: list[str],
+    batch_slices: int = 64,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """patient_id, label, probability, logit, top_slice for every patient of the cache."""
+    if cache.config_hash != trained.preprocess.config_hash():
+        raise ValueError(
+            f"{cache.root} was prepared with other preprocessing than the model was trained on "
+            f"(cache {cache.preprocess.model_dump()}, model {trained.preprocess.model_dump()})"
+        )
+    sizes = [int(cache.row(pid)["num_slices"]) for pid in patient_ids]
+    rows = []
+    bar = tqdm(total=len(patient_ids), desc="evaluate", unit="patient", disable=not progress)
+    for batch in batch_by_slices(patient_ids, sizes, batch_slices):
+        scored = score_patients(trained, [np.asarray(cache.load(pid)) for pid in batch])
+        for pid, (logit, _, top) in zip(batch, scored, strict=True):
+            rows.append(
+                {
+                    "patient_id": pid,
+                    "label": int(cache.row(pid)["label"]),
+                    "probability": float(1.0 / (1.0 + np.exp(-logit))),
+                    "logit": logit,
+                    "top_slice_index": top,
+                }
+            )
+        bar.update(len(batch))
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def _training_overlap(run: Path, evaluated: pd.Series) -> dict[str, int]:
+    """How many evaluated patients the run trained or validated on (then it is no hold-out)."""
+    path = run / "splits.csv"
+    if not path.is_file():
+        return {}
+    splits = pd.read_csv(path, dtype=str, keep_default_na=False)
+    seen = splits[splits["patient_id"].isin(set(evaluated))]
+    counts = {k: int(v) for k, v in seen["split"].value_counts().items() if k in ("train", "val")}
+    if counts:
+        log.warning(
+            "evaluated patients the run has seen: %s; these figures are not a held-out "
+            "evaluation (use --split test or a separate cache)",
+            counts,
+        )
+    return counts
+
+
+def evaluate_run(
+    run: str | Path,
+    data: str | Path,
+    *,
+    split: str | None = None,
+    out_dir: str | Path | None = None,
+    n_boot: int | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+) -> EvaluationSummary:
+    from brainmets.evaluate.plots import write_evaluation_plots
+    from brainmets.evaluate.report import write_report
+
+    run = Path(run)
+    out = Path(out_dir) if out_dir else run / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
+    n_boot = n_boot if n_boot is not None else (cfg.evaluate.n_boot if cfg else 1000)
+    targets = cfg.evaluate.sensitivity_targets if cfg else [0.90, 0.95]
+
+    trained = load_trained(run, device)
+    cache = PatientCache(data)
+    ids = cache.patient_ids
+    if split is not None:
+        ids = [pid for pid in ids if cache.row(pid)["split"] == split]
+        if not ids:
+            raise ValueError(f"{data}: no patient has split {split!r}")
+    predictions = score_cache(trained, cache, ids, progress=progress)
+
+    overlap = _training_overlap(run, predictions["patient_id"])
+    val_labels = val_probs = None
+    val_path = run / "val_predictions.csv"
+    if val_path.is_file():
+        val = pd.read_csv(val_path, dtype={"patient_id": str})
+        val_labels, val_probs = val["label"].to_numpy(), val["probability"].to_numpy()
+    labels = predictions["label"].to_numpy()
+    probs = predictions["probability"].to_numpy()
+    metrics = evaluate_predictions(
+        labels,
+        probs,
+        trained.threshold,
+        n_boot=n_boot,
+        seed=seed,
+        sensitivity_targets=targets,
+        val_labels=val_labels,
+        val_probs=val_probs,
+    )
+    metrics["data"] = str(data)
+    metrics["split"] = split
+    metrics["seen_in_training"] = overlap
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_csv(out / "predictions.csv", predictions)
+    write_evaluation_plots(labels, probs, trained.threshold, out)
+    if out == run / "evaluation":
+        write_report(run)
+    return EvaluationSummary(metrics, predictions, out)

@@ -1,0 +1,369 @@
+"""Score new studies with a trained run: DICOM folders, NIfTI files or a prepared cache.
+
+A run folder is self-contained: ``model.safetensors`` and its JSON sidecar carry the
+architecture, the preprocessing, the input normalisation and the operating threshold, so
+nothing else is needed. Decoding runs in a process pool; scoring batches whole patients on
+the device. A patient that cannot be read gets a row with its error and the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from brainmets.config import PreprocessConfig
+from brainmets.data.cache import (
+    NIFTI_SUFFIXES,
+    PatientCache,
+    PatientJob,
+    PreprocessedPatient,
+    map_jobs,
+    patient_stem,
+    try_preprocess_patient,
+)
+from brainmets.data.normalize import normalize_slices, uint8_to_unit
+from brainmets.io import atomic_write_csv
+from brainmets.model.checkpoint import load_checkpoint
+from brainmets.model.resnet import BrainMetsNet
+
+log = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = [
+    "patient_id",
+    "probability",
+    "decision",
+    "threshold",
+    "num_slices",
+    "top_slice_index",
+    "top_slice_position_mm",
+    "series_uid",
+    "source",
+    "error",
+]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class TrainedModel:
+    """A run's model with everything inference needs from its sidecar."""
+
+    model: BrainMetsNet
+    sidecar: dict
+    device: torch.device
+
+    @property
+    def threshold(self) -> float:
+        threshold = self.sidecar.get("threshold")
+        return 0.5 if threshold is None else float(threshold)
+
+    @property
+    def normalization(self) -> str:
+        return self.sidecar.get("normalization", "zscore")
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig.model_validate(self.sidecar["preprocess"])
+
+
+def model_path(run: str | Path) -> Path:
+    """``RUN/model.safetensors``, or the path itself when it names a weights file."""
+    run = Path(run)
+    path = run if run.suffix == ".safetensors" else run / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no trained model here (is {run} a finished run?)")
+    return path
+
+
+def load_trained(run: str | Path, device: str = "auto") -> TrainedModel:
+    dev = resolve_device(device)
+    model, sidecar = load_checkpoint(model_path(run), map_location="cpu")
+    model.to(dev).eval()
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return TrainedModel(model, sidecar, dev)
+
+
+def model_inputs(arrays: Sequence[np.ndarray], normalization: str, device: torch.device):
+    """Flat uint8 slices of several patients -> normalised [S,1,H,W] and the patient index."""
+    counts = [a.shape[0] for a in arrays]
+    flat = torch.from_numpy(np.concatenate([np.asarray(a) for a in arrays]))
+    x = uint8_to_unit(flat.to(device, non_blocking=True)).unsqueeze(1)
+    x = normalize_slices(x, normalization)
+    index = torch.repeat_interleave(
+        torch.arange(len(arrays), device=device), torch.tensor(counts, device=device)
+    )
+    return x, index
+
+
+@torch.inference_mode()
+def score_patients(
+    trained: TrainedModel, arrays: Sequence[np.ndarray]
+) -> list[tuple[float, np.ndarray, int]]:
+    """(patient logit, slice logits, top slice within the patient) for each array."""
+    x, index = model_inputs(arrays, trained.normalization, trained.device)
+    if trained.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(
+        trained.device.type, dtype=torch.bfloat16, enabled=trained.device.type == "cuda"
+    ):
+        out = trained.model(x, index, len(arrays))
+    starts = np.cumsum([0] + [a.shape[0] for a in arrays])
+    slice_logits = out.slice_logits.float().cpu().numpy()
+    top = out.top_slice.cpu().numpy()
+    patient_logits = out.patient_logits.float().cpu().numpy()
+    return [
+        (float(patient_logits[i]), slice_logits[starts[i] : starts[i + 1]], int(top[i] - starts[i]))
+        for i in range(len(arrays))
+    ]
+
+
+def batch_by_slices(items: Sequence, sizes: Sequence[int], budget: int) -> Iterator[list]:
+    """Group whole patients into batches of at most ``budget`` slices (a patient never splits)."""
+    batch, used = [], 0
+    for item, size in zip(items, sizes, strict=True):
+        if batch and used + size > budget:
+            yield batch
+            batch, used = [], 0
+        batch.append(item)
+        used += size
+    if batch:
+        yield batch
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def jobs_for_inputs(inputs: Sequence[str | Path]) -> tuple[list[PatientJob], list[Path], list]:
+    """Sort the command line into DICOM/NIfTI jobs, caches, and failure rows."""
+    from brainmets.data.manifest import choose_series, index_dicom_root, series_files
+
+    jobs: list[PatientJob] = []
+    caches: list[Path] = []
+    errors: list[dict] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES):
+            stem = path.name[: -len(".nii.gz")] if path.name.endswith(".gz") else path.stem
+            jobs.append(PatientJob(patient_id=stem, label=-1, kind="nifti", path=str(path)))
+        elif (path / "preprocess.json").is_file():
+            caches.append(path)
+        elif path.is_dir():
+            index = index_dicom_root(path, workers=1, progress=False)
+            series = choose_series(index.series)
+            for patient_id, rows in series.groupby("patient_id", sort=True):
+                picked = rows[rows["chosen"]]
+                if picked.empty:
+                    why = "; ".join(f"{r.series_uid}: {r.reason}" for r in rows.itertuples())
+                    errors.append(
+                        _error_row(str(patient_id), str(path), f"no usable series: {why}")
+                    )
+                    continue
+                uid = picked.iloc[0]["series_uid"]
+                jobs.append(
+                    PatientJob(
+                        patient_id=str(patient_id),
+                        label=-1,
+                        kind="dicom",
+                        series_uid=uid,
+                        files=series_files(index, uid),
+                    )
+                )
+            if series.empty:
+                errors.append(_error_row(path.name, str(path), "no DICOM images found"))
+        else:
+            errors.append(_error_row(path.name, str(path), "not a DICOM folder, NIfTI or cache"))
+    return _unique_patients(jobs, errors), caches, errors
+
+
+def _unique_patients(jobs: list[PatientJob], errors: list[dict]) -> list[PatientJob]:
+    """One job per patient id: a folder named twice (or inside a root also named) is read once;
+    the same id from a different series is an error row, since the output is keyed by id."""
+    seen: dict[str, PatientJob] = {}
+    for job in jobs:
+        first = seen.setdefault(job.patient_id, job)
+        if first is job:
+            continue
+        if (first.series_uid, first.path) == (job.series_uid, job.path):
+            log.info("patient %s was given more than once; predicted once", job.patient_id)
+        else:
+            source = job.path or job.series_uid
+            errors.append(
+                _error_row(
+                    job.patient_id,
+                    source,
+                    f"patient id already predicted from {first.path or first.series_uid}",
+                )
+            )
+    return list(seen.values())
+
+
+def _error_row(patient_id: str, source: str, reason: str) -> dict:
+    return {"patient_id": patient_id, "source": source, "error": reason}
+
+
+# --------------------------------------------------------------------------- heatmaps
+
+
+def write_heatmaps(
+    trained: TrainedModel,
+    patient_id: str,
+    array: np.ndarray,
+    slice_logits: np.ndarray,
+    out_dir: Path,
+    top_k: int,
+) -> list[Path]:
+    """Grad-CAM of the ``top_k`` highest-scoring slices, over the windowed slice, as PNGs."""
+    from brainmets.evaluate.heatmaps import grad_cam, save_overlay
+
+    order = np.argsort(slice_logits)[::-1][:top_k]
+    x, _ = model_inputs([array[order]], trained.normalization, trained.device)
+    cams = grad_cam(trained.model, x)
+    paths = []
+    for rank, (slice_index, cam) in enumerate(zip(order, cams, strict=True), start=1):
+        path = out_dir / f"{patient_stem(patient_id)}_rank{rank}_slice{int(slice_index)}.png"
+        prob = 1.0 / (1.0 + np.exp(-float(slice_logits[slice_index])))
+        title = f"{patient_id}  slice {int(slice_index)}  p={prob:.2f}"
+        paths.append(save_overlay(array[slice_index], cam, path, title))
+    return paths
+
+
+# --------------------------------------------------------------------------- predict
+
+
+@dataclass
+class PredictResult:
+    table: pd.DataFrame
+
+    @property
+    def failed(self) -> int:
+        return int((self.table["error"] != "").sum())
+
+    @property
+    def predicted(self) -> int:
+        return len(self.table) - self.failed
+
+
+def _row(trained: TrainedModel, item: PreprocessedPatient, scored) -> dict:
+    logit, _, top = scored
+    prob = float(1.0 / (1.0 + np.exp(-logit)))
+    return {
+        "patient_id": item.job.patient_id,
+        "probability": prob,
+        "decision": int(prob >= trained.threshold),
+        "threshold": trained.threshold,
+        "num_slices": int(item.array.shape[0]),
+        "top_slice_index": top,
+        "top_slice_position_mm": float(item.positions[top]) if len(item.positions) else np.nan,
+        "series_uid": item.series_uid,
+        "source": item.job.path or (str(Path(item.job.files[0]).parent) if item.job.files else ""),
+        "error": "",
+    }
+
+
+def _cache_items(cache_root: Path, trained: TrainedModel) -> Iterator[PreprocessedPatient]:
+    cache = PatientCache(cache_root)
+    if cache.config_hash != trained.preprocess.config_hash():
+        raise ValueError(
+            f"{cache_root}: prepared with preprocessing {cache.preprocess.model_dump()}, but the "
+            f"model expects {trained.preprocess.model_dump()}; prepare the data again"
+        )
+    for pid in cache.patient_ids:
+        row = cache.row(pid)
+        positions = cache.positions(pid)
+        array = np.asarray(cache.load(pid))
+        yield PreprocessedPatient(
+            PatientJob(patient_id=pid, label=int(row["label"]), path=str(cache_root)),
+            array,
+            positions if positions is not None else np.array([]),
+            str(row["series_uid"]),
+            [],
+        )
+
+
+def predict(
+    run: str | Path,
+    inputs: Sequence[str | Path],
+    *,
+    out_csv: str | Path = "predictions.csv",
+    heatmaps_dir: str | Path | None = None,
+    top_k: int = 3,
+    device: str = "auto",
+    batch_slices: int = 64,
+    workers: int | None = None,
+    progress: bool = True,
+) -> PredictResult:
+    """Predict every patient found in ``inputs``; write ``out_csv`` (atomically) and heatmaps."""
+    import os
+
+    trained = load_trained(run, device)
+    jobs, caches, rows = jobs_for_inputs(inputs)
+    workers = workers if workers is not None else min(len(jobs), os.cpu_count() or 1)
+    heat_dir = Path(heatmaps_dir) if heatmaps_dir else None
+    if heat_dir:
+        heat_dir.mkdir(parents=True, exist_ok=True)
+
+    def items() -> Iterator[PreprocessedPatient]:
+        for result in map_jobs(
+            try_preprocess_patient,
+            jobs,
+            trained.preprocess,
+            workers=workers,
+            progress=progress,
+            desc="predict",
+        ):
+            if isinstance(result, dict):
+                rows.append(_error_row(result["patient_id"], result["file"], result["reason"]))
+            else:
+                yield result
+        seen = {job.patient_id for job in jobs}
+        for cache_root in caches:
+            for item in _cache_items(cache_root, trained):
+                if item.job.patient_id in seen:
+                    log.warning(
+                        "patient %s of %s was already predicted; skipped",
+                        item.job.patient_id,
+                        cache_root,
+                    )
+                    continue
+                seen.add(item.job.patient_id)
+                yield item
+
+    pending: list[PreprocessedPatient] = []
+
+    def flush() -> None:
+        for batch in batch_by_slices(pending, [p.array.shape[0] for p in pending], batch_slices):
+            for item, scored in zip(
+                batch, score_patients(trained, [p.array for p in batch]), strict=True
+            ):
+                rows.append(_row(trained, item, scored))
+                if heat_dir:
+                    write_heatmaps(
+                        trained, item.job.patient_id, item.array, scored[1], heat_dir, top_k
+                    )
+        pending.clear()
+
+    used = 0
+    for item in items():
+        pending.append(item)
+        used += item.array.shape[0]
+        if used >= batch_slices:
+            flush()
+            used = 0
+    flush()
+
+    table = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+    table["error"] = table["error"].fillna("")
+    table = table.sort_values("patient_id", kind="stable").reset_index(drop=True)
+    atomic_write_csv(out_csv, table)
+    return PredictResult(table)

@@ -1,0 +1,121 @@
+"""The README workflow through the CLI, on a small generated DICOM cohort:
+synth -> index -> prepare -> train -> evaluate -> predict (DICOM, NIfTI, cache) -> report."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from brainmets.cli import main
+from brainmets.data.dicom import load_series
+from brainmets.data.manifest import read_index, series_files
+
+TINY_TRAIN = [
+    "--set", "model.arch=resnet18",
+    "--set", "preprocess.size=48",
+    "--set", "train.epochs=2",
+    "--set", "train.stage_epochs=[0,1,1]",
+    "--set", "train.batch_patients=5",
+    "--set", "evaluate.n_boot=50",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def workflow(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("workflow")
+    assert main(["-q", "synth", str(root / "cohort"), "--patients", "10", "--matrix", "96",
+                 "--min-slices", "10", "--max-slices", "12", "--seed", "3"]) == 0  # fmt: skip
+    labels = pd.read_csv(root / "cohort" / "labels.csv", dtype={"patient_id": str})
+    # Hold out three patients as the manifest's test split.
+    labels["split"] = ["test" if i < 3 else "" for i in range(len(labels))]
+    labels.to_csv(root / "labels.csv", index=False)
+    assert main(["-q", "index", str(root / "cohort" / "dicom"), "--out", str(root / "index"),
+                 "--workers", "1"]) == 0  # fmt: skip
+    assert main(["-q", "prepare", "--labels", str(root / "labels.csv"), "--index",
+                 str(root / "index"), "--out", str(root / "cache"), "--workers", "1",
+                 "--set", "preprocess.size=48"]) == 0  # fmt: skip
+    assert main(["-q", "train", "--data", str(root / "cache"), "--out", str(root / "run"),
+                 *TINY_TRAIN]) == 0  # fmt: skip
+    return root, labels
+
+
+def test_train_writes_a_self_contained_run(workflow):
+    root, labels = workflow
+    run = root / "run"
+    for name in ("config.yaml", "metrics.csv", "model.safetensors", "model.json", "splits.csv",
+                 "val_predictions.csv", "environment.json", "train.log"):  # fmt: skip
+        assert (run / name).is_file(), name
+    splits = pd.read_csv(run / "splits.csv", dtype=str)
+    held_out = set(labels.loc[labels["split"] == "test", "patient_id"])
+    assert held_out.isdisjoint(splits.loc[splits["split"].isin(["train", "val"]), "patient_id"])
+    sidecar = json.loads((run / "model.json").read_text())
+    assert 0.05 <= sidecar["threshold"] <= 0.95
+    assert sidecar["preprocess"]["size"] == 48
+    assert len(pd.read_csv(run / "metrics.csv")) == 2
+
+
+def test_evaluate_on_the_held_out_split(workflow):
+    root, _ = workflow
+    assert main(["-q", "evaluate", str(root / "run"), "--data", str(root / "cache"),
+                 "--split", "test"]) == 0  # fmt: skip
+    metrics = json.loads((root / "run" / "evaluation" / "metrics.json").read_text())
+    assert metrics["metrics"]["n"] == 3 and metrics["split"] == "test"
+    assert metrics["seen_in_training"] == {}
+    for plot in ("roc.png", "pr.png", "calibration.png", "score_distributions.png"):
+        assert (root / "run" / "evaluation" / plot).stat().st_size > 1000
+    report = (root / "run" / "report.html").read_text()
+    assert "data:image/png;base64," in report
+
+
+def test_predict_agrees_across_dicom_nifti_and_cache(workflow, tmp_path):
+    root, labels = workflow
+    index = read_index(root / "index")
+    chosen = index.series[index.series["chosen"]].set_index("patient_id")
+    pid = labels["patient_id"].iloc[0]
+    # The same patient as NIfTI (HU, axes as dcm2niix would write them).
+    volume = load_series(series_files(index, chosen.loc[pid, "series_uid"]))
+    spacing = [*volume.pixel_spacing_mm[::-1], float(np.diff(volume.positions_mm).mean())]
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    nifti = tmp_path / f"{pid}.nii.gz"
+    nib.save(nib.Nifti1Image(np.transpose(volume.hu, (2, 1, 0))[::-1, ::-1], affine), nifti)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "IM0001.dcm").write_bytes(b"DICM but not really")
+
+    out = tmp_path / "predictions.csv"
+    rc = main(["-q", "predict", str(root / "run"), str(root / "cohort" / "dicom"), str(broken),
+               "--out", str(out), "--heatmaps", str(tmp_path / "heat"), "--top-k", "2"])  # fmt: skip
+    assert rc == 1  # one input failed: the exit code says so, the others are predicted
+    table = pd.read_csv(out, dtype={"patient_id": str, "error": str}).fillna({"error": ""})
+    failed = table[table["error"] != ""]
+    assert len(failed) == 1 and "broken" in failed["source"].iloc[0]
+    ok = table[table["error"] == ""].set_index("patient_id")
+    assert sorted(ok.index) == sorted(labels["patient_id"])
+    assert ((ok["probability"] >= ok["threshold"]).astype(int) == ok["decision"]).all()
+    assert (ok["top_slice_index"] < ok["num_slices"]).all()
+    assert len(list((tmp_path / "heat").glob("*.png"))) == 2 * len(ok)
+
+    # The prepared cache gives the same probabilities as decoding the DICOM again.
+    assert main(["-q", "predict", str(root / "run"), str(root / "cache"),
+                 "--out", str(tmp_path / "c.csv")]) == 0  # fmt: skip
+    cached = pd.read_csv(tmp_path / "c.csv", dtype={"patient_id": str}).set_index("patient_id")
+    assert np.allclose(cached.loc[ok.index, "probability"], ok["probability"], atol=1e-5)
+
+    rc = main(["-q", "predict", str(root / "run"), str(nifti), "--out", str(tmp_path / "n.csv")])
+    assert rc == 0
+    from_nifti = pd.read_csv(tmp_path / "n.csv", dtype={"patient_id": str})
+    from_dicom = ok.loc[pid, "probability"]
+    assert from_nifti["probability"].iloc[0] == pytest.approx(from_dicom, abs=1e-4)
+
+
+def test_resume_refuses_a_missing_run_and_bad_config_names_the_key(workflow, capsys):
+    root, _ = workflow
+    assert main(["train", "--resume", str(root / "nowhere")]) == 2
+    assert main(["train", "--data", str(root / "cache"), "--set", "train.epoks=3"]) == 2
+    assert "train.epoks" in capsys.readouterr().err
