@@ -81,3 +81,30 @@ def test_preprocess_hash_follows_every_parameter():
     ):
         seen.add(base.model_copy(update=change).config_hash())
     assert len(seen) == 6
+
+
+def test_shipped_default_config_is_the_specification():
+    from importlib.resources import files
+
+    shipped = files("brainmets") / "configs" / "default.yaml"
+    cfg = load_config(shipped)
+    assert cfg == Config(name="brainmets-resnet50")
+
+
+def test_readme_config_reference_is_generated_from_the_models():
+    """The README's table is `reference_markdown()` verbatim, so it cannot drift."""
+    from pathlib import Path
+
+    from brainmets.config import reference_markdown
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    assert reference_markdown() in readme.read_text()
+
+
+def test_one_key_of_a_nested_section_keeps_its_siblings(tmp_path):
+    cfg = load_config(None, ["augment.negative.noise_std=0.02"])
+    assert cfg.augment.negative.noise_std == 0.02
+    assert cfg.augment.negative.rotate_deg == Config().augment.negative.rotate_deg
+    path = tmp_path / "c.yaml"
+    path.write_text("augment:\n  positive:\n    rotate_deg: 3\n")
+    assert load_config(path).augment.positive.scale == Config().augment.positive.scale

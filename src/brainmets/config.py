@@ -301,9 +301,21 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` laid over ``defaults`` section by section, so that setting one key of a
+    section (``augment.negative.noise_std``) keeps the defaults of its siblings."""
+    out = dict(defaults)
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:
     try:
-        return Config.model_validate(tree)
+        return Config.model_validate(_merged(Config().model_dump(mode="json"), tree))
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
 
