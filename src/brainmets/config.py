@@ -119,32 +119,25 @@ class AugmentSide(_Section):
     contrast: float = Field(ge=0, lt=1, description="contrast factor in [1-c, 1+c]")
 
 
+# Intensity strengths are the same for both classes on purpose. A class-dependent noise
+# level, gamma or contrast is itself a label the network can read: with negatives at
+# noise 0.03 / gamma 0.15 / contrast 0.10 and positives at 0.01 / 0.05 / 0.05, the demo's
+# training loss fell to 0.46 while validation AUC stayed at chance (0.49-0.56); with equal
+# intensity strengths that shortcut is gone. Spatial strength is class-conditional: the
+# rotation, zoom and shift of a head are not evidence a network can see.
+_INTENSITY = {"noise_std": 0.01, "gamma": 0.05, "contrast": 0.05}
+
+
 def _positive_augment() -> AugmentSide:
-    # Mild: a 3 mm metastasis is 3-4 pixels at 256^2; large scale changes or strong noise
-    # (0.02 = 1.6 HU) and gamma would erase the 10-50 HU contrast that makes it visible.
-    return AugmentSide(
-        rotate_deg=7.0,
-        scale=0.05,
-        translate=0.04,
-        flip_prob=0.5,
-        noise_std=0.01,
-        gamma=0.05,
-        contrast=0.05,
-    )
+    # Mild: a 3 mm metastasis is 3-4 pixels at 256^2; strong zoom or rotation would
+    # interpolate it into its surroundings.
+    return AugmentSide(rotate_deg=7.0, scale=0.05, translate=0.04, flip_prob=0.5, **_INTENSITY)
 
 
 def _negative_augment() -> AugmentSide:
     # Strong: negatives carry no small target to protect, and wide variation teaches the
-    # model that anatomy, position and noise are not evidence of disease.
-    return AugmentSide(
-        rotate_deg=15.0,
-        scale=0.10,
-        translate=0.08,
-        flip_prob=0.5,
-        noise_std=0.03,
-        gamma=0.15,
-        contrast=0.10,
-    )
+    # model that head size, position and pose are not evidence of disease.
+    return AugmentSide(rotate_deg=15.0, scale=0.10, translate=0.08, flip_prob=0.5, **_INTENSITY)
 
 
 class AugmentConfig(_Section):
