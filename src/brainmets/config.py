@@ -161,6 +161,12 @@ class TrainConfig(_Section):
         None, ge=1, description="train on a random window of at most this many slices"
     )
     pos_weight: float | None = Field(None, gt=0, description="BCE weight of positives")
+    bn_calibration_patients: int = Field(
+        0,
+        ge=0,
+        description="with model.pretrained none: estimate the random backbone's BatchNorm "
+        "statistics from this many training patients before stage 1 (0 = off)",
+    )
     confidence: ConfidenceLoss = Field(default_factory=ConfidenceLoss)
     device: str = Field(
         "auto", description="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)"

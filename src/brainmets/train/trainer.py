@@ -30,6 +30,12 @@ of a non-finite step stay on the device (the fused AdamW skips the update itself
 the gradient norm is not finite, as it does for ``GradScaler``), and are read every
 ``train.log_every`` steps.
 
+BatchNorm calibration (``train.bn_calibration_patients`` > 0, off by default, only with
+``model.pretrained: none``): before the first step of a fresh run the random backbone's
+BatchNorm running statistics are estimated from that many training patients (a seeded draw,
+whole and un-augmented, see ``calibration.py``); without it the frozen blocks normalise with
+the initial mean 0 / variance 1. A resume restores the calibrated statistics with the weights.
+
 DDP (``torchrun``): each rank takes a disjoint share of every global batch; the wrapper is
 rebuilt whenever the curriculum changes the trainable set, so frozen parameters are never
 registered with it. Validation is split over ranks and gathered, so every rank computes the
@@ -78,6 +84,7 @@ from brainmets.io import atomic_write, atomic_write_csv, atomic_write_text
 from brainmets.model.checkpoint import save_checkpoint
 from brainmets.model.pretrained import load_pretrained_backbone, warn_random_init
 from brainmets.model.resnet import BrainMetsNet
+from brainmets.train.calibration import calibrate_batchnorm
 from brainmets.train.curriculum import build_optimizer, stage_for_epoch, trainable_blocks
 from brainmets.train.losses import patient_loss
 
@@ -743,6 +750,8 @@ class Trainer:
     # ------------------------------------------------------------------ main loop
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg.train
+        if self.state.global_step == 0 and self.state.epoch == 0:
+            self._calibrate_batchnorm()
         for epoch in self._epochs():
             stage = stage_for_epoch(epoch, cfg.stage_epochs)
             if stage != self.stage:
@@ -759,6 +768,33 @@ class Trainer:
             self._skipped.zero_()
             self._save_last()
         return self.summary()
+
+    def _calibrate_batchnorm(self) -> None:
+        """``train.bn_calibration_patients`` > 0 with a random backbone: estimate its
+        BatchNorm statistics from that many training patients (see ``calibration.py``).
+
+        The patients are a seeded draw of the training split, read whole and un-augmented,
+        so the calibration consumes nothing from the RNG streams a resume restores. Every rank
+        sees the same patients and gets the same statistics.
+        """
+        n = self.cfg.train.bn_calibration_patients
+        if n == 0:
+            return
+        if self.cfg.model.pretrained.lower() != "none":
+            log.info("bn_calibration_patients ignored: the backbone is pretrained")
+            return
+        ids = self.splits["train"]
+        order = np.random.default_rng(self.cfg.seed).permutation(len(ids))[:n]
+        chosen = PatientDataset(self.cache, [ids[i] for i in sorted(order)], train=False)
+        loader = self._loader(chosen, batch_size=self.cfg.train.batch_patients)
+        start = time.perf_counter()
+        slices = calibrate_batchnorm(
+            self.model, loader, lambda b: self._inputs(b, train=False), self.device
+        )
+        log.info(
+            "BatchNorm statistics of the random backbone calibrated on %d slices of %d "
+            "training patients (%.1f s)", slices, len(chosen), time.perf_counter() - start,
+        )  # fmt: skip
 
     def _epochs(self) -> Iterator[int]:
         yield from range(self.state.epoch, self.cfg.train.epochs)
