@@ -14,7 +14,7 @@ def corpus() -> Path:
     root = os.environ.get("BRAINMETS_CORPUS")
     if not root:
         pytest.skip("BRAINMETS_CORPUS is not set: real-DICOM corpus tests skipped")
-    path = Path(root)
+    path = Path(root).resolve()  # tests symlink into it; a relative path would break them
     if not path.is_dir():
         pytest.skip(f"BRAINMETS_CORPUS={root} is not a directory")
     return path

@@ -19,15 +19,6 @@ from brainmets.train.trainer import clip_and_step
 SPEC_STAGES = (0, 5, 12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(
     ("epoch", "stage"), [(0, 1), (4, 1), (5, 2), (11, 2), (12, 3), (39, 3), (100, 3)]
 )

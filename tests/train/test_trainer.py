@@ -24,15 +24,6 @@ from brainmets.train.trainer import METRIC_COLUMNS, TrainingInterrupted, clip_an
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _make_cache(root: Path):
     """10 patients of 3 slices; positives carry a small bright lesion on one slice."""
     rng = np.random.default_rng(0)
