@@ -94,7 +94,7 @@ def run_demo(
     seed: int = 0,
 ) -> dict:
     from brainmets.data.cache import prepare_cache
-    from brainmets.data.manifest import choose_series, index_dicom_root, read_labels, write_index
+    from brainmets.data.manifest import index_dicom_root, read_labels, write_index
     from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
     from brainmets.evaluate.evaluation import evaluate_run
     from brainmets.evaluate.report import write_report
@@ -124,7 +124,6 @@ def run_demo(
     atomic_write_csv(manifest, labels)
 
     index = index_dicom_root(out / "cohort" / "dicom", workers=workers)
-    index.series = choose_series(index.series, target_mm=5.0)
     write_index(index, out / "index")
 
     cache = out / "cache"

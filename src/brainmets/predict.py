@@ -28,6 +28,7 @@ from brainmets.data.cache import (
     try_preprocess_patient,
 )
 from brainmets.data.normalize import normalize_slices, uint8_to_unit
+from brainmets.device import resolve_device
 from brainmets.io import atomic_write_csv
 from brainmets.model.checkpoint import load_checkpoint
 from brainmets.model.resnet import BrainMetsNet
@@ -46,12 +47,6 @@ PREDICTION_COLUMNS = [
     "source",
     "error",
 ]
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass
@@ -74,6 +69,14 @@ class TrainedModel:
     @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig.model_validate(self.sidecar["preprocess"])
+
+    def check_cache(self, cache: PatientCache) -> None:
+        """A cache prepared with other parameters than the model was trained on is refused."""
+        if cache.config_hash != self.preprocess.config_hash():
+            raise ValueError(
+                f"{cache.root} was prepared with preprocessing {cache.preprocess.model_dump()}, "
+                f"but the model expects {self.preprocess.model_dump()}; prepare the data again"
+            )
 
 
 def model_path(run: str | Path) -> Path:
@@ -146,7 +149,7 @@ def batch_by_slices(items: Sequence, sizes: Sequence[int], budget: int) -> Itera
 
 def jobs_for_inputs(inputs: Sequence[str | Path]) -> tuple[list[PatientJob], list[Path], list]:
     """Sort the command line into DICOM/NIfTI jobs, caches, and failure rows."""
-    from brainmets.data.manifest import choose_series, index_dicom_root, series_files
+    from brainmets.data.manifest import index_dicom_root, rejection_reasons, series_files
 
     jobs: list[PatientJob] = []
     caches: list[Path] = []
@@ -160,11 +163,11 @@ def jobs_for_inputs(inputs: Sequence[str | Path]) -> tuple[list[PatientJob], lis
             caches.append(path)
         elif path.is_dir():
             index = index_dicom_root(path, workers=1, progress=False)
-            series = choose_series(index.series)
+            series = index.series  # already carries the default choice
             for patient_id, rows in series.groupby("patient_id", sort=True):
                 picked = rows[rows["chosen"]]
                 if picked.empty:
-                    why = "; ".join(f"{r.series_uid}: {r.reason}" for r in rows.itertuples())
+                    why = rejection_reasons(rows)
                     errors.append(
                         _error_row(str(patient_id), str(path), f"no usable series: {why}")
                     )
@@ -273,11 +276,7 @@ def _row(trained: TrainedModel, item: PreprocessedPatient, scored) -> dict:
 
 def _cache_items(cache_root: Path, trained: TrainedModel) -> Iterator[PreprocessedPatient]:
     cache = PatientCache(cache_root)
-    if cache.config_hash != trained.preprocess.config_hash():
-        raise ValueError(
-            f"{cache_root}: prepared with preprocessing {cache.preprocess.model_dump()}, but the "
-            f"model expects {trained.preprocess.model_dump()}; prepare the data again"
-        )
+    trained.check_cache(cache)
     for pid in cache.patient_ids:
         row = cache.row(pid)
         positions = cache.positions(pid)

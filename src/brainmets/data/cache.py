@@ -268,7 +268,7 @@ def plan_jobs(
     A ``path`` column (NIfTI file or a patient's DICOM folder) wins over the series index;
     a ``series_uid`` column pins the series instead of the automatic choice.
     """
-    from brainmets.data.manifest import choose_series, series_files
+    from brainmets.data.manifest import choose_series, rejection_reasons, series_files
 
     jobs: list[PatientJob] = []
     errors: list[dict] = []
@@ -305,7 +305,7 @@ def plan_jobs(
         mine = chosen[(chosen["patient_id"] == r.patient_id) & chosen["chosen"]]
         if mine.empty:
             rows = chosen[chosen["patient_id"] == r.patient_id]
-            why = "; ".join(f"{s.series_uid}: {s.reason}" for s in rows.itertuples())
+            why = rejection_reasons(rows)
             errors.append(
                 {
                     "patient_id": r.patient_id,
@@ -324,7 +324,12 @@ def plan_jobs(
 def load_patient_volume(job: PatientJob):
     """The HU volume of a job, whatever its source kind."""
     from brainmets.data.dicom import load_series
-    from brainmets.data.manifest import choose_series, index_dicom_root, series_files
+    from brainmets.data.manifest import (
+        choose_series,
+        index_dicom_root,
+        rejection_reasons,
+        series_files,
+    )
     from brainmets.data.nifti import load_nifti
 
     if job.kind == "nifti":
@@ -335,7 +340,7 @@ def load_patient_volume(job: PatientJob):
         series = choose_series(index.series, pins=pins)
         picked = series[series["chosen"]]
         if picked.empty:
-            reasons = "; ".join(f"{s.series_uid}: {s.reason}" for s in series.itertuples())
+            reasons = rejection_reasons(series)
             raise ValueError(f"{job.path}: no usable CT series ({reasons or 'no DICOM images'})")
         uid = picked.iloc[0]["series_uid"]
         return load_series(series_files(index, uid)), uid

@@ -354,6 +354,11 @@ def read_index(out_dir: str | os.PathLike[str]) -> SeriesIndex:
     return SeriesIndex(**frames)
 
 
+def rejection_reasons(series: pd.DataFrame) -> str:
+    """Why each series of a table was or was not chosen, on one line (for error rows)."""
+    return "; ".join(f"{row.series_uid}: {row.reason}" for row in series.itertuples())
+
+
 def series_files(index: SeriesIndex, series_uid: str) -> list[str]:
     """Paths of the image files of one series (unsorted: load_series sorts by position)."""
     return index.files.loc[index.files["series_uid"] == series_uid, "path"].astype(str).tolist()

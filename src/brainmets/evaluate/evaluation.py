@@ -79,11 +79,7 @@ def score_cache(
     progress: bool = True,
 ) -> pd.DataFrame:
     """patient_id, label, probability, logit, top_slice for every patient of the cache."""
-    if cache.config_hash != trained.preprocess.config_hash():
-        raise ValueError(
-            f"{cache.root} was prepared with other preprocessing than the model was trained on "
-            f"(cache {cache.preprocess.model_dump()}, model {trained.preprocess.model_dump()})"
-        )
+    trained.check_cache(cache)
     sizes = [int(cache.row(pid)["num_slices"]) for pid in patient_ids]
     rows = []
     bar = tqdm(total=len(patient_ids), desc="evaluate", unit="patient", disable=not progress)

@@ -79,6 +79,7 @@ from brainmets.data.dataset import (
     split_patients,
 )
 from brainmets.data.normalize import normalize_slices, uint8_to_unit
+from brainmets.device import resolve_device
 from brainmets.evaluate.metrics import best_f1_threshold, patient_metrics
 from brainmets.io import atomic_write, atomic_write_csv, atomic_write_text
 from brainmets.model.checkpoint import save_checkpoint
@@ -152,20 +153,6 @@ def init_distributed(device_spec: str) -> DistInfo:
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         owns_group=owns,
     )
-
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this rank's GPU when there is one, else the CPU."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={spec!r} but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    return device
 
 
 def environment_info(device: torch.device, world_size: int) -> dict[str, Any]:
