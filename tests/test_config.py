@@ -108,3 +108,13 @@ def test_one_key_of_a_nested_section_keeps_its_siblings(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("augment:\n  positive:\n    rotate_deg: 3\n")
     assert load_config(path).augment.positive.scale == Config().augment.positive.scale
+
+
+def test_pad_slices_needs_max_slices_and_on_off_words_stay_words():
+    with pytest.raises(ConfigError, match="pad_slices"):
+        load_config(None, ["train.pad_slices=true"])
+    cfg = load_config(None, ["train.pad_slices=true", "train.max_slices=32"])
+    assert cfg.train.pad_slices and cfg.train.max_slices == 32
+    # YAML 1.1 reads bare on/off as booleans; data.device_cache takes them as the words.
+    assert load_config(None, ["data.device_cache=off"]).data.device_cache == "off"
+    assert load_config(None, ["data.device_cache=on"]).data.device_cache == "on"

@@ -46,7 +46,7 @@ def cmd_synth(args) -> int:
         slice_thickness_mm=args.thickness,
         seed=args.seed,
     )
-    labels = write_synthetic_cohort(args.out, cfg, progress=not args.quiet)
+    labels = write_synthetic_cohort(args.out, cfg, progress=not args.quiet, workers=args.workers)
     print(
         f"wrote {cfg.num_patients} patients: DICOM under {Path(args.out) / 'dicom'}, "
         f"labels {labels}"
@@ -131,6 +131,7 @@ def cmd_evaluate(args) -> int:
         n_boot=args.n_boot,
         device=args.device,
         progress=not args.quiet,
+        compile=args.compile,
     )
     print(summary.text)
     return 0
@@ -148,6 +149,7 @@ def cmd_predict(args) -> int:
         device=args.device,
         batch_slices=args.batch_slices,
         progress=not args.quiet,
+        compile=args.compile,
     )
     print(f"{result.predicted} patients predicted, {result.failed} failed -> {args.out}")
     return 1 if result.failed and not args.allow_failures else 0
@@ -205,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrix", type=int, default=256)
     p.add_argument("--thickness", type=float, default=5.0, help="slice thickness in mm")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="rendering processes")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("index", help="find the series under a DICOM root; choose one per patient")
@@ -256,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="default RUN/evaluation")
     p.add_argument("--n-boot", type=int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the scoring forward (faster for many patients on a GPU)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="score new studies: DICOM folders, NIfTI files or a cache")
@@ -265,7 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", type=Path, help="write Grad-CAM PNGs of the top slices here")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-slices", type=int, default=64)
+    p.add_argument(
+        "--batch-slices", type=int, default=512, help="score patients together up to this many"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the scoring forward (faster for many patients on a GPU)",
+    )
     p.add_argument("--allow-failures", action="store_true")
     p.set_defaults(func=cmd_predict)
 

@@ -61,6 +61,17 @@ class DataConfig(_Section):
     folds: int = Field(1, ge=1, description="k-fold cross-validation when > 1")
     fold: int = Field(0, ge=0, description="the validation fold when folds > 1")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes")
+    device_cache: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="hold the train/val slices on the device as uint8 (auto: on CUDA when "
+        "they take at most a quarter of the free memory)",
+    )
+
+    @field_validator("device_cache", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value):
+        # YAML 1.1 reads a bare on/off as a boolean; the user meant the word.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _fold_in_range(self) -> DataConfig:
@@ -160,6 +171,11 @@ class TrainConfig(_Section):
     max_slices: int | None = Field(
         None, ge=1, description="train on a random window of at most this many slices"
     )
+    pad_slices: bool = Field(
+        False,
+        description="pad shorter patients to max_slices by repeating their end slices: every "
+        "training batch has one shape (cuDNN autotuning, compile without recompiles)",
+    )
     pos_weight: float | None = Field(None, gt=0, description="BCE weight of positives")
     bn_calibration_patients: int = Field(
         0,
@@ -191,6 +207,12 @@ class TrainConfig(_Section):
         if not (v[0] == 0 and v[0] <= v[1] <= v[2]):
             raise ValueError("stage_epochs must start at 0 and be non-decreasing, e.g. [0, 5, 12]")
         return v
+
+    @model_validator(mode="after")
+    def _pad_needs_a_length(self) -> TrainConfig:
+        if self.pad_slices and self.max_slices is None:
+            raise ValueError("train.pad_slices needs train.max_slices (the length to pad to)")
+        return self
 
 
 class EvaluateConfig(_Section):

@@ -32,6 +32,7 @@ from brainmets.device import resolve_device
 from brainmets.io import atomic_write_csv
 from brainmets.model.checkpoint import load_checkpoint
 from brainmets.model.resnet import BrainMetsNet
+from brainmets.model.scoring import SliceScorer, concatenate_patients
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ class TrainedModel:
     model: BrainMetsNet
     sidecar: dict
     device: torch.device
+    scorer: SliceScorer | None = None
+
+    def __post_init__(self) -> None:
+        if self.scorer is None:
+            self.scorer = SliceScorer(self.model, self.device, self.normalization)
 
     @property
     def threshold(self) -> float:
@@ -88,46 +94,44 @@ def model_path(run: str | Path) -> Path:
     return path
 
 
-def load_trained(run: str | Path, device: str = "auto") -> TrainedModel:
+def load_trained(
+    run: str | Path, device: str = "auto", *, compile: bool = False, chunk: int | None = None
+) -> TrainedModel:
+    """The run's model on ``device``, scoring in chunks of ``chunk`` slices (default 256 on
+    CUDA, 32 on the CPU, where activations of big chunks only cost memory; see
+    ``brainmets.model.scoring``), compiled when ``compile``."""
     dev = resolve_device(device)
+    chunk = chunk or (256 if dev.type == "cuda" else 32)
     model, sidecar = load_checkpoint(model_path(run), map_location="cpu")
     model.to(dev).eval()
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    return TrainedModel(model, sidecar, dev)
+        torch.backends.cudnn.benchmark = True  # one chunk shape: autotuned once
+    normalization = sidecar.get("normalization", "zscore")
+    scorer = SliceScorer(model, dev, normalization, chunk=chunk, compile=compile)
+    return TrainedModel(model, sidecar, dev, scorer)
 
 
-def model_inputs(arrays: Sequence[np.ndarray], normalization: str, device: torch.device):
-    """Flat uint8 slices of several patients -> normalised [S,1,H,W] and the patient index."""
-    counts = [a.shape[0] for a in arrays]
-    flat = torch.from_numpy(np.concatenate([np.asarray(a) for a in arrays]))
-    x = uint8_to_unit(flat.to(device, non_blocking=True)).unsqueeze(1)
-    x = normalize_slices(x, normalization)
-    index = torch.repeat_interleave(
-        torch.arange(len(arrays), device=device), torch.tensor(counts, device=device)
-    )
-    return x, index
-
-
-@torch.inference_mode()
 def score_patients(
     trained: TrainedModel, arrays: Sequence[np.ndarray]
 ) -> list[tuple[float, np.ndarray, int]]:
     """(patient logit, slice logits, top slice within the patient) for each array."""
-    x, index = model_inputs(arrays, trained.normalization, trained.device)
-    if trained.device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(
-        trained.device.type, dtype=torch.bfloat16, enabled=trained.device.type == "cuda"
-    ):
-        out = trained.model(x, index, len(arrays))
-    starts = np.cumsum([0] + [a.shape[0] for a in arrays])
+    flat, counts = concatenate_patients(arrays)
+    return score_flat(trained, flat, counts)
+
+
+def score_flat(
+    trained: TrainedModel, flat: np.ndarray, counts: Sequence[int]
+) -> list[tuple[float, np.ndarray, int]]:
+    """As ``score_patients`` for slices already concatenated (``concatenate_patients``)."""
+    out = trained.scorer.score_flat(torch.from_numpy(flat), counts)
+    starts = np.cumsum([0, *counts])
     slice_logits = out.slice_logits.float().cpu().numpy()
     top = out.top_slice.cpu().numpy()
     patient_logits = out.patient_logits.float().cpu().numpy()
     return [
         (float(patient_logits[i]), slice_logits[starts[i] : starts[i + 1]], int(top[i] - starts[i]))
-        for i in range(len(arrays))
+        for i in range(len(counts))
     ]
 
 
@@ -230,7 +234,8 @@ def write_heatmaps(
     from brainmets.evaluate.heatmaps import grad_cam, save_overlay
 
     order = np.argsort(slice_logits)[::-1][:top_k]
-    x, _ = model_inputs([array[order]], trained.normalization, trained.device)
+    images = torch.from_numpy(np.ascontiguousarray(array[order])).to(trained.device)
+    x = normalize_slices(uint8_to_unit(images).unsqueeze(1), trained.normalization)
     cams = grad_cam(trained.model, x)
     paths = []
     for rank, (slice_index, cam) in enumerate(zip(order, cams, strict=True), start=1):
@@ -298,14 +303,19 @@ def predict(
     heatmaps_dir: str | Path | None = None,
     top_k: int = 3,
     device: str = "auto",
-    batch_slices: int = 64,
+    batch_slices: int = 512,
     workers: int | None = None,
     progress: bool = True,
+    compile: bool = False,
 ) -> PredictResult:
-    """Predict every patient found in ``inputs``; write ``out_csv`` (atomically) and heatmaps."""
+    """Predict every patient found in ``inputs``; write ``out_csv`` (atomically) and heatmaps.
+
+    Patients are scored together once ``batch_slices`` slices are waiting (a patient is
+    never split); ``compile`` compiles the chunked forward (pays off for many patients on a
+    GPU)."""
     import os
 
-    trained = load_trained(run, device)
+    trained = load_trained(run, device, compile=compile)
     jobs, caches, rows = jobs_for_inputs(inputs)
     workers = workers if workers is not None else min(len(jobs), os.cpu_count() or 1)
     heat_dir = Path(heatmaps_dir) if heatmaps_dir else None

@@ -176,6 +176,40 @@ def test_max_slices_takes_a_contiguous_window_in_training_only(cache):
     assert val[0][0].shape[0] == 8
 
 
+def test_pad_slices_gives_every_training_patient_the_same_length(cache):
+    dataset = PatientDataset(cache, ["P0", "P2", "P3"], max_slices=6, train=True, pad_slices=True)
+    shapes = [dataset[i][0].shape[0] for i in range(3)]
+    assert shapes == [6, 6, 6]
+    short = dataset[0][0][:, 0].numpy()  # P0 has 3 slices: padded 1 before, 2 after
+    volume = cache.load("P0")
+    np.testing.assert_array_equal(short, volume[[0, 0, 1, 2, 2, 2]])
+    two = dataset[2][0][:, 0].numpy()  # P3 has 2 slices: only its two slices, repeated
+    assert all(any(np.array_equal(s, v) for v in cache.load("P3")) for s in two)
+    # Validation keeps every slice, unpadded; padding needs a length.
+    val = PatientDataset(cache, ["P0"], max_slices=6, train=False, pad_slices=True)
+    assert val[0][0].shape[0] == 3
+    with pytest.raises(ValueError, match="max_slices"):
+        PatientDataset(cache, ["P0"], pad_slices=True)
+
+
+def test_padding_leaves_the_max_pooled_patient_logit_unchanged(cache):
+    from brainmets.data.normalize import normalize_slices, uint8_to_unit
+    from brainmets.model.resnet import BrainMetsNet
+
+    torch.manual_seed(0)
+    model = BrainMetsNet("resnet18").eval()
+    padded = PatientDataset(cache, ["P0", "P3"], max_slices=7, train=True, pad_slices=True)
+    plain = PatientDataset(cache, ["P0", "P3"], train=False)
+    logits = []
+    for dataset in (padded, plain):
+        batch = collate_patients([dataset[0], dataset[1]])
+        x = normalize_slices(uint8_to_unit(batch.images), "zscore")
+        with torch.no_grad():
+            logits.append(model(x, batch.patient_index, 2).patient_logits)
+    assert collate_patients([padded[0], padded[1]]).images.shape[0] == 14
+    torch.testing.assert_close(logits[0], logits[1])
+
+
 def test_collate_flattens_slices_with_patient_index(cache):
     dataset = PatientDataset(cache, ["P0", "P1", "P3"])
     batch = collate_patients([dataset[i] for i in range(3)])

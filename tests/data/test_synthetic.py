@@ -337,9 +337,10 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path):
+    """Serial and pooled writing give the same bytes; another seed shares none."""
     cfg = SynthConfig(num_patients=3, matrix=64, slices=(10, 12), seed=5)
     write_synthetic_cohort(tmp_path / "a", cfg, progress=False)
-    write_synthetic_cohort(tmp_path / "b", cfg, progress=False)
+    write_synthetic_cohort(tmp_path / "b", cfg, progress=False, workers=2)  # process pool
     write_synthetic_cohort(tmp_path / "c", cfg.model_copy(update={"seed": 6}), progress=False)
     first, second, other = (_tree(tmp_path / name) for name in "abc")
     assert first == second

@@ -117,6 +117,21 @@ def test_interrupted_and_resumed_run_ends_bit_identical(full_run, cache_dir, tmp
     )
 
 
+def test_device_resident_cohort_trains_bit_identical_to_the_loader(full_run, cache_dir, tmp_path):
+    """data.device_cache only changes where batches come from, never what they hold."""
+    run, _ = full_run
+    assert _config(cache_dir).data.device_cache == "auto"  # off on the CPU: full_run used loaders
+    train(_config(cache_dir).model_copy(update={"data": _config(cache_dir).data.model_copy(
+        update={"device_cache": "on"})}), tmp_path)  # fmt: skip
+    expected = load_file(run / "checkpoints/last.safetensors")
+    got = load_file(tmp_path / "checkpoints/last.safetensors")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    columns = [c for c in METRIC_COLUMNS if c != "seconds"]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(run / "metrics.csv")[columns], pd.read_csv(tmp_path / "metrics.csv")[columns]
+    )
+
+
 def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_state(full_run, cache_dir, tmp_path):
     run, _ = full_run
     with pytest.raises(FileExistsError, match="--resume"):

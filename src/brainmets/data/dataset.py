@@ -221,7 +221,10 @@ class PatientDataset(Dataset):
     In training, a patient with more than ``max_slices`` slices yields a random contiguous
     window of ``max_slices`` slices (deterministic per seed, epoch and patient, so resumed runs
     see the same windows); at validation every slice is kept, since the patient's decision is
-    the max over all of them.
+    the max over all of them. With ``pad_slices`` a shorter patient is padded to ``max_slices``
+    by repeating its first and last slices, so that every training batch has the same shape;
+    the repeats change no patient's max-pooled logit (the max of a repeated value is the same),
+    only how much the end slices weigh in trainable BatchNorm statistics.
     """
 
     def __init__(
@@ -231,6 +234,7 @@ class PatientDataset(Dataset):
         max_slices: int | None = None,
         train: bool = True,
         seed: int = 0,
+        pad_slices: bool = False,
     ) -> None:
         self.cache = cache
         self.patient_ids = [str(p) for p in patient_ids]
@@ -242,6 +246,9 @@ class PatientDataset(Dataset):
             raise KeyError(f"patients not in the cache: {missing[:5]}")
         self.labels = np.array([int(label_of[p]) for p in self.patient_ids], dtype=np.int64)
         self.max_slices = max_slices
+        if pad_slices and max_slices is None:
+            raise ValueError("pad_slices needs max_slices, the length to pad to")
+        self.pad_slices = pad_slices
         self.train = train
         self.seed = seed
         self.epoch = 0
@@ -252,18 +259,26 @@ class PatientDataset(Dataset):
     def __len__(self) -> int:
         return len(self.patient_ids)
 
-    def _slice_window(self, num_slices: int, index: int) -> slice:
-        if not self.train or self.max_slices is None or num_slices <= self.max_slices:
-            return slice(0, num_slices)
+    def slice_rows(self, num_slices: int, index: int) -> np.ndarray:
+        """The slices (indices into the patient's volume) item ``index`` yields this epoch."""
+        if not self.train or self.max_slices is None or num_slices == self.max_slices:
+            return np.arange(num_slices)
+        if num_slices < self.max_slices:
+            if not self.pad_slices:
+                return np.arange(num_slices)
+            before = (self.max_slices - num_slices) // 2
+            return np.clip(np.arange(self.max_slices) - before, 0, num_slices - 1)
         rng = np.random.default_rng([self.seed, self.epoch, index])
         start = int(rng.integers(0, num_slices - self.max_slices + 1))
-        return slice(start, start + self.max_slices)
+        return np.arange(start, start + self.max_slices)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, float, str]:
         patient_id = self.patient_ids[index]
         volume = self.cache.load(patient_id)
-        window = volume[self._slice_window(volume.shape[0], index)]
-        # np.array copies out of the memory map into an owned, writable buffer.
+        rows = self.slice_rows(volume.shape[0], index)
+        # A contiguous run is one slice of the memory map; np.array then copies it into an
+        # owned, writable buffer (fancy indexing for padded rows copies already).
+        window = volume[rows[0] : rows[-1] + 1] if np.all(np.diff(rows) == 1) else volume[rows]
         images = torch.from_numpy(np.array(window, dtype=np.uint8)).unsqueeze(1)
         features = torch.zeros(0, dtype=torch.float32)
         return images, features, float(self.labels[index]), patient_id

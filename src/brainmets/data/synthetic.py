@@ -31,8 +31,10 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from enum import IntEnum
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Literal
 
@@ -1100,12 +1102,34 @@ def _check_dicom_root(root: Path, ids: list[str]) -> None:
         )
 
 
+def _write_patient(
+    cfg: SynthConfig, index: int, positive: bool, profile: _ScannerProfile, root: Path
+) -> SyntheticPatient:
+    """Renders patient ``index`` and writes its study (under a temporary name, then renamed)."""
+    pid = patient_id(index)
+    patient = render_patient(patient_rng(cfg, index), cfg, positive=positive)
+    final = root / pid
+    partial = root / f"{pid}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    writer = _StudyWriter(cfg, index, profile)
+    writer.write(patient, partial, np.random.default_rng([cfg.seed, index + 1, 2]))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    return patient
+
+
+def _write_patient_task(args: tuple) -> None:
+    _write_patient(*args)  # the rendered volume stays in the worker
+
+
 def write_synthetic_cohort(
     out_dir: str | os.PathLike[str],
     cfg: SynthConfig,
     *,
     progress: bool = True,
     on_patient: Callable[[str, SyntheticPatient], None] | None = None,
+    workers: int = 1,
 ) -> Path:
     """Writes ``out_dir/dicom/<patient_id>/...`` and ``out_dir/labels.csv``; returns labels.csv.
 
@@ -1113,7 +1137,11 @@ def write_synthetic_cohort(
     an interrupted run never leaves a half-written study behind; re-running with the same
     configuration rewrites identical bytes. ``out_dir/synth.json`` records the configuration.
     ``on_patient`` (optional) receives every rendered patient, e.g. to keep lesion positions.
+    ``workers`` > 1 renders patients in a process pool (each patient has its own seeded random
+    stream, so the output is the same bytes); ``on_patient`` needs ``workers=1``.
     """
+    if on_patient is not None and workers > 1:
+        raise ValueError("on_patient receives rendered patients in this process: use workers=1")
     out = Path(out_dir)
     root = out / "dicom"
     ids = [patient_id(i) for i in range(cfg.num_patients)]
@@ -1121,18 +1149,19 @@ def write_synthetic_cohort(
     root.mkdir(parents=True, exist_ok=True)
     labels = assign_labels(cfg)
     profiles = _scanner_profiles(cfg)
-    for index in tqdm(range(cfg.num_patients), desc="synth", unit="patient", disable=not progress):
-        patient = render_patient(patient_rng(cfg, index), cfg, positive=bool(labels[index]))
-        if on_patient is not None:
-            on_patient(ids[index], patient)
-        final = root / ids[index]
-        partial = root / f"{ids[index]}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        writer = _StudyWriter(cfg, index, profiles[index])
-        writer.write(patient, partial, np.random.default_rng([cfg.seed, index + 1, 2]))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
+    tasks = [(cfg, i, bool(labels[i]), profiles[i], root) for i in range(cfg.num_patients)]
+    bar = tqdm(total=len(tasks), desc="synth", unit="patient", disable=not progress)
+    if workers > 1 and len(tasks) > 1:
+        with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=get_context("spawn")) as pool:
+            for _ in pool.map(_write_patient_task, tasks, chunksize=4):
+                bar.update()
+    else:
+        for task in tasks:
+            patient = _write_patient(*task)
+            if on_patient is not None:
+                on_patient(ids[task[1]], patient)
+            bar.update()
+    bar.close()
 
     _atomic_write_text(out / "synth.json", cfg.model_dump_json(indent=2) + "\n")
     rows = "".join(f"{pid},{int(label)}\n" for pid, label in zip(ids, labels, strict=True))

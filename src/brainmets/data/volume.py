@@ -54,9 +54,19 @@ def slab_resample(
     # like 698.71 - 693.71) in the bin the exact arithmetic puts it in.
     bins = np.floor((positions - start) / target_mm + 1e-6).astype(np.int64)
     _, first_index, counts = np.unique(bins, return_index=True, return_counts=True)
-    sums = np.add.reduceat(hu, first_index, axis=0, dtype=np.float64)
-    slabs = (sums / counts[:, None, None]).astype(np.float32)
     slab_positions = np.add.reduceat(positions, first_index) / counts
+    if np.all(counts == 1):  # native slabs already (e.g. a 5 mm series): nothing to average
+        return np.asarray(hu, dtype=np.float32), slab_positions
+    # A float64 accumulator per slab, slice by slice: the same sums as np.add.reduceat(...,
+    # dtype=float64) but ~12x faster (reduceat over the outer axis of 512^2 slices was the
+    # slowest step of prepare, slower than decoding).
+    slabs = np.empty((len(first_index), *hu.shape[1:]), dtype=np.float32)
+    total = np.empty(hu.shape[1:], dtype=np.float64)
+    for k, (first, count) in enumerate(zip(first_index, counts, strict=True)):
+        total[...] = hu[first]
+        for j in range(first + 1, first + count):
+            total += hu[j]
+        np.divide(total, count, out=slabs[k], casting="unsafe")
     return slabs, slab_positions
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from brainmets.config import load_config
 from brainmets.data.cache import PatientCache
 from brainmets.evaluate.metrics import evaluate_predictions
 from brainmets.io import atomic_write_csv, atomic_write_text
-from brainmets.predict import batch_by_slices, load_trained, score_patients
+from brainmets.model.scoring import concatenate_patients
+from brainmets.predict import batch_by_slices, load_trained, score_flat
 
 log = logging.getLogger(__name__)
 
@@ -75,27 +77,43 @@ def score_cache(
     trained,
     cache: PatientCache,
     patient_ids: list[str],
-    batch_slices: int = 64,
+    batch_slices: int = 2048,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """patient_id, label, probability, logit, top_slice for every patient of the cache."""
+    """patient_id, label, probability, logit, top_slice for every patient of the cache.
+
+    Whole patients are grouped into batches of about ``batch_slices`` slices; a reader thread
+    gathers the next batch out of the memory-mapped cache into one array while the device
+    scores the current one.
+    """
     trained.check_cache(cache)
     sizes = [int(cache.row(pid)["num_slices"]) for pid in patient_ids]
+    batches = list(batch_by_slices(patient_ids, sizes, batch_slices))
+
+    pinned = trained.device.type == "cuda"
+
+    def load(batch: list[str]) -> tuple[np.ndarray, list[int]]:
+        return concatenate_patients([cache.load(pid) for pid in batch], pinned=pinned)
+
     rows = []
     bar = tqdm(total=len(patient_ids), desc="evaluate", unit="patient", disable=not progress)
-    for batch in batch_by_slices(patient_ids, sizes, batch_slices):
-        scored = score_patients(trained, [np.asarray(cache.load(pid)) for pid in batch])
-        for pid, (logit, _, top) in zip(batch, scored, strict=True):
-            rows.append(
-                {
-                    "patient_id": pid,
-                    "label": int(cache.row(pid)["label"]),
-                    "probability": float(1.0 / (1.0 + np.exp(-logit))),
-                    "logit": logit,
-                    "top_slice_index": top,
-                }
-            )
-        bar.update(len(batch))
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(load, batches[0]) if batches else None
+        for i, batch in enumerate(batches):
+            flat, counts = pending.result()
+            pending = reader.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
+            scored = score_flat(trained, flat, counts)
+            for pid, (logit, _, top) in zip(batch, scored, strict=True):
+                rows.append(
+                    {
+                        "patient_id": pid,
+                        "label": int(cache.row(pid)["label"]),
+                        "probability": float(1.0 / (1.0 + np.exp(-logit))),
+                        "logit": logit,
+                        "top_slice_index": top,
+                    }
+                )
+            bar.update(len(batch))
     bar.close()
     return pd.DataFrame(rows)
 
@@ -127,6 +145,7 @@ def evaluate_run(
     device: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    compile: bool = False,
 ) -> EvaluationSummary:
     from brainmets.evaluate.plots import write_evaluation_plots
     from brainmets.evaluate.report import write_report
@@ -138,7 +157,7 @@ def evaluate_run(
     n_boot = n_boot if n_boot is not None else (cfg.evaluate.n_boot if cfg else 1000)
     targets = cfg.evaluate.sensitivity_targets if cfg else [0.90, 0.95]
 
-    trained = load_trained(run, device)
+    trained = load_trained(run, device, compile=compile)
     cache = PatientCache(data)
     ids = cache.patient_ids
     if split is not None:

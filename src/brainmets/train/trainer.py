@@ -78,6 +78,7 @@ from brainmets.data.dataset import (
     collate_patients,
     split_patients,
 )
+from brainmets.data.device_cache import DeviceSliceStore, use_device_cache
 from brainmets.data.normalize import normalize_slices, uint8_to_unit
 from brainmets.device import resolve_device
 from brainmets.evaluate.metrics import best_f1_threshold, patient_metrics
@@ -289,6 +290,10 @@ class Trainer:
         self.model = build_model(cfg).to(self.device)
         if self.cuda and cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.cuda:
+            # cuDNN autotuning pays when shapes repeat: always with pad_slices; otherwise every
+            # new slice count would be tuned again, so it stays with the heuristics.
+            torch.backends.cudnn.benchmark = cfg.train.pad_slices
         # Dropout differs between ranks, as it would between the patients of one big batch.
         torch.manual_seed(cfg.seed + 1_000_003 * self.dist.rank)
         self.aug_generator = torch.Generator(device=self.device)
@@ -298,7 +303,12 @@ class Trainer:
         )
 
         self.train_set = PatientDataset(
-            self.cache, self.splits["train"], cfg.train.max_slices, train=True, seed=cfg.seed
+            self.cache,
+            self.splits["train"],
+            cfg.train.max_slices,
+            train=True,
+            seed=cfg.seed,
+            pad_slices=cfg.train.pad_slices,
         )
         self.sampler = PatientBatchSampler(
             self.train_set.labels,
@@ -310,6 +320,17 @@ class Trainer:
         )
         val_local = self.splits["val"][self.dist.rank :: self.dist.world_size]
         self.val_set = PatientDataset(self.cache, val_local, train=False)
+        self.train_store = self.val_store = None
+        if use_device_cache(cfg.data.device_cache, [self.train_set, self.val_set], self.device):
+            self.train_store = DeviceSliceStore(self.train_set, self.device)
+            self.val_store = DeviceSliceStore(self.val_set, self.device)
+            log.info(
+                "device cache: %d train + %d validation slices held on %s (%.2f GB)",
+                self.train_store.images.shape[0],
+                self.val_store.images.shape[0],
+                self.device,
+                (self.train_store.images.numel() + self.val_store.images.numel()) / 1e9,
+            )
 
         self.state = TrainState()
         self.stage: int | None = None
@@ -408,7 +429,9 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.cuda else None
             )
         if self.cfg.train.compile:
-            wrapped = torch.compile(wrapped, dynamic=True)
+            # One batch shape (pad_slices) compiles one static graph; otherwise the slice count
+            # changes every step and a dynamic-shape graph avoids a recompile for each.
+            wrapped = torch.compile(wrapped, dynamic=not self.cfg.train.pad_slices)
         self.forward_model = wrapped
         log.info("stage %d: training %s", stage, ", ".join(trainable_blocks(stage)))
 
@@ -447,7 +470,10 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         self.sampler.start_batch = self.state.batch
         self.train_set.set_epoch(epoch)
-        loader = self._loader(self.train_set, batch_sampler=self.sampler)
+        if self.train_store is not None:
+            loader = self.train_store.batches(self.sampler)
+        else:
+            loader = self._loader(self.train_set, batch_sampler=self.sampler)
         self.model.train()
         bar = tqdm(
             loader,
@@ -508,7 +534,12 @@ class Trainer:
         self.model.eval()
         logits, labels, ids = [], [], []
         if len(self.val_set):
-            loader = self._loader(self.val_set, batch_size=self.cfg.train.batch_patients)
+            size = self.cfg.train.batch_patients
+            if self.val_store is not None:
+                order = range(len(self.val_set))
+                loader = self.val_store.batches(order[i : i + size] for i in order[::size])
+            else:
+                loader = self._loader(self.val_set, batch_size=size)
             for batch in loader:
                 batch = batch.to(self.device, non_blocking=True)
                 with self._autocast():

@@ -1,0 +1,144 @@
+"""Slice scoring in fixed-size chunks: the inference path of ``predict`` and ``evaluate``.
+
+Patients have different slice counts, so "all slices of these patients" has a new shape at
+nearly every call. That defeats ``torch.compile`` (a recompile, or slower dynamic-shape
+kernels) and cuDNN's per-shape autotuning. ``SliceScorer`` therefore runs the per-slice part of
+the model (uint8 -> window units -> normalisation -> backbone -> head) over chunks of exactly
+``chunk`` slices, padding the last chunk with blank slices whose outputs are dropped, and
+pools per patient afterwards. In eval mode every slice is scored independently (BatchNorm uses
+its running statistics, normalisation is per slice), so the padding changes nothing: the
+patient logits equal those of the plain ``BrainMetsNet.forward`` (a test holds them equal in
+fp32 on the CPU). One chunk shape means one compiled graph and one cuDNN plan per run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from brainmets.data.normalize import normalize_slices, uint8_to_unit
+from brainmets.model.pooling import pool_patients
+from brainmets.model.resnet import BrainMetsNet, PatientOutput
+
+
+class SliceScorer:
+    """Patient outputs of an eval-mode ``BrainMetsNet`` from uint8 cache slices.
+
+    Args:
+        model: the network, already on ``device`` (channels_last on CUDA is the caller's
+            choice; inputs follow the model's format).
+        normalization: the run's input normalisation (``zscore`` or ``minus_one_to_one``).
+        chunk: slices per forward; the last chunk is padded up to it.
+        compile: ``torch.compile`` the chunk forward (worth it for many patients on a GPU; the
+            first chunk then takes tens of seconds).
+        amp: bf16 autocast; ``None`` means on for CUDA, off elsewhere.
+    """
+
+    def __init__(
+        self,
+        model: BrainMetsNet,
+        device: torch.device,
+        normalization: str,
+        *,
+        chunk: int = 256,
+        compile: bool = False,
+        amp: bool | None = None,
+    ) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1, got {chunk}")
+        self.model = model.eval()
+        self.device = device
+        self.normalization = normalization
+        self.chunk = chunk
+        self.amp = device.type == "cuda" if amp is None else amp
+        self.channels_last = device.type == "cuda"
+        self._forward = torch.compile(self._chunk_outputs) if compile else self._chunk_outputs
+
+    def _chunk_outputs(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """uint8 [chunk, H, W] -> slice logits [chunk] (and attention scores) in float32."""
+        x = normalize_slices(uint8_to_unit(images).unsqueeze(1), self.normalization)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.amp
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            features = self.model.forward_features(x)
+            logits = self.model.forward_head(features).float()
+            attention = self.model.attention
+            scores = attention(features).float() if attention is not None else None
+        return logits, scores
+
+    @torch.inference_mode()
+    def slice_outputs(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Slice logits [S] (and attention scores) for uint8 slices [S, H, W] on the device."""
+        total = images.shape[0]
+        logits, scores = [], []
+        for start in range(0, total, self.chunk):
+            part = images[start : start + self.chunk]
+            short = self.chunk - part.shape[0]
+            if short:
+                part = torch.cat([part, part.new_zeros((short, *part.shape[1:]))])
+            chunk_logits, chunk_scores = self._forward(part)
+            # Clone: a compiled graph may reuse its output buffers on the next call.
+            logits.append(chunk_logits[: self.chunk - short].clone())
+            if chunk_scores is not None:
+                scores.append(chunk_scores[: self.chunk - short].clone())
+        flat_logits = torch.cat(logits) if logits else images.new_zeros(0, dtype=torch.float32)
+        return flat_logits, (torch.cat(scores) if scores else None)
+
+    @torch.inference_mode()
+    def score_flat(self, images: Tensor, counts: Sequence[int]) -> PatientOutput:
+        """Pooled outputs of patients whose uint8 slices are concatenated in ``images``
+        [S, H, W] (host or device), ``counts[i]`` slices for patient i."""
+        counts_t = torch.as_tensor(counts, dtype=torch.long)
+        if counts_t.numel() == 0 or int(counts_t.min()) < 1:
+            raise ValueError("every patient needs at least one slice")
+        if int(counts_t.sum()) != images.shape[0]:
+            raise ValueError(f"counts add up to {int(counts_t.sum())}, not {images.shape[0]}")
+        # non_blocking only overlaps when ``images`` is pinned (concatenate_patients(pinned=True));
+        # from pageable memory it is a plain copy.
+        slice_logits, scores = self.slice_outputs(images.to(self.device, non_blocking=True))
+        patient_index = torch.repeat_interleave(torch.arange(len(counts_t)), counts_t)
+        patient_logits, top = pool_patients(
+            slice_logits,
+            patient_index.to(self.device),
+            len(counts_t),
+            self.model.pooling,
+            temperature=self.model.lse_temperature,
+            attention_scores=scores,
+        )
+        return PatientOutput(patient_logits, slice_logits, top)
+
+    def __call__(self, arrays: Sequence[np.ndarray]) -> PatientOutput:
+        """Pooled outputs of several patients (uint8 [N_i, H, W] each), as the model's forward
+        returns them: patient logits [P], slice logits [S], top slice (flat index) [P]."""
+        if any(a.shape[0] < 1 for a in arrays):
+            raise ValueError("every patient needs at least one slice")
+        flat, counts = concatenate_patients(arrays)
+        return self.score_flat(torch.from_numpy(flat), counts)
+
+
+def concatenate_patients(
+    arrays: Sequence[np.ndarray], pinned: bool = False
+) -> tuple[np.ndarray, list[int]]:
+    """One uint8 [S, H, W] array of all patients' slices (one copy, also straight out of
+    memory maps) and the slice count of each patient.
+
+    ``pinned``: the array lives in page-locked memory (PyTorch's caching host allocator, so the
+    buffer is recycled rather than allocated each time), from which the copy to a GPU is a
+    DMA that runs while the host goes on.
+    """
+    counts = [int(a.shape[0]) for a in arrays]
+    if not pinned:
+        return np.concatenate(arrays, axis=0).astype(np.uint8, copy=False), counts
+    shape = (sum(counts), *arrays[0].shape[1:])
+    buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=True).numpy()
+    np.concatenate(arrays, axis=0, out=buffer)
+    return buffer, counts

@@ -1,0 +1,62 @@
+"""The device-resident cohort yields exactly the batches of the DataLoader path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from brainmets.config import PreprocessConfig
+from brainmets.data.cache import PatientCache, build_cache_from_arrays
+from brainmets.data.dataset import PatientBatchSampler, PatientDataset, collate_patients
+from brainmets.data.device_cache import DeviceSliceStore, cohort_bytes, use_device_cache
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> PatientCache:
+    rng = np.random.default_rng(0)
+    patients = [
+        (f"P{i:02d}", int(i % 3 == 0), rng.integers(0, 256, (int(rng.integers(2, 9)), SIZE, SIZE),
+                                                     dtype=np.uint8))
+        for i in range(11)
+    ]  # fmt: skip
+    root = tmp_path_factory.mktemp("cache")
+    build_cache_from_arrays(root, patients, PreprocessConfig(size=SIZE))
+    return PatientCache(root)
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_batches_equal_the_loader_batches_with_slice_windows(cache, pad):
+    ids = cache.patient_ids[1:]  # a subset, so dataset indices differ from cache order
+    dataset = PatientDataset(cache, ids, max_slices=4, train=True, seed=5, pad_slices=pad)
+    sampler = PatientBatchSampler(dataset.labels, 4, seed=5)
+    store = DeviceSliceStore(dataset, torch.device("cpu"))
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_patients)
+        pairs = list(zip(loader, store.batches(sampler), strict=True))
+        assert len(pairs) == sampler.num_batches()
+        for plain, resident in pairs:
+            assert resident.patient_ids == plain.patient_ids
+            assert torch.equal(resident.images, plain.images)
+            assert torch.equal(resident.patient_index, plain.patient_index)
+            assert torch.equal(resident.labels, plain.labels)
+            assert torch.equal(resident.counts, plain.counts)
+            assert resident.features.shape == plain.features.shape
+    assert any(int(b.counts.max()) == 4 for b, _ in pairs)  # windows were really cut
+    assert all(b.images.shape[0] == 4 * 4 for b, _ in pairs) == pad  # padding: one shape
+
+
+def test_cohort_bytes_and_mode_resolution(cache):
+    dataset = PatientDataset(cache, cache.patient_ids, train=False)
+    assert cohort_bytes(dataset) == int(cache.index["num_slices"].sum()) * SIZE * SIZE
+    cpu = torch.device("cpu")
+    assert use_device_cache("on", [dataset], cpu) is True
+    assert use_device_cache("off", [dataset], cpu) is False
+    assert use_device_cache("auto", [dataset], cpu) is False  # auto means CUDA only
+    with pytest.raises(ValueError, match="device_cache"):
+        use_device_cache("yes", [dataset], cpu)
