@@ -1,0 +1,58 @@
+"""`brainmets demo`: its two configurations and a small end-to-end run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from brainmets.config import Config
+from brainmets.demo import CPU_COHORT, GPU_COHORT, assign_splits, demo_config, run_demo
+
+
+def test_gpu_demo_is_the_specified_configuration():
+    cfg = demo_config(full=True, epochs=None, device="cuda", seed=0)
+    spec = Config()
+    assert cfg.model == spec.model and cfg.preprocess == spec.preprocess
+    assert cfg.train.epochs == 40 and cfg.train.stage_epochs == (0, 5, 12)
+    assert cfg.train.lr == spec.train.lr and cfg.augment == spec.augment
+    assert cfg.train.bn_calibration_patients > 0  # random weights: BatchNorm estimated first
+    assert GPU_COHORT["num_patients"] == 400
+
+
+def test_cpu_demo_keeps_the_three_stages_on_a_lighter_model():
+    cfg = demo_config(full=False, epochs=None, device="cpu", seed=3)
+    assert cfg.model.arch == "resnet18" and cfg.preprocess.size == 128
+    assert cfg.train.stage_epochs == (0, 1, 2) and cfg.train.epochs > 2
+    assert cfg.seed == 3 and cfg.train.device == "cpu"
+    assert CPU_COHORT["lesion_diameter_mm"][0] >= 18  # conspicuous lesions, see demo.py
+
+
+def test_assign_splits_is_stratified_and_seeded():
+    labels = pd.DataFrame(
+        {"patient_id": [f"P{i}" for i in range(50)], "label": [1] * 20 + [0] * 30}
+    )
+    split = assign_splits(labels, seed=1)
+    counts = split.groupby(["split", "label"]).size()
+    assert counts[("train", 1)] == 12 and counts[("val", 1)] == 4 and counts[("test", 1)] == 4
+    assert counts[("train", 0)] == 18 and counts[("val", 0)] == 6 and counts[("test", 0)] == 6
+    assert split.equals(assign_splits(labels, seed=1))
+    assert not split["split"].equals(assign_splits(labels, seed=2)["split"])
+
+
+def test_small_demo_runs_the_whole_workflow(tmp_path, capsys):
+    result = run_demo(tmp_path, patients=20, epochs=1, device="cpu", seed=0)
+    assert 0.0 <= result["auc"] <= 1.0 and np.isfinite(result["minutes"])
+    run = result["run"]
+    for name in ("model.safetensors", "metrics.csv", "evaluation/metrics.json", "report.html"):
+        assert (run / name).is_file(), name
+    predictions = pd.read_csv(tmp_path / "predictions.csv", dtype={"patient_id": str})
+    test_ids = pd.read_csv(tmp_path / "cohort" / "labels_split.csv", dtype={"patient_id": str})
+    expected = set(test_ids.loc[test_ids["split"] == "test", "patient_id"])
+    assert set(predictions["patient_id"]) == expected and (predictions["error"].isna()).all()
+    assert any((run / "heatmaps").glob("*.png"))
+    out = capsys.readouterr().out
+    assert "held-out AUC" in out and "training from random initialisation" in out
+    # Running it again in the same folder reuses the cohort and cache and retrains.
+    again = run_demo(tmp_path, patients=20, epochs=1, device="cpu", seed=0)
+    assert "replacing the earlier demo run" in capsys.readouterr().out
+    assert again["auc"] == result["auc"]
