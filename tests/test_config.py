@@ -115,6 +115,8 @@ def test_pad_slices_needs_max_slices_and_on_off_words_stay_words():
         load_config(None, ["train.pad_slices=true"])
     cfg = load_config(None, ["train.pad_slices=true", "train.max_slices=32"])
     assert cfg.train.pad_slices and cfg.train.max_slices == 32
+    with pytest.raises(ConfigError, match="pooling"):
+        load_config(None, ["train.pad_slices=true", "train.max_slices=32", "model.pooling=lse"])
     # YAML 1.1 reads bare on/off as booleans; data.device_cache takes them as the words.
     assert load_config(None, ["data.device_cache=off"]).data.device_cache == "off"
     assert load_config(None, ["data.device_cache=on"]).data.device_cache == "on"

@@ -174,7 +174,8 @@ class TrainConfig(_Section):
     pad_slices: bool = Field(
         False,
         description="pad shorter patients to max_slices by repeating their end slices: every "
-        "training batch has one shape (cuDNN autotuning, compile without recompiles)",
+        "training batch has one shape (cuDNN autotuning, compile without recompiles); "
+        "max pooling only",
     )
     pos_weight: float | None = Field(None, gt=0, description="BCE weight of positives")
     bn_calibration_patients: int = Field(
@@ -232,6 +233,16 @@ class Config(_Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _padding_needs_max_pooling(self) -> Config:
+        # A repeated slice leaves a max unchanged but adds weight to a mean, lse or attention.
+        if self.train.pad_slices and self.model.pooling != "max":
+            raise ValueError(
+                f"train.pad_slices needs model.pooling=max (got {self.model.pooling!r}): the "
+                "repeated end slices would weigh in the pooled patient logit"
+            )
+        return self
 
     def config_hash(self) -> str:
         payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)

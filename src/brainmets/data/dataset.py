@@ -222,9 +222,12 @@ class PatientDataset(Dataset):
     window of ``max_slices`` slices (deterministic per seed, epoch and patient, so resumed runs
     see the same windows); at validation every slice is kept, since the patient's decision is
     the max over all of them. With ``pad_slices`` a shorter patient is padded to ``max_slices``
-    by repeating its first and last slices, so that every training batch has the same shape;
-    the repeats change no patient's max-pooled logit (the max of a repeated value is the same),
-    only how much the end slices weigh in trainable BatchNorm statistics.
+    by repeating its first and last slices, so that every training batch has the same shape.
+    Without augmentation the repeats leave a max-pooled patient logit unchanged (the config
+    allows padding with max pooling only). They do change two things in training: the end
+    slices weigh more in trainable BatchNorm statistics, and each copy draws its own
+    augmentation noise, so the max over several noisy copies of an end slice runs a little
+    higher. End slices (skull base, vertex) rarely hold the lesion, in either class.
     """
 
     def __init__(

@@ -162,8 +162,8 @@ def _check_segments(slice_logits: Tensor, patient_index: Tensor, num_patients: i
         raise ValueError(f"num_patients must be >= 1, got {num_patients}")
     if patient_index.device.type != "cpu":
         # No data-dependent checks on an accelerator: each would make the host wait for the
-        # device in the middle of every step. Batches reach the device from collate_patients
-        # or DeviceSliceStore, which build patient_index from counts that are at least 1.
+        # device in the middle of every step. Batches reach the device from collate_patients,
+        # DeviceSliceStore or SliceScorer, which build patient_index from counts of at least 1.
         ones = torch.ones_like(patient_index, dtype=torch.long)
         return torch.zeros(num_patients, dtype=torch.long, device=patient_index.device).index_add_(
             0, patient_index, ones

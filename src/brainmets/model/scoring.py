@@ -102,8 +102,10 @@ class SliceScorer:
             raise ValueError("every patient needs at least one slice")
         if int(counts_t.sum()) != images.shape[0]:
             raise ValueError(f"counts add up to {int(counts_t.sum())}, not {images.shape[0]}")
-        # non_blocking only overlaps when ``images`` is pinned (concatenate_patients(pinned=True));
-        # from pageable memory it is a plain copy.
+        # From pinned memory (concatenate_patients(pinned=True)) the copy is a DMA the host does
+        # not wait for; the forward queued behind it waits. What overlaps with the device's
+        # work is the next batch's reading, in score_cache's reader thread. The caller keeps
+        # ``images`` alive until it reads the outputs back (which waits for the copy).
         slice_logits, scores = self.slice_outputs(images.to(self.device, non_blocking=True))
         patient_index = torch.repeat_interleave(torch.arange(len(counts_t)), counts_t)
         patient_logits, top = pool_patients(
@@ -135,9 +137,12 @@ def concatenate_patients(
     buffer is recycled rather than allocated each time), from which the copy to a GPU is a
     DMA that runs while the host goes on.
     """
+    for array in arrays:
+        if array.dtype != np.uint8:
+            raise TypeError(f"expected uint8 cache slices, got {array.dtype}")
     counts = [int(a.shape[0]) for a in arrays]
     if not pinned:
-        return np.concatenate(arrays, axis=0).astype(np.uint8, copy=False), counts
+        return np.concatenate(arrays, axis=0), counts
     shape = (sum(counts), *arrays[0].shape[1:])
     buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=True).numpy()
     np.concatenate(arrays, axis=0, out=buffer)
