@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from brainmets.config import Config, PreprocessConfig, StageLR, WeightDecay
+from brainmets.config import Config, PreprocessConfig, StageLR, WeightDecay, load_config
 from brainmets.data.cache import build_cache_from_arrays
 from brainmets.model.checkpoint import load_checkpoint
 from brainmets.model.resnet import BrainMetsNet
@@ -93,6 +93,11 @@ def test_run_directory_is_complete(full_run):
     assert sidecar["threshold"] == pytest.approx(best["threshold"])
     assert sidecar["preprocess"]["size"] == SIZE and sidecar["normalization"] == "zscore"
     assert isinstance(model, BrainMetsNet) and model.arch == "resnet18"
+    # The config asked for 256^2 slices, the cache holds 32^2: the run follows the cache, says
+    # so in its log, and its saved config records what the model really saw.
+    assert Config().preprocess.size == 256
+    assert load_config(run / "config.yaml").preprocess.size == SIZE
+    assert "preprocess settings of the config differ" in (run / "train.log").read_text()
     env = json.loads((run / "environment.json").read_text())
     assert socket.gethostname() not in json.dumps(env)
 

@@ -282,6 +282,19 @@ class Trainer:
         self._log_handler = self._open_log()
 
         self.cache = PatientCache(cfg.data.cache)
+        if cfg.preprocess != self.cache.preprocess:
+            # The cache is what the model will see; the saved config must say so.
+            ours, cached = cfg.preprocess.model_dump(), self.cache.preprocess.model_dump()
+            changed = {k: f"{ours[k]} -> {cached[k]}" for k in ours if ours[k] != cached[k]}
+            log.warning(
+                "preprocess settings of the config differ from those %s was prepared with (%s); "
+                "training uses the cache as prepared, and config.yaml records that. To change "
+                "them, run `brainmets prepare --config` with this config into a new cache.",
+                cfg.data.cache,
+                ", ".join(f"{k}: {v}" for k, v in changed.items()),
+            )
+            cfg = cfg.model_copy(update={"preprocess": self.cache.preprocess})
+            self.cfg = cfg
         self.splits = self._make_splits(resume)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
