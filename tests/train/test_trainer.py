@@ -37,11 +37,11 @@ def _make_cache(root: Path):
     return build_cache_from_arrays(root, patients, PreprocessConfig(size=SIZE))
 
 
-def _config(cache: Path, **train) -> Config:
+def _config(cache: Path, data: dict | None = None, **train) -> Config:
     return Config.model_validate(
         {
             "seed": 3,
-            "data": {"cache": str(cache), "num_workers": 0, "val_fraction": 0.3},
+            "data": {"cache": str(cache), "num_workers": 0, "val_fraction": 0.3, **(data or {})},
             "model": {"arch": "resnet18", "hidden": 16, "dropout": 0.4},
             "train": {
                 "epochs": 3,
@@ -102,6 +102,18 @@ def test_run_directory_is_complete(full_run):
     assert socket.gethostname() not in json.dumps(env)
 
 
+def _assert_same_run(expected: Path, got: Path) -> None:
+    """Last weights bit-identical and every metric of every epoch equal (timings aside)."""
+    expected_weights = load_file(expected / "checkpoints/last.safetensors")
+    got_weights = load_file(got / "checkpoints/last.safetensors")
+    assert expected_weights.keys() == got_weights.keys()
+    assert all(torch.equal(expected_weights[k], got_weights[k]) for k in expected_weights)
+    columns = [c for c in METRIC_COLUMNS if c != "seconds"]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(expected / "metrics.csv")[columns], pd.read_csv(got / "metrics.csv")[columns]
+    )
+
+
 def test_interrupted_and_resumed_run_ends_bit_identical(full_run, cache_dir, tmp_path):
     run, _ = full_run
     # 2 batches per epoch; the kill at step 4 (end of epoch 1, stage 2) comes after the periodic
@@ -111,30 +123,15 @@ def test_interrupted_and_resumed_run_ends_bit_identical(full_run, cache_dir, tmp
     state = torch.load(tmp_path / "checkpoints/last_state.pt", weights_only=True)
     assert (state["train_state"]["epoch"], state["train_state"]["batch"]) == (1, 1)
     train(_config(cache_dir), tmp_path, resume=True)
-
-    expected = load_file(run / "checkpoints/last.safetensors")
-    got = load_file(tmp_path / "checkpoints/last.safetensors")
-    assert expected.keys() == got.keys()
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
-    columns = [c for c in METRIC_COLUMNS if c != "seconds"]
-    pd.testing.assert_frame_equal(
-        pd.read_csv(run / "metrics.csv")[columns], pd.read_csv(tmp_path / "metrics.csv")[columns]
-    )
+    _assert_same_run(run, tmp_path)
 
 
 def test_device_resident_cohort_trains_bit_identical_to_the_loader(full_run, cache_dir, tmp_path):
     """data.device_cache only changes where batches come from, never what they hold."""
     run, _ = full_run
     assert _config(cache_dir).data.device_cache == "auto"  # off on the CPU: full_run used loaders
-    train(_config(cache_dir).model_copy(update={"data": _config(cache_dir).data.model_copy(
-        update={"device_cache": "on"})}), tmp_path)  # fmt: skip
-    expected = load_file(run / "checkpoints/last.safetensors")
-    got = load_file(tmp_path / "checkpoints/last.safetensors")
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
-    columns = [c for c in METRIC_COLUMNS if c != "seconds"]
-    pd.testing.assert_frame_equal(
-        pd.read_csv(run / "metrics.csv")[columns], pd.read_csv(tmp_path / "metrics.csv")[columns]
-    )
+    train(_config(cache_dir, data={"device_cache": "on"}), tmp_path)
+    _assert_same_run(run, tmp_path)
 
 
 def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_state(full_run, cache_dir, tmp_path):
