@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy.special import expit
 
 from brainmets.config import PreprocessConfig
 from brainmets.data.cache import (
@@ -240,7 +241,7 @@ def write_heatmaps(
     paths = []
     for rank, (slice_index, cam) in enumerate(zip(order, cams, strict=True), start=1):
         path = out_dir / f"{patient_stem(patient_id)}_rank{rank}_slice{int(slice_index)}.png"
-        prob = 1.0 / (1.0 + np.exp(-float(slice_logits[slice_index])))
+        prob = float(expit(slice_logits[slice_index]))
         title = f"{patient_id}  slice {int(slice_index)}  p={prob:.2f}"
         paths.append(save_overlay(array[slice_index], cam, path, title))
     return paths
@@ -264,7 +265,7 @@ class PredictResult:
 
 def _row(trained: TrainedModel, item: PreprocessedPatient, scored) -> dict:
     logit, _, top = scored
-    prob = float(1.0 / (1.0 + np.exp(-logit)))
+    prob = float(expit(logit))
     return {
         "patient_id": item.job.patient_id,
         "probability": prob,

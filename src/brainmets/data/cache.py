@@ -336,8 +336,7 @@ def load_patient_volume(job: PatientJob):
         return load_nifti(job.path), ""
     if job.kind == "dicom_dir":
         index = index_dicom_root(job.path, workers=1, progress=False)
-        pins = {job.patient_id: job.series_uid} if job.series_uid else None
-        series = choose_series(index.series, pins=pins)
+        series = choose_series(index.series)
         picked = series[series["chosen"]]
         if picked.empty:
             reasons = rejection_reasons(series)

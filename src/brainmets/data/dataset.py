@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-SPLITS = ("train", "val", "test")
-
+from brainmets.data.manifest import SPLITS
 
 # --------------------------------------------------------------------------- split
 

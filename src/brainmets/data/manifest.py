@@ -31,6 +31,7 @@ import re
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from brainmets.data.dicom import read_header_or_reason, slice_normal
+from brainmets.io import atomic_write_csv
 
 SERIES_COLUMNS = [
     "patient_id",
@@ -78,6 +80,12 @@ class SeriesIndex:
     series: pd.DataFrame
     files: pd.DataFrame
     errors: pd.DataFrame
+
+    @cached_property
+    def _paths_by_series(self) -> dict[str, list[str]]:
+        # Built once: filtering the file table per series made planning a cohort quadratic.
+        grouped = self.files.groupby("series_uid", sort=False)["path"]
+        return {str(uid): paths.astype(str).tolist() for uid, paths in grouped}
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,18 +320,12 @@ def choose_series(
 # --------------------------------------------------------------------------------------------
 
 
-def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def write_index(index: SeriesIndex, out_dir: str | os.PathLike[str]) -> None:
     """Write series.csv, files.csv and index_errors.csv (each atomically) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for attr, name in _INDEX_FILES.items():
-        _write_csv_atomic(getattr(index, attr), out / name)
+        atomic_write_csv(out / name, getattr(index, attr))
 
 
 _TEXT_COLUMNS = {
@@ -361,7 +363,7 @@ def rejection_reasons(series: pd.DataFrame) -> str:
 
 def series_files(index: SeriesIndex, series_uid: str) -> list[str]:
     """Paths of the image files of one series (unsorted: load_series sorts by position)."""
-    return index.files.loc[index.files["series_uid"] == series_uid, "path"].astype(str).tolist()
+    return list(index._paths_by_series.get(series_uid, []))
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 from scipy import ndimage
 from tqdm import tqdm
 
+from brainmets.data.dicom import AIR_HU
+from brainmets.io import atomic_write_text
+
 __all__ = [
     "OUTSIDE_FOV_HU",
     "Calcification",
@@ -62,7 +65,7 @@ __all__ = [
 ]
 
 _AIR_HU = -1000.0
-OUTSIDE_FOV_HU = -1024.0
+OUTSIDE_FOV_HU = AIR_HU
 """:attr:`SyntheticPatient.hu` outside the reconstruction circle: what a reader makes of the
 padding there (brainmets.data.dicom.AIR_HU), so a decoded series equals the rendering."""
 
@@ -1080,12 +1083,6 @@ class _StudyWriter:
         return f"{ds.SOPInstanceUID}{extension}"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def _check_dicom_root(root: Path, ids: list[str]) -> None:
     """Refuses to mix cohorts: labels.csv must describe every patient folder under dicom/."""
     if not root.exists():
@@ -1163,8 +1160,8 @@ def write_synthetic_cohort(
             bar.update()
     bar.close()
 
-    _atomic_write_text(out / "synth.json", cfg.model_dump_json(indent=2) + "\n")
+    atomic_write_text(out / "synth.json", cfg.model_dump_json(indent=2) + "\n")
     rows = "".join(f"{pid},{int(label)}\n" for pid, label in zip(ids, labels, strict=True))
     labels_path = out / "labels.csv"
-    _atomic_write_text(labels_path, "patient_id,label\n" + rows)
+    atomic_write_text(labels_path, "patient_id,label\n" + rows)
     return labels_path

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 from tqdm.auto import tqdm
 
 from brainmets.config import load_config
@@ -108,7 +109,7 @@ def score_cache(
                     {
                         "patient_id": pid,
                         "label": int(cache.row(pid)["label"]),
-                        "probability": float(1.0 / (1.0 + np.exp(-logit))),
+                        "probability": float(expit(logit)),
                         "logit": logit,
                         "top_slice_index": top,
                     }

@@ -79,6 +79,7 @@ from brainmets.data.dataset import (
     split_patients,
 )
 from brainmets.data.device_cache import DeviceSliceStore, use_device_cache
+from brainmets.data.manifest import SPLITS
 from brainmets.data.normalize import normalize_slices, uint8_to_unit
 from brainmets.device import resolve_device
 from brainmets.evaluate.metrics import best_f1_threshold, patient_metrics
@@ -400,10 +401,7 @@ class Trainer:
         path = self.run_dir / "splits.csv"
         if resume and path.is_file():
             table = pd.read_csv(path, dtype={"patient_id": str, "split": str})
-            splits = {
-                s: table.loc[table["split"] == s, "patient_id"].tolist()
-                for s in ("train", "val", "test")
-            }
+            splits = {s: table.loc[table["split"] == s, "patient_id"].tolist() for s in SPLITS}
         else:
             index = self.cache.index
             splits = split_patients(
