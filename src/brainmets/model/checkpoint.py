@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 import brainmets
+from brainmets.io import atomic_write, atomic_write_text
 from brainmets.model.resnet import BrainMetsNet
 
 # Bump when the sidecar or the state dict keys change incompatibly.
@@ -56,7 +56,7 @@ def save_checkpoint(model: nn.Module, path: Path, sidecar: dict[str, Any]) -> Pa
     Returns:
         The sidecar path.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     network = unwrap_model(model)
@@ -69,15 +69,13 @@ def save_checkpoint(model: nn.Module, path: Path, sidecar: dict[str, Any]) -> Pa
     # safetensors wants contiguous tensors that share no storage; channels_last weights are not
     # contiguous in the default sense, so store a plain copy.
     tensors = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
-    os.replace(tmp, path)
+    data = save(tensors, metadata={"format_version": str(FORMAT_VERSION)})
+    atomic_write(path, lambda fh: fh.write(data))
 
     meta = {
         "format_version": FORMAT_VERSION,
         "architecture": network.architecture(),
-        "weights": {"file": path.name, "sha256": _sha256(path)},
+        "weights": {"file": path.name, "sha256": hashlib.sha256(data).hexdigest()},
         "versions": _versions(),
         **sidecar,
     }
@@ -86,7 +84,7 @@ def save_checkpoint(model: nn.Module, path: Path, sidecar: dict[str, Any]) -> Pa
     except TypeError as error:
         raise ValueError(f"sidecar for {path} is not JSON-serialisable: {error}") from error
     json_path = sidecar_path(path)
-    _write_text_atomic(json_path, text + "\n")
+    atomic_write_text(json_path, text + "\n")
     return json_path
 
 
@@ -153,9 +151,3 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

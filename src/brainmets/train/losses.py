@@ -46,7 +46,8 @@ def patient_loss(
     """
     logits = patient_logits.float()
     targets = labels.to(logits.dtype)
-    weight = None if pos_weight is None else logits.new_tensor(pos_weight)
+    # new_full fills on the device; new_tensor would copy a host scalar and wait on CUDA.
+    weight = None if pos_weight is None else logits.new_full((), float(pos_weight))
     bce = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight)
     parts = {"bce": bce.detach()}
     loss = bce

@@ -527,14 +527,19 @@ class Trainer:
         found_inf = clip_and_step(self.optimizer, self.cfg.train.grad_clip)
         return loss.detach(), found_inf
 
+    def _epoch_loss(self) -> tuple[float, int]:
+        """(loss summed over this epoch's finite steps, steps skipped): the device sums plus
+        what ``_save_last`` already moved into the saved state. Reads the device."""
+        loss_sum = self._loss_sum.item() + self.state.epoch_loss_sum
+        return loss_sum, int(self._skipped.item()) + self.state.epoch_skipped
+
     def _log_progress(self, bar: tqdm, loss: torch.Tensor) -> None:
         """The only per-step host sync, every ``train.log_every`` steps."""
-        finite_steps = self.state.epoch_steps - self._skipped.item()
-        running = self._loss_sum.item() / max(finite_steps, 1)
+        loss_sum, skipped = self._epoch_loss()
+        running = loss_sum / max(self.state.epoch_steps - skipped, 1)
         bar.set_postfix(loss=f"{running:.4f}", refresh=False)
         if self.writer is not None:
             self.writer.add_scalar("train/loss_step", loss.item(), self.state.global_step)
-        skipped = int(self._skipped.item()) + self.state.epoch_skipped
         if skipped:
             log.warning("non-finite loss: %d step(s) skipped so far this epoch", skipped)
 
@@ -592,9 +597,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ epoch end
     def _end_epoch(self, epoch: int, seconds: float) -> dict[str, Any]:
-        skipped = int(self._skipped.item()) + self.state.epoch_skipped
+        loss_sum, skipped = self._epoch_loss()
+        loss_sum = self._reduce_mean(loss_sum)
         steps = self.state.epoch_steps
-        loss_sum = self._reduce_mean(self._loss_sum.item() + self.state.epoch_loss_sum)
         train_loss = loss_sum / max(steps - skipped, 1) if steps - skipped > 0 else math.nan
         metrics, predictions = self.validate()
         row = {
