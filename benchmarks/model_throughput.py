@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[mode] = {name: _measure(m, mode, batch, args, device) for name, m in models.items()}
 
     precision = "bf16 autocast + channels_last" if device.type == "cuda" else "float32"
-    title = f"{args.arch} on {_device_name(device)}, {precision}"
+    title = f"{args.arch} on {device_name(device)}, {precision}"
     title += f", compile={args.compile}, batch {args.batch} x {args.size}px, median of {args.iters}"
     print(title)
     header = f"{'mode':<10} {'brainmets/s':>12} {'reference/s':>12} {'ratio':>7}"
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         "title": title,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "torch": torch.__version__,
-        "device": _device_name(device),
+        "device": device_name(device),
         "results": results,
     }
     if args.json:
@@ -207,9 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.getdevice_name(device)
     return f"CPU ({torch.get_num_threads()} threads)"
 
 

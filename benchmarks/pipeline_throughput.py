@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
+from model_throughput import PlainReference, device_name  # beside this script
 from torch import nn
 
 from brainmets.config import PreprocessConfig, load_config
@@ -70,12 +70,8 @@ def _rate(step: Callable[[], int], steps: int, warmup: int, device: torch.device
 
 
 def reference_model(arch: str) -> nn.Module:
-    m = getattr(torchvision.models, arch)(weights=None)
-    m.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
-    m.fc = nn.Sequential(
-        nn.Linear(m.fc.in_features, 512), nn.ReLU(), nn.Dropout(0.4), nn.Linear(512, 1)
-    )
-    return m
+    """The plain torchvision network of ``model_throughput`` (one channel, specified head)."""
+    return PlainReference(arch).net
 
 
 def reference_train_rate(args, device, stage: int, slices: int) -> float:
@@ -277,7 +273,7 @@ def _decode_preprocess_count(files: list[str], size: int) -> int:
     return int(volume.hu.shape[0])
 
 
-def dicom_rates(args, root: Path) -> dict[str, float]:
+def dicom_rates(args, root: Path, run: Path) -> dict[str, float]:
     """Slices/s from generated 512^2 DICOM on all cores.
 
     Steady state, in a started pool: decoding alone (the floor) against decoding plus
@@ -326,7 +322,6 @@ def dicom_rates(args, root: Path) -> dict[str, float]:
                   workers=workers, progress=False)  # fmt: skip
     prepare_all = slices / (time.perf_counter() - start)
 
-    run = _saved_run(root, args)
     start = time.perf_counter()
     result = predict(run, [cohort / "dicom"], out_csv=root / "predictions.csv",
                      device=args.device, workers=workers, progress=False)  # fmt: skip
@@ -430,11 +425,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "compiled_vs_eager_max_abs_logit_diff", math.nan
                 ),
             }
-        dicom = _section("DICOM", dicom_rates, args, root) if args.dicom_patients else None
+        dicom = _section("DICOM", dicom_rates, args, root, run) if args.dicom_patients else None
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU ({torch.get_num_threads()} threads)"
-    )  # fmt: skip
+    name = device_name(device)
     print(f"{args.arch}, {args.size}px, {name}, torch {torch.__version__}")
     print(f"{'workload':<20} {'pipeline/s':>11} {'reference/s':>12} {'ratio':>7}")
     for key, pair in results.items():

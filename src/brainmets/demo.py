@@ -114,7 +114,6 @@ def run_demo(
     from brainmets.data.manifest import index_dicom_root, read_labels, write_index
     from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
     from brainmets.evaluate.evaluation import evaluate_run
-    from brainmets.evaluate.report import write_report
     from brainmets.predict import predict
     from brainmets.train.trainer import train
 
@@ -155,7 +154,6 @@ def run_demo(
         shutil.rmtree(run)
     train(cfg, run)
 
-    summary = evaluate_run(run, cache, split="test", device=device)
     test_dirs = index.series[
         index.series["chosen"]
         & index.series["patient_id"].isin(labels.loc[labels["split"] == "test", "patient_id"])
@@ -168,7 +166,9 @@ def run_demo(
         top_k=1,
         device=device,
     )
-    report = write_report(run)
+    # Evaluation last: it writes report.html, which then already holds the heatmap gallery.
+    summary = evaluate_run(run, cache, split="test", device=device)
+    report = run / "report.html"
     minutes = (time.perf_counter() - started) / 60
     auc = summary.metrics["metrics"]["auc"]
     print(summary.text)

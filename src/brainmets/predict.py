@@ -20,10 +20,10 @@ from scipy.special import expit
 
 from brainmets.config import PreprocessConfig
 from brainmets.data.cache import (
-    NIFTI_SUFFIXES,
     PatientCache,
     PatientJob,
     PreprocessedPatient,
+    is_nifti,
     map_jobs,
     patient_stem,
     try_preprocess_patient,
@@ -58,11 +58,7 @@ class TrainedModel:
     model: BrainMetsNet
     sidecar: dict
     device: torch.device
-    scorer: SliceScorer | None = None
-
-    def __post_init__(self) -> None:
-        if self.scorer is None:
-            self.scorer = SliceScorer(self.model, self.device, self.normalization)
+    scorer: SliceScorer
 
     @property
     def threshold(self) -> float:
@@ -161,7 +157,7 @@ def jobs_for_inputs(inputs: Sequence[str | Path]) -> tuple[list[PatientJob], lis
     errors: list[dict] = []
     for raw in inputs:
         path = Path(raw)
-        if path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES):
+        if path.is_file() and is_nifti(path):
             stem = path.name[: -len(".nii.gz")] if path.name.endswith(".gz") else path.stem
             jobs.append(PatientJob(patient_id=stem, label=-1, kind="nifti", path=str(path)))
         elif (path / "preprocess.json").is_file():

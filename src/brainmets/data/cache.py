@@ -66,8 +66,8 @@ def patient_stem(patient_id: str) -> str:
     return safe
 
 
-def _is_nifti(path: str) -> bool:
-    return path.lower().endswith(NIFTI_SUFFIXES)
+def is_nifti(path: str | Path) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
 # --------------------------------------------------------------------------- reading
@@ -290,7 +290,7 @@ def plan_jobs(
         )
         path = getattr(r, "path", "") or ""
         if path:
-            kind = "nifti" if _is_nifti(path) else "dicom_dir"
+            kind = "nifti" if is_nifti(path) else "dicom_dir"
             jobs.append(PatientJob(**base, kind=kind, path=path))
             continue
         if chosen is None:

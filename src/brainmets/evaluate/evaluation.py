@@ -18,7 +18,7 @@ import pandas as pd
 from scipy.special import expit
 from tqdm.auto import tqdm
 
-from brainmets.config import load_config
+from brainmets.config import EvaluateConfig, load_config
 from brainmets.data.cache import PatientCache
 from brainmets.evaluate.metrics import evaluate_predictions
 from brainmets.io import atomic_write_csv, atomic_write_text
@@ -88,7 +88,9 @@ def score_cache(
     scores the current one.
     """
     trained.check_cache(cache)
-    sizes = [int(cache.row(pid)["num_slices"]) for pid in patient_ids]
+    rows_of = cache.index.set_index("patient_id").loc[patient_ids]  # one lookup, not one per use
+    label_of = dict(zip(patient_ids, rows_of["label"].astype(int).tolist(), strict=True))
+    sizes = rows_of["num_slices"].astype(int).tolist()
     batches = list(batch_by_slices(patient_ids, sizes, batch_slices))
 
     pinned = trained.device.type == "cuda"
@@ -108,7 +110,7 @@ def score_cache(
                 rows.append(
                     {
                         "patient_id": pid,
-                        "label": int(cache.row(pid)["label"]),
+                        "label": label_of[pid],
                         "probability": float(expit(logit)),
                         "logit": logit,
                         "top_slice_index": top,
@@ -154,15 +156,19 @@ def evaluate_run(
     run = Path(run)
     out = Path(out_dir) if out_dir else run / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
-    n_boot = n_boot if n_boot is not None else (cfg.evaluate.n_boot if cfg else 1000)
-    targets = cfg.evaluate.sensitivity_targets if cfg else [0.90, 0.95]
+    settings = (
+        load_config(run / "config.yaml").evaluate
+        if (run / "config.yaml").is_file()
+        else EvaluateConfig()
+    )
+    n_boot = n_boot if n_boot is not None else settings.n_boot
+    targets = settings.sensitivity_targets
 
     trained = load_trained(run, device, compile=compile)
     cache = PatientCache(data)
     ids = cache.patient_ids
     if split is not None:
-        ids = [pid for pid in ids if cache.row(pid)["split"] == split]
+        ids = cache.index.loc[cache.index["split"] == split, "patient_id"].tolist()
         if not ids:
             raise ValueError(f"{data}: no patient has split {split!r}")
     predictions = score_cache(trained, cache, ids, progress=progress)

@@ -61,7 +61,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "n_neg",
 )
 
-_COUNT_NAMES = ("n", "n_pos", "n_neg")
+COUNT_NAMES = ("n", "n_pos", "n_neg")
 # Resamples scored per block: bounds memory to ~block * n_patients * 8 bytes per array.
 _BOOTSTRAP_BLOCK = 250
 
@@ -163,7 +163,7 @@ def patient_metrics(labels: ArrayLike, probs: ArrayLike, threshold: float) -> di
     out: dict[str, float] = {}
     for name in METRIC_NAMES:
         value = float(rows[name][0])
-        out[name] = int(value) if name in _COUNT_NAMES else value
+        out[name] = int(value) if name in COUNT_NAMES else value
     return out
 
 
@@ -296,7 +296,7 @@ def _json_float(value: float) -> float | None:
 
 
 def _json_metrics(metrics: dict[str, float]) -> dict[str, float | int | None]:
-    return {k: v if k in _COUNT_NAMES else _json_float(v) for k, v in metrics.items()}
+    return {k: v if k in COUNT_NAMES else _json_float(v) for k, v in metrics.items()}
 
 
 def _json_ci(ci: dict[str, tuple[float, float]]) -> dict[str, list[float | None]]:

@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from brainmets.evaluate.metrics import METRIC_NAMES
+from brainmets.evaluate.metrics import COUNT_NAMES, METRIC_NAMES
 from brainmets.evaluate.plots import EVALUATION_PLOTS, plot_learning_curves
 from brainmets.io import atomic_write_text
 
@@ -66,7 +66,6 @@ _PLOT_CAPTIONS = {
     "calibration": "Calibration (reliability) curve with patients per bin",
     "score_distributions": "Patient probabilities by class, class means dashed",
 }
-_COUNT_METRICS = ("n", "n_pos", "n_neg")
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
@@ -222,7 +221,7 @@ def _metrics_table(metrics: dict[str, Any], ci: dict[str, Any]) -> str:
     ]
     rows = "".join(
         f"<tr><td>{_esc(_METRIC_LABELS.get(n, n))}</td><td>{_format(metrics[n])}</td>"
-        f"<td>{_ci_text(ci.get(n), count=n in _COUNT_METRICS)}</td></tr>"
+        f"<td>{_ci_text(ci.get(n), count=n in COUNT_NAMES)}</td></tr>"
         for n in names
     )
     return f"<table><tr><th>Metric</th><th>Value</th><th>95% CI</th></tr>{rows}</table>"
