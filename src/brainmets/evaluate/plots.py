@@ -103,10 +103,10 @@ def plot_roc(
     ax.plot([0, 1], [0, 1], ls=":", color="0.6", label="chance")
     if _both_classes(y):
         fpr, tpr, _ = roc_curve(y, p)
-        auc = patient_metrics(y, p, 0.5)["auc"]
-        ax.plot(fpr, tpr, color=_POS_COLOUR, lw=2, label=f"AUC {auc:.3f}")
+        # AUC does not depend on the threshold: one call gives it and the operating point.
+        m = patient_metrics(y, p, 0.5 if threshold is None else threshold)
+        ax.plot(fpr, tpr, color=_POS_COLOUR, lw=2, label=f"AUC {m['auc']:.3f}")
         if threshold is not None:
-            m = patient_metrics(y, p, threshold)
             ax.plot(1 - m["specificity"], m["sensitivity"], "o", color=_THRESHOLD_COLOUR)
             ax.annotate(
                 f"{_threshold_label(threshold)}\nsens {m['sensitivity']:.2f}, "
@@ -140,19 +140,18 @@ def plot_pr(
     ax.axhline(prevalence, ls=":", color="0.6", label=f"prevalence {prevalence:.2f}")
     if _both_classes(y):
         precision, recall, _ = precision_recall_curve(y, p)
-        ap = patient_metrics(y, p, 0.5)["average_precision"]
+        m = patient_metrics(y, p, 0.5 if threshold is None else threshold)
+        ap = m["average_precision"]
         ax.step(recall, precision, where="post", color=_POS_COLOUR, lw=2, label=f"AP {ap:.3f}")
-        if threshold is not None:
-            m = patient_metrics(y, p, threshold)
-            if not np.isnan(m["ppv"]):
-                ax.plot(m["sensitivity"], m["ppv"], "o", color=_THRESHOLD_COLOUR)
-                ax.annotate(
-                    _threshold_label(threshold),
-                    (m["sensitivity"], m["ppv"]),
-                    xytext=(-90, -20),
-                    textcoords="offset points",
-                    fontsize=8,
-                )
+        if threshold is not None and not np.isnan(m["ppv"]):
+            ax.plot(m["sensitivity"], m["ppv"], "o", color=_THRESHOLD_COLOUR)
+            ax.annotate(
+                _threshold_label(threshold),
+                (m["sensitivity"], m["ppv"]),
+                xytext=(-90, -20),
+                textcoords="offset points",
+                fontsize=8,
+            )
     else:
         _note(ax, "precision-recall undefined: only one class")
     ax.set(

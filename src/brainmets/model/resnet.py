@@ -237,10 +237,28 @@ class BrainMetsNet(nn.Module):
             patient_index: long [S], the patient (0 .. num_patients - 1) of each slice.
             num_patients: P, the number of patients in the batch.
         """
+        slice_logits, scores = self.slice_outputs(x)
+        patient_logits, top_slice = self.pool(slice_logits, patient_index, num_patients, scores)
+        return PatientOutput(patient_logits, slice_logits, top_slice)
+
+    def slice_outputs(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The per-slice part of ``forward``: float32 slice logits [S] and, for attention
+        pooling, the attention scores [S] (else None). Slices are scored independently in eval
+        mode, which is what lets inference run them in chunks (``model/scoring.py``)."""
         features = self.forward_features(x)
         slice_logits = self.forward_head(features).float()
         scores = self.attention(features) if self.attention is not None else None
-        patient_logits, top_slice = pool_patients(
+        return slice_logits, scores
+
+    def pool(
+        self,
+        slice_logits: Tensor,
+        patient_index: Tensor,
+        num_patients: int,
+        scores: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Patient logits [P] and top slices [P] with this model's pooling."""
+        return pool_patients(
             slice_logits,
             patient_index,
             num_patients,
@@ -248,7 +266,6 @@ class BrainMetsNet(nn.Module):
             temperature=self.lse_temperature,
             attention_scores=scores,
         )
-        return PatientOutput(patient_logits, slice_logits, top_slice)
 
 
 def _global_average_pool(h: Tensor) -> Tensor:

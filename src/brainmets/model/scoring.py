@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from brainmets.data.normalize import normalize_slices, uint8_to_unit
-from brainmets.model.pooling import pool_patients
 from brainmets.model.resnet import BrainMetsNet, PatientOutput
 
 
@@ -69,11 +68,7 @@ class SliceScorer:
             else contextlib.nullcontext()
         )
         with autocast:
-            features = self.model.forward_features(x)
-            logits = self.model.forward_head(features).float()
-            attention = self.model.attention
-            scores = attention(features).float() if attention is not None else None
-        return logits, scores
+            return self.model.slice_outputs(x)
 
     @torch.inference_mode()
     def slice_outputs(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -108,22 +103,15 @@ class SliceScorer:
         # ``images`` alive until it reads the outputs back (which waits for the copy).
         slice_logits, scores = self.slice_outputs(images.to(self.device, non_blocking=True))
         patient_index = torch.repeat_interleave(torch.arange(len(counts_t)), counts_t)
-        patient_logits, top = pool_patients(
-            slice_logits,
-            patient_index.to(self.device),
-            len(counts_t),
-            self.model.pooling,
-            temperature=self.model.lse_temperature,
-            attention_scores=scores,
+        patient_logits, top = self.model.pool(
+            slice_logits, patient_index.to(self.device), len(counts_t), scores
         )
         return PatientOutput(patient_logits, slice_logits, top)
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> PatientOutput:
         """Pooled outputs of several patients (uint8 [N_i, H, W] each), as the model's forward
         returns them: patient logits [P], slice logits [S], top slice (flat index) [P]."""
-        if any(a.shape[0] < 1 for a in arrays):
-            raise ValueError("every patient needs at least one slice")
-        flat, counts = concatenate_patients(arrays)
+        flat, counts = concatenate_patients(arrays)  # score_flat checks the counts
         return self.score_flat(torch.from_numpy(flat), counts)
 
 
