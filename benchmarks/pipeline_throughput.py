@@ -220,12 +220,15 @@ def _saved_run(root: Path, args) -> Path:
 
 def pipeline_infer_rates(args, device, cache: PatientCache, run: Path) -> dict[str, float]:
     """``evaluate``'s scoring of the whole cache (memory map -> reader thread -> device ->
-    chunked forward -> max pooling), eager and compiled; the second pass of each is timed."""
+    chunked forward -> max pooling, one batch in flight), eager and compiled; the second run
+    of each is timed."""
     from brainmets.evaluate.evaluation import score_cache
     from brainmets.predict import load_trained
 
-    ids = cache.patient_ids
-    slices = int(cache.index["num_slices"].sum())
+    # The cohort several times over: a pass over 160 patients lasts under a second on a GPU,
+    # and the first batch (read before anything overlaps) would weigh as a cohort's would not.
+    ids = cache.patient_ids * args.infer_passes
+    slices = int(cache.index["num_slices"].sum()) * args.infer_passes
     out: dict[str, float] = {}
     logits = {}
     for compiled in [False, True] if args.compile else [False]:
@@ -248,8 +251,9 @@ def pipeline_infer_rates(args, device, cache: PatientCache, run: Path) -> dict[s
 
 
 def _worker_init() -> None:
-    torch.set_num_threads(1)  # as prepare's workers: parallelism comes from the processes
-    import brainmets.data.cache  # noqa: F401  (imports paid before the clock starts)
+    from brainmets.data.cache import one_thread_per_worker  # imports paid before the clock
+
+    one_thread_per_worker()  # as prepare's workers: parallelism comes from the processes
 
 
 def _warm(_: int) -> None:
@@ -340,6 +344,63 @@ def dicom_rates(args, root: Path, run: Path) -> dict[str, float]:
     }
 
 
+def train_rows(args, device, cache: PatientCache, root: Path) -> dict[str, dict]:
+    """Per stage: the pipeline's variants beside the reference, with and without autotuning."""
+    mean_slices = float(cache.index["num_slices"].mean())
+    train_slices = round(args.patients * mean_slices)
+    # The trainer's default: cuDNN picks algorithms by heuristics, since the slice count
+    # of a training batch changes every step (autotuning would rerun for each new count).
+    variants = {}
+    for variant in ("loader", "resident", "static"):
+        measured = _section(f"train, {variant}", pipeline_train_rates, args, device,
+                            cache.root, root, variant)  # fmt: skip
+        variants[variant] = measured or {"rates": {}, "host_syncs": {}}
+    results = {}
+    for s in (1, 2, 3):
+        row = {f"pipeline_{v}": variants[v]["rates"].get(s, math.nan) for v in variants}
+        row["host_syncs_in_step"] = variants["static"]["host_syncs"].get(s)
+        torch.backends.cudnn.benchmark = False  # the heuristics, as for variable shapes
+        row["reference_heuristics"] = _section(
+            f"reference stage {s}, heuristics", reference_train_rate, args, device, s,
+            train_slices) or math.nan  # fmt: skip
+        torch.backends.cudnn.benchmark = True  # autotuned, as gpu_anchor.py
+        row["reference"] = _section(f"reference stage {s}", reference_train_rate, args,
+                                    device, s, train_slices) or math.nan  # fmt: skip
+        row["pipeline"] = row["pipeline_resident"]  # the default path; static is extra
+        results[f"stage{s}"] = row
+    return results
+
+
+def inference_rows(args, device, cache: PatientCache, run: Path) -> dict[str, dict]:
+    """Scoring from the cache, eager (and compiled unless --no-compile), beside the reference."""
+    results = {}
+    infer = _section("inference", pipeline_infer_rates, args, device, cache, run) or {}
+    results["inference"] = {
+        "pipeline": infer.get("eager", math.nan),
+        "reference": _section(
+            "reference inference", reference_infer_rate, args, device, args.infer_slices
+        )
+        or math.nan,  # fmt: skip
+    }
+    if args.compile:
+        results["inference_compiled"] = {
+            "pipeline": infer.get("compiled", math.nan),
+            "reference": _section(
+                "reference inference compiled",
+                reference_infer_rate,
+                args,
+                device,
+                args.infer_slices,
+                True,
+            )
+            or math.nan,  # fmt: skip
+            "max_abs_logit_diff_vs_eager": infer.get(
+                "compiled_vs_eager_max_abs_logit_diff", math.nan
+            ),
+        }
+    return results
+
+
 def _section(name: str, fn: Callable, *args):
     """Run one measurement; a failure is printed and leaves NaN, the others still run."""
     started = time.perf_counter()
@@ -362,6 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-slices", type=int, default=24)
     parser.add_argument("--max-slices", type=int, default=40)
     parser.add_argument("--infer-slices", type=int, default=256, help="inference chunk (slices)")
+    parser.add_argument("--infer-passes", type=int, default=6,
+                        help="passes over the cohort per timed inference run")  # fmt: skip
     parser.add_argument("--static-slices", type=int, default=32,
                         help="train.max_slices of the static variant (pad_slices)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=20, help="steps per timed run (3 runs)")
@@ -372,61 +435,27 @@ def main(argv: list[str] | None = None) -> dict:
                         help="skip the compiled inference figures")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--sections", default="train,inference,dicom",
+                        help="comma-separated subset of train, inference, dicom")  # fmt: skip
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    sections = set(args.sections.split(","))
+    if unknown := sections - {"train", "inference", "dicom"}:
+        parser.error(f"unknown sections {sorted(unknown)}")
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        cache = make_cache(root / "cache", args)
-        mean_slices = float(cache.index["num_slices"].mean())
-        train_slices = round(args.patients * mean_slices)
-        # The trainer's default: cuDNN picks algorithms by heuristics, since the slice count
-        # of a training batch changes every step (autotuning would rerun for each new count).
-        variants = {}
-        for variant in ("loader", "resident", "static"):
-            measured = _section(f"train, {variant}", pipeline_train_rates, args, device,
-                                root / "cache", root, variant)  # fmt: skip
-            variants[variant] = measured or {"rates": {}, "host_syncs": {}}
         results = {}
-        for s in (1, 2, 3):
-            row = {f"pipeline_{v}": variants[v]["rates"].get(s, math.nan) for v in variants}
-            row["host_syncs_in_step"] = variants["static"]["host_syncs"].get(s)
-            torch.backends.cudnn.benchmark = False  # the heuristics, as for variable shapes
-            row["reference_heuristics"] = _section(
-                f"reference stage {s}, heuristics", reference_train_rate, args, device, s,
-                train_slices) or math.nan  # fmt: skip
-            torch.backends.cudnn.benchmark = True  # autotuned, as gpu_anchor.py
-            row["reference"] = _section(f"reference stage {s}", reference_train_rate, args,
-                                        device, s, train_slices) or math.nan  # fmt: skip
-            row["pipeline"] = row["pipeline_resident"]  # the default path; static is extra
-            results[f"stage{s}"] = row
+        if sections & {"train", "inference"}:
+            cache = make_cache(root / "cache", args)
+        if "train" in sections:
+            results.update(train_rows(args, device, cache, root))
         run = _saved_run(root, args)
-        infer = _section("inference", pipeline_infer_rates, args, device, cache, run) or {}
-        results["inference"] = {
-            "pipeline": infer.get("eager", math.nan),
-            "reference": _section(
-                "reference inference", reference_infer_rate, args, device, args.infer_slices
-            )
-            or math.nan,  # fmt: skip
-        }
-        if args.compile:
-            results["inference_compiled"] = {
-                "pipeline": infer.get("compiled", math.nan),
-                "reference": _section(
-                    "reference inference compiled",
-                    reference_infer_rate,
-                    args,
-                    device,
-                    args.infer_slices,
-                    True,
-                )
-                or math.nan,  # fmt: skip
-                "max_abs_logit_diff_vs_eager": infer.get(
-                    "compiled_vs_eager_max_abs_logit_diff", math.nan
-                ),
-            }
-        dicom = _section("DICOM", dicom_rates, args, root, run) if args.dicom_patients else None
-
+        if "inference" in sections:
+            results.update(inference_rows(args, device, cache, run))
+        dicom = None
+        if "dicom" in sections and args.dicom_patients:
+            dicom = _section("DICOM", dicom_rates, args, root, run)
     name = device_name(device)
     print(f"{args.arch}, {args.size}px, {name}, torch {torch.__version__}")
     print(f"{'workload':<20} {'pipeline/s':>11} {'reference/s':>12} {'ratio':>7}")

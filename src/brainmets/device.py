@@ -1,4 +1,4 @@
-"""Which torch device a command runs on."""
+"""Which torch device a command runs on, and small host tensors sent to it without a wait."""
 
 from __future__ import annotations
 
@@ -18,3 +18,15 @@ def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     return device
+
+
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without making the host wait for queued work.
+
+    Through pinned memory (PyTorch's caching host allocator, so cheap after the first calls):
+    a copy from pageable memory would wait for the device's queue, and the next batch could
+    no longer be launched while this one runs.
+    """
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)

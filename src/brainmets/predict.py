@@ -33,7 +33,7 @@ from brainmets.device import resolve_device
 from brainmets.io import atomic_write_csv
 from brainmets.model.checkpoint import load_checkpoint
 from brainmets.model.resnet import BrainMetsNet
-from brainmets.model.scoring import SliceScorer, concatenate_patients
+from brainmets.model.scoring import PatientScore, SliceScorer, concatenate_patients
 
 log = logging.getLogger(__name__)
 
@@ -107,29 +107,6 @@ def load_trained(
     normalization = sidecar.get("normalization", "zscore")
     scorer = SliceScorer(model, dev, normalization, chunk=chunk, compile=compile)
     return TrainedModel(model, sidecar, dev, scorer)
-
-
-def score_patients(
-    trained: TrainedModel, arrays: Sequence[np.ndarray]
-) -> list[tuple[float, np.ndarray, int]]:
-    """(patient logit, slice logits, top slice within the patient) for each array."""
-    flat, counts = concatenate_patients(arrays)
-    return score_flat(trained, flat, counts)
-
-
-def score_flat(
-    trained: TrainedModel, flat: np.ndarray, counts: Sequence[int]
-) -> list[tuple[float, np.ndarray, int]]:
-    """As ``score_patients`` for slices already concatenated (``concatenate_patients``)."""
-    out = trained.scorer.score_flat(torch.from_numpy(flat), counts)
-    starts = np.cumsum([0, *counts])
-    slice_logits = out.slice_logits.float().cpu().numpy()
-    top = out.top_slice.cpu().numpy()
-    patient_logits = out.patient_logits.float().cpu().numpy()
-    return [
-        (float(patient_logits[i]), slice_logits[starts[i] : starts[i + 1]], int(top[i] - starts[i]))
-        for i in range(len(counts))
-    ]
 
 
 def batch_by_slices(items: Sequence, sizes: Sequence[int], budget: int) -> Iterator[list]:
@@ -259,9 +236,9 @@ class PredictResult:
         return len(self.table) - self.failed
 
 
-def _row(trained: TrainedModel, item: PreprocessedPatient, scored) -> dict:
-    logit, _, top = scored
-    prob = float(expit(logit))
+def _row(trained: TrainedModel, item: PreprocessedPatient, score: PatientScore) -> dict:
+    prob = float(expit(score.logit))
+    top = score.top_slice
     return {
         "patient_id": item.job.patient_id,
         "probability": prob,
@@ -347,16 +324,22 @@ def predict(
 
     pending: list[PreprocessedPatient] = []
 
+    pinned = trained.device.type == "cuda"
+
     def flush() -> None:
-        for batch in batch_by_slices(pending, [p.array.shape[0] for p in pending], batch_slices):
-            for item, scored in zip(
-                batch, score_patients(trained, [p.array for p in batch]), strict=True
-            ):
-                rows.append(_row(trained, item, scored))
+        grouped = list(batch_by_slices(pending, [p.array.shape[0] for p in pending], batch_slices))
+        flats = (
+            (i, *concatenate_patients([p.array for p in batch], pinned=pinned))
+            for i, batch in enumerate(grouped)
+        )
+        for i, scores in trained.scorer.score_batches(flats):
+            for item, score in zip(grouped[i], scores, strict=True):
+                rows.append(_row(trained, item, score))
                 if heat_dir:
                     write_heatmaps(
-                        trained, item.job.patient_id, item.array, scored[1], heat_dir, top_k
-                    )
+                        trained, item.job.patient_id, item.array, score.slice_logits, heat_dir,
+                        top_k,
+                    )  # fmt: skip
         pending.clear()
 
     used = 0

@@ -85,6 +85,27 @@ def test_resize_is_anti_aliased():
     np.testing.assert_allclose(out, 40.0, atol=1.0)
 
 
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [((2, 512, 512), 256), ((2, 768, 768), 256), ((1, 1024, 1024), 256), ((2, 9, 9), 3),
+     ((2, 512, 384), 256), ((2, 300, 300), 256), ((1, 128, 128), 256)],
+)  # fmt: skip
+def test_resize_equals_torch_antialiased_bilinear(shape, size):
+    """Whole-number shrinks take the OpenCV path; it must equal the reference filter, the
+    border's renormalised kernels included. Other sizes go through torch itself."""
+    import torch
+    import torch.nn.functional as F
+
+    x = np.random.default_rng(1).uniform(0, 80, shape).astype(np.float32)
+    side = max(shape[1:])
+    top, left = (side - shape[1]) // 2, (side - shape[2]) // 2
+    square = np.pad(x, ((0, 0), (top, side - shape[1] - top), (left, side - shape[2] - left)),
+                    constant_values=float(x.min()))  # fmt: skip
+    expected = F.interpolate(torch.from_numpy(square)[:, None], size=(size, size),
+                             mode="bilinear", antialias=True, align_corners=False)[:, 0]  # fmt: skip
+    np.testing.assert_allclose(resize_slices(x, size), expected.numpy(), atol=1e-4)
+
+
 def test_resize_pads_non_square_keeping_aspect():
     x = np.zeros((1, 50, 100), np.float32)
     x[:, :, 40:60] = 80  # a vertical bar in the middle

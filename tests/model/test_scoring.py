@@ -8,7 +8,7 @@ import torch
 
 from brainmets.data.normalize import normalize_slices, uint8_to_unit
 from brainmets.model.resnet import BrainMetsNet
-from brainmets.model.scoring import SliceScorer
+from brainmets.model.scoring import SliceScorer, concatenate_patients
 
 
 def _model(pooling: str) -> BrainMetsNet:
@@ -76,3 +76,30 @@ def test_scorer_rejects_empty_patients_and_bad_chunks():
     scorer = SliceScorer(model, torch.device("cpu"), "zscore", chunk=4)
     with pytest.raises(ValueError, match="at least one slice"):
         scorer([np.zeros((0, 48, 48), dtype=np.uint8), np.zeros((2, 48, 48), dtype=np.uint8)])
+
+
+def test_batches_in_flight_give_each_batch_its_own_scores():
+    """``score_batches`` keeps one batch queued while it reads the previous one back: every
+    batch must still come out with its own key and the plain forward's per-patient scores."""
+    model = _model("max")
+    arrays = _patients([3, 7, 1, 12, 5])
+    groups = [[0, 1], [2], [3, 4]]
+    scorer = SliceScorer(model, torch.device("cpu"), "zscore", chunk=4)
+    batches = (
+        (f"batch{k}", *concatenate_patients([arrays[i] for i in group]))
+        for k, group in enumerate(groups)
+    )
+    plain = _plain(model, arrays, "zscore")
+    starts = np.cumsum([0, *(a.shape[0] for a in arrays)])
+
+    scored = list(scorer.score_batches(batches))
+
+    assert [key for key, _ in scored] == ["batch0", "batch1", "batch2"]
+    flat_scores = [score for _, scores in scored for score in scores]
+    assert len(flat_scores) == len(arrays)
+    for i, score in enumerate(flat_scores):
+        assert score.logit == pytest.approx(float(plain.patient_logits[i]), abs=1e-5)
+        expected_slices = plain.slice_logits[starts[i] : starts[i + 1]].numpy()
+        np.testing.assert_allclose(score.slice_logits, expected_slices, atol=1e-5)
+        assert score.top_slice == int(plain.top_slice[i]) - starts[i]
+    assert list(scorer.score_batches([])) == []

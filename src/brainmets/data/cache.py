@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -391,9 +392,6 @@ def try_preprocess_patient(
     job: PatientJob, preprocess: PreprocessConfig
 ) -> PreprocessedPatient | dict:
     """Worker entry point: the preprocessed patient, or its failure row (never raises)."""
-    import torch
-
-    torch.set_num_threads(1)  # parallelism comes from the process pool
     try:
         return preprocess_patient(job, preprocess)
     except Exception as err:  # noqa: BLE001 - a batch job records every failure and goes on
@@ -434,6 +432,18 @@ def _errors_path(root: Path, num_shards: int, shard_id: int) -> Path:
     return root / f"errors-shard{shard_id}-of{num_shards}.csv"
 
 
+def one_thread_per_worker() -> None:
+    """Pool initializer: the parallelism is the processes', so each worker uses one thread.
+
+    Set before anything imports torch (the resize only needs it for uncommon sizes), so its
+    thread pool starts at one; OpenCV's is set directly.
+    """
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def map_jobs(
     fn: Callable[..., T],
     jobs: Sequence[PatientJob],
@@ -454,7 +464,10 @@ def map_jobs(
                 bar.update()
             return
         # spawn, not fork: the parent may hold torch threads and open file handles.
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        context = get_context("spawn")
+        with ProcessPoolExecutor(
+            workers, mp_context=context, initializer=one_thread_per_worker
+        ) as pool:
             futures = [pool.submit(fn, job, *args) for job in jobs]
             for future in as_completed(futures):
                 yield future.result()

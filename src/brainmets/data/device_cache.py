@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from brainmets.data.dataset import PatientBatch, PatientDataset
+from brainmets.device import to_device_async
 
 log = logging.getLogger(__name__)
 
@@ -86,24 +87,18 @@ class DeviceSliceStore:
             rows.append(patient_rows + self.offsets[index])
             counts.append(len(patient_rows))
         counts_t = torch.tensor(counts, dtype=torch.long)
-        selected = self._to_device(torch.from_numpy(np.concatenate(rows)))
+        selected = to_device_async(torch.from_numpy(np.concatenate(rows)), self.device)
         patient_index = torch.repeat_interleave(torch.arange(len(indices)), counts_t)
         return PatientBatch(
             images=self.images.index_select(0, selected).unsqueeze(1),
-            patient_index=self._to_device(patient_index),
-            labels=self.labels.index_select(0, self._to_device(torch.tensor(list(indices)))),
+            patient_index=to_device_async(patient_index, self.device),
+            labels=self.labels.index_select(
+                0, to_device_async(torch.tensor(list(indices)), self.device)
+            ),
             features=torch.zeros((len(indices), 0), dtype=torch.float32, device=self.device),
             patient_ids=[self.dataset.patient_ids[i] for i in indices],
             counts=counts_t,
         )
-
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        # Pinned (from PyTorch's caching host allocator, so cheap after the first steps): a
-        # copy from pageable memory would make the host wait for the device's queued work,
-        # and the next step could no longer be launched while this one runs.
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
 
     def batches(self, batch_indices: Iterable[Sequence[int]]) -> Iterator[PatientBatch]:
         for indices in batch_indices:

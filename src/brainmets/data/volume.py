@@ -15,8 +15,6 @@ reproduces the scanner's own 5 mm reconstruction grid (first slab centre = first
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from brainmets.data.dicom import HUVolume
 
@@ -83,24 +81,81 @@ def resize_slices(x: np.ndarray, size: int) -> np.ndarray:
 
     Non-square slices are first padded to a centred square with their minimum value (air
     after windowing), so that anatomy keeps its aspect ratio instead of being stretched.
+    The filter is the triangle kernel of PyTorch's and Pillow's anti-aliased bilinear
+    resize; whole-number shrink factors (512 -> 256) take :func:`_shrink_by_integer`.
     """
     if x.ndim != 3:
         raise ValueError(f"expected [N, H, W] slices, got shape {x.shape}")
     n, h, w = x.shape
     if n == 0:
         return np.zeros((0, size, size), dtype=np.float32)
-    tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    x = np.ascontiguousarray(x, dtype=np.float32)
     if h != w:
         side = max(h, w)
         top, left = (side - h) // 2, (side - w) // 2
-        pad = (left, side - w - left, top, side - h - top)
-        tensor = F.pad(tensor, pad, value=float(tensor.min()))
-    if tensor.shape[-1] == size:
-        return tensor.numpy().copy()
+        x = np.pad(
+            x,
+            ((0, 0), (top, side - h - top), (left, side - w - left)),
+            constant_values=float(x.min()),
+        )
+    side = x.shape[-1]
+    if side == size:
+        return x.copy()
+    if side % size == 0:
+        return _shrink_by_integer(x, side // size)
+    import torch  # only for factors the fast path does not cover; prepare's workers skip it
+    import torch.nn.functional as F
+
     out = F.interpolate(
-        tensor[:, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        torch.from_numpy(x)[:, None],
+        size=(size, size),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
     )
     return out[:, 0].numpy()
+
+
+def triangle_taps(factor: int) -> tuple[np.ndarray, int]:
+    """Weights and first offset of anti-aliased bilinear shrinking by a whole ``factor``.
+
+    Output pixel ``i`` is centred on input coordinate ``(i + 0.5) * factor - 0.5``; input
+    ``i * factor + t`` weighs ``1 - |t - (factor - 1) / 2| / factor`` for every offset ``t``
+    where that is positive (the triangle kernel widened by the factor, as PyTorch and Pillow
+    define anti-aliasing). Returns the normalised weights and the first offset (negative).
+    """
+    centre = (factor - 1) / 2.0
+    first = int(np.floor(centre - factor)) + 1
+    last = int(np.ceil(centre + factor)) - 1
+    offsets = np.arange(first, last + 1, dtype=np.float64)
+    weights = 1.0 - np.abs(offsets - centre) / factor
+    return weights / weights.sum(), first
+
+
+def _shrink_by_integer(x: np.ndarray, factor: int) -> np.ndarray:
+    """Anti-aliased shrink of square float32 [N, S, S] slices by a whole ``factor``.
+
+    The same weights as ``F.interpolate(..., antialias=True)`` (a test holds it) at ~3x its
+    speed on one core: one separable OpenCV filter per slice, then every ``factor``-th pixel.
+    The border is zero-padded and each output divided by the share of its weights that fell
+    inside the image, which is how the reference renormalises the truncated kernels there.
+    """
+    import cv2
+
+    weights, first = triangle_taps(factor)
+    kernel = weights.astype(np.float32)
+    side = x.shape[-1]
+    # Share of the weights inside the image per output position: 1 except at the two ends.
+    taps = np.arange(0, side, factor)[:, None] + np.arange(first, first + len(weights))
+    inside = (weights * ((taps >= 0) & (taps < side))).sum(axis=1).astype(np.float32)
+    renormalise = 1.0 / np.outer(inside, inside)
+    out = np.empty((x.shape[0], side // factor, side // factor), dtype=np.float32)
+    for k, slice_ in enumerate(x):
+        filtered = cv2.sepFilter2D(
+            slice_, -1, kernel, kernel, anchor=(-first, -first), borderType=cv2.BORDER_CONSTANT
+        )
+        np.multiply(filtered[::factor, ::factor], renormalise, out=out[k])
+    return out
 
 
 def to_uint8(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from brainmets.data.cache import PatientCache
 from brainmets.evaluate.metrics import evaluate_predictions
 from brainmets.io import atomic_write_csv, atomic_write_text
 from brainmets.model.scoring import concatenate_patients
-from brainmets.predict import batch_by_slices, load_trained, score_flat
+from brainmets.predict import batch_by_slices, load_trained
 
 log = logging.getLogger(__name__)
 
@@ -95,28 +96,33 @@ def score_cache(
 
     pinned = trained.device.type == "cuda"
 
-    def load(batch: list[str]) -> tuple[np.ndarray, list[int]]:
-        return concatenate_patients([cache.load(pid) for pid in batch], pinned=pinned)
+    def loaded() -> Iterator[tuple[int, np.ndarray, list[int]]]:
+        """Batches out of the memory maps, the next one read by a thread meanwhile."""
+        with ThreadPoolExecutor(max_workers=1) as reader:
+
+            def load(batch: list[str]) -> tuple[np.ndarray, list[int]]:
+                return concatenate_patients([cache.load(pid) for pid in batch], pinned=pinned)
+
+            pending = reader.submit(load, batches[0]) if batches else None
+            for i in range(len(batches)):
+                flat, counts = pending.result()
+                pending = reader.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
+                yield i, flat, counts
 
     rows = []
     bar = tqdm(total=len(patient_ids), desc="evaluate", unit="patient", disable=not progress)
-    with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(load, batches[0]) if batches else None
-        for i, batch in enumerate(batches):
-            flat, counts = pending.result()
-            pending = reader.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
-            scored = score_flat(trained, flat, counts)
-            for pid, (logit, _, top) in zip(batch, scored, strict=True):
-                rows.append(
-                    {
-                        "patient_id": pid,
-                        "label": label_of[pid],
-                        "probability": float(expit(logit)),
-                        "logit": logit,
-                        "top_slice_index": top,
-                    }
-                )
-            bar.update(len(batch))
+    for i, scores in trained.scorer.score_batches(loaded()):
+        for pid, score in zip(batches[i], scores, strict=True):
+            rows.append(
+                {
+                    "patient_id": pid,
+                    "label": label_of[pid],
+                    "probability": float(expit(score.logit)),
+                    "logit": score.logit,
+                    "top_slice_index": score.top_slice,
+                }
+            )
+        bar.update(len(batches[i]))
     bar.close()
     return pd.DataFrame(rows)
 

@@ -14,14 +14,28 @@ fp32 on the CPU). One chunk shape means one compiled graph and one cuDNN plan pe
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from brainmets.data.normalize import normalize_slices, uint8_to_unit
+from brainmets.device import to_device_async
 from brainmets.model.resnet import BrainMetsNet, PatientOutput
+
+K = TypeVar("K", bound=Hashable)
+
+
+class PatientScore(NamedTuple):
+    """One patient's scores, on the host."""
+
+    logit: float
+    slice_logits: np.ndarray
+    """float32 [N], the patient's slices in cache order."""
+    top_slice: int
+    """Index of the slice that decided the patient (within the patient)."""
 
 
 class SliceScorer:
@@ -104,15 +118,69 @@ class SliceScorer:
         slice_logits, scores = self.slice_outputs(images.to(self.device, non_blocking=True))
         patient_index = torch.repeat_interleave(torch.arange(len(counts_t)), counts_t)
         patient_logits, top = self.model.pool(
-            slice_logits, patient_index.to(self.device), len(counts_t), scores
+            slice_logits, to_device_async(patient_index, self.device), len(counts_t), scores
         )
         return PatientOutput(patient_logits, slice_logits, top)
+
+    def score_batches(
+        self, batches: Iterable[tuple[K, np.ndarray, Sequence[int]]]
+    ) -> Iterator[tuple[K, list[PatientScore]]]:
+        """Score ``(key, flat uint8 [S, H, W], counts)`` batches; yields ``(key, scores)`` in
+        order, one :class:`PatientScore` per patient.
+
+        One batch stays in flight: batch i + 1 is queued on the device (its copy, forward and
+        pooling, then a copy of the results back) before batch i's results are read, so the
+        device does not wait while the host turns results into rows and gathers the next
+        batch. Reading batch i waits for batch i alone (a CUDA event), not for the queue.
+        """
+        in_flight = None
+        for key, flat, counts in batches:
+            launched = self._launch(key, flat, counts)
+            if in_flight is not None:
+                yield in_flight.key, in_flight.collect()
+            in_flight = launched
+        if in_flight is not None:
+            yield in_flight.key, in_flight.collect()
+
+    def _launch(self, key: K, flat: np.ndarray, counts: Sequence[int]) -> _InFlight:
+        out = self.score_flat(torch.from_numpy(flat), counts)
+        # non_blocking device -> host copies land in pinned memory; the event says when.
+        host = [t.to("cpu", non_blocking=True) for t in out]
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        # ``flat`` is held until the collect: its copy to the device may still be running.
+        return _InFlight(key, flat, list(counts), host, event)
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> PatientOutput:
         """Pooled outputs of several patients (uint8 [N_i, H, W] each), as the model's forward
         returns them: patient logits [P], slice logits [S], top slice (flat index) [P]."""
         flat, counts = concatenate_patients(arrays)  # score_flat checks the counts
         return self.score_flat(torch.from_numpy(flat), counts)
+
+
+class _InFlight(NamedTuple):
+    key: Hashable
+    flat: np.ndarray
+    counts: list[int]
+    host: list[Tensor]  # patient logits, slice logits, top slices (flat indices)
+    event: torch.cuda.Event | None
+
+    def collect(self) -> list[PatientScore]:
+        if self.event is not None:
+            self.event.synchronize()
+        patient_logits, slice_logits = (t.float().numpy() for t in self.host[:2])
+        top = self.host[2].numpy()
+        starts = np.cumsum([0, *self.counts])
+        return [
+            PatientScore(
+                float(patient_logits[i]),
+                slice_logits[starts[i] : starts[i + 1]],
+                int(top[i] - starts[i]),
+            )
+            for i in range(len(self.counts))
+        ]
 
 
 def concatenate_patients(

@@ -1,0 +1,80 @@
+"""The benchmark harness runs end to end (tiny sizes, CPU) and every section yields numbers.
+
+Not a speed test: the figures of a 2-core CPU at 32 px mean nothing. What this holds is that
+the command the README gives still runs, that no section fails silently (a failing section
+prints its traceback and leaves NaN, which is what is checked here), and that the JSON has the
+fields the README's tables are read from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+TINY = [
+    "--device", "cpu", "--arch", "resnet18", "--size", "32", "--cohort", "8", "--patients", "2",
+    "--min-slices", "3", "--max-slices", "5", "--steps", "1", "--warmup", "0", "--workers", "0",
+    "--infer-slices", "8", "--infer-passes", "2", "--static-slices", "4", "--dicom-patients", "2",
+    "--no-compile",
+]  # fmt: skip
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_pipeline_benchmark_measures_every_section(tmp_path):
+    out = tmp_path / "pipeline.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "pipeline_throughput.py"), *TINY, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+
+    assert set(report["results"]) == {"stage1", "stage2", "stage3", "inference"}
+    for name, row in report["results"].items():
+        assert _finite(row["pipeline"]) and _finite(row["reference"]), (name, done.stdout)
+        assert _finite(row["ratio"]), name
+    for stage in ("stage1", "stage2", "stage3"):
+        row = report["results"][stage]
+        for variant in ("loader", "resident", "static"):
+            assert _finite(row[f"pipeline_{variant}"]), (stage, variant, done.stdout)
+    dicom = report["dicom"]
+    for key in (
+        "decode_slices_per_s",
+        "decode_preprocess_slices_per_s",
+        "prepare_end_to_end_slices_per_s",
+        "predict_end_to_end_slices_per_s",
+    ):
+        assert _finite(dicom[key]), (key, done.stdout)
+    assert dicom["slices"] > 0 and dicom["workers"] >= 1
+    assert "workload" in done.stdout and "from 512^2 DICOM" in done.stdout  # the printed table
+
+
+def test_pipeline_benchmark_sections_can_be_chosen(tmp_path):
+    out = tmp_path / "dicom-only.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "pipeline_throughput.py"),
+            *TINY,
+            "--sections",
+            "inference",
+            "--json",
+            str(out),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"inference"} and report["dicom"] is None
