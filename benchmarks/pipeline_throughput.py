@@ -75,6 +75,11 @@ def reference_model(arch: str) -> nn.Module:
 
 
 def reference_train_rate(args, device, stage: int, slices: int) -> float:
+    return _rate(reference_train_step(args, device, stage, slices), args.steps, args.warmup, device)
+
+
+def reference_train_step(args, device, stage: int, slices: int) -> Callable[[], int]:
+    """One plain training step of ``stage`` on fixed tensors already on the device."""
     m = reference_model(args.arch).to(device).train()
     kids = list(m.children())
     prefix = nn.Sequential(*kids[: FROZEN_CHILDREN[stage]]).eval()
@@ -102,7 +107,7 @@ def reference_train_rate(args, device, stage: int, slices: int) -> float:
         opt.zero_grad(set_to_none=True)
         return slices
 
-    return _rate(step, args.steps, args.warmup, device)
+    return step
 
 
 def reference_infer_rate(args, device, slices: int, compiled: bool = False) -> float:
@@ -158,6 +163,22 @@ def pipeline_train_rates(
     """The trainer's step per stage. ``variant``: ``loader`` (DataLoader batches),
     ``resident`` (``data.device_cache=on``) or ``static`` (resident, plus
     ``train.pad_slices`` to ``--max-slices``: one batch shape, cuDNN autotuned)."""
+    rates, syncs = {}, {}
+    trainer = pipeline_trainer(args, device, cache_root, run_root, variant)
+    try:
+        for stage in (1, 2, 3):
+            step = pipeline_step(trainer, stage)
+            rates[stage] = _rate(step, args.steps, args.warmup, device)
+            if variant != "loader":
+                syncs[stage] = _no_host_sync(step, device)
+            assert trainer.model.trainable_blocks == trainable_blocks(stage)
+    finally:
+        trainer.close()
+    return {"rates": rates, "host_syncs": syncs}
+
+
+def pipeline_trainer(args, device, cache_root: Path, run_root: Path, variant: str):
+    """The ``Trainer`` of a ``variant`` (see ``pipeline_train_rates``) on the cache."""
     from brainmets.train.trainer import Trainer
 
     overrides = [
@@ -171,7 +192,13 @@ def pipeline_train_rates(
     ]
     if variant == "static":
         overrides += [f"train.max_slices={args.static_slices}", "train.pad_slices=true"]
-    trainer = Trainer(load_config(None, overrides), run_root / f"run-{variant}")
+    return Trainer(load_config(None, overrides), run_root / f"run-{variant}")
+
+
+def pipeline_step(trainer, stage: int) -> Callable[[], int]:
+    """The trainer's own step in ``stage``, on batches as its epoch loop draws them."""
+    trainer._enter_stage(stage)
+    trainer.model.train()
 
     def batches():
         while True:
@@ -180,25 +207,14 @@ def pipeline_train_rates(
             else:
                 yield from trainer._loader(trainer.train_set, batch_sampler=trainer.sampler)
 
-    rates, syncs = {}, {}
-    try:
-        for stage in (1, 2, 3):
-            trainer._enter_stage(stage)
-            trainer.model.train()
-            source = batches()
+    source = batches()
 
-            def step(source=source) -> int:
-                batch = next(source).to(trainer.device, non_blocking=True)
-                trainer._train_step(batch)
-                return int(batch.images.shape[0])
+    def step() -> int:
+        batch = next(source).to(trainer.device, non_blocking=True)
+        trainer._train_step(batch)
+        return int(batch.images.shape[0])
 
-            rates[stage] = _rate(step, args.steps, args.warmup, device)
-            if variant != "loader":
-                syncs[stage] = _no_host_sync(step, device)
-            assert trainer.model.trainable_blocks == trainable_blocks(stage)
-    finally:
-        trainer.close()
-    return {"rates": rates, "host_syncs": syncs}
+    return step
 
 
 def _saved_run(root: Path, args) -> Path:
@@ -414,8 +430,9 @@ def _section(name: str, fn: Callable, *args):
     return value
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.ArgumentParser:
+    """The workload options (also those of ``profile_step.py``)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet34", "resnet18"])
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--cohort", type=int, default=160, help="patients in the temporary cache")
@@ -437,6 +454,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--sections", default="train,inference,dicom",
                         help="comma-separated subset of train, inference, dicom")  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     sections = set(args.sections.split(","))

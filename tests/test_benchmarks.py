@@ -78,3 +78,31 @@ def test_pipeline_benchmark_sections_can_be_chosen(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"inference"} and report["dicom"] is None
+
+
+def test_step_profile_writes_traces_and_per_step_figures(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "profile_step.py"),
+            *TINY,
+            "--steps",
+            "2",
+            "--stages",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "profile.json").read_text())
+    assert set(summary) == {"stage1/pipeline", "stage1/reference"}
+    for found in summary.values():
+        assert _finite(found["wall_ms"]) and _finite(found["aten_calls"])
+        assert found["host_ms"] <= found["wall_ms"] * 1.01
+    for name in ("stage1-pipeline.json", "stage1-reference.json"):
+        assert json.loads((tmp_path / name).read_text())["traceEvents"]
+    assert "beyond the reference" in done.stdout

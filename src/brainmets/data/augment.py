@@ -25,6 +25,7 @@ and a resumed run continues the same stream (its state is saved with the trainin
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +42,17 @@ def _side_table(positive: AugmentSide, negative: AugmentSide, device: torch.devi
     return torch.tensor(rows, dtype=torch.float32, device=device)
 
 
-def _uniform(n: int, generator: torch.Generator, device: torch.device) -> Tensor:
-    """U(-1, 1) draws."""
-    return torch.rand(n, generator=generator, device=device) * 2.0 - 1.0
+class PatientDraws(NamedTuple):
+    """One batch's random parameters, one row per patient."""
+
+    theta: Tensor
+    """[P, 2, 3] ``affine_grid`` matrices (output -> input, normalised coordinates)."""
+    contrast: Tensor
+    """[P] factor about each slice's mean."""
+    gamma: Tensor
+    """[P] exponent."""
+    noise_std: Tensor
+    """[P] standard deviation of the pixel noise, window units."""
 
 
 class ClassConditionalAugment:
@@ -65,36 +74,42 @@ class ClassConditionalAugment:
     def from_config(cls, cfg: AugmentConfig) -> ClassConditionalAugment:
         return cls(cfg.positive, cfg.negative)
 
-    def _strengths(self, labels: Tensor) -> dict[str, Tensor]:
+    def _strengths(self, labels: Tensor) -> Tensor:
+        """[P, F] strengths of each patient's side, columns as ``_SIDE_FIELDS``."""
         # Built once per device: a host-to-device copy every step would stall the stream.
         table = self._tables.get(labels.device)
         if table is None:
             table = _side_table(self.positive, self.negative, labels.device)
             self._tables[labels.device] = table
-        per_patient = table[(labels > 0.5).long()]  # [P, F]
-        return {name: per_patient[:, i] for i, name in enumerate(_SIDE_FIELDS)}
+        return table[(labels > 0.5).long()]
 
-    def patient_affines(self, labels: Tensor, generator: torch.Generator) -> Tensor:
-        """[P, 2, 3] ``affine_grid`` matrices (output -> input, normalised coordinates)."""
-        s = self._strengths(labels)
-        n, device = labels.shape[0], labels.device
-        angle = _uniform(n, generator, device) * s["rotate_deg"] * (math.pi / 180.0)
-        zoom = 1.0 + _uniform(n, generator, device) * s["scale"]
+    def draw(self, labels: Tensor, generator: torch.Generator) -> PatientDraws:
+        """Every patient's parameters from one ``rand`` call and a few whole-batch operations
+        (a handful of kernels per step instead of one per parameter and field)."""
+        rotate_deg, scale, translate, flip_prob, noise_std, gamma, contrast = self._strengths(
+            labels
+        ).unbind(1)
+        n = labels.shape[0]
+        # Columns: angle, zoom, shift x, shift y, flip, contrast, gamma.
+        u = torch.rand((n, 7), generator=generator, device=labels.device)
+        centred = u * 2.0 - 1.0  # U(-1, 1)
+        angle = centred[:, 0] * rotate_deg * (math.pi / 180.0)
+        zoom = 1.0 + centred[:, 1] * scale
         # Normalised coordinates span 2 units per image side.
-        shift = torch.stack(
-            [_uniform(n, generator, device), _uniform(n, generator, device)], dim=1
-        ) * (2.0 * s["translate"][:, None])
-        flip = torch.rand(n, generator=generator, device=device) < s["flip_prob"]
-        sign = torch.where(flip, -1.0, 1.0)
+        shift = centred[:, 2:4] * (2.0 * translate[:, None])
+        sign = torch.where(u[:, 4] < flip_prob, -1.0, 1.0)
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         theta = torch.stack(
-            [
-                torch.stack([cos * sign, -sin, shift[:, 0]], dim=1),
-                torch.stack([sin * sign, cos, shift[:, 1]], dim=1),
-            ],
-            dim=1,
+            [cos * sign, -sin, shift[:, 0], sin * sign, cos, shift[:, 1]], dim=1
+        ).view(n, 2, 3)
+        # Log-uniform in [1 - gamma, 1 + gamma]: brightening and darkening equally likely.
+        low, high = torch.log1p(-gamma), torch.log1p(gamma)
+        return PatientDraws(
+            theta=theta,
+            contrast=1.0 + centred[:, 5] * contrast,
+            gamma=torch.exp(torch.lerp(low, high, u[:, 6])),
+            noise_std=noise_std,
         )
-        return theta
 
     def __call__(
         self,
@@ -109,29 +124,22 @@ class ClassConditionalAugment:
             )
         images = images.float()
         labels = labels.to(images.device)
-        theta = self.patient_affines(labels, generator)[patient_index]
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        draws = self.draw(labels, generator)
+        grid = F.affine_grid(draws.theta[patient_index], list(images.shape), align_corners=False)
         out = F.grid_sample(
             images, grid, mode="bilinear", padding_mode="zeros", align_corners=False
         )
-        return self._intensity(out, patient_index, labels, generator)
+        return self._intensity(out, patient_index, draws, generator)
 
     def _intensity(
-        self, x: Tensor, patient_index: Tensor, labels: Tensor, generator: torch.Generator
+        self, x: Tensor, patient_index: Tensor, draws: PatientDraws, generator: torch.Generator
     ) -> Tensor:
-        s = self._strengths(labels)
-        n, device = labels.shape[0], labels.device
-        contrast = (1.0 + _uniform(n, generator, device) * s["contrast"])[patient_index]
-        log_gamma_lo = torch.log1p(-s["gamma"])
-        log_gamma_hi = torch.log1p(s["gamma"])
-        u = torch.rand(n, generator=generator, device=device)
-        gamma = torch.exp(log_gamma_lo + u * (log_gamma_hi - log_gamma_lo))[patient_index]
-        noise_std = s["noise_std"][patient_index]
-
+        # One gather of the per-patient values for all slices, as [S, 1, 1, 1] columns.
+        per_slice = torch.stack([draws.contrast, draws.gamma, draws.noise_std], dim=1)
+        contrast, gamma, noise_std = per_slice[patient_index].view(-1, 3, 1, 1).split(1, dim=1)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * contrast.view(-1, 1, 1, 1) + mean
+        x = torch.lerp(mean, x, contrast)  # (x - mean) * contrast + mean
         # Gamma is only defined for non-negative inputs; the clip is the window's own range.
-        x = x.clamp(0.0, 1.0).pow(gamma.view(-1, 1, 1, 1))
-        noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
-        x = x + noise * noise_std.view(-1, 1, 1, 1)
-        return x.clamp(0.0, 1.0)
+        x = x.clamp(0.0, 1.0).pow(gamma)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return torch.addcmul(x, noise, noise_std).clamp(0.0, 1.0)

@@ -22,7 +22,7 @@ def uint8_to_unit(x: Tensor) -> Tensor:
     """Cached uint8 window values (0..255) -> float32 window units in [0, 1]."""
     if x.dtype != torch.uint8:
         raise TypeError(f"expected a uint8 tensor from the cache, got {x.dtype}")
-    return x.to(torch.float32) / 255.0
+    return x.to(torch.float32).mul_(1.0 / 255.0)
 
 
 def normalize_slices(x: Tensor, mode: str = "zscore", eps: float = 1e-6) -> Tensor:
@@ -43,5 +43,6 @@ def normalize_slices(x: Tensor, mode: str = "zscore", eps: float = 1e-6) -> Tens
         return x * 2.0 - 1.0
     var, mean = torch.var_mean(x, dim=(-2, -1), correction=0, keepdim=True)
     std = var.sqrt()
-    flat = std <= eps
-    return torch.where(flat, torch.zeros_like(x), (x - mean) / std.masked_fill(flat, 1.0))
+    # Two passes over the pixels (subtract, scale); the per-slice factor is 0 for flat slices.
+    scale = torch.where(std > eps, std.reciprocal(), 0.0)
+    return (x - mean) * scale
