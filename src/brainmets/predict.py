@@ -23,6 +23,7 @@ from brainmets.data.cache import (
     PatientCache,
     PatientJob,
     PreprocessedPatient,
+    choose_for,
     is_nifti,
     map_jobs,
     patient_stem,
@@ -125,9 +126,12 @@ def batch_by_slices(items: Sequence, sizes: Sequence[int], budget: int) -> Itera
 # --------------------------------------------------------------------------- inputs
 
 
-def jobs_for_inputs(inputs: Sequence[str | Path]) -> tuple[list[PatientJob], list[Path], list]:
-    """Sort the command line into DICOM/NIfTI jobs, caches, and failure rows."""
-    from brainmets.data.manifest import index_dicom_root, rejection_reasons, series_files
+def jobs_for_inputs(
+    inputs: Sequence[str | Path], preprocess: PreprocessConfig
+) -> tuple[list[PatientJob], list[Path], list]:
+    """Sort the command line into DICOM/NIfTI jobs, caches, and failure rows; series in DICOM
+    folders are chosen for the run's preprocessing, as ``prepare`` chose them."""
+    from brainmets.data.manifest import index_dicom_root, patient_choice, series_files
 
     jobs: list[PatientJob] = []
     caches: list[Path] = []
@@ -141,16 +145,14 @@ def jobs_for_inputs(inputs: Sequence[str | Path]) -> tuple[list[PatientJob], lis
             caches.append(path)
         elif path.is_dir():
             index = index_dicom_root(path, workers=1, progress=False)
-            series = index.series  # already carries the default choice
+            series = choose_for(index.series, preprocess)
             for patient_id, rows in series.groupby("patient_id", sort=True):
-                picked = rows[rows["chosen"]]
-                if picked.empty:
-                    why = rejection_reasons(rows)
+                uid, why = patient_choice(rows)
+                if uid is None:
                     errors.append(
                         _error_row(str(patient_id), str(path), f"no usable series: {why}")
                     )
                     continue
-                uid = picked.iloc[0]["series_uid"]
                 jobs.append(
                     PatientJob(
                         patient_id=str(patient_id),
@@ -290,7 +292,7 @@ def predict(
     import os
 
     trained = load_trained(run, device, compile=compile)
-    jobs, caches, rows = jobs_for_inputs(inputs)
+    jobs, caches, rows = jobs_for_inputs(inputs, trained.preprocess)
     workers = workers if workers is not None else min(len(jobs), os.cpu_count() or 1)
     heat_dir = Path(heatmaps_dir) if heatmaps_dir else None
     if heat_dir:

@@ -133,3 +133,32 @@ def test_patient_file_names_are_safe_and_unique(patient_id, safe):
         assert stem == safe
     else:
         assert stem != patient_stem(patient_id + "x")
+
+
+@pytest.mark.parametrize(
+    ("preprocess", "description"),
+    [
+        (PreprocessConfig(), "STD BRAIN 5MM"),
+        (PreprocessConfig(slice_mm=1.0), "STD BRAIN 1MM, iDose"),
+        # The 5 mm series has 28 slices: below min_slices it is not eligible at any target.
+        (PreprocessConfig(min_slices=30), "STD BRAIN 1MM, iDose"),
+    ],
+)
+def test_patient_folders_choose_the_series_for_the_preprocessing(corpus, preprocess, description):
+    """A folder given to prepare (``path`` column) or to predict picks its series with the
+    same slab thickness and minimum slice count as an index does, not with the defaults."""
+    from brainmets.data.cache import PatientJob, load_patient_volume
+    from brainmets.data.manifest import index_dicom_root
+    from brainmets.predict import jobs_for_inputs
+
+    folder = corpus / "dcm_qa_ct/In/Philips/S21570"
+    series = index_dicom_root(folder, progress=False).series
+    expected = series.loc[series["description"] == description, "series_uid"].item()
+
+    job = PatientJob(patient_id="PLASTIC", label=0, kind="dicom_dir", path=str(folder))
+    volume, uid = load_patient_volume(job, preprocess)
+    assert uid == expected
+    assert volume.hu.shape[0] == series.loc[series["series_uid"] == expected, "num_slices"].item()
+
+    jobs, _, errors = jobs_for_inputs([folder], preprocess)
+    assert not errors and [j.series_uid for j in jobs] == [expected]

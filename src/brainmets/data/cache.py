@@ -269,22 +269,17 @@ def plan_jobs(
     A ``path`` column (NIfTI file or a patient's DICOM folder) wins over the series index;
     a ``series_uid`` column pins the series instead of the automatic choice.
     """
-    from brainmets.data.manifest import choose_series, rejection_reasons, series_files
+    from brainmets.data.manifest import patient_choice, series_files
 
     jobs: list[PatientJob] = []
     errors: list[dict] = []
-    chosen = None
+    by_patient = None
     if series_index is not None:
         pins = {}
         if "series_uid" in labels:
             pins = {r.patient_id: r.series_uid for r in labels.itertuples() if r.series_uid}
-        preprocess = preprocess or PreprocessConfig()
-        chosen = choose_series(
-            series_index.series,
-            target_mm=preprocess.slab_mm or 5.0,
-            min_slices=preprocess.min_slices,
-            pins=pins,
-        )
+        chosen = choose_for(series_index.series, preprocess or PreprocessConfig(), pins)
+        by_patient = {str(pid): rows for pid, rows in chosen.groupby("patient_id", sort=False)}
     for r in labels.itertuples():
         base = dict(
             patient_id=r.patient_id, label=int(r.label), split=getattr(r, "split", "") or ""
@@ -294,7 +289,7 @@ def plan_jobs(
             kind = "nifti" if is_nifti(path) else "dicom_dir"
             jobs.append(PatientJob(**base, kind=kind, path=path))
             continue
-        if chosen is None:
+        if by_patient is None:
             errors.append(
                 {
                     "patient_id": r.patient_id,
@@ -303,46 +298,45 @@ def plan_jobs(
                 }
             )
             continue
-        mine = chosen[(chosen["patient_id"] == r.patient_id) & chosen["chosen"]]
-        if mine.empty:
-            rows = chosen[chosen["patient_id"] == r.patient_id]
-            why = rejection_reasons(rows)
+        rows = by_patient.get(str(r.patient_id))
+        uid, why = patient_choice(rows) if rows is not None else (None, "patient not in the index")
+        if uid is None:
             errors.append(
-                {
-                    "patient_id": r.patient_id,
-                    "file": "",
-                    "reason": f"no usable series ({why or 'patient not in the index'})",
-                }
+                {"patient_id": r.patient_id, "file": "", "reason": f"no usable series ({why})"}
             )
             continue
-        uid = mine.iloc[0]["series_uid"]
         jobs.append(
             PatientJob(**base, kind="dicom", series_uid=uid, files=series_files(series_index, uid))
         )
     return jobs, errors
 
 
-def load_patient_volume(job: PatientJob):
-    """The HU volume of a job, whatever its source kind."""
-    from brainmets.data.dicom import load_series
-    from brainmets.data.manifest import (
-        choose_series,
-        index_dicom_root,
-        rejection_reasons,
-        series_files,
+def choose_for(
+    series: pd.DataFrame, preprocess: PreprocessConfig, pins: Mapping[str, str] | None = None
+) -> pd.DataFrame:
+    """``choose_series`` for these preprocessing parameters: the slab thickness is the target
+    (5 mm when slices stay native) and ``min_slices`` the floor, wherever series are chosen
+    (``prepare`` from an index or from patient folders, ``predict`` from folders)."""
+    from brainmets.data.manifest import choose_series
+
+    return choose_series(
+        series, target_mm=preprocess.slab_mm or 5.0, min_slices=preprocess.min_slices, pins=pins
     )
+
+
+def load_patient_volume(job: PatientJob, preprocess: PreprocessConfig):
+    """The HU volume of a job, whatever its source kind, and its SeriesInstanceUID."""
+    from brainmets.data.dicom import load_series
+    from brainmets.data.manifest import index_dicom_root, patient_choice, series_files
     from brainmets.data.nifti import load_nifti
 
     if job.kind == "nifti":
         return load_nifti(job.path), ""
     if job.kind == "dicom_dir":
         index = index_dicom_root(job.path, workers=1, progress=False)
-        series = choose_series(index.series)
-        picked = series[series["chosen"]]
-        if picked.empty:
-            reasons = rejection_reasons(series)
-            raise ValueError(f"{job.path}: no usable CT series ({reasons or 'no DICOM images'})")
-        uid = picked.iloc[0]["series_uid"]
+        uid, why = patient_choice(choose_for(index.series, preprocess))
+        if uid is None:
+            raise ValueError(f"{job.path}: no usable CT series ({why})")
         return load_series(series_files(index, uid)), uid
     return load_series(job.files), job.series_uid
 
@@ -362,7 +356,7 @@ def preprocess_patient(job: PatientJob, preprocess: PreprocessConfig) -> Preproc
     """Load one patient's volume and apply steps 1, 2 and 4 of the preprocessing."""
     from brainmets.data.volume import preprocess_volume
 
-    volume, series_uid = load_patient_volume(job)
+    volume, series_uid = load_patient_volume(job, preprocess)
     array, positions = preprocess_volume(
         volume,
         slice_mm=preprocess.slab_mm,

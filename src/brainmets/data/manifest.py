@@ -361,6 +361,15 @@ def rejection_reasons(series: pd.DataFrame) -> str:
     return "; ".join(f"{row.series_uid}: {row.reason}" for row in series.itertuples())
 
 
+def patient_choice(rows: pd.DataFrame) -> tuple[str | None, str]:
+    """The chosen SeriesInstanceUID among one patient's rows of a :func:`choose_series` table,
+    or ``None`` and why no series was chosen."""
+    picked = rows[rows["chosen"]]
+    if len(picked):
+        return str(picked.iloc[0]["series_uid"]), ""
+    return None, rejection_reasons(rows) or "no DICOM images"
+
+
 def series_files(index: SeriesIndex, series_uid: str) -> list[str]:
     """Paths of the image files of one series (unsorted: load_series sorts by position)."""
     return list(index._paths_by_series.get(series_uid, []))
