@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import model_throughput  # noqa: E402
 import pipeline_throughput  # noqa: E402
+import preprocess_throughput  # noqa: E402
 
 CPU_SMALL = {
     "model": ["--size", "128", "--batch", "8", "--iters", "3", "--warmup", "1"],
@@ -27,6 +28,7 @@ CPU_SMALL = {
         "--workers", "0", "--dicom-patients", "4", "--infer-slices", "32", "--infer-passes", "1", "--no-compile",
         "--static-slices", "12",
     ],
+    "preprocess": ["--patients", "4", "--repeats", "3"],
 }  # fmt: skip
 
 
@@ -35,10 +37,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cpu-small", action="store_true")
     args = parser.parse_args()
-    extra = CPU_SMALL if args.cpu_small else {"model": [], "pipeline": []}
+    extra = CPU_SMALL if args.cpu_small else {"model": [], "pipeline": [], "preprocess": []}
     report = {
         "model_throughput": model_throughput.main(extra["model"]),
         "pipeline_throughput": pipeline_throughput.main(extra["pipeline"]),
+        "preprocess_throughput": preprocess_throughput.main(extra["preprocess"]),
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

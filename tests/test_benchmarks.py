@@ -106,3 +106,30 @@ def test_step_profile_writes_traces_and_per_step_figures(tmp_path):
     for name in ("stage1-pipeline.json", "stage1-reference.json"):
         assert json.loads((tmp_path / name).read_text())["traceEvents"]
     assert "beyond the reference" in done.stdout
+
+
+def test_preprocess_benchmark_times_every_step_and_matches_the_reference(tmp_path):
+    out = tmp_path / "pre.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "preprocess_throughput.py"),
+            "--patients",
+            "1",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["ms_per_slice"]) == {
+        "decode to HU", "5 mm slabs", "brain window", "resize", "resize, plain PyTorch", "uint8",
+    }  # fmt: skip
+    assert all(_finite(ms) for ms in report["ms_per_slice"].values())
+    assert report["slabs"] < report["slices"]  # 1 mm slices really were averaged into slabs
+    assert report["resize_max_abs_difference"] < 1e-4
