@@ -114,6 +114,19 @@ def _assert_same_run(expected: Path, got: Path) -> None:
     )
 
 
+def _tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of every scalar as TensorBoard shows them (purged events hidden)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+        if tag != "epoch/seconds"
+    }
+
+
 def test_interrupted_and_resumed_run_ends_bit_identical(full_run, cache_dir, tmp_path):
     run, _ = full_run
     # 2 batches per epoch; the kill at step 4 (end of epoch 1, stage 2) comes after the periodic
@@ -124,6 +137,14 @@ def test_interrupted_and_resumed_run_ends_bit_identical(full_run, cache_dir, tmp
     assert (state["train_state"]["epoch"], state["train_state"]["batch"]) == (1, 1)
     train(_config(cache_dir), tmp_path, resume=True)
     _assert_same_run(run, tmp_path)
+    # The stopped run had logged step 4's loss after the state of step 3; the resumed run logs
+    # step 4 again. TensorBoard must show each step once, with the values of the full run.
+    expected, got = _tensorboard_scalars(run), _tensorboard_scalars(tmp_path)
+    assert expected["train/loss_step"] and [s for s, _ in expected["epoch/auc"]] == [2, 4, 6]
+    assert got.keys() == expected.keys()
+    for tag in expected:
+        assert [s for s, _ in got[tag]] == [s for s, _ in expected[tag]], tag
+        np.testing.assert_allclose([v for _, v in got[tag]], [v for _, v in expected[tag]])
 
 
 def test_device_resident_cohort_trains_bit_identical_to_the_loader(full_run, cache_dir, tmp_path):

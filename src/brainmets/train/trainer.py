@@ -8,7 +8,7 @@ self-contained run directory::
     splits.csv             patient_id, split
     train.log              the log of every run and resume
     metrics.csv            one row per epoch (METRIC_COLUMNS)
-    tensorboard/           the same scalars for TensorBoard
+    tensorboard/           the same scalars for TensorBoard, at the optimiser step
     model.safetensors      best epoch by ``train.best_metric`` (+ model.json: threshold,
                            preprocessing, normalisation, architecture, config hash)
     val_predictions.csv    patient_id, label, probability of the best epoch
@@ -391,11 +391,16 @@ class Trainer:
         return handler
 
     def _open_tensorboard(self):
+        """Every scalar is logged at the optimiser step. On resume, events written after the
+        saved state (by the run that was stopped) are purged from the view: the resumed run
+        writes those steps again, so each shows once, as in an uninterrupted run."""
         if not self.dist.is_main:
             return None
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+        # The saved state includes what was logged at its own step (logging comes first).
+        purge = self.state.global_step + 1 if self.state.global_step else None
+        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
 
     def _make_splits(self, resume: bool) -> dict[str, list[str]]:
         path = self.run_dir / "splits.csv"
@@ -626,10 +631,10 @@ class Trainer:
                 self.run_dir / "metrics.csv",
                 pd.DataFrame(self.state.history, columns=METRIC_COLUMNS),
             )
-            for key in METRIC_COLUMNS[2:]:
+            for key in METRIC_COLUMNS:
                 value = row[key]
                 if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(f"epoch/{key}", value, epoch)
+                    self.writer.add_scalar(f"epoch/{key}", value, self.state.global_step)
             self.writer.flush()
         log.info(
             "epoch %d stage %d: train_loss %.4f val_loss %.4f auc %.3f f1 %.3f (threshold %.2f) "
