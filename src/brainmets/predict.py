@@ -127,10 +127,14 @@ def batch_by_slices(items: Sequence, sizes: Sequence[int], budget: int) -> Itera
 
 
 def jobs_for_inputs(
-    inputs: Sequence[str | Path], preprocess: PreprocessConfig
+    inputs: Sequence[str | Path],
+    preprocess: PreprocessConfig,
+    workers: int = 1,
+    progress: bool = False,
 ) -> tuple[list[PatientJob], list[Path], list]:
     """Sort the command line into DICOM/NIfTI jobs, caches, and failure rows; series in DICOM
-    folders are chosen for the run's preprocessing, as ``prepare`` chose them."""
+    folders are chosen for the run's preprocessing, as ``prepare`` chose them. Headers are
+    read by ``workers`` processes (a DICOM root of many patients is many thousand files)."""
     from brainmets.data.manifest import index_dicom_root, patient_choice, series_files
 
     jobs: list[PatientJob] = []
@@ -144,7 +148,7 @@ def jobs_for_inputs(
         elif (path / "preprocess.json").is_file():
             caches.append(path)
         elif path.is_dir():
-            index = index_dicom_root(path, workers=1, progress=False)
+            index = index_dicom_root(path, workers=workers, progress=progress)
             series = choose_for(index.series, preprocess)
             for patient_id, rows in series.groupby("patient_id", sort=True):
                 uid, why = patient_choice(rows)
@@ -292,8 +296,11 @@ def predict(
     import os
 
     trained = load_trained(run, device, compile=compile)
-    jobs, caches, rows = jobs_for_inputs(inputs, trained.preprocess)
-    workers = workers if workers is not None else min(len(jobs), os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    jobs, caches, rows = jobs_for_inputs(
+        inputs, trained.preprocess, workers=workers or cores, progress=progress
+    )
+    workers = workers if workers is not None else min(len(jobs), cores)
     heat_dir = Path(heatmaps_dir) if heatmaps_dir else None
     if heat_dir:
         heat_dir.mkdir(parents=True, exist_ok=True)
