@@ -25,6 +25,8 @@ import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -32,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from model_throughput import PlainReference, device_name  # beside this script
 from torch import nn
@@ -293,6 +296,17 @@ def _decode_preprocess_count(files: list[str], size: int) -> int:
     return int(volume.hu.shape[0])
 
 
+def _cli_seconds(*command) -> float:
+    """Wall time of ``brainmets COMMAND`` in a new process (start-up included)."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "brainmets", *map(str, command)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"brainmets {command[0]} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
 def dicom_rates(args, root: Path, run: Path) -> dict[str, float]:
     """Slices/s from generated 512^2 DICOM on all cores.
 
@@ -304,16 +318,15 @@ def dicom_rates(args, root: Path, run: Path) -> dict[str, float]:
     from functools import partial
     from multiprocessing import get_context
 
-    from brainmets.data.cache import prepare_cache
-    from brainmets.data.manifest import index_dicom_root, read_labels, series_files
+    from brainmets.data.manifest import index_dicom_root, series_files, write_index
     from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
-    from brainmets.predict import predict
 
     cores = os.cpu_count() or 1
     cohort = root / "dicom-cohort"
     synth = SynthConfig(num_patients=args.dicom_patients, matrix=512)
-    labels = read_labels(write_synthetic_cohort(cohort, synth, progress=False, workers=cores))
+    labels = write_synthetic_cohort(cohort, synth, progress=False, workers=cores)
     index = index_dicom_root(cohort / "dicom", progress=False, workers=cores)
+    write_index(index, root / "index")
     chosen = index.series[index.series["chosen"]]
     series = [series_files(index, uid) for uid in chosen["series_uid"]]
     slices = int(chosen["num_slices"].sum())
@@ -337,16 +350,18 @@ def dicom_rates(args, root: Path, run: Path) -> dict[str, float]:
     one_core = sum(load_series(files).hu.shape[0] for files in few)
     decode_one_core = one_core / (time.perf_counter() - start)
 
-    start = time.perf_counter()
-    prepare_cache(labels, root / "prep", PreprocessConfig(size=args.size), series_index=index,
-                  workers=workers, progress=False)  # fmt: skip
-    prepare_all = slices / (time.perf_counter() - start)
-
-    start = time.perf_counter()
-    result = predict(run, [cohort / "dicom"], out_csv=root / "predictions.csv",
-                     device=args.device, workers=workers, progress=False)  # fmt: skip
-    predict_all = slices / (time.perf_counter() - start)
-    assert result.failed == 0, result.table["error"].tolist()
+    # As a user runs them: the CLI in a new process, whose workers import only what the CLI
+    # needs (inside this script they would also import this script's torch and models).
+    prepare_all = slices / _cli_seconds(
+        "prepare", "--labels", labels, "--index", root / "index", "--out", root / "prep",
+        "--workers", workers, "--set", f"preprocess.size={args.size}",
+    )  # fmt: skip
+    predictions = root / "predictions.csv"
+    predict_all = slices / _cli_seconds(
+        "predict", run, cohort / "dicom", "--out", predictions, "--device", args.device
+    )
+    errors = pd.read_csv(predictions, keep_default_na=False)["error"]
+    assert (errors == "").all(), errors.tolist()
     return {
         "decode_slices_per_s": decode,
         "decode_preprocess_slices_per_s": preprocess,
@@ -461,6 +476,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.infer_passes < 1:
+        parser.error("--infer-passes must be at least 1")
     sections = set(args.sections.split(","))
     if unknown := sections - {"train", "inference", "dicom"}:
         parser.error(f"unknown sections {sorted(unknown)}")

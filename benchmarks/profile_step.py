@@ -4,7 +4,7 @@
 For each curriculum stage it runs ``--steps`` steps of each under ``torch.profiler`` after a
 warm-up, and prints per step: wall time, the device's busy time (kernels summed; one stream,
 so they do not overlap), the host's time inside the step function, kernel launches and
-operator calls, then the operators that cost the most device time (CPU time on a CPU) for
+operator calls (device events count kernels, copies and memsets alike), then the operators that cost the most device time (CPU time on a CPU) for
 the pipeline. A device busy well under the wall time with a host time near it means the host
 cannot queue work fast enough (launch-bound); busy ≈ wall with more kernel time than the
 reference means extra or slower kernels, named in the table. Chrome traces (open in
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.close()
 
     print(f"{args.arch}, {args.size}px, {device}, torch {torch.__version__}, per step:")
-    print(f"{'':<20} {'wall ms':>8} {'host ms':>8} {'busy ms':>8} {'kernels':>8} {'aten':>6}")
+    print(f"{'':<20} {'wall ms':>8} {'host ms':>8} {'busy ms':>8} {'dev ops':>8} {'aten':>6}")
     for key, found in report.items():
         busy = found["device_busy_ms"]
         print(

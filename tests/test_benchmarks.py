@@ -60,7 +60,7 @@ def test_pipeline_benchmark_measures_every_section(tmp_path):
 
 
 def test_pipeline_benchmark_sections_can_be_chosen(tmp_path):
-    out = tmp_path / "dicom-only.json"
+    out = tmp_path / "inference-only.json"
     done = subprocess.run(
         [
             sys.executable,
@@ -102,7 +102,6 @@ def test_step_profile_writes_traces_and_per_step_figures(tmp_path):
     assert set(summary) == {"stage1/pipeline", "stage1/reference"}
     for found in summary.values():
         assert _finite(found["wall_ms"]) and _finite(found["aten_calls"])
-        assert found["host_ms"] <= found["wall_ms"] * 1.01
     for name in ("stage1-pipeline.json", "stage1-reference.json"):
         assert json.loads((tmp_path / name).read_text())["traceEvents"]
     assert "beyond the reference" in done.stdout

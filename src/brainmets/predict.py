@@ -9,9 +9,10 @@ the device. A patient that cannot be read gets a row with its error and the othe
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -34,9 +35,11 @@ from brainmets.device import resolve_device
 from brainmets.io import atomic_write_csv
 from brainmets.model.checkpoint import load_checkpoint
 from brainmets.model.resnet import BrainMetsNet
-from brainmets.model.scoring import PatientScore, SliceScorer, concatenate_patients
+from brainmets.model.scoring import PatientScore, SliceScorer
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 PREDICTION_COLUMNS = [
     "patient_id",
@@ -110,15 +113,18 @@ def load_trained(
     return TrainedModel(model, sidecar, dev, scorer)
 
 
-def batch_by_slices(items: Sequence, sizes: Sequence[int], budget: int) -> Iterator[list]:
-    """Group whole patients into batches of at most ``budget`` slices (a patient never splits)."""
-    batch, used = [], 0
-    for item, size in zip(items, sizes, strict=True):
-        if batch and used + size > budget:
+def batch_by_slices(items: Iterable[T], budget: int, size: Callable[[T], int]) -> Iterator[list[T]]:
+    """Group whole patients into batches of at most ``budget`` slices (a patient never splits;
+    one larger than the budget is a batch of its own). Lazy: items may come from a stream."""
+    batch: list[T] = []
+    used = 0
+    for item in items:
+        n = size(item)
+        if batch and used + n > budget:
             yield batch
             batch, used = [], 0
         batch.append(item)
-        used += size
+        used += n
     if batch:
         yield batch
 
@@ -331,34 +337,16 @@ def predict(
                 seen.add(item.job.patient_id)
                 yield item
 
-    pending: list[PreprocessedPatient] = []
-
-    pinned = trained.device.type == "cuda"
-
-    def flush() -> None:
-        grouped = list(batch_by_slices(pending, [p.array.shape[0] for p in pending], batch_slices))
-        flats = (
-            (i, *concatenate_patients([p.array for p in batch], pinned=pinned))
-            for i, batch in enumerate(grouped)
-        )
-        for i, scores in trained.scorer.score_batches(flats):
-            for item, score in zip(grouped[i], scores, strict=True):
-                rows.append(_row(trained, item, score))
-                if heat_dir:
-                    write_heatmaps(
-                        trained, item.job.patient_id, item.array, score.slice_logits, heat_dir,
-                        top_k,
-                    )  # fmt: skip
-        pending.clear()
-
-    used = 0
-    for item in items():
-        pending.append(item)
-        used += item.array.shape[0]
-        if used >= batch_slices:
-            flush()
-            used = 0
-    flush()
+    # One stream from the first patient to the last, so one batch stays in flight throughout.
+    batches = batch_by_slices(items(), batch_slices, size=lambda item: item.array.shape[0])
+    flats = ((batch, *trained.scorer.concatenate([p.array for p in batch])) for batch in batches)
+    for batch, scores in trained.scorer.score_batches(flats):
+        for item, score in zip(batch, scores, strict=True):
+            rows.append(_row(trained, item, score))
+            if heat_dir:
+                write_heatmaps(
+                    trained, item.job.patient_id, item.array, score.slice_logits, heat_dir, top_k
+                )
 
     table = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
     table["error"] = table["error"].fillna("")

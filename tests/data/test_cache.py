@@ -162,3 +162,28 @@ def test_patient_folders_choose_the_series_for_the_preprocessing(corpus, preproc
 
     jobs, _, errors = jobs_for_inputs([folder], preprocess)
     assert not errors and [j.series_uid for j in jobs] == [expected]
+
+
+def test_pool_workers_run_one_thread_each(tmp_path):
+    """prepare's and predict's workers are the parallelism: each must use one torch and one
+    OpenCV thread, also when the parent script imported torch before the pool started (a
+    spawned worker runs that script again, so torch is loaded before the initializer)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import torch\n"
+        "from brainmets.data.cache import map_jobs\n\n"
+        "def threads(job):\n"
+        "    import cv2\n"
+        "    return torch.get_num_threads(), cv2.getNumThreads()\n\n"
+        "if __name__ == '__main__':\n"
+        "    torch.set_num_threads(2)\n"
+        "    print(sorted(set(map_jobs(threads, list(range(4)), workers=2, progress=False))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[(1, 1)]"

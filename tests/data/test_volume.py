@@ -91,8 +91,10 @@ def test_resize_is_anti_aliased():
      ((2, 512, 384), 256), ((2, 300, 300), 256), ((1, 128, 128), 256)],
 )  # fmt: skip
 def test_resize_equals_torch_antialiased_bilinear(shape, size):
-    """Whole-number shrinks take the OpenCV path; it must equal the reference filter, the
-    border's renormalised kernels included. Other sizes go through torch itself."""
+    """Whole-number shrinks (here 2x, 3x, 4x, and 512x384 padded to 512^2) take the OpenCV
+    path; it must equal the reference filter, the border's renormalised kernels included.
+    300 -> 256 and 128 -> 256 are not whole-number shrinks: they check that such sizes reach
+    torch's own resize rather than the fast path."""
     import torch
     import torch.nn.functional as F
 

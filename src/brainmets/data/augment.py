@@ -14,8 +14,8 @@ gathered by ``patient_index`` and the whole batch is resampled by one ``grid_sam
 about the mid-sagittal plane, while an upside-down head is not a plausible scan.
 
 Intensity, drawn per patient, in window units: contrast (a factor in [1-c, 1+c] scaling each
-slice about its own mean), gamma (``x ** g`` with g log-uniform in [1-gamma, 1+gamma], so
-brightening and darkening are equally likely), then Gaussian noise per pixel (``noise_std``
+slice about its own mean), gamma (``x ** g`` with g log-uniform in [1-gamma, 1+gamma]: a
+factor and its inverse about equally likely; P(g < 1) is 0.51 at gamma 0.05), then Gaussian noise per pixel (``noise_std``
 in window units: 0.01 = 0.8 HU); finally clipped to [0, 1], the range of the stored window.
 
 All randomness comes from a ``torch.Generator`` on the batch's device, so a run is reproducible
@@ -102,7 +102,7 @@ class ClassConditionalAugment:
         theta = torch.stack(
             [cos * sign, -sin, shift[:, 0], sin * sign, cos, shift[:, 1]], dim=1
         ).view(n, 2, 3)
-        # Log-uniform in [1 - gamma, 1 + gamma]: brightening and darkening equally likely.
+        # Log-uniform in [1 - gamma, 1 + gamma] (multiplicative: P(g < 1) = 0.51 at 0.05).
         low, high = torch.log1p(-gamma), torch.log1p(gamma)
         return PatientDraws(
             theta=theta,

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -429,10 +430,14 @@ def _errors_path(root: Path, num_shards: int, shard_id: int) -> Path:
 def one_thread_per_worker() -> None:
     """Pool initializer: the parallelism is the processes', so each worker uses one thread.
 
-    Set before anything imports torch (the resize only needs it for uncommon sizes), so its
-    thread pool starts at one; OpenCV's is set directly.
+    The CLI's workers never import torch unless the resize needs it (uncommon sizes): the
+    environment variable makes its thread pool start at one then. A worker whose parent's
+    main script imported torch (spawn runs that script again first) has it already: set it.
     """
     os.environ["OMP_NUM_THREADS"] = "1"
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
     import cv2
 
     cv2.setNumThreads(1)

@@ -23,7 +23,6 @@ from brainmets.config import EvaluateConfig, load_config
 from brainmets.data.cache import PatientCache
 from brainmets.evaluate.metrics import evaluate_predictions
 from brainmets.io import atomic_write_csv, atomic_write_text
-from brainmets.model.scoring import concatenate_patients
 from brainmets.predict import batch_by_slices, load_trained
 
 log = logging.getLogger(__name__)
@@ -91,17 +90,15 @@ def score_cache(
     trained.check_cache(cache)
     rows_of = cache.index.set_index("patient_id").loc[patient_ids]  # one lookup, not one per use
     label_of = dict(zip(patient_ids, rows_of["label"].astype(int).tolist(), strict=True))
-    sizes = rows_of["num_slices"].astype(int).tolist()
-    batches = list(batch_by_slices(patient_ids, sizes, batch_slices))
-
-    pinned = trained.device.type == "cuda"
+    size_of = dict(zip(patient_ids, rows_of["num_slices"].astype(int).tolist(), strict=True))
+    batches = list(batch_by_slices(patient_ids, batch_slices, size=size_of.__getitem__))
 
     def loaded() -> Iterator[tuple[int, np.ndarray, list[int]]]:
         """Batches out of the memory maps, the next one read by a thread meanwhile."""
         with ThreadPoolExecutor(max_workers=1) as reader:
 
             def load(batch: list[str]) -> tuple[np.ndarray, list[int]]:
-                return concatenate_patients([cache.load(pid) for pid in batch], pinned=pinned)
+                return trained.scorer.concatenate([cache.load(pid) for pid in batch])
 
             pending = reader.submit(load, batches[0]) if batches else None
             for i in range(len(batches)):

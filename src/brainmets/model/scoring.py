@@ -144,14 +144,21 @@ class SliceScorer:
 
     def _launch(self, key: K, flat: np.ndarray, counts: Sequence[int]) -> _InFlight:
         out = self.score_flat(torch.from_numpy(flat), counts)
-        # non_blocking device -> host copies land in pinned memory; the event says when.
-        host = [t.to("cpu", non_blocking=True) for t in out]
+        # From CUDA, non_blocking copies land in pinned memory and the event says when; other
+        # devices copy back blocking.
+        cuda = self.device.type == "cuda"
+        host = [t.to("cpu", non_blocking=cuda) for t in out]
         event = None
-        if self.device.type == "cuda":
+        if cuda:
             event = torch.cuda.Event()
             event.record()
         # ``flat`` is held until the collect: its copy to the device may still be running.
         return _InFlight(key, flat, list(counts), host, event)
+
+    def concatenate(self, arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+        """``concatenate_patients`` into pinned memory when scoring on a GPU (the copy is then a
+        DMA the host does not wait for), into ordinary memory otherwise."""
+        return concatenate_patients(arrays, pinned=self.device.type == "cuda")
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> PatientOutput:
         """Pooled outputs of several patients (uint8 [N_i, H, W] each), as the model's forward
