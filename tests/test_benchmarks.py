@@ -28,15 +28,21 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def test_pipeline_benchmark_measures_every_section(tmp_path):
-    out = tmp_path / "pipeline.json"
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    """A benchmark script as the README runs it; fails the test with its stderr if it fails."""
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "pipeline_throughput.py"), *TINY, "--json", str(out)],
+        [sys.executable, str(BENCHMARKS / script), *args],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_pipeline_benchmark_measures_every_section(tmp_path):
+    out = tmp_path / "pipeline.json"
+    done = _run("pipeline_throughput.py", *TINY, "--json", str(out))
     report = json.loads(out.read_text())
 
     assert set(report["results"]) == {"stage1", "stage2", "stage3", "inference"}
@@ -61,43 +67,13 @@ def test_pipeline_benchmark_measures_every_section(tmp_path):
 
 def test_pipeline_benchmark_sections_can_be_chosen(tmp_path):
     out = tmp_path / "inference-only.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "pipeline_throughput.py"),
-            *TINY,
-            "--sections",
-            "inference",
-            "--json",
-            str(out),
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run("pipeline_throughput.py", *TINY, "--sections", "inference", "--json", str(out))
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"inference"} and report["dicom"] is None
 
 
 def test_step_profile_writes_traces_and_per_step_figures(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "profile_step.py"),
-            *TINY,
-            "--steps",
-            "2",
-            "--stages",
-            "1",
-            "--out",
-            str(tmp_path),
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _run("profile_step.py", *TINY, "--steps", "2", "--stages", "1", "--out", str(tmp_path))
     summary = json.loads((tmp_path / "profile.json").read_text())
     assert set(summary) == {"stage1/pipeline", "stage1/reference"}
     for found in summary.values():
@@ -109,22 +85,7 @@ def test_step_profile_writes_traces_and_per_step_figures(tmp_path):
 
 def test_preprocess_benchmark_times_every_step_and_matches_the_reference(tmp_path):
     out = tmp_path / "pre.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "preprocess_throughput.py"),
-            "--patients",
-            "1",
-            "--repeats",
-            "1",
-            "--json",
-            str(out),
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run("preprocess_throughput.py", "--patients", "1", "--repeats", "1", "--json", str(out))
     report = json.loads(out.read_text())
     assert set(report["ms_per_slice"]) == {
         "decode to HU", "5 mm slabs", "brain window", "resize", "resize, plain PyTorch", "uint8",

@@ -135,7 +135,7 @@ def triangle_taps(factor: int) -> tuple[np.ndarray, int]:
 def _shrink_by_integer(x: np.ndarray, factor: int) -> np.ndarray:
     """Anti-aliased shrink of square float32 [N, S, S] slices by a whole ``factor``.
 
-    The same weights as ``F.interpolate(..., antialias=True)`` (a test holds it) at ~1.8x its
+    The same weights as ``F.interpolate(..., antialias=True)`` (a test holds it) at 1.5-1.8x its
     speed on one core: one separable OpenCV filter per slice, then every ``factor``-th pixel.
     The border is zero-padded and each output divided by the share of its weights that fell
     inside the image, which is how the reference renormalises the truncated kernels there.
