@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         synth = SynthConfig(
             num_patients=args.patients,
             matrix=512,
-            slices=(40, 60),
+            slices=(50, 60),
             slice_thickness_mm=args.thickness,
         )
         write_synthetic_cohort(Path(tmp), synth, progress=False, workers=1)

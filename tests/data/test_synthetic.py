@@ -371,6 +371,7 @@ def test_rewriting_is_idempotent_and_foreign_folders_are_refused(tmp_path):
         ({"positive_fraction": 1.5}, "positive_fraction"),
         ({"field_of_view_mm": 150.0}, "field_of_view_mm"),
         ({"matrix": "big"}, "matrix"),
+        ({"slices": (12, 12), "slice_thickness_mm": 2.5}, "cover at least 50 mm"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, message):

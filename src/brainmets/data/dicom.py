@@ -14,6 +14,8 @@ Decisions where the standard leaves room:
 - **Missing rescale tags.** RescaleSlope and RescaleIntercept are Type 1 in the CT Image module;
   a CT file without them is a :class:`SeriesError`. Guessing an intercept of 0 would shift every
   value of an unsigned scanner by 1024 HU and silently produce a blank brain window.
+- **Multi-frame (Enhanced CT).** Each frame is a slice, with the position, orientation and
+  rescale of its functional groups (per frame, else shared); one file may hold the series.
 - **Geometry.** Slices are ordered by ImagePositionPatient projected on the slice normal (cross
   product of the two ImageOrientationPatient direction cosines), never by file name or
   InstanceNumber. Two slices at the same position -> ``"not a volume"``; differing matrix sizes
@@ -71,7 +73,8 @@ class HUVolume:
     source: str = ""
     """SeriesInstanceUID for DICOM, the file path for NIfTI."""
     files: list[str] = field(default_factory=list)
-    """The DICOM files in position order ([] for NIfTI)."""
+    """The DICOM file of each slice in position order (a multi-frame file once per frame; []
+    for NIfTI)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,10 +143,12 @@ def slice_normal(orientation: Sequence[float]) -> np.ndarray:
     return normal / norm
 
 
-def _orientation(path: str, ds: Dataset) -> np.ndarray:
-    if "ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds:
-        raise SeriesError(path, "missing ImageOrientationPatient/ImagePositionPatient")
-    return np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+def _orientation(frame: _Frame) -> np.ndarray:
+    orientation = frame.value("PlaneOrientationSequence", "ImageOrientationPatient")
+    position = frame.value("PlanePositionSequence", "ImagePositionPatient")
+    if orientation is None or position is None:
+        raise SeriesError(frame.name, "missing ImageOrientationPatient/ImagePositionPatient")
+    return np.asarray(orientation, dtype=np.float64)
 
 
 def _spacing_warnings(positions: np.ndarray) -> list[str]:
@@ -212,9 +217,71 @@ def _read_instance(path: str) -> Dataset:
         raise SeriesError(path, "a DICOM directory (DICOMDIR/DIRFILE), not an image")
     if "PixelData" not in ds:
         raise SeriesError(path, "no pixel data")
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise SeriesError(path, "multi-frame images are not supported (one slice per file)")
     return ds
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-frame (Enhanced CT) images
+# --------------------------------------------------------------------------------------------
+
+
+def is_multiframe(ds: Dataset) -> bool:
+    """An enhanced image: frames described by functional groups (also with a single frame)."""
+    return "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+
+
+def number_of_frames(ds: Dataset) -> int:
+    try:
+        return max(int(ds.get("NumberOfFrames", 1) or 1), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def frame_value(ds: Dataset, frame: int | None, sequence: str, keyword: str):
+    """``keyword`` for one frame: from the frame's functional group (Per-Frame), else the
+    shared one, else the top-level dataset, where single-frame images keep it.
+
+    Enhanced CT moves ImagePositionPatient into PlanePositionSequence, ImageOrientationPatient
+    into PlaneOrientationSequence, RescaleSlope/Intercept into PixelValueTransformationSequence
+    and SliceThickness/PixelSpacing into PixelMeasuresSequence, each either per frame or
+    shared by all frames.
+    """
+    groups = []
+    if frame is not None:
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        if per_frame is not None and frame < len(per_frame):
+            groups.append(per_frame[frame])
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        if shared:
+            groups.append(shared[0])
+    for group in groups:
+        items = group.get(sequence)
+        if items and items[0].get(keyword) is not None:
+            return items[0].get(keyword)
+    return ds.get(keyword)
+
+
+@dataclass
+class _Frame:
+    """One slice of a series: a single-frame file, or one frame of a multi-frame file."""
+
+    path: str
+    ds: Dataset
+    index: int | None  # frame number (0-based) in a multi-frame file, None for single-frame
+
+    @property
+    def name(self) -> str:
+        """How errors name it: the file, and the frame (1-based, as DICOM counts) if any."""
+        return self.path if self.index is None else f"{self.path} (frame {self.index + 1})"
+
+    def value(self, sequence: str, keyword: str):
+        return frame_value(self.ds, self.index, sequence, keyword)
+
+
+def _frames(path: str, ds: Dataset) -> list[_Frame]:
+    if not is_multiframe(ds):
+        return [_Frame(path, ds, None)]
+    return [_Frame(path, ds, i) for i in range(number_of_frames(ds))]
 
 
 def _decode(path: str, ds: Dataset) -> np.ndarray:
@@ -228,9 +295,14 @@ def _decode(path: str, ds: Dataset) -> np.ndarray:
         ) from err
 
 
-def slice_hounsfield(path: str, ds: Dataset, stored: np.ndarray) -> np.ndarray:
-    """HU of one slice: stored x RescaleSlope + RescaleIntercept of *this* file; padding -> air."""
-    if ds.get("RescaleSlope") is None or ds.get("RescaleIntercept") is None:
+def slice_hounsfield(
+    path: str, ds: Dataset, stored: np.ndarray, frame: int | None = None
+) -> np.ndarray:
+    """HU of one slice: stored x RescaleSlope + RescaleIntercept of *this* file (of this frame,
+    in a multi-frame file); padding -> air."""
+    slope = frame_value(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
+    intercept = frame_value(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept")
+    if slope is None or intercept is None:
         raise SeriesError(path, "missing RescaleSlope/RescaleIntercept: HU cannot be derived")
     if stored.ndim != 2:
         raise SeriesError(path, f"expected one grey-scale slice, got pixel array {stored.shape}")
@@ -238,7 +310,7 @@ def slice_hounsfield(path: str, ds: Dataset, stored: np.ndarray) -> np.ndarray:
     # pydicom's apply_modality_lut goes through float64, which took a tenth of the decode
     # time; stored integers stay exact (below 2^24).
     hu = stored.astype(np.float32)
-    slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    slope, intercept = float(slope), float(intercept)
     if slope != 1.0:
         hu *= np.float32(slope)
     hu += np.float32(intercept)
@@ -264,24 +336,27 @@ def load_series(files: Sequence[str | os.PathLike[str]]) -> HUVolume:
         raise SeriesError("<empty series>", "no files")
 
     headers = [_read_instance(path) for path in paths]
+    frames = [frame for path, ds in zip(paths, headers, strict=True) for frame in _frames(path, ds)]
 
-    first = headers[0]
-    iop = _orientation(paths[0], first)
+    first = frames[0]
+    iop = _orientation(first)
     try:
         normal = slice_normal(iop)
     except ValueError as err:
-        raise SeriesError(paths[0], str(err)) from err
-    positions = np.empty(len(paths), dtype=np.float64)
-    for i, (path, ds) in enumerate(zip(paths, headers, strict=True)):
-        if not np.allclose(_orientation(path, ds), iop, atol=1e-3):
-            raise SeriesError(path, "ImageOrientationPatient differs within the series")
-        if (ds.get("Rows"), ds.get("Columns")) != (first.get("Rows"), first.get("Columns")):
+        raise SeriesError(first.name, str(err)) from err
+    rows, columns = first.ds.get("Rows"), first.ds.get("Columns")
+    positions = np.empty(len(frames), dtype=np.float64)
+    for i, frame in enumerate(frames):
+        if not np.allclose(_orientation(frame), iop, atol=1e-3):
+            raise SeriesError(frame.name, "ImageOrientationPatient differs within the series")
+        if (frame.ds.get("Rows"), frame.ds.get("Columns")) != (rows, columns):
             raise SeriesError(
-                path,
-                f"mixed matrix sizes: {ds.get('Rows')}x{ds.get('Columns')} "
-                f"vs {first.get('Rows')}x{first.get('Columns')} in {paths[0]}",
+                frame.path,
+                f"mixed matrix sizes: {frame.ds.get('Rows')}x{frame.ds.get('Columns')} "
+                f"vs {rows}x{columns} in {first.path}",
             )
-        positions[i] = float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal))
+        position = frame.value("PlanePositionSequence", "ImagePositionPatient")
+        positions[i] = float(np.dot(np.asarray(position, float), normal))
 
     order = np.argsort(positions, kind="stable")
     positions = positions[order]
@@ -289,26 +364,33 @@ def load_series(files: Sequence[str | os.PathLike[str]]) -> HUVolume:
     if steps.size and steps.min() < DUPLICATE_TOLERANCE_MM:
         i = int(np.argmin(steps))
         raise SeriesError(
-            paths[order[i + 1]],
+            frames[order[i + 1]].name,
             f"not a volume: {int((steps < DUPLICATE_TOLERANCE_MM).sum()) + 1} slices share "
-            f"positions along the normal (e.g. {positions[i]:.2f} mm, also {paths[order[i]]})",
+            f"positions along the normal (e.g. {positions[i]:.2f} mm, also "
+            f"{frames[order[i]].name})",
         )
 
-    sorted_paths = [paths[i] for i in order]
-    hu = np.empty((len(paths), int(first.Rows), int(first.Columns)), dtype=np.float32)
+    hu = np.empty((len(frames), int(rows), int(columns)), dtype=np.float32)
+    decoded: dict[str, np.ndarray] = {}  # a multi-frame file is decoded once, for all frames
     for k, i in enumerate(order):
-        path, ds = paths[i], headers[i]
-        stored = _decode(path, ds)
-        if stored.shape != hu.shape[1:]:
-            raise SeriesError(path, f"pixel array {stored.shape} does not match {hu.shape[1:]}")
-        hu[k] = slice_hounsfield(path, ds, stored)
+        frame = frames[i]
+        if frame.path not in decoded:
+            decoded[frame.path] = _decode(frame.path, frame.ds)
+        pixels = decoded[frame.path]
+        if frame.index is not None and pixels.ndim == 3:
+            pixels = pixels[frame.index]
+        if pixels.shape != hu.shape[1:]:
+            raise SeriesError(
+                frame.name, f"pixel array {pixels.shape} does not match {hu.shape[1:]}"
+            )
+        hu[k] = slice_hounsfield(frame.name, frame.ds, pixels, frame.index)
 
-    spacing = first.get("PixelSpacing") or [1.0, 1.0]
+    spacing = first.value("PixelMeasuresSequence", "PixelSpacing") or [1.0, 1.0]
     return HUVolume(
         hu=hu,
         positions_mm=positions,
         pixel_spacing_mm=(float(spacing[0]), float(spacing[1])),
         warnings=_spacing_warnings(positions),
-        source=str(first.get("SeriesInstanceUID", paths[0])),
-        files=sorted_paths,
+        source=str(first.ds.get("SeriesInstanceUID", paths[0])),
+        files=[frames[i].path for i in order],
     )

@@ -10,10 +10,11 @@ headers only, and groups image files by SeriesInstanceUID into a :class:`SeriesI
 
 Choice rule (:func:`choose_series`), per patient:
 
-1. Eligible: Modality CT; SOP class CT Image Storage (not secondary capture, structured report
-   or any other class); ImageType without LOCALIZER; axial orientation (slice normal within
+1. Eligible: Modality CT; SOP class CT Image Storage or (Legacy Converted) Enhanced CT Image
+   Storage, whose frames count as slices (not secondary capture, structured report or any
+   other class); ImageType without LOCALIZER; axial orientation (slice normal within
    30 degrees of the patient's head-foot axis, so gantry tilt is allowed); at least
-   ``min_slices`` image files.
+   ``min_slices`` slices.
 2. Among eligible series, in order: soft-tissue/brain reconstruction kernel before unknown
    kernels before bone/lung (sharp) kernels; SliceThickness nearest ``target_mm``; more slices;
    then SeriesInstanceUID so that the choice is deterministic.
@@ -39,7 +40,13 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from brainmets.data.dicom import read_header_or_reason, slice_normal
+from brainmets.data.dicom import (
+    frame_value,
+    is_multiframe,
+    number_of_frames,
+    read_header_or_reason,
+    slice_normal,
+)
 from brainmets.io import atomic_write_csv
 
 SERIES_COLUMNS = [
@@ -64,6 +71,11 @@ FILE_COLUMNS = ["series_uid", "path", "instance_number"]
 ERROR_COLUMNS = ["path", "reason"]
 
 CT_IMAGE_STORAGE = "CT Image Storage"
+CT_STORAGE_CLASSES = (
+    CT_IMAGE_STORAGE,
+    "Enhanced CT Image Storage",  # multi-frame: one file may hold the series
+    "Legacy Converted Enhanced CT Image Storage",
+)
 MAX_TILT_DEG = 30.0
 
 _SHARP_KERNEL = re.compile(r"BONE|LUNG|EDGE|SHARP|DETAIL|HIGH|CHEST|CHST|ULTRA", re.IGNORECASE)
@@ -134,6 +146,7 @@ def header_record(path: str) -> dict[str, object]:
     meta = getattr(ds, "file_meta", None)
     transfer_syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     study_uid = str(ds.get("StudyInstanceUID", ""))
+    first = 0 if is_multiframe(ds) else None
     return {
         "path": path,
         "error": None,
@@ -146,13 +159,19 @@ def header_record(path: str) -> dict[str, object]:
         "sop_class": ds.SOPClassUID.name,
         "description": str(ds.get("SeriesDescription", "") or ""),
         "image_type": _text(ds.get("ImageType")),
-        "orientation": classify_orientation(ds.get("ImageOrientationPatient")),
-        "slice_thickness_mm": _float_or_nan(ds.get("SliceThickness")),
-        "kernel": _text(ds.get("ConvolutionKernel")),
+        # A multi-frame (Enhanced CT) file keeps these in its first frame's functional groups.
+        "orientation": classify_orientation(
+            frame_value(ds, first, "PlaneOrientationSequence", "ImageOrientationPatient")
+        ),
+        "slice_thickness_mm": _float_or_nan(
+            frame_value(ds, first, "PixelMeasuresSequence", "SliceThickness")
+        ),
+        "kernel": _text(frame_value(ds, first, "CTReconstructionSequence", "ConvolutionKernel")),
         "manufacturer": str(ds.get("Manufacturer", "") or ""),
         "transfer_syntax": str(transfer_syntax or ""),
         "instance_number": int(ds.get("InstanceNumber") or 0),
         "is_image": "Rows" in ds,
+        "frames": number_of_frames(ds) if "Rows" in ds else 0,
     }
 
 
@@ -185,7 +204,7 @@ def _series_table(records: list[dict[str, object]]) -> pd.DataFrame:
                 "description": first["description"],
                 "image_type": _most_common(group["image_type"]),
                 "orientation": _most_common(group["orientation"]),
-                "num_slices": int(group["is_image"].sum()),
+                "num_slices": int(group["frames"].sum()),
                 "slice_thickness_mm": float(group["slice_thickness_mm"].median()),
                 "kernel": _most_common(group["kernel"]),
                 "manufacturer": first["manufacturer"],
@@ -263,7 +282,7 @@ def ineligibility(row: Mapping[str, object], min_slices: int) -> str | None:
     """Why a series cannot be the patient's CT volume, or None when it can."""
     if row["modality"] != "CT":
         return f"not CT (modality {row['modality'] or 'missing'})"
-    if row["sop_class"] != CT_IMAGE_STORAGE:
+    if row["sop_class"] not in CT_STORAGE_CLASSES:
         return f"not CT Image Storage ({row['sop_class']})"
     if "LOCALIZER" in str(row["image_type"]).upper().split("\\"):
         return "localizer"

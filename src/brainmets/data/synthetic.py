@@ -122,6 +122,10 @@ _ID_TO_TISSUE = np.array(
 )
 
 
+MIN_COVERAGE_MM = 50.0
+"""Shortest scan range the head model fills: below it, brain, lesions and vertex overlap."""
+
+
 class SynthConfig(BaseModel):
     """Options of a synthetic cohort; every field is part of the output's identity."""
 
@@ -165,6 +169,13 @@ class SynthConfig(BaseModel):
         if self.slices[0] < 8:
             raise ValueError(
                 f"slices: at least 8 needed to hold brain, vertex and base, got {self.slices}"
+            )
+        coverage = self.slices[0] * self.slice_thickness_mm
+        if coverage < MIN_COVERAGE_MM:
+            raise ValueError(
+                f"slices x slice_thickness_mm must cover at least {MIN_COVERAGE_MM:g} mm of head "
+                f"(skull base, brain, lesions and vertex), got {self.slices[0]} x "
+                f"{self.slice_thickness_mm:g} = {coverage:g} mm"
             )
         if not 1 <= self.lesions_per_positive[0] <= self.lesions_per_positive[1] <= _MAX_LESIONS:
             raise ValueError(f"lesions_per_positive must lie in [1, {_MAX_LESIONS}]")
