@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared call for a lent GPU: the throughput harness, the step profile and the per-core
-# preprocessing figures, written under $OUT (default ./gpu-results). About 7 minutes on one
-# H100/H200 with ResNet-50 at 256²; `set -e` stops at the first failing script, so run the
+# preprocessing figures, written under $OUT (default ./gpu-results). Not yet timed; the
+# pipeline harness alone took a few minutes on an H200. `set -e` stops at the first failing script, so run the
 # CPU suite first. Needs the package's dependencies importable (pip install -e . or PYTHONPATH).
 set -euo pipefail
 out=${OUT:-gpu-results}
