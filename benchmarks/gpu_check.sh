@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared call for a lent GPU: the throughput harness, the step profile and the per-core
-# preprocessing figures, written under $OUT (default ./gpu-results). Not yet timed; the
-# pipeline harness alone took a few minutes on an H200. `set -e` stops at the first failing script, so run the
-# CPU suite first. Needs the package's dependencies importable (pip install -e . or PYTHONPATH).
+# preprocessing figures, written under $OUT (default ./gpu-results). Not yet timed as a whole;
+# the harness alone took a few minutes on an H200. `set -e` stops at the first failing script,
+# so run the CPU suite first. Needs the package's dependencies importable (pip install -e .).
 set -euo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
