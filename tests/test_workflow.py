@@ -73,7 +73,7 @@ def test_evaluate_on_the_held_out_split(workflow):
     assert "data:image/png;base64," in report
 
 
-def test_predict_agrees_across_dicom_nifti_and_cache(workflow, tmp_path):
+def test_predict_agrees_across_dicom_nifti_and_cache(workflow, tmp_path, capsys):
     root, labels = workflow
     index = read_index(root / "index")
     chosen = index.series[index.series["chosen"]].set_index("patient_id")
@@ -95,6 +95,9 @@ def test_predict_agrees_across_dicom_nifti_and_cache(workflow, tmp_path):
     table = pd.read_csv(out, dtype={"patient_id": str, "error": str}).fillna({"error": ""})
     failed = table[table["error"] != ""]
     assert len(failed) == 1 and "broken" in failed["source"].iloc[0]
+    # The reason names the file that could not be read, and the terminal shows it too.
+    assert "IM0001.dcm (not a DICOM file)" in failed["error"].iloc[0]
+    assert "IM0001.dcm (not a DICOM file)" in capsys.readouterr().err
     ok = table[table["error"] == ""].set_index("patient_id")
     assert sorted(ok.index) == sorted(labels["patient_id"])
     assert ((ok["probability"] >= ok["threshold"]).astype(int) == ok["decision"]).all()
@@ -118,4 +121,22 @@ def test_resume_refuses_a_missing_run_and_bad_config_names_the_key(workflow, cap
     root, _ = workflow
     assert main(["train", "--resume", str(root / "nowhere")]) == 2
     assert main(["train", "--data", str(root / "cache"), "--set", "train.epoks=3"]) == 2
-    assert "train.epoks" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "train.epoks: unknown key; did you mean train.epochs?" in err
+    assert "--set train.epoks=3" in err  # the source of the bad key, not a YAML file
+
+
+def test_quiet_after_the_subcommand_silences_training(workflow, tmp_path, capsys):
+    root, _ = workflow
+    assert main(["train", "--data", str(root / "cache"), "--out", str(tmp_path / "run"),
+                 *TINY_TRAIN, "--set", "train.epochs=1", "-q"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "epoch 0 (stage" not in err  # the progress bar's label
+
+
+def test_evaluate_on_a_missing_split_says_what_to_do(workflow, capsys):
+    root, _ = workflow
+    assert main(["-q", "evaluate", str(root / "run"), "--data", str(root / "cache"),
+                 "--split", "holdout"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "no patient has split 'holdout'" in err and "splits in this cache: test" in err

@@ -110,7 +110,7 @@ def cmd_train(args) -> int:
             overrides.append(f"data.cache={args.data}")
         cfg = load_config(args.config, overrides)
         run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
-    result = train(cfg, run_dir, resume=bool(args.resume))
+    result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
     best = result.get("best") or {}
     metric = cfg.train.best_metric
     print(
@@ -152,6 +152,11 @@ def cmd_predict(args) -> int:
         compile=args.compile,
     )
     print(f"{result.predicted} patients predicted, {result.failed} failed -> {args.out}")
+    failed = result.table[result.table["error"] != ""]
+    for row in failed.head(5).itertuples():
+        print(f"  {row.patient_id}: {row.error}", file=sys.stderr)
+    if len(failed) > 5:
+        print(f"  ... and {len(failed) - 5} more in {args.out}", file=sys.stderr)
     return 1 if result.failed and not args.allow_failures else 0
 
 
@@ -194,11 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="brainmets", description="Patient-level brain metastasis detection on head CT."
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug log, tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    # The same two flags after the subcommand (brainmets train ... -q); SUPPRESS keeps a flag
+    # given before the subcommand from being reset by the subcommand's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug log, tracebacks")  # fmt: skip
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("synth", help="write a synthetic head-CT cohort as DICOM + labels.csv")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    p = command("synth", help="write a synthetic head-CT cohort as DICOM + labels.csv")
     p.add_argument("out", type=Path)
     p.add_argument("--patients", type=int, default=40)
     p.add_argument("--positive-fraction", type=float, default=0.4)
@@ -210,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="rendering processes")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("index", help="find the series under a DICOM root; choose one per patient")
+    p = command("index", help="find the series under a DICOM root; choose one per patient")
     p.add_argument("dicom_root", type=Path)
     p.add_argument("--out", type=Path, required=True, help="folder for series.csv / files.csv")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -218,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-slices", type=int, default=8)
     p.set_defaults(func=cmd_index)
 
-    p = sub.add_parser("prepare", help="HU -> slabs -> brain window -> 256^2, cached per patient")
+    p = command("prepare", help="HU -> slabs -> brain window -> 256^2, cached per patient")
     p.add_argument(
         "--labels",
         type=Path,
@@ -241,14 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="three-stage curriculum training on a prepared cache")
+    p = command("train", help="three-stage curriculum training on a prepared cache")
     _add_config_args(p)
     p.add_argument("--data", type=Path, help="prepared cache (same as --set data.cache=...)")
     p.add_argument("--out", type=Path, help="run folder (default runs/<name>)")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="patient-level metrics with 95%% CIs and plots")
+    p = command("evaluate", help="patient-level metrics with 95%% CIs and plots")
     p.add_argument("run", type=Path)
     p.add_argument("--data", type=Path, required=True, help="prepared cache to evaluate on")
     p.add_argument(
@@ -266,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="score new studies: DICOM folders, NIfTI files or a cache")
+    p = command("predict", help="score new studies: DICOM folders, NIfTI files or a cache")
     p.add_argument("run", type=Path)
     p.add_argument("inputs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path("predictions.csv"))
@@ -284,11 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-failures", action="store_true")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("report", help="(re)write RUN/report.html")
+    p = command("report", help="(re)write RUN/report.html")
     p.add_argument("run", type=Path)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="synth -> index -> prepare -> train -> evaluate -> predict")
+    p = command("demo", help="synth -> index -> prepare -> train -> evaluate -> predict")
     p.add_argument("--out", type=Path, default=Path("brainmets-demo"))
     p.add_argument("--patients", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)

@@ -10,6 +10,7 @@ so ``train.epochs=3`` is an int and ``model.pretrained=none`` is the string "non
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -325,11 +326,28 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(raw) if raw.strip() else None
 
 
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of a config model (sections and their fields)."""
+    keys = []
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += _known_keys(annotation, f"{key}.")
+    return keys
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        lines.append(f"  {loc}: {e['msg']}")
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc, _known_keys(Config), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            lines.append(f"  {loc}: unknown key{hint}")
+        else:
+            lines.append(f"  {loc}: {e['msg']}")
     return "\n".join(lines)
 
 
@@ -372,6 +390,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
+    if overrides:
+        source = f"{source} + --set {' '.join(overrides)}"
     return config_from_dict(tree, source)
 
 

@@ -156,12 +156,12 @@ def jobs_for_inputs(
         elif path.is_dir():
             index = index_dicom_root(path, workers=workers, progress=progress)
             series = choose_for(index.series, preprocess)
+            unreadable = _unreadable_files(index.errors)
             for patient_id, rows in series.groupby("patient_id", sort=True):
                 uid, why = patient_choice(rows)
                 if uid is None:
-                    errors.append(
-                        _error_row(str(patient_id), str(path), f"no usable series: {why}")
-                    )
+                    reason = f"no usable series: {why}{unreadable}"
+                    errors.append(_error_row(str(patient_id), str(path), reason))
                     continue
                 jobs.append(
                     PatientJob(
@@ -173,10 +173,21 @@ def jobs_for_inputs(
                     )
                 )
             if series.empty:
-                errors.append(_error_row(path.name, str(path), "no DICOM images found"))
+                reason = f"no DICOM images found{unreadable}"
+                errors.append(_error_row(path.name, str(path), reason))
         else:
             errors.append(_error_row(path.name, str(path), "not a DICOM folder, NIfTI or cache"))
     return _unique_patients(jobs, errors), caches, errors
+
+
+def _unreadable_files(index_errors: pd.DataFrame, shown: int = 3) -> str:
+    """``"; unreadable: FILE (why), ..."`` for the files of a folder that were not DICOM or did
+    not parse (a truncated file often explains a series that is too short), else ``""``."""
+    if index_errors.empty:
+        return ""
+    listed = [f"{row.path} ({row.reason})" for row in index_errors.head(shown).itertuples()]
+    more = len(index_errors) - shown
+    return "; unreadable: " + ", ".join(listed) + (f" and {more} more" if more > 0 else "")
 
 
 def _unique_patients(jobs: list[PatientJob], errors: list[dict]) -> list[PatientJob]:

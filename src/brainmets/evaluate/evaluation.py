@@ -173,7 +173,13 @@ def evaluate_run(
     if split is not None:
         ids = cache.index.loc[cache.index["split"] == split, "patient_id"].tolist()
         if not ids:
-            raise ValueError(f"{data}: no patient has split {split!r}")
+            present = sorted(set(cache.index["split"].fillna("").astype(str)) - {""})
+            raise ValueError(
+                f"{data}: no patient has split {split!r} (splits in this cache: "
+                f"{', '.join(present) or 'none'}). Give test patients a split column value "
+                f"'{split}' in the labels CSV and run prepare again, or evaluate a separate "
+                "held-out cache without --split"
+            )
     predictions = score_cache(trained, cache, ids, progress=progress)
 
     overlap = _training_overlap(run, predictions["patient_id"])

@@ -268,6 +268,7 @@ class Trainer:
         *,
         resume: bool = False,
         stop_after_steps: int | None = None,
+        progress: bool = True,
     ) -> None:
         if cfg.data.cache is None:
             raise ValueError("data.cache is not set: point it at a `brainmets prepare` output")
@@ -276,6 +277,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.state_path = self.ckpt_dir / "last_state.pt"
         self.stop_after_steps = stop_after_steps
+        self.progress = progress
         self.dist = init_distributed(cfg.train.device)
         self.device = resolve_device(cfg.train.device, self.dist.local_rank)
         self.cuda = self.device.type == "cuda"
@@ -496,7 +498,7 @@ class Trainer:
             total=self.sampler.num_batches(),
             initial=self.state.batch,
             desc=f"epoch {epoch} (stage {self.stage})",
-            disable=not self.dist.is_main,
+            disable=not (self.dist.is_main and self.progress),
             dynamic_ncols=True,
         )
         for batch in bar:
@@ -866,14 +868,17 @@ def train(
     *,
     resume: bool = False,
     stop_after_steps: int | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Train (or with ``resume=True`` continue) a run in ``run_dir``; returns the best and
-    final epoch's metrics.
+    final epoch's metrics. ``progress=False``: no progress bars (the log still says each epoch).
 
     ``stop_after_steps`` is a test hook: the run stops abruptly after that many optimiser
     steps (raising :class:`TrainingInterrupted`), saving nothing more, as a kill would.
     """
-    trainer = Trainer(cfg, Path(run_dir), resume=resume, stop_after_steps=stop_after_steps)
+    trainer = Trainer(
+        cfg, Path(run_dir), resume=resume, stop_after_steps=stop_after_steps, progress=progress
+    )
     try:
         return trainer.fit()
     finally:
