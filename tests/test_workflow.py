@@ -140,3 +140,32 @@ def test_evaluate_on_a_missing_split_says_what_to_do(workflow, capsys):
                  "--split", "holdout"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "no patient has split 'holdout'" in err and "splits in this cache: test" in err
+
+
+def test_a_run_that_cannot_start_says_why_in_its_log(workflow, tmp_path):
+    root, _ = workflow
+    run = tmp_path / "run"
+    missing = tmp_path / "nowhere" / "ResNet50.pt"
+    assert main(["-q", "train", "--data", str(root / "cache"), "--out", str(run), *TINY_TRAIN,
+                 "--set", f"model.pretrained={missing}"]) == 2  # fmt: skip
+    assert "training could not start" in (run / "train.log").read_text()
+    # The log was detached: the next run of this process does not write into it.
+    size = (run / "train.log").stat().st_size
+    assert main(["-q", "train", "--resume", str(root / "run")]) == 0
+    assert (run / "train.log").stat().st_size == size
+
+
+def test_resuming_a_finished_run_says_it_is_complete(workflow):
+    root, _ = workflow
+    assert main(["-q", "train", "--resume", str(root / "run")]) == 0
+    assert "is complete: 2 of 2 epochs trained" in (root / "run" / "train.log").read_text()
+
+
+def test_synth_lesion_options_reach_the_cohort(tmp_path):
+    import json
+
+    assert main(["-q", "synth", str(tmp_path / "c"), "--patients", "2", "--matrix", "64",
+                 "--min-slices", "10", "--max-slices", "10", "--lesion-mm", "18", "30",
+                 "--lesion-hu", "75", "90", "--workers", "1"]) == 0  # fmt: skip
+    config = json.loads((tmp_path / "c" / "synth.json").read_text())
+    assert config["lesion_diameter_mm"] == [18.0, 30.0] and config["lesion_hu"] == [75.0, 90.0]

@@ -38,6 +38,11 @@ def _preprocess_from_args(args):
 def cmd_synth(args) -> int:
     from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
 
+    lesions = {}
+    if args.lesion_mm:
+        lesions["lesion_diameter_mm"] = tuple(args.lesion_mm)
+    if args.lesion_hu:
+        lesions["lesion_hu"] = tuple(args.lesion_hu)
     cfg = SynthConfig(
         num_patients=args.patients,
         positive_fraction=args.positive_fraction,
@@ -45,6 +50,7 @@ def cmd_synth(args) -> int:
         matrix=args.matrix,
         slice_thickness_mm=args.thickness,
         seed=args.seed,
+        **lesions,
     )
     labels = write_synthetic_cohort(args.out, cfg, progress=not args.quiet, workers=args.workers)
     print(
@@ -213,15 +219,25 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, **kwargs) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kwargs)
 
-    p = command("synth", help="write a synthetic head-CT cohort as DICOM + labels.csv")
-    p.add_argument("out", type=Path)
-    p.add_argument("--patients", type=int, default=40)
-    p.add_argument("--positive-fraction", type=float, default=0.4)
-    p.add_argument("--min-slices", type=int, default=24)
-    p.add_argument("--max-slices", type=int, default=32)
-    p.add_argument("--matrix", type=int, default=256)
+    p = command(
+        "synth",
+        help="write a synthetic head-CT cohort as DICOM + labels.csv",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("out", type=Path, help="folder for dicom/, labels.csv and synth.json")
+    p.add_argument("--patients", type=int, default=40, help="number of patients")
+    p.add_argument("--positive-fraction", type=float, default=0.4,
+                   help="share of patients with metastases")  # fmt: skip
+    p.add_argument("--min-slices", type=int, default=24, help="fewest slices per series")
+    p.add_argument("--max-slices", type=int, default=32, help="most slices per series")
+    p.add_argument("--matrix", type=int, default=256, help="rows = columns of each slice")
     p.add_argument("--thickness", type=float, default=5.0, help="slice thickness in mm")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lesion-mm", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="metastasis diameter range in mm (default 3-20; the demo uses 18 30, "
+                        "which a network trained from scratch on CPU can learn)")  # fmt: skip
+    p.add_argument("--lesion-hu", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="metastasis enhancement range in HU (default 45-90; the demo: 75 90)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="rendering processes")
     p.set_defaults(func=cmd_synth)
 

@@ -314,8 +314,9 @@ def predict(
 
     trained = load_trained(run, device, compile=compile)
     cores = os.cpu_count() or 1
+    # An index bar for one DICOM root; for many patient folders, one bar each would scroll by.
     jobs, caches, rows = jobs_for_inputs(
-        inputs, trained.preprocess, workers=workers or cores, progress=progress
+        inputs, trained.preprocess, workers=workers or cores, progress=progress and len(inputs) == 1
     )
     workers = workers if workers is not None else min(len(jobs), cores)
     heat_dir = Path(heatmaps_dir) if heatmaps_dir else None

@@ -284,6 +284,18 @@ class Trainer:
         self._check_run_dir(resume)
         self._log_handler = self._open_log()
 
+        try:
+            self._build(resume)
+        except BaseException as err:
+            # Into train.log too (it would otherwise end without a word), then detach the log
+            # so that later runs of this process do not write into this run's file.
+            log.error("training could not start: %s: %s", type(err).__name__, err)
+            self._close_log()
+            raise
+
+    def _build(self, resume: bool) -> None:
+        """Everything after the run directory and its log: data, model, state, writers."""
+        cfg = self.cfg
         self.cache = PatientCache(cfg.data.cache)
         if cfg.preprocess != self.cache.preprocess:
             # The cache is what the model will see; the saved config must say so.
@@ -379,6 +391,12 @@ class Trainer:
         if self.dist.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self._barrier()
+
+    def _close_log(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger("brainmets").removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
 
     def _open_log(self) -> logging.Handler | None:
         if not self.dist.is_main:
@@ -791,6 +809,12 @@ class Trainer:
     # ------------------------------------------------------------------ main loop
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg.train
+        if self.state.epoch >= cfg.epochs:
+            log.info(
+                "%s is complete: %d of %d epochs trained; to train on, resume with a larger "
+                "train.epochs (--set train.epochs=N)",
+                self.run_dir, self.state.epoch, cfg.epochs,
+            )  # fmt: skip
         if self.state.global_step == 0 and self.state.epoch == 0:
             self._calibrate_batchnorm()
         for epoch in self._epochs():
@@ -855,9 +879,7 @@ class Trainer:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        if self._log_handler is not None:
-            logging.getLogger("brainmets").removeHandler(self._log_handler)
-            self._log_handler.close()
+        self._close_log()
         if self.dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
