@@ -39,9 +39,9 @@ def cmd_synth(args) -> int:
     from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
 
     lesions = {}
-    if args.lesion_mm:
+    if "lesion_mm" in args:  # absent unless given: the SynthConfig default applies
         lesions["lesion_diameter_mm"] = tuple(args.lesion_mm)
-    if args.lesion_hu:
+    if "lesion_hu" in args:
         lesions["lesion_hu"] = tuple(args.lesion_hu)
     cfg = SynthConfig(
         num_patients=args.patients,
@@ -232,10 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-slices", type=int, default=32, help="most slices per series")
     p.add_argument("--matrix", type=int, default=256, help="rows = columns of each slice")
     p.add_argument("--thickness", type=float, default=5.0, help="slice thickness in mm")
-    p.add_argument("--lesion-mm", type=float, nargs=2, metavar=("LOW", "HIGH"),
+    p.add_argument("--lesion-mm", type=float, nargs=2, metavar=("LOW", "HIGH"), default=argparse.SUPPRESS,
                    help="metastasis diameter range in mm (default 3-20; the demo uses 18 30, "
                         "which a network trained from scratch on CPU can learn)")  # fmt: skip
-    p.add_argument("--lesion-hu", type=float, nargs=2, metavar=("LOW", "HIGH"),
+    p.add_argument("--lesion-hu", type=float, nargs=2, metavar=("LOW", "HIGH"), default=argparse.SUPPRESS,
                    help="metastasis enhancement range in HU (default 45-90; the demo: 75 90)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="rendering processes")
