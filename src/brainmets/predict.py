@@ -30,7 +30,6 @@ from brainmets.data.cache import (
     patient_stem,
     try_preprocess_patient,
 )
-from brainmets.data.normalize import normalize_slices, uint8_to_unit
 from brainmets.device import resolve_device
 from brainmets.io import atomic_write_csv
 from brainmets.model.checkpoint import load_checkpoint
@@ -68,10 +67,6 @@ class TrainedModel:
     def threshold(self) -> float:
         threshold = self.sidecar.get("threshold")
         return 0.5 if threshold is None else float(threshold)
-
-    @property
-    def normalization(self) -> str:
-        return self.sidecar.get("normalization", "zscore")
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -232,8 +227,7 @@ def write_heatmaps(
 
     order = np.argsort(slice_logits)[::-1][:top_k]
     images = torch.from_numpy(np.ascontiguousarray(array[order])).to(trained.device)
-    x = normalize_slices(uint8_to_unit(images).unsqueeze(1), trained.normalization)
-    cams = grad_cam(trained.model, x)
+    cams = grad_cam(trained.model, trained.scorer.network_inputs(images))
     paths = []
     for rank, (slice_index, cam) in enumerate(zip(order, cams, strict=True), start=1):
         path = out_dir / f"{patient_stem(patient_id)}_rank{rank}_slice{int(slice_index)}.png"

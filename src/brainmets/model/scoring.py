@@ -71,11 +71,16 @@ class SliceScorer:
         self.channels_last = device.type == "cuda"
         self._forward = torch.compile(self._chunk_outputs) if compile else self._chunk_outputs
 
-    def _chunk_outputs(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
-        """uint8 [chunk, H, W] -> slice logits [chunk] (and attention scores) in float32."""
+    def network_inputs(self, images: Tensor) -> Tensor:
+        """uint8 cache slices [S, H, W] on the device -> the network's input [S, 1, H, W]."""
         x = normalize_slices(uint8_to_unit(images).unsqueeze(1), self.normalization)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _chunk_outputs(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """uint8 [chunk, H, W] -> slice logits [chunk] (and attention scores) in float32."""
+        x = self.network_inputs(images)
         autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if self.amp
