@@ -15,8 +15,9 @@ about the mid-sagittal plane, while an upside-down head is not a plausible scan.
 
 Intensity, drawn per patient, in window units: contrast (a factor in [1-c, 1+c] scaling each
 slice about its own mean), gamma (``x ** g`` with g log-uniform in [1-gamma, 1+gamma]: a
-factor and its inverse about equally likely; P(g < 1) is 0.51 at gamma 0.05), then Gaussian noise per pixel (``noise_std``
-in window units: 0.01 = 0.8 HU); finally clipped to [0, 1], the range of the stored window.
+factor and its inverse about equally likely; P(g < 1) is 0.51 at gamma 0.05), then Gaussian
+noise per pixel (``noise_std`` in window units: 0.01 = 0.8 HU); finally clipped to [0, 1], the
+range of the stored window.
 
 All randomness comes from a ``torch.Generator`` on the batch's device, so a run is reproducible
 and a resumed run continues the same stream (its state is saved with the training state).

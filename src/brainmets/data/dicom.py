@@ -143,12 +143,13 @@ def slice_normal(orientation: Sequence[float]) -> np.ndarray:
     return normal / norm
 
 
-def _orientation(frame: _Frame) -> np.ndarray:
+def _geometry(frame: _Frame) -> tuple[np.ndarray, np.ndarray]:
+    """(ImageOrientationPatient, ImagePositionPatient) of one slice, both required."""
     orientation = frame.value("PlaneOrientationSequence", "ImageOrientationPatient")
     position = frame.value("PlanePositionSequence", "ImagePositionPatient")
     if orientation is None or position is None:
         raise SeriesError(frame.name, "missing ImageOrientationPatient/ImagePositionPatient")
-    return np.asarray(orientation, dtype=np.float64)
+    return np.asarray(orientation, dtype=np.float64), np.asarray(position, dtype=np.float64)
 
 
 def _spacing_warnings(positions: np.ndarray) -> list[str]:
@@ -339,7 +340,7 @@ def load_series(files: Sequence[str | os.PathLike[str]]) -> HUVolume:
     frames = [frame for path, ds in zip(paths, headers, strict=True) for frame in _frames(path, ds)]
 
     first = frames[0]
-    iop = _orientation(first)
+    iop, _ = _geometry(first)
     try:
         normal = slice_normal(iop)
     except ValueError as err:
@@ -347,7 +348,8 @@ def load_series(files: Sequence[str | os.PathLike[str]]) -> HUVolume:
     rows, columns = first.ds.get("Rows"), first.ds.get("Columns")
     positions = np.empty(len(frames), dtype=np.float64)
     for i, frame in enumerate(frames):
-        if not np.allclose(_orientation(frame), iop, atol=1e-3):
+        orientation, position = _geometry(frame)
+        if not np.allclose(orientation, iop, atol=1e-3):
             raise SeriesError(frame.name, "ImageOrientationPatient differs within the series")
         if (frame.ds.get("Rows"), frame.ds.get("Columns")) != (rows, columns):
             raise SeriesError(
@@ -355,8 +357,7 @@ def load_series(files: Sequence[str | os.PathLike[str]]) -> HUVolume:
                 f"mixed matrix sizes: {frame.ds.get('Rows')}x{frame.ds.get('Columns')} "
                 f"vs {rows}x{columns} in {first.path}",
             )
-        position = frame.value("PlanePositionSequence", "ImagePositionPatient")
-        positions[i] = float(np.dot(np.asarray(position, float), normal))
+        positions[i] = float(np.dot(position, normal))
 
     order = np.argsort(positions, kind="stable")
     positions = positions[order]
