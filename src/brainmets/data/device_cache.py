@@ -87,14 +87,20 @@ class DeviceSliceStore:
             rows.append(patient_rows + self.offsets[index])
             counts.append(len(patient_rows))
         counts_t = torch.tensor(counts, dtype=torch.long)
-        selected = to_device_async(torch.from_numpy(np.concatenate(rows)), self.device)
+        selected = torch.from_numpy(np.concatenate(rows))
         patient_index = torch.repeat_interleave(torch.arange(len(indices)), counts_t)
+        # The three index vectors travel as one pinned copy (one transfer per step, not three).
+        on_device = to_device_async(
+            torch.cat([selected, patient_index, torch.tensor(list(indices), dtype=torch.long)]),
+            self.device,
+        )
+        selected, patient_index, patients = on_device.split(
+            [len(selected), len(patient_index), len(indices)]
+        )
         return PatientBatch(
             images=self.images.index_select(0, selected).unsqueeze(1),
-            patient_index=to_device_async(patient_index, self.device),
-            labels=self.labels.index_select(
-                0, to_device_async(torch.tensor(list(indices)), self.device)
-            ),
+            patient_index=patient_index,
+            labels=self.labels.index_select(0, patients),
             features=torch.zeros((len(indices), 0), dtype=torch.float32, device=self.device),
             patient_ids=[self.dataset.patient_ids[i] for i in indices],
             counts=counts_t,
