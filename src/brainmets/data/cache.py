@@ -268,7 +268,8 @@ def plan_jobs(
     """One job per manifest patient; patients with no usable series become error rows.
 
     A ``path`` column (NIfTI file or a patient's DICOM folder) wins over the series index;
-    a ``series_uid`` column pins the series instead of the automatic choice.
+    a ``series_uid`` column pins the series instead of the automatic choice, in the index or
+    in the patient's folder (a NIfTI file holds one volume: there is nothing to pin).
     """
     from brainmets.data.manifest import patient_choice, series_files
 
@@ -287,8 +288,11 @@ def plan_jobs(
         )
         path = getattr(r, "path", "") or ""
         if path:
-            kind = "nifti" if is_nifti(path) else "dicom_dir"
-            jobs.append(PatientJob(**base, kind=kind, path=path))
+            if is_nifti(path):
+                jobs.append(PatientJob(**base, kind="nifti", path=path))
+            else:
+                pin = getattr(r, "series_uid", "") or ""
+                jobs.append(PatientJob(**base, kind="dicom_dir", path=path, series_uid=pin))
             continue
         if by_patient is None:
             errors.append(
@@ -335,6 +339,16 @@ def load_patient_volume(job: PatientJob, preprocess: PreprocessConfig):
         return load_nifti(job.path), ""
     if job.kind == "dicom_dir":
         index = index_dicom_root(job.path, workers=1, progress=False)
+        if job.series_uid:
+            # The folder is the manifest patient's whatever PatientID its headers carry, so
+            # the pin is looked up by UID alone (a pin in an index goes by patient).
+            found = index.series["series_uid"].tolist()
+            if job.series_uid not in found:
+                raise ValueError(
+                    f"{job.path}: pinned series {job.series_uid} not in this folder "
+                    f"(series found: {', '.join(found) or 'none'})"
+                )
+            return load_series(series_files(index, job.series_uid)), job.series_uid
         uid, why = patient_choice(choose_for(index.series, preprocess))
         if uid is None:
             raise ValueError(f"{job.path}: no usable CT series ({why})")
