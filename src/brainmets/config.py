@@ -218,7 +218,12 @@ class TrainConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the 95% CIs")
+    n_boot: int = Field(
+        1000,
+        ge=0,
+        description="bootstrap resamples for the 95% CIs of AUC, F1 and the other non-proportions "
+        "(0: none); sensitivity, specificity, PPV, NPV and accuracy get Wilson intervals",
+    )
     sensitivity_targets: list[float] = Field(
         default_factory=lambda: [0.90, 0.95],
         description="extra operating points, chosen on validation predictions",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from brainmets.evaluate.metrics import (
     THRESHOLDS,
     best_f1_threshold,
     bootstrap_ci,
+    confidence_intervals,
     evaluate_predictions,
     patient_metrics,
     separation_band,
@@ -310,11 +310,44 @@ def test_bootstrap_ci_all_undefined_gives_nan_pair():
     assert math.isnan(lo) and math.isnan(hi)
 
 
-def test_bootstrap_is_fast_enough_for_a_real_cohort():
-    labels, probs = scored_cohort(2000, seed=0)
-    start = time.perf_counter()
-    bootstrap_ci(labels, probs, 0.5, n_boot=1000, seed=0)
-    assert time.perf_counter() - start < 5.0  # the budget for 1,000 resamples on one core
+def _wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval written out (Wilson 1927; Newcombe 1998, method 3)."""
+    centre = (k + z * z / 2) / (n + z * z)
+    half = z / (n + z * z) * math.sqrt(k * (n - k) / n + z * z / 4)
+    return centre - half, centre + half
+
+
+def test_proportions_get_wilson_intervals_that_do_not_collapse():
+    """Every positive found: the bootstrap says sensitivity 1.000-1.000, which claims a
+    certainty twenty patients cannot give; the reported interval is Wilson's 0.839-1.000."""
+    labels = np.r_[np.ones(20), np.zeros(30)].astype(int)
+    probs = np.r_[np.full(20, 0.9), np.linspace(0.05, 0.7, 30)]
+    assert bootstrap_ci(labels, probs, 0.5, n_boot=200)["sensitivity"] == (1.0, 1.0)
+
+    ci = confidence_intervals(labels, probs, 0.5, n_boot=200)
+    point = patient_metrics(labels, probs, 0.5)
+    tn = int(np.sum(probs[20:] < 0.5))
+    expected = {
+        "sensitivity": _wilson(20, 20),
+        "specificity": _wilson(tn, 30),
+        "ppv": _wilson(20, 20 + 30 - tn),
+        "npv": _wilson(tn, tn),
+        "accuracy": _wilson(20 + tn, 50),
+    }
+    for name, (lo, hi) in expected.items():
+        assert ci[name] == pytest.approx((lo, min(hi, 1.0)), abs=1e-6), name
+        assert ci[name][0] <= point[name] <= ci[name][1], name
+    assert ci["sensitivity"][0] == pytest.approx(0.8389, abs=1e-4)
+    # The threshold-free metrics keep their bootstrap intervals, from the same resamples.
+    assert ci["auc"] == bootstrap_ci(labels, probs, 0.5, n_boot=200)["auc"]
+
+
+def test_proportion_without_trials_and_bootstrap_switched_off_are_nan():
+    labels, probs = np.array([0, 1, 0, 1]), np.array([0.1, 0.2, 0.3, 0.4])
+    ci = confidence_intervals(labels, probs, 0.9, n_boot=0)  # nobody called positive
+    assert all(math.isnan(v) for v in ci["ppv"])
+    assert all(math.isnan(v) for v in ci["auc"])  # n_boot=0: no bootstrap
+    assert ci["npv"] == pytest.approx(_wilson(2, 4), abs=1e-6)
 
 
 # --- evaluate_predictions -------------------------------------------------------------------
@@ -336,6 +369,11 @@ def test_evaluate_predictions_is_json_ready_and_complete():
     json.dumps(result, allow_nan=False)  # strict JSON: no NaN tokens
     assert result["threshold"] == 0.45
     assert result["ci_level"] == pytest.approx(0.95)
+    assert "sensitivity" in result["ci_methods"]["wilson"]
+    assert "auc" in result["ci_methods"]["bootstrap"]
+    assert result["ci"]["sensitivity"] == pytest.approx(
+        list(confidence_intervals(labels, probs, 0.45, n_boot=200, seed=1)["sensitivity"])
+    )
     assert result["metrics"]["n"] == 300
     assert result["separation_band"] == separation_band(result["metrics"]["separation"])
     assert [op["target_sensitivity"] for op in result["operating_points"]] == [0.9, 0.95]

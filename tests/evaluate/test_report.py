@@ -96,6 +96,7 @@ def test_report_shows_metrics_with_cis(run_dir):
     auc, (lo, hi) = result["metrics"]["auc"], result["ci"]["auc"]
     assert f"<td>AUC</td><td>{auc:.3f}</td><td>{lo:.3f} – {hi:.3f}</td>" in page
     assert f"band-{result['separation_band']}" in page
+    assert "Wilson score for Sensitivity, Specificity, PPV (precision), NPV, Accuracy;" in page
     assert "Screening operating points" in page
     threshold = result["operating_points"][0]["threshold"]
     assert f"<td>{threshold:.3f}</td>" in page

@@ -1,7 +1,7 @@
 """``brainmets evaluate``: a trained run scored on a held-out prepared cache.
 
-Patient-level metrics at the run's saved threshold and threshold-free, each with a bootstrap
-95% CI; operating points for target sensitivities chosen on the run's own validation
+Patient-level metrics at the run's saved threshold and threshold-free, each with a 95% CI
+(Wilson score for the proportions, percentile bootstrap for the rest); operating points for target sensitivities chosen on the run's own validation
 predictions (never on the evaluated patients); plots; and the run report refreshed.
 """
 

@@ -1,4 +1,4 @@
-"""Patient-level metrics: threshold sweep, operating points, point metrics and bootstrap CIs.
+"""Patient-level metrics: threshold sweep, operating points, point metrics and their CIs.
 
 Conventions used throughout:
 
@@ -14,6 +14,11 @@ weights (how often each patient was drawn), so the patients are sorted by score 
 and every resample reduces to weighted sums; 1,000 resamples of 2,000 patients take well
 under a second. The point estimate is the same kernel with all weights equal to one, so
 points and intervals can never disagree in definition.
+
+The proportions at a threshold (sensitivity, specificity, PPV, NPV, accuracy) get Wilson
+score intervals instead (:func:`confidence_intervals`): at 100 % sensitivity every bootstrap
+resample also finds every positive, so the percentile interval collapses to 1.000-1.000,
+while the Wilson interval of 20/20 is 0.839-1.000 (what a clinical reader needs to know).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ __all__ = [
     "best_f1_threshold",
     "bootstrap_ci",
     "check_patient_arrays",
+    "confidence_intervals",
     "evaluate_predictions",
     "patient_metrics",
     "separation_band",
@@ -62,6 +68,8 @@ METRIC_NAMES: tuple[str, ...] = (
 )
 
 COUNT_NAMES = ("n", "n_pos", "n_neg")
+#: Binomial proportions at the threshold: Wilson score CIs (success and trial counts below).
+PROPORTION_NAMES = ("sensitivity", "specificity", "ppv", "npv", "accuracy")
 # Resamples scored per block: bounds memory to ~block * n_patients * 8 bytes per array.
 _BOOTSTRAP_BLOCK = 250
 
@@ -290,6 +298,51 @@ def bootstrap_ci(
     return out
 
 
+def _proportion_counts(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, tuple]:
+    """(successes, trials) of each name in PROPORTION_NAMES."""
+    called = p >= threshold
+    tp, fn = int(np.sum(called & (y == 1))), int(np.sum(~called & (y == 1)))
+    fp, tn = int(np.sum(called & (y == 0))), int(np.sum(~called & (y == 0)))
+    return {
+        "sensitivity": (tp, tp + fn),
+        "specificity": (tn, tn + fp),
+        "ppv": (tp, tp + fp),
+        "npv": (tn, tn + fn),
+        "accuracy": (tp + tn, y.size),
+    }
+
+
+def confidence_intervals(
+    labels: ArrayLike,
+    probs: ArrayLike,
+    threshold: float,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, tuple[float, float]]:
+    """The CIs ``evaluate`` reports: Wilson score intervals for the proportions
+    (``PROPORTION_NAMES``), percentile bootstrap (:func:`bootstrap_ci`) for the rest.
+
+    A proportion with no trials (no positive calls for PPV, ...) gets (nan, nan), as does
+    every bootstrap metric when ``n_boot`` is 0 (bootstrap switched off).
+    """
+    from scipy.stats import binomtest
+
+    y, p = check_patient_arrays(labels, probs)
+    if n_boot > 0:
+        out = bootstrap_ci(y, p, threshold, n_boot=n_boot, seed=seed, alpha=alpha)
+    else:
+        out = {name: (math.nan, math.nan) for name in METRIC_NAMES}
+    for name, (k, n) in _proportion_counts(y, p, float(threshold)).items():
+        if n == 0:
+            out[name] = (math.nan, math.nan)
+            continue
+        ci = binomtest(k, n).proportion_ci(confidence_level=1.0 - alpha, method="wilson")
+        out[name] = (float(ci.low), float(ci.high))
+    return out
+
+
 def _json_float(value: float) -> float | None:
     """nan -> None, since JSON has no nan (json.dump would write the invalid token NaN)."""
     return None if value is None or math.isnan(value) else float(value)
@@ -310,7 +363,9 @@ def _scored(
     return {
         "threshold": _json_float(threshold),
         "metrics": _json_metrics(metrics),
-        "ci": _json_ci(bootstrap_ci(y, p, threshold, n_boot=n_boot, seed=seed, alpha=alpha)),
+        "ci": _json_ci(
+            confidence_intervals(y, p, threshold, n_boot=n_boot, seed=seed, alpha=alpha)
+        ),
         "separation_band": separation_band(metrics["separation"]),
     }
 
@@ -332,7 +387,7 @@ def evaluate_predictions(
     Layout::
 
         {"threshold", "metrics", "ci", "separation_band",      # at the run's threshold
-         "ci_level", "n_boot", "seed",
+         "ci_level", "ci_methods", "n_boot", "seed",
          "operating_points": [{"target_sensitivity", "chosen_on", "selection_sensitivity",
                                "threshold", "metrics", "ci", "separation_band"}, ...]}
 
@@ -340,7 +395,8 @@ def evaluate_predictions(
     point's threshold is chosen on the validation arrays when given (``chosen_on:
     "validation"``) and then applied to these arrays; without validation arrays it is chosen
     on these arrays themselves (``chosen_on: "evaluated"``), which is optimistic and says so.
-    All intervals share the seed, so they come from the same resamples.
+    All bootstrap intervals share the seed, so they come from the same resamples;
+    ``ci_methods`` says which metrics have Wilson and which bootstrap intervals.
     """
     y, p = check_patient_arrays(labels, probs)
     if (val_labels is None) != (val_probs is None):
@@ -353,7 +409,17 @@ def evaluate_predictions(
         chosen_on = "evaluated"
 
     result = _scored(y, p, float(threshold), n_boot, seed, alpha)
-    result.update({"ci_level": 1.0 - alpha, "n_boot": int(n_boot), "seed": int(seed)})
+    result.update(
+        {
+            "ci_level": 1.0 - alpha,
+            "ci_methods": {
+                "wilson": list(PROPORTION_NAMES),
+                "bootstrap": [m for m in METRIC_NAMES if m not in PROPORTION_NAMES + COUNT_NAMES],
+            },
+            "n_boot": int(n_boot),
+            "seed": int(seed),
+        }
+    )
     operating_points = []
     for target in sensitivity_targets:
         t = threshold_for_sensitivity(sel_y, sel_p, float(target))

@@ -246,6 +246,20 @@ def _operating_points_table(points: Iterable[dict[str, Any]]) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
+def _ci_methods(data: dict[str, Any]) -> str:
+    """How the intervals were made, as metrics.json says (files from before ``ci_methods``
+    have bootstrap intervals throughout)."""
+    bootstrap = (
+        f"percentile bootstrap over {_format(data.get('n_boot', 'n/a'))} patient resamples "
+        f"(seed {_format(data.get('seed', 'n/a'))})"
+    )
+    wilson = (data.get("ci_methods") or {}).get("wilson")
+    if not wilson:
+        return bootstrap
+    names = ", ".join(_esc(_METRIC_LABELS.get(n, n)) for n in wilson)
+    return f"Wilson score for {names}; {bootstrap} for the others"
+
+
 def _metrics_section(run_dir: Path) -> str:
     path = run_dir / "evaluation" / "metrics.json"
     data, problem = _read_metrics(path)
@@ -261,9 +275,8 @@ def _metrics_section(run_dir: Path) -> str:
     parts = [
         f"<p>Threshold <b>{_format(data.get('threshold'))}</b> · separation band "
         f"{_band(data.get('separation_band', 'undefined'))} · "
-        f"{_format(100 * level if isinstance(level, float) else level, 0)}% bootstrap CIs from "
-        f"{_format(data.get('n_boot', 'n/a'))} patient resamples (seed "
-        f"{_format(data.get('seed', 'n/a'))}).</p>",
+        f"{_format(100 * level if isinstance(level, float) else level, 0)}% CIs: "
+        f"{_ci_methods(data)}.</p>",
         _metrics_table(metrics, data.get("ci") or {}),
     ]
     points = data.get("operating_points") or []
@@ -274,7 +287,8 @@ def _metrics_section(run_dir: Path) -> str:
                 '<p class="meta">Thresholds not chosen on validation were chosen on the '
                 "evaluated patients themselves: their sensitivity is optimistic.</p>"
             )
-    known = {"metrics", "ci", "threshold", "separation_band", "ci_level", "n_boot", "seed"}
+    known = {"metrics", "ci", "threshold", "separation_band", "ci_level", "ci_methods"}
+    known |= {"n_boot", "seed"}
     extra = {k: v for k, v in data.items() if k not in known and k != "operating_points"}
     if extra:
         items = "".join(
