@@ -270,9 +270,9 @@ def pipeline_infer_rates(args, device, cache: PatientCache, run: Path) -> dict[s
 
 
 def _worker_init() -> None:
-    from brainmets.data.cache import one_thread_per_worker  # imports paid before the clock
+    from brainmets.data.cache import init_worker  # imports paid before the clock
 
-    one_thread_per_worker()  # as prepare's workers: parallelism comes from the processes
+    init_worker()  # as prepare's workers: one thread, freed memory kept
 
 
 def _warm(_: int) -> None:

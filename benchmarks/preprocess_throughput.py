@@ -7,6 +7,10 @@ uint8 storage. The reference is the resize as plain PyTorch does it
 (``F.interpolate(..., mode="bilinear", antialias=True)``, one thread), on the same slices in
 the same run; the outputs are checked equal. Best of ``--repeats`` passes per step.
 
+The process is set up as one of prepare's workers (``init_worker``: one thread, freed memory
+kept for the next patient); ``--glibc-defaults`` leaves malloc as it is, to measure what
+that setting saves.
+
     PYTHONPATH=src python benchmarks/preprocess_throughput.py --patients 16 --json pre.json
 """
 
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from brainmets.data.cache import init_worker, keep_freed_memory
 from brainmets.data.dicom import load_series
 from brainmets.data.manifest import index_dicom_root, series_files
 from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
@@ -54,10 +59,17 @@ def main(argv: list[str] | None = None) -> dict:
                         help="generated slice thickness (mm); 1 mm makes slab averaging work")  # fmt: skip
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="do not keep freed memory (as before init_worker did)")  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # one core, as each of prepare's workers
-    cv2.setNumThreads(1)
+    if args.glibc_defaults:
+        torch.set_num_threads(1)  # one core, as each of prepare's workers
+        cv2.setNumThreads(1)
+        kept = False
+    else:
+        init_worker()
+        kept = keep_freed_memory()
 
     with tempfile.TemporaryDirectory() as tmp:
         synth = SynthConfig(
@@ -99,7 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
         name: 1e3 * t / (slices if name in ("decode to HU", "5 mm slabs") else slab_slices)
         for name, t in seconds.items()
     }
-    print(f"one core, {slices} slices of 512² ({args.thickness:g} mm) -> {slab_slices} slabs")
+    memory = "freed memory kept" if kept else "glibc malloc defaults"
+    print(
+        f"one core, {slices} slices of 512² ({args.thickness:g} mm) -> {slab_slices} slabs, "
+        f"{memory}"
+    )
     print(f"{'step':<24} {'ms/slice':>9} {'slices/s':>9}")
     for name, ms in per.items():
         print(f"{name:<24} {ms:>9.3f} {1e3 / ms:>9.0f}")
@@ -111,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ms_per_slice": per,
         "resize_vs_torch": speedup,
         "resize_max_abs_difference": difference,
+        "freed_memory_kept": kept,
         "torch": torch.__version__,
         "opencv": cv2.__version__,
     }

@@ -76,9 +76,10 @@ def cmd_index(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from brainmets.data.cache import prepare_cache
+    from brainmets.data.cache import keep_freed_memory, prepare_cache
     from brainmets.data.manifest import read_index, read_labels
 
+    keep_freed_memory()  # decodes here too with --workers 1; the pool's workers do it anyway
     preprocess = _preprocess_from_args(args)
     labels = read_labels(args.labels)
     series_index = read_index(args.index) if args.index else None
@@ -144,8 +145,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from brainmets.data.cache import keep_freed_memory
     from brainmets.predict import predict
 
+    keep_freed_memory()  # one patient's arrays after another, also in this process
     result = predict(
         args.run,
         args.inputs,
