@@ -208,6 +208,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ddp_failing_worker(rank: int, world_size: int, port: int, run: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))  # fmt: skip
+    cfg = _ddp_config(Path(run) / "no-such-cache")
+    try:
+        train(cfg, Path(run))
+    except Exception as err:  # the missing cache, on every rank
+        reason = f"{type(err).__name__}: {err}"
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps({"reason": reason, "group_left": not torch.distributed.is_initialized()})
+    )
+
+
+def test_ddp_run_that_cannot_start_leaves_the_process_group(tmp_path):
+    """A run that fails while it builds (here: no cache) must not leave its ranks in the
+    process group it joined; the error reaches the caller on every rank."""
+    run, out = tmp_path / "ddp", tmp_path / "out"
+    run.mkdir()
+    out.mkdir()
+    mp.spawn(_ddp_failing_worker, args=(2, _free_port(), str(run), str(out)), nprocs=2)
+    for rank in range(2):
+        result = json.loads((out / f"rank{rank}.json").read_text())
+        assert "no-such-cache" in result["reason"]
+        assert result["group_left"], rank
+    assert "training could not start" in (run / "train.log").read_text()
+
+
 def test_ddp_two_ranks_agree_and_match_one_process(cache_dir, tmp_path):
     run, out = tmp_path / "ddp", tmp_path / "out"
     run.mkdir()

@@ -278,19 +278,21 @@ class Trainer:
         self.state_path = self.ckpt_dir / "last_state.pt"
         self.stop_after_steps = stop_after_steps
         self.progress = progress
+        self.writer = None
+        self._log_handler: logging.Handler | None = None
         self.dist = init_distributed(cfg.train.device)
-        self.device = resolve_device(cfg.train.device, self.dist.local_rank)
-        self.cuda = self.device.type == "cuda"
-        self._check_run_dir(resume)
-        self._log_handler = self._open_log()
-
         try:
+            self.device = resolve_device(cfg.train.device, self.dist.local_rank)
+            self.cuda = self.device.type == "cuda"
+            self._check_run_dir(resume)
+            self._log_handler = self._open_log()
             self._build(resume)
         except BaseException as err:
-            # Into train.log too (it would otherwise end without a word), then detach the log
-            # so that later runs of this process do not write into this run's file.
-            log.error("training could not start: %s: %s", type(err).__name__, err)
-            self._close_log()
+            if self._log_handler is not None:  # into train.log too: it would end without a word
+                log.error("training could not start: %s: %s", type(err).__name__, err)
+            # Detach the log (later runs of this process must not write into this run's file)
+            # and leave the process group this run joined, so that the caller can start again.
+            self.close()
             raise
 
     def _build(self, resume: bool) -> None:
