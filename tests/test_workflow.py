@@ -58,6 +58,11 @@ def test_train_writes_a_self_contained_run(workflow):
     assert 0.05 <= sidecar["threshold"] <= 0.95
     assert sidecar["preprocess"]["size"] == 48
     assert len(pd.read_csv(run / "metrics.csv")) == 2
+    # Two validation patients are too few to calibrate on: the plain sigmoid, and why.
+    assert sidecar["calibration"]["method"] == "none"
+    assert "validation patients" in sidecar["calibration"]["note"]
+    val = pd.read_csv(run / "val_predictions.csv")
+    assert np.allclose(1 / (1 + np.exp(-val["logit"])), val["probability"], atol=1e-6)
 
 
 def test_evaluate_on_the_held_out_split(workflow):
@@ -169,3 +174,48 @@ def test_synth_lesion_options_reach_the_cohort(tmp_path):
                  "--lesion-hu", "75", "90", "--workers", "1"]) == 0  # fmt: skip
     config = json.loads((tmp_path / "c" / "synth.json").read_text())
     assert config["lesion_diameter_mm"] == [18.0, 30.0] and config["lesion_hu"] == [75.0, 90.0]
+
+
+def test_a_calibrated_run_reports_calibrated_probabilities_and_the_same_decisions(
+    workflow, tmp_path
+):
+    """The same weights with a Platt calibration in model.json: predict and evaluate report
+    sigmoid(a * logit + b) and the threshold mapped the same way, and every decision and
+    every threshold metric stays what the plain sigmoid gave."""
+    import shutil
+
+    from scipy.special import expit, logit
+
+    root, _ = workflow
+    plain_run, calibrated_run = tmp_path / "plain", tmp_path / "calibrated"
+    for run in (plain_run, calibrated_run):
+        shutil.copytree(root / "run", run, ignore=shutil.ignore_patterns("evaluation*"))
+    sidecar = json.loads((calibrated_run / "model.json").read_text())
+    sidecar["calibration"] = {"method": "platt", "slope": 0.5, "intercept": -1.0, "patients": 9}
+    (calibrated_run / "model.json").write_text(json.dumps(sidecar))
+
+    tables, metrics = {}, {}
+    for name, run in (("plain", plain_run), ("calibrated", calibrated_run)):
+        out = tmp_path / f"{name}.csv"
+        assert main(["-q", "predict", str(run), str(root / "cache"), "--out", str(out)]) == 0
+        tables[name] = pd.read_csv(out, dtype={"patient_id": str}).set_index("patient_id")
+        assert main(["-q", "evaluate", str(run), "--data", str(root / "cache"),
+                     "--split", "test"]) == 0  # fmt: skip
+        metrics[name] = json.loads((run / "evaluation" / "metrics.json").read_text())
+
+    plain, calibrated = tables["plain"], tables["calibrated"]
+    expected = expit(0.5 * logit(plain["probability"]) - 1.0)
+    assert np.allclose(calibrated["probability"], expected, atol=1e-6)
+    assert (calibrated["decision"] == plain["decision"]).all()
+    assert calibrated["threshold"].iloc[0] == pytest.approx(
+        expit(0.5 * logit(sidecar["threshold"]) - 1.0)
+    )
+    assert ((calibrated["probability"] >= calibrated["threshold"]) == calibrated["decision"]).all()
+
+    assert metrics["calibrated"]["calibration"]["method"] == "platt"
+    assert metrics["plain"]["calibration"]["method"] == "none"
+    for key in ("auc", "sensitivity", "specificity", "f1", "n"):
+        assert metrics["calibrated"]["metrics"][key] == metrics["plain"]["metrics"][key], key
+    assert (
+        "Platt-calibrated on 9 validation patients" in (calibrated_run / "report.html").read_text()
+    )

@@ -195,6 +195,12 @@ class TrainConfig(_Section):
     best_metric: Literal["auc", "f1", "separation", "val_loss"] = Field(
         "auc", description="validation metric that picks model.safetensors"
     )
+    calibration: Literal["platt", "none"] = Field(
+        "platt",
+        description="reported probabilities: platt = sigmoid(a * logit + b) fitted on the best "
+        "epoch's validation patients (needs 5 of each class; decisions and AUC unchanged); "
+        "none = sigmoid of the patient logit",
+    )
     zero_sensitivity_patience: int = Field(
         3, ge=1, description="warn after this many epochs with validation sensitivity 0"
     )

@@ -1,8 +1,8 @@
 """Score new studies with a trained run: DICOM folders, NIfTI files or a prepared cache.
 
 A run folder is self-contained: ``model.safetensors`` and its JSON sidecar carry the
-architecture, the preprocessing, the input normalisation and the operating threshold, so
-nothing else is needed. Decoding runs in a process pool; scoring batches whole patients on
+architecture, the preprocessing, the input normalisation, the operating threshold and the
+probability calibration, so nothing else is needed. Decoding runs in a process pool; scoring batches whole patients on
 the device. A patient that cannot be read gets a row with its error and the others go on.
 """
 
@@ -33,6 +33,7 @@ from brainmets.data.cache import (
 from brainmets.device import resolve_device
 from brainmets.io import atomic_write_csv
 from brainmets.model.checkpoint import load_checkpoint
+from brainmets.model.probability import Calibration
 from brainmets.model.resnet import BrainMetsNet
 from brainmets.model.scoring import PatientScore, SliceScorer
 
@@ -64,9 +65,28 @@ class TrainedModel:
     scorer: SliceScorer
 
     @property
-    def threshold(self) -> float:
+    def raw_threshold(self) -> float:
+        """The operating threshold as chosen in training, on the plain sigmoid."""
         threshold = self.sidecar.get("threshold")
         return 0.5 if threshold is None else float(threshold)
+
+    @property
+    def calibration(self) -> Calibration:
+        return Calibration.from_sidecar(self.sidecar)
+
+    @property
+    def threshold(self) -> float:
+        """The operating threshold on the reported (calibrated) probability scale."""
+        return self.calibration.threshold(self.raw_threshold)
+
+    def probability(self, logits) -> np.ndarray:
+        """Reported probability of patient (or slice) logits: calibrated when the run is."""
+        return self.calibration.probability(logits)
+
+    def decision(self, logit: float) -> int:
+        """1 when the patient is called positive: decided on the plain sigmoid against the
+        threshold chosen there, so calibration cannot move a decision by rounding."""
+        return int(expit(logit) >= self.raw_threshold)
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -231,7 +251,7 @@ def write_heatmaps(
     paths = []
     for rank, (slice_index, cam) in enumerate(zip(order, cams, strict=True), start=1):
         path = out_dir / f"{patient_stem(patient_id)}_rank{rank}_slice{int(slice_index)}.png"
-        prob = float(expit(slice_logits[slice_index]))
+        prob = float(trained.probability(slice_logits[slice_index]))
         title = f"{patient_id}  slice {int(slice_index)}  p={prob:.2f}"
         paths.append(save_overlay(array[slice_index], cam, path, title))
     return paths
@@ -254,12 +274,11 @@ class PredictResult:
 
 
 def _row(trained: TrainedModel, item: PreprocessedPatient, score: PatientScore) -> dict:
-    prob = float(expit(score.logit))
     top = score.top_slice
     return {
         "patient_id": item.job.patient_id,
-        "probability": prob,
-        "decision": int(prob >= trained.threshold),
+        "probability": float(trained.probability(score.logit)),
+        "decision": trained.decision(score.logit),
         "threshold": trained.threshold,
         "num_slices": int(item.array.shape[0]),
         "top_slice_index": top,

@@ -1,8 +1,10 @@
 """``brainmets evaluate``: a trained run scored on a held-out prepared cache.
 
 Patient-level metrics at the run's saved threshold and threshold-free, each with a 95% CI
-(Wilson score for the proportions, percentile bootstrap for the rest); operating points for target sensitivities chosen on the run's own validation
-predictions (never on the evaluated patients); plots; and the run report refreshed.
+(Wilson score for the proportions, percentile bootstrap for the rest); operating points for
+target sensitivities chosen on the run's own validation predictions (never on the evaluated
+patients); plots; and the run report refreshed. Probabilities and thresholds are on the
+run's reported scale (calibrated when the run is, see ``brainmets.model.probability``).
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.special import expit
 from tqdm.auto import tqdm
 
 from brainmets.config import EvaluateConfig, load_config
 from brainmets.data.cache import PatientCache
 from brainmets.evaluate.metrics import evaluate_predictions
 from brainmets.io import atomic_write_csv, atomic_write_text
+from brainmets.model.probability import Calibration, logits_of
 from brainmets.predict import batch_by_slices, load_trained
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,8 @@ class EvaluationSummary:
     def text(self) -> str:
         m, ci = self.metrics["metrics"], self.metrics["ci"]
         lines = [
-            f"{m['n']} patients ({m['n_pos']} positive) at threshold {self.metrics['threshold']:.2f}"
+            f"{m['n']} patients ({m['n_pos']} positive) at threshold "
+            f"{self.metrics['threshold']:.3f}; probabilities {Calibration.from_sidecar(self.metrics).describe()}"
         ]
         for key, label in _SUMMARY_ROWS:
             value = m.get(key)
@@ -114,7 +117,7 @@ def score_cache(
                 {
                     "patient_id": pid,
                     "label": label_of[pid],
-                    "probability": float(expit(score.logit)),
+                    "probability": float(trained.probability(score.logit)),
                     "logit": score.logit,
                     "top_slice_index": score.top_slice,
                 }
@@ -186,8 +189,11 @@ def evaluate_run(
     val_labels = val_probs = None
     val_path = run / "val_predictions.csv"
     if val_path.is_file():
+        # On the reported scale, as the evaluated probabilities: from the logits (runs from
+        # before the logit column stored only the plain sigmoid).
         val = pd.read_csv(val_path, dtype={"patient_id": str})
-        val_labels, val_probs = val["label"].to_numpy(), val["probability"].to_numpy()
+        val_logits = val["logit"] if "logit" in val else logits_of(val["probability"])
+        val_labels, val_probs = val["label"].to_numpy(), trained.probability(val_logits)
     labels = predictions["label"].to_numpy()
     probs = predictions["probability"].to_numpy()
     metrics = evaluate_predictions(
@@ -200,6 +206,7 @@ def evaluate_run(
         val_labels=val_labels,
         val_probs=val_probs,
     )
+    metrics["calibration"] = trained.calibration.to_json()
     metrics["data"] = str(data)
     metrics["split"] = split
     metrics["seen_in_training"] = overlap

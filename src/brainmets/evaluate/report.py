@@ -33,6 +33,7 @@ import yaml
 from brainmets.evaluate.metrics import COUNT_NAMES, METRIC_NAMES
 from brainmets.evaluate.plots import EVALUATION_PLOTS, plot_learning_curves
 from brainmets.io import atomic_write_text
+from brainmets.model.probability import Calibration
 
 __all__ = ["MAX_HEATMAPS", "write_report"]
 
@@ -276,7 +277,7 @@ def _metrics_section(run_dir: Path) -> str:
         f"<p>Threshold <b>{_format(data.get('threshold'))}</b> · separation band "
         f"{_band(data.get('separation_band', 'undefined'))} · "
         f"{_format(100 * level if isinstance(level, float) else level, 0)}% CIs: "
-        f"{_ci_methods(data)}.</p>",
+        f"{_ci_methods(data)}. Probabilities: {_esc(Calibration.from_sidecar(data).describe())}.</p>",
         _metrics_table(metrics, data.get("ci") or {}),
     ]
     points = data.get("operating_points") or []
@@ -288,6 +289,7 @@ def _metrics_section(run_dir: Path) -> str:
                 "evaluated patients themselves: their sensitivity is optimistic.</p>"
             )
     known = {"metrics", "ci", "threshold", "separation_band", "ci_level", "ci_methods"}
+    known |= {"calibration"}
     known |= {"n_boot", "seed"}
     extra = {k: v for k, v in data.items() if k not in known and k != "operating_points"}
     if extra:

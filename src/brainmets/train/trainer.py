@@ -10,8 +10,10 @@ self-contained run directory::
     metrics.csv            one row per epoch (METRIC_COLUMNS)
     tensorboard/           the same scalars for TensorBoard, at the optimiser step
     model.safetensors      best epoch by ``train.best_metric`` (+ model.json: threshold,
-                           preprocessing, normalisation, architecture, config hash)
-    val_predictions.csv    patient_id, label, probability of the best epoch
+                           probability calibration, preprocessing, normalisation,
+                           architecture, config hash)
+    val_predictions.csv    patient_id, label, probability (plain sigmoid), logit of the
+                           best epoch
     checkpoints/last.safetensors + last.json   the last saved weights
     checkpoints/last_state.pt                  everything needed to resume (see below)
 
@@ -86,6 +88,7 @@ from brainmets.evaluate.metrics import best_f1_threshold, patient_metrics
 from brainmets.io import atomic_write, atomic_write_csv, atomic_write_text
 from brainmets.model.checkpoint import save_checkpoint
 from brainmets.model.pretrained import load_pretrained_backbone, warn_random_init
+from brainmets.model.probability import Calibration, fit_platt
 from brainmets.model.resnet import BrainMetsNet
 from brainmets.train.calibration import calibrate_batchnorm
 from brainmets.train.curriculum import build_optimizer, stage_for_epoch, trainable_blocks
@@ -619,7 +622,14 @@ class Trainer:
         threshold, _ = best_f1_threshold(y, probs)
         metrics = patient_metrics(y, probs, threshold)
         metrics.update(val_loss=float(val_loss), threshold=float(threshold))
-        predictions = pd.DataFrame({"patient_id": order, "label": y, "probability": probs})
+        predictions = pd.DataFrame(
+            {
+                "patient_id": order,
+                "label": y,
+                "probability": probs,
+                "logit": all_logits.double().numpy(),
+            }
+        )
         return metrics, predictions
 
     # ------------------------------------------------------------------ epoch end
@@ -723,7 +733,16 @@ class Trainer:
         }
 
     def _save_best(self, row: dict[str, Any], predictions: pd.DataFrame) -> None:
-        save_checkpoint(self.model, self.run_dir / "model.safetensors", self._sidecar(row))
+        """The best epoch's weights, with the probability calibration fitted on the same
+        validation predictions (see ``brainmets.model.probability``)."""
+        calibration = Calibration(note="train.calibration is none")
+        if self.cfg.train.calibration == "platt":
+            calibration = fit_platt(predictions["label"], predictions["logit"])
+            if calibration.method == "none":
+                log.info("epoch %d: probabilities not calibrated (%s)", row["epoch"],
+                         calibration.note)  # fmt: skip
+        sidecar = {**self._sidecar(row), "calibration": calibration.to_json()}
+        save_checkpoint(self.model, self.run_dir / "model.safetensors", sidecar)
         atomic_write_csv(self.run_dir / "val_predictions.csv", predictions)
 
     def _rng_state(self) -> dict[str, Any]:

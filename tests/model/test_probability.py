@@ -1,0 +1,102 @@
+"""Platt scaling of the patient logit: the fit, its refusals and what it must not change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import expit
+
+from brainmets.evaluate.metrics import patient_metrics
+from brainmets.model.probability import Calibration, fit_platt, logits_of
+
+
+def max_pooled_cohort(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Patient logits as max pooling makes them: the highest of 30 slice scores, so that
+    negatives too sit well above 0; positives have one slice that scores higher."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.35).astype(int)
+    slices = rng.normal(0.0, 1.0, (n, 30))
+    slices[:, 0] += 2.5 * labels
+    return labels, slices.max(axis=1)
+
+
+def test_platt_recovers_a_known_logistic_link():
+    """Labels drawn from sigmoid(0.7 z - 2): the fit finds that link (up to the small pull of
+    Platt's smoothed targets), on 20,000 patients."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(2.0, 2.0, 20_000)
+    labels = (rng.random(logits.size) < expit(0.7 * logits - 2.0)).astype(int)
+    fitted = fit_platt(labels, logits)
+    assert fitted.method == "platt" and fitted.patients == 20_000
+    assert fitted.slope == pytest.approx(0.7, abs=0.03)
+    assert fitted.intercept == pytest.approx(-2.0, abs=0.08)
+
+
+def test_calibrated_probabilities_match_the_observed_rate():
+    """Max pooling pushes the plain sigmoid of negatives up; after the fit, the mean predicted
+    probability equals the prevalence and a held-out cohort's Brier score improves."""
+    labels, logits = max_pooled_cohort(600, seed=1)
+    plain = expit(logits)
+    assert plain[labels == 0].mean() > 0.6  # the bias the calibration is for
+    fitted = fit_platt(labels, logits)
+    assert fitted.probability(logits).mean() == pytest.approx(labels.mean(), abs=0.01)
+
+    test_labels, test_logits = max_pooled_cohort(600, seed=2)
+    brier_plain = patient_metrics(test_labels, expit(test_logits), 0.5)["brier"]
+    brier_fitted = patient_metrics(test_labels, fitted.probability(test_logits), 0.5)["brier"]
+    assert brier_fitted < 0.7 * brier_plain
+
+
+def test_decisions_ranking_and_auc_do_not_change():
+    labels, logits = max_pooled_cohort(300, seed=3)
+    fitted = fit_platt(labels, logits)
+    for raw_threshold in (0.3, 0.8, 0.94):
+        plain = patient_metrics(labels, expit(logits), raw_threshold)
+        calibrated = patient_metrics(
+            labels, fitted.probability(logits), fitted.threshold(raw_threshold)
+        )
+        for name in ("sensitivity", "specificity", "ppv", "f1", "auc", "average_precision"):
+            assert calibrated[name] == pytest.approx(plain[name]), (raw_threshold, name)
+    assert np.array_equal(np.argsort(fitted.probability(logits)), np.argsort(expit(logits)))
+
+
+def test_separated_validation_set_gives_a_finite_fit():
+    labels = np.r_[np.ones(8), np.zeros(12)].astype(int)
+    logits = np.r_[np.linspace(4, 6, 8), np.linspace(0, 2, 12)]
+    fitted = fit_platt(labels, logits)
+    assert fitted.method == "platt"
+    assert np.isfinite([fitted.slope, fitted.intercept]).all() and fitted.slope < 50
+    p = fitted.probability(logits)
+    assert (p[:8] > 0.5).all() and (p[8:] < 0.5).all() and p.max() < 1.0
+
+
+@pytest.mark.parametrize(
+    ("labels", "logits", "reason"),
+    [
+        ([1, 1, 0, 0, 0, 0, 0, 0], [3, 2, 1, 0, 1, 0, 1, 0], "2 positive and 6 negative"),
+        (
+            # Positives score lower: an increasing map cannot describe that.
+            [1] * 6 + [0] * 6,
+            [0, 0.5, 1, 0.2, 0.4, 0.1, 3, 4, 5, 3.5, 4.5, 6],
+            "do not rank",
+        ),
+    ],
+)
+def test_no_fit_where_it_would_mislead(labels, logits, reason):
+    fitted = fit_platt(labels, logits)
+    assert fitted.method == "none" and reason in fitted.note
+    assert fitted.probability([0.0, 2.0]) == pytest.approx(expit([0.0, 2.0]))
+    assert fitted.threshold(0.42) == pytest.approx(0.42)
+
+
+def test_sidecar_round_trip_and_older_runs():
+    fitted = Calibration("platt", 0.5, -1.25, patients=40)
+    assert Calibration.from_sidecar({"calibration": fitted.to_json()}) == fitted
+    older = Calibration.from_sidecar({"threshold": 0.4})  # model.json before calibration
+    assert older.method == "none" and older.probability(1.0) == pytest.approx(expit(1.0))
+    assert "Platt-calibrated on 40" in fitted.describe()
+
+
+def test_logits_back_from_rounded_probabilities_stay_finite():
+    z = logits_of([0.0, 0.5, 1.0])
+    assert np.isfinite(z).all() and z[1] == 0.0 and z[0] < -20 and z[2] > 20
