@@ -2,8 +2,9 @@
 
 A run folder is self-contained: ``model.safetensors`` and its JSON sidecar carry the
 architecture, the preprocessing, the input normalisation, the operating threshold and the
-probability calibration, so nothing else is needed. Decoding runs in a process pool; scoring batches whole patients on
-the device. A patient that cannot be read gets a row with its error and the others go on.
+probability calibration, so nothing else is needed. Decoding runs in a process pool; scoring
+batches whole patients on the device. A patient that cannot be read gets a row with its error
+and the others go on.
 """
 
 from __future__ import annotations

@@ -52,9 +52,10 @@ class EvaluationSummary:
     @property
     def text(self) -> str:
         m, ci = self.metrics["metrics"], self.metrics["ci"]
+        scale = Calibration.from_sidecar(self.metrics).describe()
         lines = [
             f"{m['n']} patients ({m['n_pos']} positive) at threshold "
-            f"{self.metrics['threshold']:.3f}; probabilities {Calibration.from_sidecar(self.metrics).describe()}"
+            f"{self.metrics['threshold']:.3f}; probabilities: {scale}"
         ]
         for key, label in _SUMMARY_ROWS:
             value = m.get(key)

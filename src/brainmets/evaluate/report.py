@@ -277,7 +277,8 @@ def _metrics_section(run_dir: Path) -> str:
         f"<p>Threshold <b>{_format(data.get('threshold'))}</b> · separation band "
         f"{_band(data.get('separation_band', 'undefined'))} · "
         f"{_format(100 * level if isinstance(level, float) else level, 0)}% CIs: "
-        f"{_ci_methods(data)}. Probabilities: {_esc(Calibration.from_sidecar(data).describe())}.</p>",
+        f"{_ci_methods(data)}. Probabilities: "
+        f"{_esc(Calibration.from_sidecar(data).describe())}.</p>",
         _metrics_table(metrics, data.get("ci") or {}),
     ]
     points = data.get("operating_points") or []
