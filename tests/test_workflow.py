@@ -94,15 +94,22 @@ def test_predict_agrees_across_dicom_nifti_and_cache(workflow, tmp_path, capsys)
     (broken / "IM0001.dcm").write_bytes(b"DICM but not really")
 
     out = tmp_path / "predictions.csv"
+    missing = tmp_path / "no-such-study"
     rc = main(["-q", "predict", str(root / "run"), str(root / "cohort" / "dicom"), str(broken),
-               "--out", str(out), "--heatmaps", str(tmp_path / "heat"), "--top-k", "2"])  # fmt: skip
-    assert rc == 1  # one input failed: the exit code says so, the others are predicted
+               str(missing), "--out", str(out), "--heatmaps", str(tmp_path / "heat"),
+               "--top-k", "2"])  # fmt: skip
+    assert rc == 1  # inputs failed: the exit code says so, the others are predicted
     table = pd.read_csv(out, dtype={"patient_id": str, "error": str}).fillna({"error": ""})
-    failed = table[table["error"] != ""]
-    assert len(failed) == 1 and "broken" in failed["source"].iloc[0]
+    failed = table[table["error"] != ""].set_index("source")
+    assert sorted(failed.index) == sorted([str(broken), str(missing)])
     # The reason names the file that could not be read, and the terminal shows it too.
-    assert "IM0001.dcm (not a DICOM file)" in failed["error"].iloc[0]
+    assert "IM0001.dcm (not a DICOM file)" in failed.loc[str(broken), "error"]
     assert "IM0001.dcm (not a DICOM file)" in capsys.readouterr().err
+    assert failed.loc[str(missing), "error"] == "does not exist"
+    # Whole-number columns stay whole beside the failed rows' empty cells.
+    written = pd.read_csv(out, dtype=str, keep_default_na=False)
+    for column in ("decision", "num_slices", "top_slice_index"):
+        assert written[column].str.fullmatch(r"\d*").all(), written[column].tolist()
     ok = table[table["error"] == ""].set_index("patient_id")
     assert sorted(ok.index) == sorted(labels["patient_id"])
     assert ((ok["probability"] >= ok["threshold"]).astype(int) == ok["decision"]).all()

@@ -7,6 +7,7 @@ nothing here computes anything.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -120,10 +121,21 @@ def cmd_train(args) -> int:
     result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
     best = result.get("best") or {}
     metric = cfg.train.best_metric
+    threshold = best.get("threshold", float("nan"))
     print(
         f"run {run_dir}: best {metric} {best.get(metric, float('nan')):.4f} at epoch "
-        f"{result.get('best_epoch')} (threshold {best.get('threshold', float('nan')):.2f})"
+        f"{result.get('best_epoch')} (threshold {threshold:.2f} on the plain sigmoid, as in "
+        "metrics.csv and train.log)"
     )
+    sidecar = run_dir / "model.json"
+    if sidecar.is_file():
+        from brainmets.model.probability import Calibration
+
+        calibration = Calibration.from_sidecar(json.loads(sidecar.read_text()))
+        print(
+            f"predict and evaluate report probabilities as {calibration.describe()}; "
+            f"there the threshold is {calibration.threshold(threshold):.3f}"
+        )
     return 0
 
 

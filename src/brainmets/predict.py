@@ -192,7 +192,8 @@ def jobs_for_inputs(
                 reason = f"no DICOM images found{unreadable}"
                 errors.append(_error_row(path.name, str(path), reason))
         else:
-            errors.append(_error_row(path.name, str(path), "not a DICOM folder, NIfTI or cache"))
+            reason = "not a DICOM folder, NIfTI or cache" if path.exists() else "does not exist"
+            errors.append(_error_row(path.name, str(path), reason))
     return _unique_patients(jobs, errors), caches, errors
 
 
@@ -376,6 +377,9 @@ def predict(
 
     table = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
     table["error"] = table["error"].fillna("")
+    # Whole numbers stay whole beside a failed row's empty cells (not 0.0, 14.0).
+    for column in ("decision", "num_slices", "top_slice_index"):
+        table[column] = table[column].astype("Int64")
     table = table.sort_values("patient_id", kind="stable").reset_index(drop=True)
     atomic_write_csv(out_csv, table)
     return PredictResult(table)

@@ -166,17 +166,19 @@ def test_patient_folders_choose_the_series_for_the_preprocessing(corpus, preproc
 
 def test_series_uid_pins_the_series_of_a_patient_folder(corpus, tmp_path):
     """A labels row with a DICOM folder and a ``series_uid`` prepares that series, not the
-    automatic choice (the 5 mm series here); a pin the folder lacks is an error row that names
-    the folder and the series it does hold, and the other patients are still prepared."""
+    automatic choice (the 5 mm series here); a pin the folder lacks, or an ineligible one, is
+    an error row that says why, and the other patients are still prepared."""
     from brainmets.data.manifest import index_dicom_root
 
     folder = corpus / "dcm_qa_ct/In/Philips/S21570"
     series = index_dicom_root(folder, progress=False).series
     thin = series.loc[series["description"] == "STD BRAIN 1MM, iDose", "series_uid"].item()
+    scout = series.loc[series["image_type"].str.contains("LOCALIZER"), "series_uid"].item()
     labels = pd.DataFrame(
         [
             {"patient_id": "THIN", "label": 1, "path": str(folder), "series_uid": thin},
             {"patient_id": "GONE", "label": 0, "path": str(folder), "series_uid": "1.2.3.4"},
+            {"patient_id": "SCOUT", "label": 0, "path": str(folder), "series_uid": scout},
         ]
     )
     result = prepare_cache(labels, tmp_path / "cache", PRE, progress=False)
@@ -188,6 +190,9 @@ def test_series_uid_pins_the_series_of_a_patient_folder(corpus, tmp_path):
     (reason,) = result.errors.loc[result.errors["patient_id"] == "GONE", "reason"]
     assert "pinned series 1.2.3.4 not in this folder" in reason and thin in reason
     assert str(folder) in reason
+    # The scanner's one-slice localizer may be pinned, but it is not a volume.
+    (reason,) = result.errors.loc[result.errors["patient_id"] == "SCOUT", "reason"]
+    assert f"pinned series {scout} is localizer" in reason
 
 
 def test_pool_workers_run_one_thread_each(tmp_path):

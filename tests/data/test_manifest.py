@@ -9,7 +9,10 @@ import pandas as pd
 import pytest
 
 from brainmets.data.manifest import (
+    ERROR_COLUMNS,
+    FILE_COLUMNS,
     SERIES_COLUMNS,
+    SeriesIndex,
     choose_series,
     classify_orientation,
     index_dicom_root,
@@ -198,6 +201,42 @@ def test_choice_is_per_patient():
 def test_missing_pin_chooses_nothing():
     table = choose_series(pd.DataFrame([series_row("a")]), pins={"P1": "nope"})
     assert not table["chosen"].any() and "not found" in table["reason"].iloc[0]
+
+
+def test_a_pin_overrides_the_ranking_not_eligibility():
+    """A pinned localizer (one slice) must not become the patient's volume: the pin picks among
+    eligible series, and the plan says why the pinned one cannot be used, once."""
+    from brainmets.data.cache import plan_jobs
+
+    series = pd.DataFrame(
+        [
+            series_row("scout", image_type="ORIGINAL\\PRIMARY\\LOCALIZER", num_slices=1),
+            series_row("thin", slice_thickness_mm=1.0, num_slices=150),
+            series_row("std"),
+        ]
+    )
+    table = choose_series(series, pins={"P1": "scout"})
+    assert not table["chosen"].any()
+    assert table.set_index("series_uid").loc["scout", "reason"] == (
+        "pinned in the manifest but not eligible: localizer"
+    )
+    assert choose_series(series, pins={"P1": "thin"}).query("chosen")["series_uid"].tolist() == [
+        "thin"
+    ]  # an eligible pin still beats the 5 mm series the rule would choose
+
+    index = SeriesIndex(series=series, files=pd.DataFrame(columns=FILE_COLUMNS),
+                        errors=pd.DataFrame(columns=ERROR_COLUMNS))  # fmt: skip
+    for pin, reason in [
+        ("scout", "no usable series (scout: pinned in the manifest but not eligible: localizer)"),
+        (
+            "1.2.3",
+            "no usable series (pinned series 1.2.3 not in the index for this patient "
+            "(its series: scout, thin, std))",
+        ),  # fmt: skip
+    ]:
+        labels = pd.DataFrame([{"patient_id": "P1", "label": 1, "series_uid": pin}])
+        jobs, errors = plan_jobs(labels, index)
+        assert not jobs and [e["reason"] for e in errors] == [reason]
 
 
 @pytest.mark.parametrize(

@@ -348,6 +348,10 @@ def test_proportion_without_trials_and_bootstrap_switched_off_are_nan():
     assert all(math.isnan(v) for v in ci["ppv"])
     assert all(math.isnan(v) for v in ci["auc"])  # n_boot=0: no bootstrap
     assert ci["npv"] == pytest.approx(_wilson(2, 4), abs=1e-6)
+    assert not {"n", "n_pos", "n_neg"} & set(ci)  # observed counts, not estimates
+    switched_off = evaluate_predictions(labels, probs, 0.9, n_boot=0)
+    assert switched_off["ci_methods"]["bootstrap"] == []
+    assert switched_off["ci"]["auc"] == [None, None]
 
 
 # --- evaluate_predictions -------------------------------------------------------------------

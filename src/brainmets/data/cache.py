@@ -276,8 +276,8 @@ def plan_jobs(
     jobs: list[PatientJob] = []
     errors: list[dict] = []
     by_patient = None
+    pins: dict[str, str] = {}
     if series_index is not None:
-        pins = {}
         if "series_uid" in labels:
             pins = {r.patient_id: r.series_uid for r in labels.itertuples() if r.series_uid}
         chosen = choose_for(series_index.series, preprocess or PreprocessConfig(), pins)
@@ -305,6 +305,15 @@ def plan_jobs(
             continue
         rows = by_patient.get(str(r.patient_id))
         uid, why = patient_choice(rows) if rows is not None else (None, "patient not in the index")
+        pin = pins.get(r.patient_id)
+        if uid is None and pin and rows is not None:  # the pin's own reason, said once
+            pinned = rows[rows["series_uid"] == pin]
+            why = (
+                f"{pin}: {pinned['reason'].iloc[0]}"
+                if len(pinned)
+                else f"pinned series {pin} not in the index for this patient "
+                f"(its series: {', '.join(rows['series_uid'])})"
+            )
         if uid is None:
             errors.append(
                 {"patient_id": r.patient_id, "file": "", "reason": f"no usable series ({why})"}
@@ -332,7 +341,12 @@ def choose_for(
 def load_patient_volume(job: PatientJob, preprocess: PreprocessConfig):
     """The HU volume of a job, whatever its source kind, and its SeriesInstanceUID."""
     from brainmets.data.dicom import load_series
-    from brainmets.data.manifest import index_dicom_root, patient_choice, series_files
+    from brainmets.data.manifest import (
+        index_dicom_root,
+        ineligibility,
+        patient_choice,
+        series_files,
+    )
     from brainmets.data.nifti import load_nifti
 
     if job.kind == "nifti":
@@ -348,6 +362,10 @@ def load_patient_volume(job: PatientJob, preprocess: PreprocessConfig):
                     f"{job.path}: pinned series {job.series_uid} not in this folder "
                     f"(series found: {', '.join(found) or 'none'})"
                 )
+            row = index.series.loc[index.series["series_uid"] == job.series_uid].iloc[0]
+            why_not = ineligibility(row, preprocess.min_slices)
+            if why_not:
+                raise ValueError(f"{job.path}: pinned series {job.series_uid} is {why_not}")
             return load_series(series_files(index, job.series_uid)), job.series_uid
         uid, why = patient_choice(choose_for(index.series, preprocess))
         if uid is None:

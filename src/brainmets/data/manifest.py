@@ -19,7 +19,8 @@ Choice rule (:func:`choose_series`), per patient:
    kernels before bone/lung (sharp) kernels; SliceThickness nearest ``target_mm``; more slices;
    then SeriesInstanceUID so that the choice is deterministic.
 3. A pin (patient_id -> SeriesInstanceUID, from the labels' ``series_uid`` column) overrides
-   the rule, eligible or not.
+   the ranking of rule 2, not rule 1: a pinned localizer or a pinned 1-slice series is an
+   error row with the reason, never a volume (``predict`` would refuse that series too).
 
 Only PatientID leaves the headers: no names or birth dates appear in any table.
 """
@@ -314,7 +315,13 @@ def choose_series(
                 if len(hit)
                 else f"not chosen: pinned series {pinned} not found for this patient"
             )
-            table.loc[hit, ["chosen", "reason"]] = [True, "chosen: pinned in the manifest"]
+            for idx in hit:
+                why_not = ineligibility(table.loc[idx], min_slices)
+                table.loc[idx, ["chosen", "reason"]] = (
+                    [False, f"pinned in the manifest but not eligible: {why_not}"]
+                    if why_not
+                    else [True, "chosen: pinned in the manifest"]
+                )
             continue
 
         candidates = []

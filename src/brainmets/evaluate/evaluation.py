@@ -62,7 +62,7 @@ class EvaluationSummary:
             lo, hi = ci.get(key, [None, None])
             shown = "n/a" if value is None else f"{value:.3f}"
             if lo is not None and hi is not None:
-                shown += f"  (95% CI {lo:.3f}-{hi:.3f})"
+                shown += f"  (95% CI {lo:.3f} to {hi:.3f})"
             lines.append(f"  {label:<18} {shown}")
         lines.append(f"  separation band    {self.metrics['separation_band']}")
         for point in self.metrics.get("operating_points", []):
@@ -216,4 +216,6 @@ def evaluate_run(
     write_evaluation_plots(labels, probs, trained.threshold, out)
     if out == run / "evaluation":
         write_report(run)
+    else:  # the report shows RUN/evaluation only; a second evaluation must not replace it
+        log.info("%s/report.html not refreshed: it shows %s/evaluation", run, run)
     return EvaluationSummary(metrics, predictions, out)

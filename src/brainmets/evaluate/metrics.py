@@ -322,7 +322,8 @@ def confidence_intervals(
     alpha: float = 0.05,
 ) -> dict[str, tuple[float, float]]:
     """The CIs ``evaluate`` reports: Wilson score intervals for the proportions
-    (``PROPORTION_NAMES``), percentile bootstrap (:func:`bootstrap_ci`) for the rest.
+    (``PROPORTION_NAMES``), percentile bootstrap (:func:`bootstrap_ci`) for the rest, none for
+    the patient counts (they are what was observed, not estimates).
 
     A proportion with no trials (no positive calls for PPV, ...) gets (nan, nan), as does
     every bootstrap metric when ``n_boot`` is 0 (bootstrap switched off).
@@ -334,6 +335,8 @@ def confidence_intervals(
         out = bootstrap_ci(y, p, threshold, n_boot=n_boot, seed=seed, alpha=alpha)
     else:
         out = {name: (math.nan, math.nan) for name in METRIC_NAMES}
+    for name in COUNT_NAMES:
+        del out[name]
     for name, (k, n) in _proportion_counts(y, p, float(threshold)).items():
         if n == 0:
             out[name] = (math.nan, math.nan)
@@ -414,7 +417,9 @@ def evaluate_predictions(
             "ci_level": 1.0 - alpha,
             "ci_methods": {
                 "wilson": list(PROPORTION_NAMES),
-                "bootstrap": [m for m in METRIC_NAMES if m not in PROPORTION_NAMES + COUNT_NAMES],
+                "bootstrap": [m for m in METRIC_NAMES if m not in PROPORTION_NAMES + COUNT_NAMES]
+                if n_boot > 0
+                else [],
             },
             "n_boot": int(n_boot),
             "seed": int(seed),

@@ -135,7 +135,10 @@ def _format(value: Any, digits: int = 3) -> str:
 
 
 def _ci_text(ci: Any, count: bool = False) -> str:
-    """'low – high'; counts (patients drawn per class) are shown as whole patients."""
+    """'low – high'; counts (patients drawn per class) are shown as whole patients. Counts
+    have no interval in newer metrics.json files (they are observed, not estimated)."""
+    if count and ci is None:
+        return "–"
     if not isinstance(ci, list | tuple) or len(ci) != 2:
         return "n/a"
     lo, hi = ci
@@ -254,10 +257,13 @@ def _ci_methods(data: dict[str, Any]) -> str:
         f"percentile bootstrap over {_format(data.get('n_boot', 'n/a'))} patient resamples "
         f"(seed {_format(data.get('seed', 'n/a'))})"
     )
-    wilson = (data.get("ci_methods") or {}).get("wilson")
+    methods = data.get("ci_methods") or {}
+    wilson = methods.get("wilson")
     if not wilson:
         return bootstrap
     names = ", ".join(_esc(_METRIC_LABELS.get(n, n)) for n in wilson)
+    if not methods.get("bootstrap"):
+        return f"Wilson score for {names}; no bootstrap (n_boot 0), so none for the others"
     return f"Wilson score for {names}; {bootstrap} for the others"
 
 
