@@ -100,3 +100,42 @@ def test_sidecar_round_trip_and_older_runs():
 def test_logits_back_from_rounded_probabilities_stay_finite():
     z = logits_of([0.0, 0.5, 1.0])
     assert np.isfinite(z).all() and z[1] == 0.0 and z[0] < -20 and z[2] > 20
+
+
+def test_no_fit_without_ranking_and_no_map_that_turns_around():
+    tied = fit_platt([1] * 6 + [0] * 6, [2.0] * 12)
+    assert tied.method == "none" and "AUC 0.500" in tied.note
+    for bad in (dict(slope=-1.0), dict(slope=float("nan")), dict(intercept=float("inf"))):
+        with pytest.raises(ValueError, match="finite slope"):
+            Calibration("platt", **{"slope": 1.0, "intercept": 0.0, **bad})
+    with pytest.raises(ValueError, match="method"):
+        Calibration.from_sidecar({"calibration": {"method": "isotonic"}})
+
+
+def test_evaluation_ranks_on_the_plain_sigmoid_when_calibrated_p_saturates():
+    """A steep fit (validation logits bunched in 0-0.5) sends every test logit above 2 to
+    p = 1.0 exactly. evaluate must still rank and call the patients as the plain sigmoid does,
+    as predict decides: AUC and sensitivity are those of the plain scale, and the Brier score
+    and threshold are given on the calibrated one."""
+    from brainmets.evaluate.metrics import evaluate_predictions
+
+    val_labels = np.r_[np.ones(20), np.zeros(20)].astype(int)
+    val_logits = np.r_[np.linspace(0.3, 0.5, 20), np.linspace(0.0, 0.2, 20)]
+    steep = fit_platt(val_labels, val_logits)
+    assert steep.slope > 15
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(60) < 0.5).astype(int)
+    logits = 2.2 + 1.2 * rng.random(60) + 0.6 * labels
+    assert np.all(steep.probability(logits) == 1.0)  # saturated: every patient ties
+    plain = expit(logits)
+    raw_threshold = 0.95
+    result = evaluate_predictions(labels, plain, raw_threshold, n_boot=50,
+                                  reported=steep.from_plain)  # fmt: skip
+    expected = patient_metrics(labels, plain, raw_threshold)
+    for name in ("auc", "sensitivity", "specificity", "f1"):
+        assert result["metrics"][name] == pytest.approx(expected[name]), name
+    assert result["metrics"]["auc"] > 0.6
+    assert result["threshold"] == pytest.approx(steep.threshold(raw_threshold))
+    on_scale = patient_metrics(labels, steep.probability(logits), result["threshold"])
+    assert result["metrics"]["brier"] == pytest.approx(on_scale["brier"])

@@ -181,6 +181,34 @@ def test_non_finite_step_is_skipped_without_touching_weights_or_moments():
     assert all(s["step"].item() == 1 for s in optimizer.state.values())
 
 
+@pytest.mark.parametrize("method", ["platt", "none"])
+def test_best_epoch_stores_the_calibration_of_its_validation_predictions(
+    cache_dir, tmp_path, method
+):
+    """model.json of the best epoch carries the Platt map fitted on that epoch's validation
+    logits (train.calibration platt), or the plain sigmoid and why (none)."""
+    from brainmets.model.probability import Calibration, fit_platt
+    from brainmets.train.trainer import Trainer
+
+    trainer = Trainer(_config(cache_dir, calibration=method), tmp_path / "run")
+    try:
+        rng = np.random.default_rng(0)
+        labels = np.r_[np.ones(8), np.zeros(12)].astype(int)
+        logits = rng.normal(0.0, 1.0, 20) + 2.0 * labels + 3.0  # ranked, biased upward
+        predictions = pd.DataFrame({"patient_id": [f"V{i}" for i in range(20)], "label": labels,
+                                    "probability": 1 / (1 + np.exp(-logits)), "logit": logits})  # fmt: skip
+        row = dict.fromkeys(METRIC_COLUMNS, 0.5) | {"epoch": 0, "stage": 1}
+        trainer._save_best(row, predictions)
+    finally:
+        trainer.close()
+    stored = Calibration.from_sidecar(json.loads((tmp_path / "run" / "model.json").read_text()))
+    if method == "platt":
+        assert stored == fit_platt(labels, logits) and stored.method == "platt"
+        assert stored.patients == 20
+    else:
+        assert stored.method == "none" and stored.note == "train.calibration is none"
+
+
 # --------------------------------------------------------------------------- DDP (gloo, CPU)
 
 
@@ -212,6 +240,7 @@ def _ddp_failing_worker(rank: int, world_size: int, port: int, run: str, out: st
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))  # fmt: skip
     cfg = _ddp_config(Path(run) / "no-such-cache")
+    reason = "train started"
     try:
         train(cfg, Path(run))
     except Exception as err:  # the missing cache, on every rank

@@ -262,6 +262,11 @@ class PrepareResult:
         return len(self.errors)
 
 
+def _text(value) -> str:
+    """A labels cell as text: an empty cell read by pandas (NaN) is no value, not "nan"."""
+    return value if isinstance(value, str) else ""
+
+
 def plan_jobs(
     labels: pd.DataFrame, series_index=None, preprocess: PreprocessConfig | None = None
 ) -> tuple[list[PatientJob], list[dict]]:
@@ -279,7 +284,7 @@ def plan_jobs(
     pins: dict[str, str] = {}
     if series_index is not None:
         if "series_uid" in labels:
-            pins = {r.patient_id: r.series_uid for r in labels.itertuples() if r.series_uid}
+            pins = {r.patient_id: r.series_uid for r in labels.itertuples() if _text(r.series_uid)}
         chosen = choose_for(series_index.series, preprocess or PreprocessConfig(), pins)
         by_patient = {str(pid): rows for pid, rows in chosen.groupby("patient_id", sort=False)}
     for r in labels.itertuples():
@@ -291,7 +296,7 @@ def plan_jobs(
             if is_nifti(path):
                 jobs.append(PatientJob(**base, kind="nifti", path=path))
             else:
-                pin = getattr(r, "series_uid", "") or ""
+                pin = _text(getattr(r, "series_uid", ""))
                 jobs.append(PatientJob(**base, kind="dicom_dir", path=path, series_uid=pin))
             continue
         if by_patient is None:
@@ -461,7 +466,7 @@ def _errors_path(root: Path, num_shards: int, shard_id: int) -> Path:
 
 # glibc's mallopt parameters (malloc.h) and the size below which freed memory is kept.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_KEEP_BELOW_BYTES = 1 << 30
+_KEEP_BELOW_BYTES, _FALLBACK_BELOW_BYTES = 1 << 30, 32 << 20
 
 
 def keep_freed_memory() -> bool:
@@ -473,19 +478,27 @@ def keep_freed_memory() -> bool:
     with ``benchmarks/preprocess_throughput.py``, half of the decode time and two thirds of
     the window's. Raising the mmap and trim thresholds to 1 GiB keeps those pages in the
     heap for the next patient; the process keeps its peak memory instead. Used by prepare's
-    and predict's workers and in-process by their CLI commands; a no-op (False) where the C
-    library has no ``mallopt`` (musl, macOS, Windows).
+    and predict's workers and in-process by their CLI commands. True when both thresholds
+    took; False on other systems than Linux, without glibc's ``mallopt`` (musl), or where
+    glibc caps the mmap threshold at 32 MiB (then that much is set).
     """
     import ctypes
 
+    if not sys.platform.startswith("linux"):
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return False
-    return bool(
-        mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW_BYTES)
-        and mallopt(_M_TRIM_THRESHOLD, _KEEP_BELOW_BYTES)
-    )
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    trimmed = mallopt(_M_TRIM_THRESHOLD, _KEEP_BELOW_BYTES)
+    if mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW_BYTES):
+        return bool(trimmed)
+    # Older glibc (2.26 and earlier at least) refuses an mmap threshold above 32 MiB:
+    # take that, which still keeps every per-slice array and the smaller volumes.
+    mallopt(_M_MMAP_THRESHOLD, _FALLBACK_BELOW_BYTES)
+    log.debug("glibc refused a 1 GiB mmap threshold; arrays above 32 MiB still come and go")
+    return False
 
 
 def init_worker() -> None:

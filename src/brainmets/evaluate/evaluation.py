@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 from tqdm.auto import tqdm
 
 from brainmets.config import EvaluateConfig, load_config
 from brainmets.data.cache import PatientCache
 from brainmets.evaluate.metrics import evaluate_predictions
 from brainmets.io import atomic_write_csv, atomic_write_text
-from brainmets.model.probability import Calibration, logits_of
+from brainmets.model.probability import Calibration
 from brainmets.predict import batch_by_slices, load_trained
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class EvaluationSummary:
             pm = point["metrics"]
             lines.append(
                 f"  at sensitivity >= {point['target_sensitivity']:.2f} on {point['chosen_on']}: "
-                f"threshold {point['threshold']:.2f}, sensitivity {pm['sensitivity']:.3f}, "
+                f"threshold {point['threshold']:.3f}, sensitivity {pm['sensitivity']:.3f}, "
                 f"specificity {pm['specificity']:.3f}"
             )
         lines.append(f"written to {self.out_dir}")
@@ -187,25 +188,27 @@ def evaluate_run(
     predictions = score_cache(trained, cache, ids, progress=progress)
 
     overlap = _training_overlap(run, predictions["patient_id"])
-    val_labels = val_probs = None
+    val_labels = val_plain = None
     val_path = run / "val_predictions.csv"
     if val_path.is_file():
-        # On the reported scale, as the evaluated probabilities: from the logits (runs from
-        # before the logit column stored only the plain sigmoid).
         val = pd.read_csv(val_path, dtype={"patient_id": str})
-        val_logits = val["logit"] if "logit" in val else logits_of(val["probability"])
-        val_labels, val_probs = val["label"].to_numpy(), trained.probability(val_logits)
+        val_labels, val_plain = val["label"].to_numpy(), val["probability"].to_numpy()
     labels = predictions["label"].to_numpy()
     probs = predictions["probability"].to_numpy()
+    # Ranked, called and thresholds chosen on the plain sigmoid, where the run chose its own
+    # threshold; probability-valued metrics and the thresholds shown on the reported scale.
+    plain = expit(predictions["logit"].to_numpy())
+    calibrated = trained.calibration.method != "none"
     metrics = evaluate_predictions(
         labels,
-        probs,
-        trained.threshold,
+        plain,
+        trained.raw_threshold,
         n_boot=n_boot,
         seed=seed,
         sensitivity_targets=targets,
         val_labels=val_labels,
-        val_probs=val_probs,
+        val_probs=val_plain,
+        reported=trained.calibration.from_plain if calibrated else None,
     )
     metrics["calibration"] = trained.calibration.to_json()
     metrics["data"] = str(data)
@@ -213,7 +216,13 @@ def evaluate_run(
     metrics["seen_in_training"] = overlap
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     atomic_write_csv(out / "predictions.csv", predictions)
-    write_evaluation_plots(labels, probs, trained.threshold, out)
+    write_evaluation_plots(
+        labels,
+        probs,
+        trained.threshold,
+        out,
+        plain=(plain, trained.raw_threshold) if calibrated else None,
+    )
     if out == run / "evaluation":
         write_report(run)
     else:  # the report shows RUN/evaluation only; a second evaluation must not replace it

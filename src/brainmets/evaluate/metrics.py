@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,9 @@ METRIC_NAMES: tuple[str, ...] = (
 COUNT_NAMES = ("n", "n_pos", "n_neg")
 #: Binomial proportions at the threshold: Wilson score CIs (success and trial counts below).
 PROPORTION_NAMES = ("sensitivity", "specificity", "ppv", "npv", "accuracy")
+#: Metrics whose value is a probability: they depend on the scale that is reported (a run's
+#: calibration), where every other metric depends only on the ranking and the calls.
+PROBABILITY_NAMES = ("brier", "mean_pos", "mean_neg", "separation")
 # Resamples scored per block: bounds memory to ~block * n_patients * 8 bytes per array.
 _BOOTSTRAP_BLOCK = 250
 
@@ -360,15 +363,30 @@ def _json_ci(ci: dict[str, tuple[float, float]]) -> dict[str, list[float | None]
 
 
 def _scored(
-    y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, seed: int, alpha: float
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    n_boot: int,
+    seed: int,
+    alpha: float,
+    reported: Callable[[np.ndarray], np.ndarray] | None,
 ) -> dict[str, Any]:
+    """Metrics and CIs at ``threshold``; with ``reported``, the probability-valued metrics and
+    the threshold on the reported scale (the rest does not depend on an increasing map, and is
+    computed where saturation cannot tie patients)."""
     metrics = patient_metrics(y, p, threshold)
+    ci = confidence_intervals(y, p, threshold, n_boot=n_boot, seed=seed, alpha=alpha)
+    if reported is not None:
+        q, threshold = reported(p), float(reported(np.array([threshold]))[0])
+        on_scale = patient_metrics(y, q, threshold)
+        # The same seed: the same resamples as the intervals above.
+        ci_on_scale = confidence_intervals(y, q, threshold, n_boot=n_boot, seed=seed, alpha=alpha)
+        for name in PROBABILITY_NAMES:
+            metrics[name], ci[name] = on_scale[name], ci_on_scale[name]
     return {
         "threshold": _json_float(threshold),
         "metrics": _json_metrics(metrics),
-        "ci": _json_ci(
-            confidence_intervals(y, p, threshold, n_boot=n_boot, seed=seed, alpha=alpha)
-        ),
+        "ci": _json_ci(ci),
         "separation_band": separation_band(metrics["separation"]),
     }
 
@@ -384,6 +402,7 @@ def evaluate_predictions(
     val_labels: ArrayLike | None = None,
     val_probs: ArrayLike | None = None,
     alpha: float = 0.05,
+    reported: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Everything ``brainmets evaluate`` writes to metrics.json, as a JSON-ready dict.
 
@@ -400,6 +419,12 @@ def evaluate_predictions(
     on these arrays themselves (``chosen_on: "evaluated"``), which is optimistic and says so.
     All bootstrap intervals share the seed, so they come from the same resamples;
     ``ci_methods`` says which metrics have Wilson and which bootstrap intervals.
+
+    ``reported`` maps ``probs`` (and thresholds) increasingly onto the scale the tool reports
+    (a run's calibration, :mod:`brainmets.model.probability`). Thresholds are chosen and
+    patients ranked and called on ``probs``; the thresholds and the probability-valued
+    metrics (``PROBABILITY_NAMES``) are then given on the reported scale. So a calibrated
+    probability that rounds to 1.0 can tie neither the ranking nor a call.
     """
     y, p = check_patient_arrays(labels, probs)
     if (val_labels is None) != (val_probs is None):
@@ -411,7 +436,7 @@ def evaluate_predictions(
         sel_y, sel_p = y, p
         chosen_on = "evaluated"
 
-    result = _scored(y, p, float(threshold), n_boot, seed, alpha)
+    result = _scored(y, p, float(threshold), n_boot, seed, alpha, reported)
     result.update(
         {
             "ci_level": 1.0 - alpha,
@@ -435,7 +460,7 @@ def evaluate_predictions(
             point["selection_sensitivity"] = _json_float(
                 patient_metrics(sel_y, sel_p, t)["sensitivity"]
             )
-            point.update(_scored(y, p, t, n_boot, seed, alpha))
+            point.update(_scored(y, p, t, n_boot, seed, alpha, reported))
         operating_points.append(point)
     result["operating_points"] = operating_points
     return result

@@ -94,10 +94,20 @@ def _threshold_label(threshold: float) -> str:
     return f"threshold {threshold:.2f}"
 
 
+def _shown(threshold: float, shown: float | None) -> float:
+    return threshold if shown is None else shown
+
+
 def plot_roc(
-    labels: ArrayLike, probs: ArrayLike, out_png: str | Path, *, threshold: float | None = None
+    labels: ArrayLike,
+    probs: ArrayLike,
+    out_png: str | Path,
+    *,
+    threshold: float | None = None,
+    shown_threshold: float | None = None,
 ) -> Path:
-    """ROC curve with its AUC; the operating point at ``threshold`` marked when given."""
+    """ROC curve with its AUC; the operating point at ``threshold`` marked when given
+    (labelled with ``shown_threshold`` when the reported scale is another one)."""
     y, p = check_patient_arrays(labels, probs)
     fig, ax = _new_figure()
     ax.plot([0, 1], [0, 1], ls=":", color="0.6", label="chance")
@@ -109,7 +119,8 @@ def plot_roc(
         if threshold is not None:
             ax.plot(1 - m["specificity"], m["sensitivity"], "o", color=_THRESHOLD_COLOUR)
             ax.annotate(
-                f"{_threshold_label(threshold)}\nsens {m['sensitivity']:.2f}, "
+                f"{_threshold_label(_shown(threshold, shown_threshold))}\n"
+                f"sens {m['sensitivity']:.2f}, "
                 f"spec {m['specificity']:.2f}",
                 (1 - m["specificity"], m["sensitivity"]),
                 xytext=(12, -28),
@@ -131,7 +142,12 @@ def plot_roc(
 
 
 def plot_pr(
-    labels: ArrayLike, probs: ArrayLike, out_png: str | Path, *, threshold: float | None = None
+    labels: ArrayLike,
+    probs: ArrayLike,
+    out_png: str | Path,
+    *,
+    threshold: float | None = None,
+    shown_threshold: float | None = None,
 ) -> Path:
     """Precision-recall curve with average precision; the prevalence is the chance level."""
     y, p = check_patient_arrays(labels, probs)
@@ -146,7 +162,7 @@ def plot_pr(
         if threshold is not None and not np.isnan(m["ppv"]):
             ax.plot(m["sensitivity"], m["ppv"], "o", color=_THRESHOLD_COLOUR)
             ax.annotate(
-                _threshold_label(threshold),
+                _threshold_label(_shown(threshold, shown_threshold)),
                 (m["sensitivity"], m["ppv"]),
                 xytext=(-90, -20),
                 textcoords="offset points",
@@ -172,8 +188,12 @@ def plot_f1_vs_threshold(
     threshold: float,
     *,
     thresholds: Sequence[float] | np.ndarray = THRESHOLDS,
+    shown_threshold: float | None = None,
 ) -> Path:
-    """F1, sensitivity and specificity over the threshold sweep; the chosen threshold marked."""
+    """F1, sensitivity and specificity over the threshold sweep; the chosen threshold marked.
+
+    With ``shown_threshold`` (the threshold on a calibrated scale), ``probs`` and the sweep are
+    on the plain sigmoid, where the specification chooses the threshold; the axis says so."""
     y, p = check_patient_arrays(labels, probs)
     grid = np.asarray(thresholds, dtype=np.float64)
     curves = threshold_sweep(y, p, grid)  # the same definitions as the reported numbers
@@ -182,8 +202,11 @@ def plot_f1_vs_threshold(
         ax.plot(grid, curves[name], ls=style, lw=2 if name == "f1" else 1.2, label=name)
     ax.axvline(threshold, color=_THRESHOLD_COLOUR, lw=1)
     f1_at = patient_metrics(y, p, threshold)["f1"]
+    label = _threshold_label(threshold)
+    if shown_threshold is not None:
+        label += f" (reported {shown_threshold:.2f})"
     ax.annotate(
-        f"{_threshold_label(threshold)}\nF1 {f1_at:.3f}",
+        f"{label}\nF1 {f1_at:.3f}",
         (threshold, 0.05),
         xytext=(5, 0),
         textcoords="offset points",
@@ -192,7 +215,7 @@ def plot_f1_vs_threshold(
     ax.set(
         xlim=(0, 1),
         ylim=(0, 1.02),
-        xlabel="threshold",
+        xlabel="threshold" if shown_threshold is None else "threshold (plain sigmoid)",
         ylabel="value",
         title="F1 against threshold",
     )
@@ -343,17 +366,33 @@ def plot_learning_curves(
 
 
 def write_evaluation_plots(
-    labels: ArrayLike, probs: ArrayLike, threshold: float, out_dir: str | Path
+    labels: ArrayLike,
+    probs: ArrayLike,
+    threshold: float,
+    out_dir: str | Path,
+    *,
+    plain: tuple[ArrayLike, float] | None = None,
 ) -> dict[str, Path]:
-    """All evaluation plots into ``out_dir`` (names in :data:`EVALUATION_PLOTS`)."""
+    """All evaluation plots into ``out_dir`` (names in :data:`EVALUATION_PLOTS`).
+
+    ``probs`` and ``threshold`` are on the reported scale. ``plain`` = (probabilities,
+    threshold) of the same patients on the plain sigmoid, for a calibrated run: the ROC, PR
+    and F1 curves rank and call patients there (as the metrics do), the calibration and score
+    plots show the reported probabilities.
+    """
     y, p = check_patient_arrays(labels, probs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {name: out_dir / file for name, file in EVALUATION_PLOTS.items()}
+    ranked, ranked_at, shown = p, threshold, None
+    if plain is not None:
+        ranked, ranked_at, shown = check_patient_arrays(y, plain[0])[1], plain[1], threshold
     return {
-        "roc": plot_roc(y, p, files["roc"], threshold=threshold),
-        "pr": plot_pr(y, p, files["pr"], threshold=threshold),
-        "f1_vs_threshold": plot_f1_vs_threshold(y, p, files["f1_vs_threshold"], threshold),
+        "roc": plot_roc(y, ranked, files["roc"], threshold=ranked_at, shown_threshold=shown),
+        "pr": plot_pr(y, ranked, files["pr"], threshold=ranked_at, shown_threshold=shown),
+        "f1_vs_threshold": plot_f1_vs_threshold(
+            y, ranked, files["f1_vs_threshold"], ranked_at, shown_threshold=shown
+        ),
         "calibration": plot_calibration(y, p, files["calibration"]),
         "score_distributions": plot_score_distributions(
             y, p, files["score_distributions"], threshold

@@ -295,9 +295,17 @@ def _metrics_section(run_dir: Path) -> str:
                 '<p class="meta">Thresholds not chosen on validation were chosen on the '
                 "evaluated patients themselves: their sensitivity is optimistic.</p>"
             )
-    known = {"metrics", "ci", "threshold", "separation_band", "ci_level", "ci_methods"}
-    known |= {"calibration"}
-    known |= {"n_boot", "seed"}
+    known = {
+        "metrics",
+        "ci",
+        "threshold",
+        "separation_band",
+        "ci_level",
+        "ci_methods",
+        "calibration",
+        "n_boot",
+        "seed",
+    }
     extra = {k: v for k, v in data.items() if k not in known and k != "operating_points"}
     if extra:
         items = "".join(

@@ -10,10 +10,11 @@ The fit uses Platt's smoothed targets ((N+ + 1) / (N+ + 2) for positives, 1 / (N
 negatives) rather than 0/1: a validation set the model separates perfectly then still has a
 finite optimum instead of an infinitely steep step.
 
-The map is increasing (a fit with a slope <= 0, where the validation logits do not rank the
-patients, is refused and the run keeps the plain sigmoid), so ranking, AUC and every decision
-stay exactly as they were: the operating threshold is chosen on the plain sigmoid, as
-specified, and reported through the same map.
+The map is increasing (where the validation logits do not rank the patients, AUC <= 0.5, no
+map is fitted and the run keeps the plain sigmoid), so ranking, AUC and every decision stay as
+they were: the operating threshold is chosen on the plain sigmoid, as specified, and reported
+through the same map. Decisions are taken, and ``evaluate`` ranks and calls patients, on the
+plain sigmoid, so that a calibrated probability that rounds to 1.0 ties nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from numpy.typing import ArrayLike
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 from scipy.special import logit as inverse_sigmoid
+from sklearn.metrics import roc_auc_score
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +48,25 @@ class Calibration:
     patients: int = 0  # validation patients the fit saw
     note: str = ""  # why there is no fit, when there is none
 
+    def __post_init__(self) -> None:
+        # A hand-edited model.json must not turn the map around or make it nan.
+        if self.method not in ("platt", "none"):
+            raise ValueError(f"calibration method must be 'platt' or 'none', got {self.method!r}")
+        if not (math.isfinite(self.slope) and self.slope > 0 and math.isfinite(self.intercept)):
+            raise ValueError(
+                f"calibration needs a finite slope > 0 and a finite intercept, got slope "
+                f"{self.slope!r}, intercept {self.intercept!r}"
+            )
+        if self.method == "none" and (self.slope, self.intercept) != (1.0, 0.0):
+            raise ValueError("calibration method 'none' has slope 1 and intercept 0")
+
     def probability(self, logits: ArrayLike) -> np.ndarray:
         z = np.asarray(logits, dtype=np.float64)
         return expit(self.slope * z + self.intercept)
+
+    def from_plain(self, probabilities: ArrayLike) -> np.ndarray:
+        """Plain-sigmoid probabilities on the reported scale."""
+        return self.probability(logits_of(probabilities))
 
     def threshold(self, raw_threshold: float) -> float:
         """A threshold on the plain sigmoid, expressed as a calibrated probability."""
@@ -97,6 +115,13 @@ def fit_platt(labels: ArrayLike, logits: ArrayLike) -> Calibration:
             note=f"not fitted: {n_pos} positive and {n_neg} negative validation patients "
             f"(at least {MIN_PATIENTS_PER_CLASS} of each needed)",
         )
+    auc = roc_auc_score(y, z)
+    if auc <= 0.5:
+        return Calibration(
+            patients=y.size,
+            note=f"not fitted: validation AUC {auc:.3f} <= 0.5 (the logits do not rank the "
+            "patients), so the plain sigmoid is kept",
+        )
     target = np.where(y == 1, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
 
     def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
@@ -110,10 +135,6 @@ def fit_platt(labels: ArrayLike, logits: ArrayLike) -> Calibration:
     slope, intercept = (float(v) for v in result.x)
     if not (result.success and math.isfinite(slope) and math.isfinite(intercept)):
         return Calibration(patients=y.size, note=f"not fitted: {result.message}")
-    if slope <= 0:
-        return Calibration(
-            patients=y.size,
-            note=f"not fitted: slope {slope:.3g} <= 0 (the validation logits do not rank the "
-            "patients), so the plain sigmoid is kept",
-        )
+    if slope <= 0:  # AUC above 0.5 makes this rare, but the map must stay increasing
+        return Calibration(patients=y.size, note=f"not fitted: slope {slope:.3g} <= 0")
     return Calibration("platt", slope, intercept, patients=int(y.size))
