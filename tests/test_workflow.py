@@ -136,6 +136,12 @@ def test_resume_refuses_a_missing_run_and_bad_config_names_the_key(workflow, cap
     err = capsys.readouterr().err
     assert "train.epoks: unknown key; did you mean train.epochs?" in err
     assert "--set train.epoks=3" in err  # the source of the bad key, not a YAML file
+    assert f"cannot resume {root / 'nowhere'}: no run there" in err
+    # A section given one value says which keys it has.
+    assert main(["train", "--data", str(root / "cache"), "--set", "train.lr=1e-3"]) == 2
+    assert "train.lr: a section, not a value; set its keys (train.lr.head," in (
+        capsys.readouterr().err
+    )
 
 
 def test_quiet_after_the_subcommand_silences_training(workflow, tmp_path, capsys):
@@ -226,3 +232,25 @@ def test_a_calibrated_run_reports_calibrated_probabilities_and_the_same_decision
     assert (
         "Platt-calibrated on 9 validation patients" in (calibrated_run / "report.html").read_text()
     )
+
+
+def test_a_flat_grad_cam_says_so_in_its_title(workflow, tmp_path, monkeypatch):
+    """An all-zero Grad-CAM (no slice region raised the logit) is drawn as a black overlay;
+    its title must say that this is the finding, not a broken image."""
+    from brainmets.data.cache import PatientCache
+    from brainmets.evaluate import heatmaps
+    from brainmets.predict import load_trained, write_heatmaps
+
+    root, _ = workflow
+    trained = load_trained(root / "run", "cpu")
+    cache = PatientCache(root / "cache")
+    pid = cache.patient_ids[0]
+    array = cache.load(pid)
+    maps = [np.zeros(array.shape[1:], np.float32), np.ones(array.shape[1:], np.float32)]
+    monkeypatch.setattr(heatmaps, "grad_cam", lambda model, inputs: maps)
+    titles = []
+    monkeypatch.setattr(heatmaps, "save_overlay",
+                        lambda image, cam, path, title: titles.append(title) or path)  # fmt: skip
+    write_heatmaps(trained, pid, array, np.arange(array.shape[0], dtype=float), tmp_path, 2)
+    assert titles[0].endswith("(Grad-CAM flat: no positive evidence)")
+    assert "flat" not in titles[1]

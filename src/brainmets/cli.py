@@ -111,6 +111,11 @@ def cmd_train(args) -> int:
 
     if args.resume:
         run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"cannot resume {run_dir}: no run there ({run_dir / 'config.yaml'} is missing); "
+                "give the folder a train run wrote (--out, default runs/NAME)"
+            )
         cfg = load_config(run_dir / "config.yaml", args.set)
     else:
         overrides = list(args.set)

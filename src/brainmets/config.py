@@ -357,6 +357,13 @@ def _format_errors(err: ValidationError, source: str) -> str:
             close = difflib.get_close_matches(loc, _known_keys(Config), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]}?" if close else ""
             lines.append(f"  {loc}: unknown key{hint}")
+        elif e["type"] == "model_type":  # a section given one value, e.g. train.lr=1e-3
+            keys = [k for k in _known_keys(Config) if k.startswith(f"{loc}.")]
+            example = keys[0] if keys else f"{loc}.KEY"
+            lines.append(
+                f"  {loc}: a section, not a value; set its keys ({', '.join(keys)}), "
+                f"e.g. --set {example}=..."
+            )
         else:
             lines.append(f"  {loc}: {e['msg']}")
     return "\n".join(lines)

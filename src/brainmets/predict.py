@@ -255,6 +255,8 @@ def write_heatmaps(
         path = out_dir / f"{patient_stem(patient_id)}_rank{rank}_slice{int(slice_index)}.png"
         prob = float(trained.probability(slice_logits[slice_index]))
         title = f"{patient_id}  slice {int(slice_index)}  p={prob:.2f}"
+        if not np.any(cam > 0):  # an all-zero map is a finding, not a rendering fault
+            title += "  (Grad-CAM flat: no positive evidence)"
         paths.append(save_overlay(array[slice_index], cam, path, title))
     return paths
 
