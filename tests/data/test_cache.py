@@ -195,15 +195,27 @@ def test_series_uid_pins_the_series_of_a_patient_folder(corpus, tmp_path):
     assert f"pinned series {scout} is localizer" in reason
 
 
-def test_pool_workers_run_one_thread_each(tmp_path):
-    """prepare's and predict's workers are the parallelism: each must use one torch and one
-    OpenCV thread, also when the parent script imported torch before the pool started (a
-    spawned worker runs that script again, so torch is loaded before the initializer)."""
+def _run_as_main_script(tmp_path, source: str) -> str:
+    """stdout of ``source`` run as a new process's main script: spawned pool workers run that
+    script again, as they would a user's."""
     import subprocess
     import sys
 
     script = tmp_path / "parent.py"
-    script.write_text(
+    script.write_text(source)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_pool_workers_run_one_thread_each(tmp_path):
+    """prepare's and predict's workers are the parallelism: each must use one torch and one
+    OpenCV thread, also when the parent script imported torch before the pool started (a
+    spawned worker runs that script again, so torch is loaded before the initializer)."""
+    stdout = _run_as_main_script(
+        tmp_path,
         "import torch\n"
         "from brainmets.data.cache import map_jobs\n\n"
         "def threads(job):\n"
@@ -211,24 +223,17 @@ def test_pool_workers_run_one_thread_each(tmp_path):
         "    return torch.get_num_threads(), cv2.getNumThreads()\n\n"
         "if __name__ == '__main__':\n"
         "    torch.set_num_threads(2)\n"
-        "    print(sorted(set(map_jobs(threads, list(range(4)), workers=2, progress=False))))\n"
+        "    print(sorted(set(map_jobs(threads, list(range(4)), workers=2, progress=False))))\n",
     )
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "[(1, 1)]"
+    assert stdout.strip() == "[(1, 1)]"
 
 
 def test_pool_workers_reuse_freed_volume_memory(tmp_path):
     """A worker decodes patient after patient; a volume-sized array (64 MB, 60 slices of 512²
     float32) freed by one patient must be reused by the next, not handed back to the kernel
     and page-faulted in again. The parent, with glibc's defaults, shows the faults."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "parent.py"
-    script.write_text(
+    stdout = _run_as_main_script(
+        tmp_path,
         "import resource\n"
         "import numpy as np\n"
         "from brainmets.data.cache import keep_freed_memory, map_jobs\n\n"
@@ -242,13 +247,9 @@ def test_pool_workers_reuse_freed_volume_memory(tmp_path):
         "    return faults(), keep_freed_memory()  # the second call says if the first took\n\n"
         "if __name__ == '__main__':\n"
         "    results = list(map_jobs(worker, list(range(2)), workers=2, progress=False))\n"
-        "    print(faults(), max(r[0] for r in results), all(r[1] for r in results))\n"
+        "    print(faults(), max(r[0] for r in results), all(r[1] for r in results))\n",
     )
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    parent, worker, tuned = done.stdout.split()
+    parent, worker, tuned = stdout.split()
     if tuned != "True":
         pytest.skip("this C library does not take a 1 GiB mmap threshold (not glibc, or old)")
     parent, worker = int(parent), int(worker)
