@@ -19,7 +19,6 @@ plain sigmoid, so that a calibrated probability that rounds to 1.0 ties nothing.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,8 +29,6 @@ from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 from scipy.special import logit as inverse_sigmoid
 from sklearn.metrics import roc_auc_score
-
-log = logging.getLogger(__name__)
 
 #: Fewer validation patients of either class than this: no fit (two parameters from a
 #: handful of patients would describe the handful).
