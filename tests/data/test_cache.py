@@ -195,6 +195,26 @@ def test_series_uid_pins_the_series_of_a_patient_folder(corpus, tmp_path):
     assert f"pinned series {scout} is localizer" in reason
 
 
+def test_resume_prepares_again_when_the_series_changes(corpus, tmp_path):
+    """A patient cached from the automatic choice and then pinned to another series gets the
+    pinned series on the next prepare, not the cached array of the old one."""
+    from brainmets.data.manifest import index_dicom_root
+
+    folder = corpus / "dcm_qa_ct/In/Philips/S21570"
+    series = index_dicom_root(folder, progress=False).series
+    thin = series.loc[series["description"] == "STD BRAIN 1MM, iDose", "series_uid"].item()
+    row = {"patient_id": "PLASTIC", "label": 0, "path": str(folder)}
+    first = prepare_cache(pd.DataFrame([row]), tmp_path / "cache", PRE, progress=False)
+    assert first.index["series_uid"].item() != thin
+
+    pinned = pd.DataFrame([{**row, "series_uid": thin}])
+    again = prepare_cache(pinned, tmp_path / "cache", PRE, progress=False)
+    assert (again.prepared, again.skipped) == (1, 0)
+    assert again.index["series_uid"].item() == thin
+    # Unchanged since: nothing to do.
+    assert prepare_cache(pinned, tmp_path / "cache", PRE, progress=False).skipped == 1
+
+
 def _run_as_main_script(tmp_path, source: str) -> str:
     """stdout of ``source`` run as a new process's main script: spawned pool workers run that
     script again, as they would a user's."""

@@ -573,9 +573,13 @@ def prepare_cache(
     # Shard by manifest row so that every shard of an array job sees a fixed, disjoint share.
     jobs, errors = plan_jobs(labels.iloc[shard_id::num_shards], series_index, preprocess)
     done = _done_patients(root, digest)
-    todo, skipped = [], 0
+    todo, skipped, changed = [], 0, 0
     for job in jobs:
         old = done.get(job.patient_id)
+        if old is not None and job.series_uid and old.get("series_uid") != job.series_uid:
+            # Another series than the one cached (a new pin, or the index now chooses
+            # another): the array is the series', so it is made again.
+            old, changed = None, changed + 1
         if old is None:
             todo.append(job)
             continue
@@ -584,8 +588,11 @@ def prepare_cache(
             # The manifest changed a label or split only: no need to recompute the array.
             old.update(label=job.label, split=job.split)
             atomic_write_text(root / "patients" / f"{Path(old['file']).stem}.json", json.dumps(old))
-    if skipped:
-        log.info("%d patients already prepared, %d to do", skipped, len(todo))
+    if skipped or changed:
+        log.info(
+            "%d patients already prepared, %d to do (%d of them for another series)",
+            skipped, len(todo), changed,
+        )  # fmt: skip
 
     prepared = 0
     for result in map_jobs(
