@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from brainmets.data.cache import init_worker, keep_freed_memory
+from brainmets.data.cache import init_worker
 from brainmets.data.dicom import load_series
 from brainmets.data.manifest import index_dicom_root, series_files
 from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         cv2.setNumThreads(1)
         kept = False
     else:
-        init_worker()
-        kept = keep_freed_memory()
+        kept = init_worker()
 
     with tempfile.TemporaryDirectory() as tmp:
         synth = SynthConfig(

@@ -361,14 +361,14 @@ def load_patient_volume(job: PatientJob, preprocess: PreprocessConfig):
         if job.series_uid:
             # The folder is the manifest patient's whatever PatientID its headers carry, so
             # the pin is looked up by UID alone (a pin in an index goes by patient).
-            found = index.series["series_uid"].tolist()
-            if job.series_uid not in found:
+            pinned = index.series[index.series["series_uid"] == job.series_uid]
+            if pinned.empty:
+                found = ", ".join(index.series["series_uid"]) or "none"
                 raise ValueError(
                     f"{job.path}: pinned series {job.series_uid} not in this folder "
-                    f"(series found: {', '.join(found) or 'none'})"
+                    f"(series found: {found})"
                 )
-            row = index.series.loc[index.series["series_uid"] == job.series_uid].iloc[0]
-            why_not = ineligibility(row, preprocess.min_slices)
+            why_not = ineligibility(pinned.iloc[0], preprocess.min_slices)
             if why_not:
                 raise ValueError(f"{job.path}: pinned series {job.series_uid} is {why_not}")
             return load_series(series_files(index, job.series_uid)), job.series_uid
@@ -501,8 +501,9 @@ def keep_freed_memory() -> bool:
     return False
 
 
-def init_worker() -> None:
-    """Pool initializer for prepare's and predict's decoding workers.
+def init_worker() -> bool:
+    """Pool initializer for prepare's and predict's decoding workers; returns whether freed
+    memory is kept (:func:`keep_freed_memory`).
 
     The parallelism is the processes', so each worker uses one thread. The CLI's workers
     never import torch unless the resize needs it (uncommon sizes): the environment variable
@@ -518,7 +519,7 @@ def init_worker() -> None:
     import cv2
 
     cv2.setNumThreads(1)
-    keep_freed_memory()
+    return keep_freed_memory()
 
 
 def map_jobs(

@@ -104,6 +104,19 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
+def _confusion(
+    yf: np.ndarray, called: np.ndarray, w: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(tp, fn, fp, tn) for each row of patient weights ``w`` ([B, n]); ``yf`` is 0./1."""
+    # Matrix-vector products: one pass per cell for all resamples.
+    return (
+        w @ (yf * called),
+        w @ (yf * ~called),
+        w @ ((1.0 - yf) * called),
+        w @ ((1.0 - yf) * ~called),
+    )
+
+
 def _weighted_metrics(
     y: np.ndarray, p: np.ndarray, threshold: float, weights: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -111,11 +124,7 @@ def _weighted_metrics(
     w = np.asarray(weights, dtype=np.float64)
     yf = y.astype(np.float64)
     called = p >= threshold
-    # Confusion counts as matrix-vector products: one pass per cell for all resamples.
-    tp = w @ (yf * called)
-    fn = w @ (yf * ~called)
-    fp = w @ ((1.0 - yf) * called)
-    tn = w @ ((1.0 - yf) * ~called)
+    tp, fn, fp, tn = _confusion(yf, called, w)
     n_pos, n_neg = tp + fn, fp + tn
     n = n_pos + n_neg
     both = (n_pos > 0) & (n_neg > 0)
@@ -303,9 +312,8 @@ def bootstrap_ci(
 
 def _proportion_counts(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, tuple]:
     """(successes, trials) of each name in PROPORTION_NAMES."""
-    called = p >= threshold
-    tp, fn = int(np.sum(called & (y == 1))), int(np.sum(~called & (y == 1)))
-    fp, tn = int(np.sum(called & (y == 0))), int(np.sum(~called & (y == 0)))
+    counts = _confusion(y.astype(np.float64), p >= threshold, np.ones((1, y.size)))
+    tp, fn, fp, tn = (int(round(c[0])) for c in counts)
     return {
         "sensitivity": (tp, tp + fn),
         "specificity": (tn, tn + fp),
