@@ -315,3 +315,31 @@ def test_round_trip_keeps_missing_thickness(tmp_path):
     write_index(index, tmp_path / "idx")
     back = read_index(tmp_path / "idx")
     pd.testing.assert_frame_equal(back.series, index.series, check_dtype=False)
+
+
+def test_empty_optional_cells_from_the_python_api_are_no_value():
+    """A labels DataFrame built in pandas has NaN in empty optional cells, where read_labels
+    gives "": a NaN path or split must not become the text "nan" (a folder named nan, an
+    unknown split) and a NaN pin pins nothing."""
+    import numpy as np
+
+    from brainmets.data.cache import plan_jobs
+
+    series = pd.DataFrame([series_row("std")])
+    index = SeriesIndex(series=series, files=pd.DataFrame(columns=FILE_COLUMNS),
+                        errors=pd.DataFrame(columns=ERROR_COLUMNS))  # fmt: skip
+    labels = pd.DataFrame(
+        [
+            {"patient_id": "P1", "label": 1, "split": np.nan, "path": np.nan, "series_uid": np.nan},
+            {"patient_id": "P2", "label": 0, "split": "test", "path": "/data/P2", "series_uid": ""},
+        ]
+    )
+    jobs, errors = plan_jobs(labels, index)
+    assert errors == []
+    by_id = {job.patient_id: job for job in jobs}
+    assert (by_id["P1"].kind, by_id["P1"].split, by_id["P1"].series_uid) == ("dicom", "", "std")
+    assert (by_id["P2"].kind, by_id["P2"].path, by_id["P2"].split) == (
+        "dicom_dir",
+        "/data/P2",
+        "test",
+    )

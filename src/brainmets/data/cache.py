@@ -288,10 +288,12 @@ def plan_jobs(
         chosen = choose_for(series_index.series, preprocess or PreprocessConfig(), pins)
         by_patient = {str(pid): rows for pid, rows in chosen.groupby("patient_id", sort=False)}
     for r in labels.itertuples():
+        # Optional cells through _text: a DataFrame from the Python API may hold NaN there,
+        # where read_labels gives "".
         base = dict(
-            patient_id=r.patient_id, label=int(r.label), split=getattr(r, "split", "") or ""
+            patient_id=r.patient_id, label=int(r.label), split=_text(getattr(r, "split", ""))
         )
-        path = getattr(r, "path", "") or ""
+        path = _text(getattr(r, "path", ""))
         if path:
             if is_nifti(path):
                 jobs.append(PatientJob(**base, kind="nifti", path=path))
