@@ -254,3 +254,9 @@ def test_a_flat_grad_cam_says_so_in_its_title(workflow, tmp_path, monkeypatch):
     write_heatmaps(trained, pid, array, np.arange(array.shape[0], dtype=float), tmp_path, 2)
     assert titles[0].endswith("(Grad-CAM flat: no positive evidence)")
     assert "flat" not in titles[1]
+    # The patient's calibrated p sits on the top slice only: the calibration maps the patient
+    # score (the max slice logit), not any slice's logit.
+    top = array.shape[0] - 1
+    p = trained.probability(float(top))
+    assert titles[0].startswith(f"{pid}  slice {top}  logit {top:.2f} = patient score, p={p:.2f}")
+    assert titles[1] == f"{pid}  slice {top - 1}  logit {top - 1:.2f}"

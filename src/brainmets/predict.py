@@ -253,8 +253,10 @@ def write_heatmaps(
     paths = []
     for rank, (slice_index, cam) in enumerate(zip(order, cams, strict=True), start=1):
         path = out_dir / f"{patient_stem(patient_id)}_rank{rank}_slice{int(slice_index)}.png"
-        prob = float(trained.probability(slice_logits[slice_index]))
-        title = f"{patient_id}  slice {int(slice_index)}  p={prob:.2f}"
+        logit = float(slice_logits[slice_index])
+        title = f"{patient_id}  slice {int(slice_index)}  logit {logit:.2f}"
+        if rank == 1:  # the max slice logit is the patient's score; p is calibrated for that only
+            title += f" = patient score, p={float(trained.probability(logit)):.2f}"
         if not np.any(cam > 0):  # an all-zero map is a finding, not a rendering fault
             title += "  (Grad-CAM flat: no positive evidence)"
         paths.append(save_overlay(array[slice_index], cam, path, title))
