@@ -1,15 +1,33 @@
 #!/usr/bin/env bash
 # One prepared call for a lent GPU: the throughput harness, the step profile and the per-core
-# preprocessing figures, written under $OUT (default ./gpu-results). Not yet timed as a whole;
-# the harness alone took a few minutes on an H200. `set -e` stops at the first failing script,
-# so run the CPU suite first. Needs the package's dependencies importable (pip install -e .).
-set -euo pipefail
+# preprocessing figures, written under $OUT (default ./gpu-results), most important first.
+#
+# Each step has its own time limit and a failing or slow step does not stop the next one, so
+# that one call of at most ~9 minutes brings back whatever it measured (the limits add up to
+# 510 s). The package's dependencies must be importable; on a machine without them, point
+# WHEELS at a folder of wheels for its Python (`pip download` them here beforehand): they are
+# installed into /tmp/site without touching the machine's environment.
+set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [[ -n "${WHEELS:-}" ]]; then
+    "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --target /tmp/site "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+py=${PYTHON:-python3}
+start=$(date +%s)
+step() {  # step NAME LIMIT_S COMMAND...: run with a limit, log it, say how it ended
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" "$@" 2>&1 | grep --line-buffered -v "it/s\]" | tee "$out/$name.log"
+    echo "$name: rc=${PIPESTATUS[0]} at $(( $(date +%s) - start )) s" | tee -a "$out/steps.txt"
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python benchmarks/pipeline_throughput.py --dicom-patients 64 --json "$out/pipeline.json" \
-    2>&1 | tee "$out/pipeline.log"
-python benchmarks/profile_step.py --steps 10 --out "$out/profile" 2>&1 | tee "$out/profile.log"
-python benchmarks/preprocess_throughput.py --json "$out/preprocess.json" \
-    2>&1 | tee "$out/preprocess.log"
+"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
+    | tee -a "$out/gpu.txt"
+step pipeline 300 "$py" benchmarks/pipeline_throughput.py --dicom-patients 64 \
+    --json "$out/pipeline.json"
+step profile 150 "$py" benchmarks/profile_step.py --steps 10 --out "$out/profile"
+step preprocess 60 "$py" benchmarks/preprocess_throughput.py --patients 4 \
+    --json "$out/preprocess.json"
