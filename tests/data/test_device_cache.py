@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from brainmets.config import PreprocessConfig
-from brainmets.data.cache import PatientCache, build_cache_from_arrays
+from brainmets.data.cache import CacheError, PatientCache, build_cache_from_arrays
 from brainmets.data.dataset import PatientBatchSampler, PatientDataset, collate_patients
 from brainmets.data.device_cache import DeviceSliceStore, cohort_bytes, use_device_cache
 
@@ -64,3 +67,33 @@ def test_cohort_bytes_and_mode_resolution(cache):
     assert use_device_cache("auto", [dataset], cpu) is False  # auto means CUDA only
     with pytest.raises(ValueError, match="device_cache"):
         use_device_cache("yes", [dataset], cpu)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_NOFILE is POSIX")
+def test_the_store_holds_one_patient_file_open_at_a_time(tmp_path):
+    """Real cohorts have more patients than a process may open files (ulimit -n, often 1024):
+    the copy to the device must not keep every patient's memory map open until the end."""
+    import resource
+
+    patients = [(f"P{i:03d}", i % 2, np.full((2, SIZE, SIZE), i, np.uint8)) for i in range(60)]
+    build_cache_from_arrays(tmp_path, patients, PreprocessConfig(size=SIZE))
+    dataset = PatientDataset(PatientCache(tmp_path), [p for p, _, _ in patients], train=False)
+    open_now = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 30, hard))  # fewer than 60 patients
+    try:
+        store = DeviceSliceStore(dataset, torch.device("cpu"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert store.images.shape == (120, SIZE, SIZE)
+    assert store.images[::2, 0, 0].tolist() == list(range(60))  # each patient in its own rows
+
+
+def test_a_volume_that_disagrees_with_the_index_is_named(tmp_path):
+    build_cache_from_arrays(tmp_path, [("P1", 1, np.zeros((3, SIZE, SIZE), np.uint8))],
+                            PreprocessConfig(size=SIZE))  # fmt: skip
+    cache = PatientCache(tmp_path)
+    path = tmp_path / "patients" / cache.row("P1")["file"]
+    np.save(path, np.zeros((2, SIZE, SIZE), np.uint8))  # the file changed behind the index
+    with pytest.raises(CacheError, match=r"P1.*holds \(2, 16, 16\), the index says 3 slices"):
+        DeviceSliceStore(PatientDataset(cache, ["P1"], train=False), torch.device("cpu"))

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from brainmets.data.cache import CacheError
 from brainmets.data.dataset import PatientBatch, PatientDataset
 from brainmets.device import to_device_async
 
@@ -63,19 +64,27 @@ class DeviceSliceStore:
     def __init__(self, dataset: PatientDataset, device: torch.device) -> None:
         self.dataset = dataset
         self.device = device
-        counts = []
-        volumes = []
-        for pid in dataset.patient_ids:
-            volume = dataset.cache.load(pid)
-            counts.append(volume.shape[0])
-            volumes.append(volume)
+        cache = dataset.cache
+        # Slice counts from the index, then one patient's file open at a time: keeping every
+        # memory map until the copy ran out of file handles at ~1,000 patients (ulimit -n).
+        counts = [int(cache.row(pid)["num_slices"]) for pid in dataset.patient_ids]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        shape = volumes[0].shape[1:] if volumes else (0, 0)
-        self.images = torch.empty((int(self.offsets[-1]), *shape), dtype=torch.uint8, device=device)
-        for start, volume in zip(self.offsets[:-1], volumes, strict=True):
+        size = int(cache.preprocess.size)
+        self.images = torch.empty(
+            (int(self.offsets[-1]), size, size), dtype=torch.uint8, device=device
+        )
+        for pid, start, count in zip(dataset.patient_ids, self.offsets[:-1], counts, strict=True):
+            volume = cache.load(pid)
+            if volume.shape != (count, size, size):
+                raise CacheError(
+                    f"{cache.root / 'patients' / cache.row(pid)['file']}: holds {volume.shape}, "
+                    f"the index says {count} slices of {size}x{size}; run `brainmets prepare` "
+                    "again on this cache"
+                )
             # One patient at a time: the host never holds a second copy of the cohort.
             block = torch.from_numpy(np.array(volume, dtype=np.uint8))  # owned, writable
-            self.images[start : start + volume.shape[0]].copy_(block)
+            self.images[start : start + count].copy_(block)
+            del volume  # closes its memory map before the next patient's opens
         self.labels = torch.as_tensor(dataset.labels, dtype=torch.float32, device=device)
 
     def batch(self, indices: Sequence[int]) -> PatientBatch:
