@@ -26,6 +26,7 @@ from brainmets.data.cache import (
     PatientJob,
     PreprocessedPatient,
     choose_for,
+    failure_row,
     is_nifti,
     map_jobs,
     patient_stem,
@@ -350,6 +351,7 @@ def predict(
             workers=workers,
             progress=progress,
             desc="predict",
+            on_crash=failure_row,
         ):
             if isinstance(result, dict):
                 rows.append(_error_row(result["patient_id"], result["file"], result["reason"]))

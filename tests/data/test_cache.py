@@ -11,6 +11,7 @@ import pytest
 
 from brainmets.config import PreprocessConfig
 from brainmets.data.cache import (
+    WORKER_DIED,
     CacheError,
     PatientCache,
     build_cache_from_arrays,
@@ -275,3 +276,55 @@ def test_pool_workers_reuse_freed_volume_memory(tmp_path):
     parent, worker = int(parent), int(worker)
     assert parent > 0
     assert worker < parent / 10
+
+
+def test_a_worker_that_dies_fails_its_patient_only(tmp_path, manifest):
+    """A decoder's segfault or the OOM killer ends a worker process without an exception.
+    prepare must record that patient with the reason and prepare every other one, as it does
+    for a file it cannot read; the old shared pool failed every patient in flight and
+    stopped the whole run without writing its index."""
+    manifest.to_csv(tmp_path / "labels.csv", index=False)
+    stdout = _run_as_main_script(
+        tmp_path,
+        "import os, signal\n"
+        "import pandas as pd\n"
+        "import brainmets.data.cache as cache\n"
+        "from brainmets.config import PreprocessConfig\n\n"
+        "real = cache.preprocess_patient\n\n"
+        "def crash_on_p2(job, preprocess):  # workers run this script first: they get it too\n"
+        "    if job.patient_id == 'P2':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(job, preprocess)\n\n"
+        "cache.preprocess_patient = crash_on_p2\n\n"
+        "if __name__ == '__main__':\n"
+        f"    labels = pd.read_csv({str(tmp_path / 'labels.csv')!r})\n"
+        f"    result = cache.prepare_cache(labels, {str(tmp_path / 'cache')!r},\n"
+        "        PreprocessConfig(size=32, slice_mm=5.0), workers=2, progress=False)\n"
+        "    print(result.prepared, sorted(result.index['patient_id']))\n"
+        "    for row in result.errors.itertuples():\n"
+        "        print(row.patient_id, '|', row.reason)\n",
+    )
+    lines = stdout.strip().splitlines()
+    assert lines[0] == "3 ['P0', 'P1', 'P3']"
+    assert sorted(lines[1:])[1] == f"P2 | {WORKER_DIED}"
+    assert sorted(lines[1:])[0].startswith("BROKEN | ")
+    errors = pd.read_csv(tmp_path / "cache" / "errors.csv")
+    assert sorted(errors["patient_id"]) == ["BROKEN", "P2"]
+
+
+def test_a_worker_crash_without_a_handler_is_raised(tmp_path):
+    """map_jobs' callers that cannot record a failure still hear of it."""
+    stdout = _run_as_main_script(
+        tmp_path,
+        "import os, signal\n"
+        "from concurrent.futures.process import BrokenProcessPool\n"
+        "from brainmets.data.cache import map_jobs\n\n"
+        "def die(job):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n\n"
+        "if __name__ == '__main__':\n"
+        "    try:\n"
+        "        list(map_jobs(die, [1, 2], workers=2, progress=False))\n"
+        "    except BrokenProcessPool:\n"
+        "        print('raised')\n",
+    )
+    assert stdout.strip() == "raised"

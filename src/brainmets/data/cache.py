@@ -23,7 +23,8 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -409,10 +410,17 @@ def preprocess_patient(job: PatientJob, preprocess: PreprocessConfig) -> Preproc
     return PreprocessedPatient(job, array, positions, series_uid, list(volume.warnings))
 
 
-def failure_row(job: PatientJob, err: BaseException) -> dict:
-    """The errors-table row of a failed patient: the file that failed and why."""
+def failure_row(job: PatientJob, err: BaseException | str) -> dict:
+    """The errors-table row of a failed patient: the file that failed and why (an exception,
+    or the reason as text)."""
     from brainmets.data.dicom import SeriesError
 
+    if isinstance(err, str):
+        return {
+            "patient_id": job.patient_id,
+            "file": job.path or (job.files[0] if job.files else ""),
+            "reason": err,
+        }
     if isinstance(err, SeriesError):
         return {"patient_id": job.patient_id, "file": err.path, "reason": err.reason}
     return {
@@ -524,6 +532,12 @@ def init_worker() -> bool:
     return keep_freed_memory()
 
 
+WORKER_DIED = (
+    "the worker process died while preparing this patient (a crash in a decoder library, or "
+    "killed for lack of memory); the other patients went on"
+)
+
+
 def map_jobs(
     fn: Callable[..., T],
     jobs: Sequence[PatientJob],
@@ -531,12 +545,18 @@ def map_jobs(
     workers: int = 1,
     progress: bool = True,
     desc: str = "prepare",
+    on_crash: Callable[[PatientJob, str], T] | None = None,
 ) -> Iterator[T]:
-    """``fn(job, *args)`` for every job, in a process pool when ``workers`` > 1.
+    """``fn(job, *args)`` for every job, in worker processes when ``workers`` > 1.
 
-    Results come in completion order; a progress bar counts patients.
+    Results come in completion order; a progress bar counts patients. Each worker is a
+    one-process pool that gets one job at a time, so a worker that dies (a decoder's
+    segfault, the OOM killer) is known to have died on that job: ``on_crash(job, reason)``
+    gives its result and a new worker takes the slot. One shared pool would fail every job
+    in flight and stop the batch. Without ``on_crash`` the crash is raised.
     """
     bar = tqdm(total=len(jobs), desc=desc, unit="patient", disable=not progress)
+    slots: list[ProcessPoolExecutor] = []
     try:
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:
@@ -545,13 +565,44 @@ def map_jobs(
             return
         # spawn, not fork: the parent may hold torch threads and open file handles.
         context = get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker) as pool:
-            futures = [pool.submit(fn, job, *args) for job in jobs]
-            for future in as_completed(futures):
-                yield future.result()
+
+        def new_worker() -> ProcessPoolExecutor:
+            return ProcessPoolExecutor(1, mp_context=context, initializer=init_worker)
+
+        pending = list(reversed(jobs))  # pop() from the end takes them in manifest order
+        running: dict[Future, tuple[int, PatientJob]] = {}
+
+        def start(slot: int) -> None:
+            job = pending.pop()
+            running[slots[slot].submit(fn, job, *args)] = (slot, job)
+
+        for slot in range(min(workers, len(jobs))):
+            slots.append(new_worker())
+            start(slot)
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                slot, job = running.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    if on_crash is None:
+                        raise
+                    slots[slot].shutdown(wait=False)
+                    slots[slot] = new_worker()
+                    result = on_crash(job, WORKER_DIED)
+                if pending:
+                    start(slot)  # before yielding: the worker goes on while the caller writes
+                yield result
                 bar.update()
     finally:
+        for worker in slots:
+            worker.shutdown(wait=True, cancel_futures=True)
         bar.close()
+
+
+def _crash_row(job: PatientJob, reason: str) -> dict:
+    return {"error": True, **failure_row(job, reason)}
 
 
 def prepare_cache(
@@ -599,7 +650,13 @@ def prepare_cache(
 
     prepared = 0
     for result in map_jobs(
-        _prepare_one, todo, str(root), preprocess, workers=workers, progress=progress
+        _prepare_one,
+        todo,
+        str(root),
+        preprocess,
+        workers=workers,
+        progress=progress,
+        on_crash=_crash_row,
     ):
         if result.pop("error", False):
             errors.append(result)
