@@ -328,3 +328,17 @@ def test_a_worker_crash_without_a_handler_is_raised(tmp_path):
         "        print('raised')\n",
     )
     assert stdout.strip() == "raised"
+
+
+def test_patients_dropped_from_the_manifest_leave_the_index(tmp_path, manifest):
+    """A patient removed from labels.csv (withdrawn consent, a wrong label being checked) must
+    not be trained on from the cache with its old label; its files stay for a later return."""
+    readable = manifest[manifest["patient_id"] != "BROKEN"]
+    out = tmp_path / "cache"
+    prepare_cache(readable, out, PRE, progress=False)
+    fewer = prepare_cache(readable[readable["patient_id"] != "P1"], out, PRE, progress=False)
+    assert list(fewer.index["patient_id"]) == ["P0", "P2", "P3"]
+    assert list(PatientCache(out).patient_ids) == ["P0", "P2", "P3"]
+    back = prepare_cache(readable, out, PRE, progress=False)
+    assert (back.prepared, back.skipped) == (0, 4)  # P1's array was kept and is reused
+    assert list(back.index["patient_id"]) == ["P0", "P1", "P2", "P3"]

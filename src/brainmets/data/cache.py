@@ -186,15 +186,37 @@ def _write_patient(
     return row
 
 
-def finalize_index(root: str | Path) -> pd.DataFrame:
-    """Rebuild index.csv from the per-patient sidecars that match the cache's parameters."""
+def finalize_index(
+    root: str | Path, manifest: Iterable[str] | None = None, failed: Iterable[str] = ()
+) -> pd.DataFrame:
+    """Rebuild index.csv from the per-patient sidecars that match the cache's parameters.
+
+    With ``manifest`` (the patient ids of the labels file, all shards'), a patient cached by
+    an earlier run but no longer in the manifest is left out of the index, so that it is not
+    trained on with its old label; its files stay, to be reused if it comes back. Patients
+    that ``failed`` in this run are left out too: their array is from an earlier series.
+    """
     root = Path(root)
     digest = json.loads((root / "preprocess.json").read_text())["config_hash"]
-    rows = []
+    wanted = None if manifest is None else {str(p) for p in manifest}
+    failed = {str(p) for p in failed}
+    rows, dropped = [], []
     for sidecar in sorted((root / "patients").glob("*.json")):
         row = json.loads(sidecar.read_text())
-        if row.get("config_hash") == digest:
+        if row.get("config_hash") != digest:
+            continue
+        patient = str(row["patient_id"])
+        if (wanted is not None and patient not in wanted) or patient in failed:
+            dropped.append(patient)
+        else:
             rows.append(row)
+    if dropped:
+        log.info(
+            "%d cached patients left out of the index (not in the manifest, or failed in this "
+            "run; their files are kept): %s",
+            len(dropped),
+            ", ".join(dropped[:10]) + (" ..." if len(dropped) > 10 else ""),
+        )
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
     index = index.sort_values("patient_id", kind="stable").reset_index(drop=True)
     atomic_write_csv(root / "index.csv", index)
@@ -667,5 +689,7 @@ def prepare_cache(
             prepared += 1
     error_frame = pd.DataFrame(errors, columns=ERROR_COLUMNS)
     atomic_write_csv(_errors_path(root, num_shards, shard_id), error_frame)
-    index = finalize_index(root)
+    index = finalize_index(
+        root, manifest=labels["patient_id"], failed=[e["patient_id"] for e in errors]
+    )
     return PrepareResult(prepared=prepared, skipped=skipped, errors=error_frame, index=index)
