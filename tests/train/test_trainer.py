@@ -279,3 +279,26 @@ def test_ddp_two_ranks_agree_and_match_one_process(cache_dir, tmp_path):
     for key in ("train_loss", "val_loss", "auc", "mean_pos", "mean_neg"):
         assert ddp_rows.loc[0, key] == pytest.approx(one_rows.loc[0, key], abs=1e-6), key
     assert single["final"]["epoch"] == 1 and ddp_rows["stage"].tolist() == [1, 2]
+
+
+def test_one_class_validation_ranks_epochs_by_validation_loss(tmp_path, caplog):
+    """A manifest split that puts only negatives in val leaves AUC undefined every epoch; the
+    first epoch must not stay "best" for the whole run: the validation loss ranks them."""
+    rng = np.random.default_rng(0)
+    patients = [
+        (f"P{i:02d}", int(i % 3 == 0), rng.integers(20, 110, (3, SIZE, SIZE)).astype(np.uint8))
+        for i in range(10)
+    ]
+    val = {"P01", "P02", "P04"}  # negatives only
+    splits = {pid: ("val" if pid in val else "train") for pid, _, _ in patients}
+    build_cache_from_arrays(tmp_path / "cache", patients, PreprocessConfig(size=SIZE), splits)
+    with caplog.at_level("WARNING", logger="brainmets.train.trainer"):
+        summary = train(_config(tmp_path / "cache", epochs=4, best_metric="auc"), tmp_path / "run")
+    assert "validation patients are all negative: auc is undefined" in caplog.text
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert metrics["auc"].isna().all()
+    assert summary["best_metric"] == "val_loss"
+    assert summary["best_epoch"] == int(metrics.loc[metrics["val_loss"].idxmin(), "epoch"])
+    assert (
+        json.loads((tmp_path / "run" / "model.json").read_text())["epoch"] == summary["best_epoch"]
+    )

@@ -316,6 +316,7 @@ class Trainer:
             cfg = cfg.model_copy(update={"preprocess": self.cache.preprocess})
             self.cfg = cfg
         self.splits = self._make_splits(resume)
+        self.best_metric = self._choose_best_metric()
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         random.seed(cfg.seed)
@@ -650,9 +651,9 @@ class Trainer:
             "seconds": round(seconds, 3),
         }
         self._health_checks(row, predictions, skipped)
-        improved = self._improved(row[self.cfg.train.best_metric])
+        improved = self._improved(row[self.best_metric])
         if improved:
-            self.state.best_value = float(row[self.cfg.train.best_metric])
+            self.state.best_value = float(row[self.best_metric])
             self.state.best_epoch = epoch
         self.state.history.append(row)
         self.state.skipped_steps += skipped
@@ -677,6 +678,24 @@ class Trainer:
         )  # fmt: skip
         return row
 
+    def _choose_best_metric(self) -> str:
+        """``train.best_metric``, unless the validation patients are all of one class: then
+        AUC, F1 and separation are undefined every epoch, and the first epoch would stay
+        "best" for the whole run. The validation loss still ranks the epochs."""
+        metric = self.cfg.train.best_metric
+        labels = {int(self.cache.row(p)["label"]) for p in self.splits["val"]}
+        if metric != "val_loss" and len(labels) < 2:
+            log.warning(
+                "the %d validation patients are all %s: %s is undefined, so the best epoch "
+                "is chosen by val_loss; the F1 threshold is a guess and no calibration is "
+                "fitted (give val patients of both classes in the manifest's split column)",
+                len(self.splits["val"]),
+                "positive" if labels == {1} else "negative",
+                metric,
+            )
+            return "val_loss"
+        return metric
+
     def _lr_of(self, block: str) -> float:
         for group in self.optimizer.param_groups:
             if group["name"].startswith(block + "/"):
@@ -689,7 +708,7 @@ class Trainer:
         best = self.state.best_value
         if best is None or not math.isfinite(best):
             return True
-        return value > best if _HIGHER_IS_BETTER[self.cfg.train.best_metric] else value < best
+        return value > best if _HIGHER_IS_BETTER[self.best_metric] else value < best
 
     def _health_checks(self, row: dict[str, Any], predictions: pd.DataFrame, skipped: int) -> None:
         probs = predictions["probability"].to_numpy()
@@ -729,7 +748,7 @@ class Trainer:
             "preprocess": self.cache.preprocess.model_dump(mode="json"),
             "normalization": self.cfg.model.normalization,
             "config_hash": self.cfg.config_hash(),
-            "best_metric": self.cfg.train.best_metric,
+            "best_metric": self.best_metric,
         }
 
     def _save_best(self, row: dict[str, Any], predictions: pd.DataFrame) -> None:
@@ -889,7 +908,7 @@ class Trainer:
         history = self.state.history
         best = next((r for r in history if r["epoch"] == self.state.best_epoch), None)
         return {
-            "best_metric": self.cfg.train.best_metric,
+            "best_metric": self.best_metric,
             "best_epoch": self.state.best_epoch,
             "best": best,
             "final": history[-1] if history else None,
