@@ -339,3 +339,23 @@ def test_statistics_poisoned_by_a_skipped_step_are_restored():
     model.eval()
     assert torch.isfinite(model.forward_head(model.forward_features(x))).all()
     assert restore_non_finite_norm_statistics(model, snapshot) == []
+
+
+def test_resume_needs_no_pretrained_weights_file(cache_dir, tmp_path):
+    """The saved state holds every weight: a run resumes after its RadImageNet file moved, and
+    ends as the run that was never interrupted."""
+    import torchvision
+
+    weights = tmp_path / "radimagenet_resnet18.pt"
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)  # torchvision key layout
+    cfg = _config(cache_dir)
+    cfg = cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"pretrained": str(weights)})}
+    )
+    train(cfg, tmp_path / "whole")
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, tmp_path / "resumed", stop_after_steps=4)
+    weights.unlink()
+    train(cfg, tmp_path / "resumed", resume=True)
+    _assert_same_run(tmp_path / "whole", tmp_path / "resumed")

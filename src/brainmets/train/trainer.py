@@ -183,7 +183,9 @@ def environment_info(device: torch.device, world_size: int) -> dict[str, Any]:
     }
 
 
-def build_model(cfg: Config) -> BrainMetsNet:
+def build_model(cfg: Config, *, pretrained: bool = True) -> BrainMetsNet:
+    """The configured network; ``pretrained=False`` skips the backbone weights file (a resumed
+    run loads every weight from its saved state, and the file may have moved since)."""
     m = cfg.model
     model = BrainMetsNet(
         arch=m.arch,
@@ -193,6 +195,8 @@ def build_model(cfg: Config) -> BrainMetsNet:
         hidden=m.hidden,
         lse_temperature=m.lse_temperature,
     )
+    if not pretrained:
+        return model
     if m.pretrained.lower() == "none":
         warn_random_init()
     else:
@@ -352,7 +356,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.model = build_model(cfg).to(self.device)
+        self.model = build_model(cfg, pretrained=not resume).to(self.device)
         if self.cuda and cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.cuda:
