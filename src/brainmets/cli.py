@@ -17,9 +17,14 @@ log = logging.getLogger("brainmets")
 
 
 def _setup_logging(verbose: bool) -> None:
+    # Under torchrun every process would print every line: rank 0 speaks for the run, the
+    # others only warn, with their rank in front.
+    rank = int(os.environ.get("RANK", "0") or 0)
+    level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=level if rank == 0 else max(level, logging.WARNING),
+        format=("" if rank == 0 else f"[rank {rank}] ")
+        + "%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     # pydicom warns once per odd header; the index already records what matters.
@@ -124,8 +129,10 @@ def cmd_train(args) -> int:
         cfg = load_config(args.config, overrides)
         run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
     result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return 0  # under torchrun, rank 0 reports the run
     best = result.get("best") or {}
-    metric = cfg.train.best_metric
+    metric = result.get("best_metric", cfg.train.best_metric)  # val_loss if val is one class
     threshold = best.get("threshold", float("nan"))
     print(
         f"run {run_dir}: best {metric} {best.get(metric, float('nan')):.4f} at epoch "

@@ -167,7 +167,11 @@ class TrainConfig(_Section):
     weight_decay: WeightDecay = Field(default_factory=WeightDecay)
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
     # With pos_fraction 0.4 a batch of 10 holds 4 positives and 6 negatives: the specified 1:1.5.
-    batch_patients: int = Field(10, ge=2, description="patients per batch (all their slices)")
+    batch_patients: int = Field(
+        10,
+        ge=2,
+        description="patients per batch (all their slices); under torchrun, of all processes",
+    )
     pos_fraction: float = Field(0.4, gt=0.0, lt=1.0, description="share of positives per batch")
     max_slices: int | None = Field(
         None, ge=1, description="train on a random window of at most this many slices"

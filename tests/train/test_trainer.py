@@ -243,32 +243,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_failing_worker(rank: int, world_size: int, port: int, run: str, out: str) -> None:
+_CANNOT_START = {  # what is wrong -> (config change, what the error must say)
+    "no cache": ({}, "no-such-cache"),
+    "odd batch": ({"batch_patients": 5}, "train.batch_patients=5 is the batch of all 2 "
+                  "processes together and must split evenly between them: use 4 or 6"),
+    "one GPU": ({"device": "cuda:0"}, "puts all 2 torchrun processes on one GPU"),
+}  # fmt: skip
+
+
+def _ddp_failing_worker(rank: int, world_size: int, port: int, run: str, out: str, case: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))  # fmt: skip
+    change, _ = _CANNOT_START[case]
     cfg = _ddp_config(Path(run) / "no-such-cache")
+    cfg.train = cfg.train.model_copy(update=change)
     reason = "train started"
     try:
         train(cfg, Path(run))
-    except Exception as err:  # the missing cache, on every rank
+    except Exception as err:  # on every rank
         reason = f"{type(err).__name__}: {err}"
     Path(out, f"rank{rank}.json").write_text(
         json.dumps({"reason": reason, "group_left": not torch.distributed.is_initialized()})
     )
 
 
-def test_ddp_run_that_cannot_start_leaves_the_process_group(tmp_path):
-    """A run that fails while it builds (here: no cache) must not leave its ranks in the
-    process group it joined; the error reaches the caller on every rank."""
+@pytest.mark.parametrize("case", list(_CANNOT_START))
+def test_ddp_run_that_cannot_start_leaves_the_process_group(tmp_path, case):
+    """A run that fails while it builds (no cache; a batch that does not split between the
+    ranks; every rank pinned to one GPU) says why on every rank and leaves the process group
+    it joined."""
     run, out = tmp_path / "ddp", tmp_path / "out"
     run.mkdir()
     out.mkdir()
-    mp.spawn(_ddp_failing_worker, args=(2, _free_port(), str(run), str(out)), nprocs=2)
+    mp.spawn(_ddp_failing_worker, args=(2, _free_port(), str(run), str(out), case), nprocs=2)
     for rank in range(2):
         result = json.loads((out / f"rank{rank}.json").read_text())
-        assert "no-such-cache" in result["reason"]
+        assert _CANNOT_START[case][1] in result["reason"]
         assert result["group_left"], rank
-    assert "training could not start" in (run / "train.log").read_text()
+    if case == "no cache":
+        assert "training could not start" in (run / "train.log").read_text()
 
 
 def test_ddp_two_ranks_agree_and_match_one_process(cache_dir, tmp_path):

@@ -320,6 +320,7 @@ class Trainer:
         self._log_handler: logging.Handler | None = None
         self.dist = init_distributed(cfg.train.device)
         try:
+            self._check_world(cfg)
             self.device = resolve_device(cfg.train.device, self.dist.local_rank)
             self.cuda = self.device.type == "cuda"
             self._check_run_dir(resume)
@@ -415,6 +416,27 @@ class Trainer:
             atomic_write_text(
                 self.run_dir / "environment.json",
                 json.dumps(environment_info(self.device, self.dist.world_size), indent=2) + "\n",
+            )
+
+    def _check_world(self, cfg: Config) -> None:
+        """Settings that cannot work with this many torchrun processes, said before any work."""
+        world = self.dist.world_size
+        if world <= 1:
+            return
+        if ":" in cfg.train.device:
+            raise ValueError(
+                f"train.device {cfg.train.device!r} puts all {world} torchrun processes on one "
+                "GPU; use cuda or auto: each process then takes its local rank's GPU (choose "
+                "the GPUs with CUDA_VISIBLE_DEVICES)"
+            )
+        patients = cfg.train.batch_patients
+        if patients % world:
+            lower, upper = (patients // world) * world, (patients // world + 1) * world
+            choices = " or ".join(str(n) for n in (lower, upper) if n > 0)
+            raise ValueError(
+                f"train.batch_patients={patients} is the batch of all {world} processes "
+                f"together and must split evenly between them: use {choices} "
+                f"(--set train.batch_patients={upper})"
             )
 
     # ------------------------------------------------------------------ run directory
