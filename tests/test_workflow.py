@@ -260,3 +260,23 @@ def test_a_flat_grad_cam_says_so_in_its_title(workflow, tmp_path, monkeypatch):
     p = trained.probability(float(top))
     assert titles[0].startswith(f"{pid}  slice {top}  logit {top:.2f} = patient score, p={p:.2f}")
     assert titles[1] == f"{pid}  slice {top - 1}  logit {top - 1:.2f}"
+
+
+def test_index_exit_code_says_whether_dicom_files_were_damaged(tmp_path, capsys):
+    """A note beside the images is listed but is no failure; a truncated DICOM file is one:
+    the exit code says so unless --allow-failures, and both stay in index_errors.csv."""
+    assert main(["-q", "synth", str(tmp_path / "c"), "--patients", "2", "--matrix", "64",
+                 "--min-slices", "10", "--max-slices", "10"]) == 0  # fmt: skip
+    dicom = tmp_path / "c" / "dicom"
+    (dicom / "README.txt").write_text("exported from PACS on Tuesday\n")
+    argv = ["-q", "index", str(dicom), "--out", str(tmp_path / "index"), "--workers", "1"]
+    assert main(argv) == 0
+    assert "1 unreadable files (0 damaged DICOM, 1 not DICOM)" in capsys.readouterr().out
+
+    victim = sorted(p for p in dicom.rglob("*") if p.is_file() and p.suffix != ".txt")[0]
+    victim.write_bytes(victim.read_bytes()[:300])  # a transfer that stopped early
+    assert main(argv) == 1
+    assert "index_errors.csv" in capsys.readouterr().err
+    assert main([*argv, "--allow-failures"]) == 0
+    errors = pd.read_csv(tmp_path / "index" / "index_errors.csv")
+    assert len(errors) == 2 and str(victim) in set(errors["path"])

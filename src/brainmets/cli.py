@@ -67,6 +67,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_index(args) -> int:
+    from brainmets.data.dicom import NOT_DICOM
     from brainmets.data.manifest import choose_series, index_dicom_root, write_index
 
     index = index_dicom_root(args.dicom_root, workers=args.workers, progress=not args.quiet)
@@ -74,10 +75,17 @@ def cmd_index(args) -> int:
     write_index(index, args.out)
     chosen = int(index.series["chosen"].sum())
     patients = index.series["patient_id"].nunique()
+    # Files that are not DICOM at all (notes, exports beside the images) are listed but are
+    # no failure; a DICOM file that cannot be read (empty, truncated, corrupt) is one.
+    damaged = int((index.errors["reason"] != NOT_DICOM).sum())
     print(
         f"{len(index.series)} series of {patients} patients; {chosen} chosen; "
-        f"{len(index.errors)} unreadable files; table in {args.out}"
+        f"{len(index.errors)} unreadable files ({damaged} damaged DICOM, "
+        f"{len(index.errors) - damaged} not DICOM); table in {args.out}"
     )
+    if damaged:
+        print(f"damaged files are listed in {Path(args.out) / 'index_errors.csv'}", file=sys.stderr)
+        return 0 if args.allow_failures else 1
     return 0
 
 
@@ -274,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--target-mm", type=float, default=5.0)
     p.add_argument("--min-slices", type=int, default=8)
+    p.add_argument(
+        "--allow-failures",
+        action="store_true",
+        help="exit 0 even when some DICOM files are damaged (they are still listed)",
+    )
     p.set_defaults(func=cmd_index)
 
     p = command("prepare", help="HU -> slabs -> brain window -> 256^2, cached per patient")

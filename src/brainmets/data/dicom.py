@@ -89,6 +89,10 @@ def _is_directory_record(ds: Dataset) -> bool:
     return sop == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds
 
 
+NOT_DICOM = "not a DICOM file"
+"""The reason for a file that is not DICOM at all, as opposed to a damaged DICOM file."""
+
+
 def read_header_or_reason(path: str | os.PathLike[str]) -> tuple[Dataset | None, str | None]:
     """Headers of one file (no pixel data) and, when it is unusable, why.
 
@@ -108,9 +112,9 @@ def read_header_or_reason(path: str | os.PathLike[str]) -> tuple[Dataset | None,
                 warnings.simplefilter("ignore")  # pydicom warns about every guess it makes
                 ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
             if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
-                return None, "not a DICOM file"
+                return None, NOT_DICOM
         except Exception:
-            return None, "not a DICOM file"
+            return None, NOT_DICOM
     except (OSError, EOFError) as err:
         return None, f"unreadable: {err}"
     except Exception as err:  # pydicom raises many types on corrupt data
