@@ -100,6 +100,11 @@ class ModelConfig(_Section):
     normalization: Literal["zscore", "minus_one_to_one"] = Field(
         "zscore", description="per-slice z-score (specified) or the window mapped to [-1, 1]"
     )
+    stride_in_1x1: bool = Field(
+        False,
+        description="ResNet v1 bottlenecks (stride in the first 1x1 conv), as the "
+        "Keras-converted RadImageNet weights need; resnet50 only",
+    )
 
 
 class StageLR(_Section):

@@ -131,36 +131,109 @@ def test_own_checkpoint_head_is_ignored(tmp_path, torchvision_state):
     assert torch.equal(target.layer2[1].conv2.weight, source["layer2.1.conv2.weight"])
 
 
-def _keras_converted(state):
-    """torchvision names plus the conv biases a Keras ResNet-50 carries."""
-    keras = dict(state)
+def _keras_reference() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A Keras-style ResNet-50 built in PyTorch: torchvision's, with the downsampling stride
+    moved to the first 1x1 conv and a bias on every conv, random trained-looking values, in
+    eval mode; and its state dict in torchvision names."""
+    generator = torch.Generator().manual_seed(1)
+    net = torchvision.models.resnet50(weights=None)
+    for layer in (net.layer2, net.layer3, net.layer4):
+        layer[0].conv1.stride, layer[0].conv2.stride = layer[0].conv2.stride, (1, 1)
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.bias = torch.nn.Parameter(torch.randn(module.out_channels, generator=generator))
+        elif isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 1, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+            module.weight.data.uniform_(0.5, 1.5, generator=generator)
+            module.bias.data.normal_(0, 0.1, generator=generator)
+    return net.eval(), {k: v.clone() for k, v in net.state_dict().items()}
+
+
+_KERAS_BN = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
+             "running_var": "moving_variance"}  # fmt: skip
+
+
+def _keras_names(state):
+    """The same tensors under Keras's layer names, conv kernels as Keras stores them
+    [h, w, in, out], BatchNorm as gamma / beta / moving_mean / moving_variance."""
+    out = {}
     for key, value in state.items():
-        if key.endswith("weight") and value.ndim == 4:
-            keras[key.replace("weight", "bias")] = torch.zeros(value.shape[0])
-    return keras
+        parts = key.split(".")
+        if parts[0] == "fc" or parts[-1] == "num_batches_tracked":
+            continue
+        if parts[0] in ("conv1", "bn1"):
+            name = "conv1_conv" if parts[0] == "conv1" else "conv1_bn"
+        else:
+            stage, block = int(parts[0][len("layer") :]) + 1, int(parts[1]) + 1
+            module = (
+                parts[2] if parts[2] != "downsample" else ("conv0" if parts[3] == "0" else "bn0")
+            )
+            name = f"conv{stage}_block{block}_{module[-1]}_{module[:-1]}"
+        tensor = parts[-1]
+        if name.endswith("_conv"):
+            if tensor == "weight":
+                tensor, value = "kernel", value.permute(2, 3, 1, 0).contiguous()
+        else:
+            tensor = _KERAS_BN[tensor]
+        out[f"{name}/{tensor}:0"] = value
+    return out
 
 
 @pytest.mark.parametrize(
     ("name", "build"),
     [
-        ("keras_biases.pt", _keras_converted),
-        ("keras_biases_radimagenet.safetensors", lambda s: _radimagenet(_keras_converted(s))),
-        ("keras_names.pt", lambda s: {"conv2_block1_1_conv.weight": s["layer1.0.conv1.weight"]}),
+        ("keras_biases.pt", lambda s: s),
+        ("keras_biases_radimagenet.safetensors", _radimagenet),
+        ("keras_names.safetensors", _keras_names),
     ],
 )
-def test_keras_converted_weights_are_refused(tmp_path, model, torchvision_state, name, build):
-    path = _save(build(torchvision_state), tmp_path / name)
-    with pytest.raises(ValueError, match="Keras") as error:
-        load_pretrained_backbone(model, path)
-    message = str(error.value)
-    assert "stride" in message and "torchvision" in message and "ResNet50.pt" in message
-    assert name in message
+def test_keras_converted_weights_compute_what_keras_computed(tmp_path, name, build):
+    """The Keras-converted RadImageNet ResNet-50, in torchvision names, RadImageNet names or
+    Keras's own names and kernel order: in a ResNet v1 network (model.stride_in_1x1) the conv
+    biases are folded into BatchNorm, and the backbone then computes exactly the reference
+    network's features for a grey image (conv1 summed over RGB, so that they are comparable)."""
+    reference, state = _keras_reference()
+    path = _save(build(state), tmp_path / name)
+    ours = BrainMetsNet("resnet50", conv1_reduce="sum", stride_in_1x1=True).eval()
+    report = load_pretrained_backbone(ours, path)
+    assert "Keras-converted: 53 conv biases folded" in report.layout
+    assert report.missing == [] and report.unexpected == [] and report.warnings == []
+    grey = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = torch.flatten(
+            torch.nn.Sequential(*list(reference.children())[:-1])(grey.expand(-1, 3, -1, -1)), 1
+        )
+        got = ours.forward_features(grey)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+    # The same weights in torchvision's v1.5 network would compute something else: refused.
+    with pytest.raises(ValueError, match=r"Keras-converted .* model\.stride_in_1x1=true"):
+        load_pretrained_backbone(BrainMetsNet("resnet50"), path)
+
+
+def test_torchvision_weights_are_refused_by_a_resnet_v1(tmp_path, torchvision_state):
+    path = _save(torchvision_state, tmp_path / "tv.pt")
+    with pytest.raises(ValueError, match="model.stride_in_1x1 is true, but these weights"):
+        load_pretrained_backbone(BrainMetsNet("resnet50", stride_in_1x1=True), path)
+
+
+def test_stride_in_1x1_moves_only_the_downsampling_strides():
+    v1, v15 = BrainMetsNet("resnet50", stride_in_1x1=True), BrainMetsNet("resnet50")
+    for name in ("layer2", "layer3", "layer4"):
+        assert getattr(v1, name)[0].conv1.stride == (2, 2) == getattr(v15, name)[0].conv2.stride
+        assert getattr(v1, name)[0].conv2.stride == (1, 1) == getattr(v15, name)[0].conv1.stride
+    assert v1.architecture()["stride_in_1x1"] is True
+    x = torch.rand(1, 1, 64, 64)
+    assert v1.eval().forward_features(x).shape == v15.eval().forward_features(x).shape
+    with pytest.raises(ValueError, match="bottleneck"):
+        BrainMetsNet("resnet18", stride_in_1x1=True)
 
 
 @pytest.mark.parametrize(
     ("name", "content", "error", "message"),
     [
-        ("RadImageNet-ResNet50_notop.h5", b"\x89HDF\r\n", ValueError, "Keras weights"),
+        ("RadImageNet-ResNet50_notop.h5", b"\x89HDF\r\n", ValueError, "Keras weights files"),
         ("weights.onnx", b"onnx", ValueError, "unsupported weights format"),
         ("weights.pt", b"not a zip file", ValueError, "weights_only=True"),
     ],

@@ -7,14 +7,19 @@ Layouts understood (detected from the keys, after stripping ``module.`` / ``mode
   with i the torchvision children 0-7 (0 conv1, 1 bn1, 4-7 layer1-layer4), no fc.
 - ``torchvision``: ``conv1.weight``, ``bn1.*``, ``layer1.0.conv1.weight`` …; ``fc.*`` (and any
   head of ours) is ignored. conv1 may have 3 input channels or 1.
+- the Keras-converted RadImageNet ResNet-50, in either layout above or with Keras's layer names
+  (``conv1_conv``, ``conv2_block1_1_conv``, ``conv2_block1_0_bn`` …, with ``kernel`` / ``gamma``
+  / ``beta`` / ``moving_mean`` / ``moving_variance`` or PyTorch's tensor names, kernels as Keras
+  stores them [h, w, in, out] or as PyTorch does). Two differences from torchvision's network:
+  - every conv has a bias. Each conv feeds a BatchNorm, where a bias b only shifts the input:
+    BN(x + b) with running mean m equals BN(x) with m - b, in training too (the batch mean
+    absorbs b). So the biases are folded into the running means, exactly.
+  - each downsampling bottleneck strides in its first 1x1 conv (ResNet v1), not in the 3x3
+    (torchvision's v1.5). The network must be built that way: ``model.stride_in_1x1: true``.
+    Loading such weights into a v1.5 network, or v1.5 weights into a v1 network, is refused,
+    because either computes a different function than the weights were trained for.
 
-Refused, with the reason and what to use instead:
-
-- the Keras-converted RadImageNet ResNet-50 (conv layers with biases, names like
-  ``conv2_block1_1_conv``): Keras puts the stride of a downsampling bottleneck in its first 1x1
-  conv, torchvision's (ResNet v1.5) in the 3x3 conv, so the same weights compute a different
-  function in our backbone;
-- Keras ``.h5`` files themselves.
+Refused: Keras ``.h5`` files themselves (convert them to a state dict first).
 
 Formats: ``.safetensors``; ``.pt`` / ``.pth`` / ``.bin`` only through
 ``torch.load(weights_only=True)`` (never unpickle arbitrary objects); the state dict may be nested
@@ -53,12 +58,24 @@ _BACKBONE_ROOTS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 # Conv biases, in our key names: torchvision's ResNet convs have none, Keras's all do.
 _CONV_BIAS = re.compile(r"^(conv1|layer\d\.\d+\.(conv\d|downsample\.0))\.bias$")
 _KERAS_NAME = re.compile(r"conv\d_block\d+_\d_(conv|bn)|conv1_conv|conv1_bn")
+_KERAS_KEY = re.compile(
+    r"^(?:conv1_(?P<stem>conv|bn)|conv(?P<stage>[2-5])_block(?P<block>\d+)_(?P<unit>[0-3])_"
+    r"(?P<kind>conv|bn))[./](?P<tensor>\w+?)(?::0)?$"
+)
+_KERAS_TENSORS = {
+    "kernel": "weight",
+    "gamma": "weight",
+    "beta": "bias",
+    "moving_mean": "running_mean",
+    "moving_variance": "running_var",
+}
 _MIN_COVERAGE = 0.5
 _MAX_RUNNING_VAR = 1e5
 
 _USE_INSTEAD = (
-    "Use the official RadImageNet PyTorch ResNet50.pt (keys backbone.0 ... backbone.7) or a "
-    "torchvision-style ResNet-50 state dict (conv1.weight, layer1.0.conv1.weight, ...)."
+    "Use the official RadImageNet PyTorch ResNet50.pt (keys backbone.0 ... backbone.7), a "
+    "torchvision-style ResNet-50 state dict (conv1.weight, layer1.0.conv1.weight, ...) or the "
+    "Keras-converted weights as a state dict (with model.stride_in_1x1: true)."
 )
 
 
@@ -125,9 +142,15 @@ def load_pretrained_backbone(
     layout = detect_layout(state, path)
     report = LoadReport(layout=layout, source=str(path))
     mapped = _map_keys(state, layout, report)
-    conv_biases = [source_key for key, (source_key, _) in mapped.items() if _CONV_BIAS.match(key)]
-    if conv_biases:
-        _refuse_keras(path, f"conv layers with biases such as {conv_biases[0]!r}")
+    conv_biases = [key for key in mapped if _CONV_BIAS.match(key)]
+    keras = layout == "keras" or bool(conv_biases)
+    _check_stride_placement(model, keras, path, conv_biases[:1] or [next(iter(state), "")])
+    if keras:
+        folded = _fold_conv_biases(mapped, conv_biases, report)
+        report.layout = (
+            f"{layout}, Keras-converted: {folded} conv biases folded into BatchNorm running "
+            "means, stride in the 1x1 conv"
+        )
 
     targets = {
         key: value
@@ -142,6 +165,8 @@ def load_pretrained_backbone(
                 report.missing.append(key)
             continue
         source_key, value = mapped.pop(key)
+        if layout == "keras":
+            value = _from_keras_kernel(value, target)
         if key == "conv1.weight":
             value = adapt_conv1_weight(value, reduce)
         if value.shape != target.shape:
@@ -185,9 +210,9 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     suffix = path.suffix.lower()
     if suffix in KERAS_SUFFIXES:
         raise ValueError(
-            f"{path}: Keras weights ({suffix}) are not supported. Besides the format, Keras's "
-            "ResNet-50 puts the stride of each downsampling block in the first 1x1 conv and has "
-            f"conv biases, so it computes a different function in torchvision's ResNet. {_USE_INSTEAD}"
+            f"{path}: Keras weights files ({suffix}) are not read. Save the model's weights as "
+            "a state dict (.safetensors or .pt, Keras layer names are fine) and set "
+            f"model.stride_in_1x1: true. {_USE_INSTEAD}"
         )
     if suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -210,10 +235,9 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def detect_layout(state: Mapping[str, Tensor], path: Path) -> str:
-    """``radimagenet`` or ``torchvision``; refuse Keras layer names."""
-    keras_names = [k for k in state if _KERAS_NAME.search(k)]
-    if keras_names:
-        _refuse_keras(path, f"Keras layer names such as {keras_names[0]!r}")
+    """``radimagenet``, ``torchvision`` or ``keras`` (Keras's layer names)."""
+    if any(_KERAS_NAME.search(k) for k in state):
+        return "keras"
     if any(re.match(r"backbone\.\d", k) for k in state):
         return "radimagenet"
     if any(k.split(".", 1)[0] in _BACKBONE_ROOTS for k in state):
@@ -224,13 +248,52 @@ def detect_layout(state: Mapping[str, Tensor], path: Path) -> str:
     )
 
 
-def _refuse_keras(path: Path, evidence: str) -> None:
-    raise ValueError(
-        f"{path}: this looks like the Keras-converted RadImageNet ResNet-50 ({evidence}). "
-        "Keras's bottleneck puts the stride of each downsampling block in the first 1x1 conv, "
-        "torchvision's (ResNet v1.5) in the 3x3 conv, so these weights would compute a "
-        f"different function in our backbone; they are refused. {_USE_INSTEAD}"
-    )
+def _check_stride_placement(
+    model: BrainMetsNet, keras: bool, path: Path, evidence: list[str]
+) -> None:
+    """Keras-converted weights need ResNet v1 bottlenecks, all others torchvision's v1.5."""
+    if keras and not model.stride_in_1x1:
+        raise ValueError(
+            f"{path}: these are Keras-converted ResNet-50 weights (e.g. {evidence[0]!r}): Keras "
+            "puts the stride of each downsampling block in the first 1x1 conv, torchvision in "
+            "the 3x3 conv, so they need that network: set model.stride_in_1x1: true (--set "
+            "model.stride_in_1x1=true)"
+        )
+    if not keras and model.stride_in_1x1:
+        raise ValueError(
+            f"{path}: model.stride_in_1x1 is true, but these weights have no conv biases and no "
+            "Keras layer names: they are torchvision-style (stride in the 3x3 conv) and would "
+            "compute a different function; set model.stride_in_1x1: false"
+        )
+
+
+def _batchnorm_of(conv_key: str) -> str:
+    """The BatchNorm that follows a conv, in our key names."""
+    if conv_key == "conv1.bias":
+        return "bn1"
+    if conv_key.endswith("downsample.0.bias"):
+        return conv_key[: -len("0.bias")] + "1"
+    block, conv = conv_key[: -len(".bias")].rsplit(".", 1)
+    return f"{block}.bn{conv[len('conv') :]}"
+
+
+def _fold_conv_biases(
+    mapped: dict[str, tuple[str, Tensor]], conv_biases: list[str], report: LoadReport
+) -> int:
+    """Fold each conv bias b into the running mean m of the BatchNorm after it (m - b)."""
+    folded = 0
+    for key in conv_biases:
+        source_key, bias = mapped.pop(key)
+        mean_key = f"{_batchnorm_of(key)}.running_mean"
+        if mean_key not in mapped:
+            report.warnings.append(f"{source_key}: no {mean_key} to fold this conv bias into")
+            report.unexpected.append(source_key)
+            continue
+        mean_source, mean = mapped[mean_key]
+        mapped[mean_key] = (mean_source, mean.float() - bias.float().reshape(mean.shape))
+        report.ignored.append(source_key)
+        folded += 1
+    return folded
 
 
 def _map_keys(
@@ -253,12 +316,41 @@ def _map_keys(
 
 
 def _to_our_key(source_key: str, layout: str) -> str | None:
+    if layout == "keras":
+        return _keras_to_our_key(source_key)
     if layout == "radimagenet":
         match = re.match(r"backbone\.(\d+)\.(.+)$", source_key)
         if match is None or match.group(1) not in _RADIMAGENET_CHILDREN:
             return None
         return f"{_RADIMAGENET_CHILDREN[match.group(1)]}.{match.group(2)}"
     return source_key if source_key.split(".", 1)[0] in _BACKBONE_ROOTS else None
+
+
+def _keras_to_our_key(source_key: str) -> str | None:
+    """``conv3_block2_1_conv.kernel`` -> ``layer2.1.conv1.weight`` and so on: Keras's stage
+    S (2-5) is layerS-1, its blocks count from 1, unit 0 is the shortcut (downsample)."""
+    match = _KERAS_KEY.match(source_key)
+    if match is None:
+        return None
+    tensor = _KERAS_TENSORS.get(match["tensor"], match["tensor"])
+    if match["stem"]:
+        return f"{'conv1' if match['stem'] == 'conv' else 'bn1'}.{tensor}"
+    block = f"layer{int(match['stage']) - 1}.{int(match['block']) - 1}"
+    unit, kind = match["unit"], match["kind"]
+    if unit == "0":
+        return f"{block}.downsample.{0 if kind == 'conv' else 1}.{tensor}"
+    return f"{block}.{kind}{unit}.{tensor}"
+
+
+def _from_keras_kernel(value: Tensor, target: Tensor) -> Tensor:
+    """A conv kernel stored by Keras as [h, w, in, out] in PyTorch's [out, in, h, w] order."""
+    if value.ndim == 4 and value.shape != target.shape:
+        candidate = value.permute(3, 2, 0, 1)
+        if candidate.shape == target.shape or (
+            candidate.shape[0] == target.shape[0] and candidate.shape[2:] == target.shape[2:]
+        ):  # conv1: 3 input channels, reduced to 1 below
+            return candidate.contiguous()
+    return value
 
 
 def _check_coverage(report: LoadReport, targets: Mapping[str, Tensor], path: Path) -> None:

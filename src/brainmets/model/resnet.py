@@ -58,6 +58,22 @@ class ParameterCount(NamedTuple):
     trainable: int
 
 
+def _move_stride_to_1x1(net: nn.Module) -> None:
+    """ResNet v1: each downsampling bottleneck strides in its first 1x1 conv, not the 3x3.
+
+    Output shapes are the same (a 1x1 conv needs no padding); the function is not, so weights
+    trained one way compute something else the other way.
+    """
+    for name in ("layer2", "layer3", "layer4"):
+        block = getattr(net, name)[0]
+        if not hasattr(block, "conv3"):
+            raise ValueError(
+                "stride_in_1x1 applies to bottleneck ResNets (resnet50); resnet18/34 blocks have "
+                "no 1x1 conv"
+            )
+        block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+
+
 class BrainMetsNet(nn.Module):
     """Single-channel ResNet slice classifier with patient-level pooling.
 
@@ -70,6 +86,9 @@ class BrainMetsNet(nn.Module):
         dropout: dropout probability in the head (0.4 as specified).
         hidden: width of the head's hidden layer (512 as specified).
         lse_temperature: temperature of ``lse`` pooling (smaller -> closer to max).
+        stride_in_1x1: ResNet v1 bottlenecks (the downsampling stride of layer2-4's first block
+            in its first 1x1 conv, as in Keras and Caffe) instead of torchvision's v1.5 (in the
+            3x3 conv): what the Keras-converted RadImageNet weights were trained with.
     """
 
     def __init__(
@@ -80,6 +99,7 @@ class BrainMetsNet(nn.Module):
         dropout: float = 0.4,
         hidden: int = 512,
         lse_temperature: float = 1.0,
+        stride_in_1x1: bool = False,
     ) -> None:
         super().__init__()
         _check_choice("arch", arch, tuple(ARCHITECTURES))
@@ -97,6 +117,7 @@ class BrainMetsNet(nn.Module):
         self.dropout = dropout
         self.hidden = hidden
         self.lse_temperature = lse_temperature
+        self.stride_in_1x1 = bool(stride_in_1x1)
 
         resnet = ARCHITECTURES[arch](weights=None)
         self.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -109,6 +130,8 @@ class BrainMetsNet(nn.Module):
         self.layer2 = resnet.layer2
         self.layer3 = resnet.layer3
         self.layer4 = resnet.layer4
+        if self.stride_in_1x1:
+            _move_stride_to_1x1(self)
         self.feature_dim: int = resnet.fc.in_features
         self.head = nn.Sequential(
             nn.Linear(self.feature_dim, hidden),
@@ -128,6 +151,7 @@ class BrainMetsNet(nn.Module):
             "dropout": self.dropout,
             "hidden": self.hidden,
             "lse_temperature": self.lse_temperature,
+            "stride_in_1x1": self.stride_in_1x1,
         }
 
     # ----------------------------------------------------------------- freezing (curriculum)

@@ -194,6 +194,7 @@ def build_model(cfg: Config, *, pretrained: bool = True) -> BrainMetsNet:
         dropout=m.dropout,
         hidden=m.hidden,
         lse_temperature=m.lse_temperature,
+        stride_in_1x1=m.stride_in_1x1,
     )
     if not pretrained:
         return model
