@@ -280,3 +280,29 @@ def test_index_exit_code_says_whether_dicom_files_were_damaged(tmp_path, capsys)
     assert main([*argv, "--allow-failures"]) == 0
     errors = pd.read_csv(tmp_path / "index" / "index_errors.csv")
     assert len(errors) == 2 and str(victim) in set(errors["path"])
+
+
+def test_malformed_set_value_is_one_clear_line(workflow, capsys):
+    root, _ = workflow
+    assert main(["train", "--data", str(root / "cache"), "--set", "train.stage_epochs=[0,1"]) == 2
+    err = capsys.readouterr().err
+    assert "--set train.stage_epochs=[0,1: the value '[0,1' is not valid YAML" in err
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_during_train_says_how_to_resume(workflow, tmp_path, monkeypatch, capsys):
+    """The generic "run the same command again" would start a fresh run into a folder that
+    already holds one, and be refused: train's hint names --resume and the run folder."""
+    from brainmets.train import trainer
+
+    root, _ = workflow
+    run = tmp_path / "run"
+
+    def interrupted(cfg, run_dir, **kwargs):
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "checkpoints" / "last_state.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    assert main(["-q", "train", "--data", str(root / "cache"), "--out", str(run)]) == 130
+    assert f"interrupted (go on with: brainmets train --resume {run})" in capsys.readouterr().err

@@ -136,6 +136,7 @@ def cmd_train(args) -> int:
             overrides.append(f"data.cache={args.data}")
         cfg = load_config(args.config, overrides)
         run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
+    args.run_dir = run_dir  # for the hint after Ctrl-C (both branches)
     result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return 0  # under torchrun, rank 0 reports the run
@@ -387,8 +388,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"brainmets: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("brainmets: interrupted (run the same command again to resume)", file=sys.stderr)
+        print(f"brainmets: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _resume_hint(args) -> str:
+    """How to go on after Ctrl-C, for the commands that can."""
+    if args.func is cmd_prepare:
+        return " (run the same command again: patients already prepared are kept)"
+    run_dir = getattr(args, "run_dir", None)
+    if args.func is cmd_train and run_dir is not None:
+        if (Path(run_dir) / "checkpoints" / "last_state.pt").is_file():
+            return f" (go on with: brainmets train --resume {run_dir})"
+        return f" before the first checkpoint; {run_dir} holds no state to resume"
+    return ""
 
 
 if __name__ == "__main__":

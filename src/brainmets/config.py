@@ -343,7 +343,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has no key")
-    return key, yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key, yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"--set {text}: the value {raw!r} is not valid YAML ({problem}); "
+            "quote it for the shell, e.g. --set 'train.stage_epochs=[0,5,12]'"
+        ) from err
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
