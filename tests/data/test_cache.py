@@ -342,3 +342,14 @@ def test_patients_dropped_from_the_manifest_leave_the_index(tmp_path, manifest):
     back = prepare_cache(readable, out, PRE, progress=False)
     assert (back.prepared, back.skipped) == (0, 4)  # P1's array was kept and is reused
     assert list(back.index["patient_id"]) == ["P0", "P1", "P2", "P3"]
+
+
+def test_a_nifti_volume_meets_the_same_slice_floor_as_dicom(tmp_path):
+    """A 3-slice NIfTI is no more a head CT volume than a 3-slice DICOM series: both fail."""
+    thin = _write_nifti(tmp_path / "thin.nii.gz", np.full((3, 40, 40), 30.0))
+    labels = pd.DataFrame([{"patient_id": "THIN", "label": 1, "path": thin}])
+    result = prepare_cache(labels, tmp_path / "cache", PRE, progress=False)
+    assert result.prepared == 0 and list(result.errors["reason"]) == [
+        "not eligible: too few slices (3 < 8)"
+    ]
+    assert list(result.errors["file"]) == [thin]

@@ -370,7 +370,7 @@ def choose_for(
 
 def load_patient_volume(job: PatientJob, preprocess: PreprocessConfig):
     """The HU volume of a job, whatever its source kind, and its SeriesInstanceUID."""
-    from brainmets.data.dicom import load_series
+    from brainmets.data.dicom import SeriesError, load_series
     from brainmets.data.manifest import (
         index_dicom_root,
         ineligibility,
@@ -380,7 +380,14 @@ def load_patient_volume(job: PatientJob, preprocess: PreprocessConfig):
     from brainmets.data.nifti import load_nifti
 
     if job.kind == "nifti":
-        return load_nifti(job.path), ""
+        volume = load_nifti(job.path)
+        # The floor DICOM series meet in the index: fewer slices is not a head CT volume.
+        slices = volume.hu.shape[0]
+        if slices < preprocess.min_slices:
+            raise SeriesError(
+                job.path, f"not eligible: too few slices ({slices} < {preprocess.min_slices})"
+            )
+        return volume, ""
     if job.kind == "dicom_dir":
         index = index_dicom_root(job.path, workers=1, progress=False)
         if job.series_uid:
