@@ -21,3 +21,26 @@ def test_batches_are_formed_as_patients_arrive():
     endless = (f"p{i}" for i in itertools.count())
     first, second = itertools.islice(batch_by_slices(endless, 10, size=lambda _: 4), 2)
     assert first == ["p0", "p1"] and second == ["p2", "p3"]
+
+
+def test_a_second_input_with_the_same_patient_id_is_named_by_its_folder():
+    """Two studies of one patient given in one predict call: the output has one row per
+    patient id, so the second is an error row; it must name the folder the user gave (not a
+    series UID) and the first one's, and say how to score it."""
+    from brainmets.data.cache import PatientJob
+    from brainmets.predict import _unique_patients
+
+    first = PatientJob("P1", 0, files=["/data/P1/2019/CT/1.dcm", "/data/P1/2019/CT/2.dcm"],
+                       series_uid="1.2.3")  # fmt: skip
+    again = PatientJob("P1", 0, files=list(first.files), series_uid="1.2.3")
+    second = PatientJob("P1", 0, kind="dicom_dir", path="/data/P1/2021")
+    errors: list[dict] = []
+    assert _unique_patients([first, again, second], errors) == [first]
+    assert errors == [
+        {
+            "patient_id": "P1",
+            "source": "/data/P1/2021",
+            "error": "patient id already predicted from /data/P1/2019/CT (one row per patient "
+            "id: predict this input on its own to score it)",
+        }
+    ]

@@ -10,6 +10,7 @@ and the others go on.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,15 +220,25 @@ def _unique_patients(jobs: list[PatientJob], errors: list[dict]) -> list[Patient
         if (first.series_uid, first.path) == (job.series_uid, job.path):
             log.info("patient %s was given more than once; predicted once", job.patient_id)
         else:
-            source = job.path or job.series_uid
             errors.append(
                 _error_row(
                     job.patient_id,
-                    source,
-                    f"patient id already predicted from {first.path or first.series_uid}",
+                    _source(job),
+                    f"patient id already predicted from {_source(first)} (one row per patient "
+                    "id: predict this input on its own to score it)",
                 )
             )
     return list(seen.values())
+
+
+def _source(job: PatientJob) -> str:
+    """Where a job's image is, as a user would name it: the file or folder given, or the
+    folder of its series' files (a series found under a DICOM root)."""
+    if job.path:
+        return job.path
+    if job.files:
+        return os.path.commonpath([os.path.dirname(f) for f in job.files]) or job.files[0]
+    return job.series_uid
 
 
 def _error_row(patient_id: str, source: str, reason: str) -> dict:
@@ -330,8 +341,6 @@ def predict(
     Patients are scored together once ``batch_slices`` slices are waiting (a patient is
     never split); ``compile`` compiles the chunked forward (pays off for many patients on a
     GPU)."""
-    import os
-
     trained = load_trained(run, device, compile=compile)
     cores = os.cpu_count() or 1
     # An index bar for one DICOM root; for many patient folders, one bar each would scroll by.
