@@ -50,7 +50,7 @@ def test_small_demo_runs_the_whole_workflow(tmp_path, capsys):
     expected = set(test_ids.loc[test_ids["split"] == "test", "patient_id"])
     assert set(predictions["patient_id"]) == expected and (predictions["error"].isna()).all()
     assert any((run / "heatmaps").glob("*.png"))
-    assert "_rank1_slice" in (run / "report.html").read_text()  # the gallery holds them
+    assert "(rank 1, slice logit" in (run / "report.html").read_text()  # gallery, by score
     out = capsys.readouterr().out
     assert "held-out AUC" in out and "training from random initialisation" in out
     # Running it again in the same folder reuses the cohort and cache and retrains.

@@ -115,6 +115,12 @@ def test_predict_agrees_across_dicom_nifti_and_cache(workflow, tmp_path, capsys)
     assert ((ok["probability"] >= ok["threshold"]).astype(int) == ok["decision"]).all()
     assert (ok["top_slice_index"] < ok["num_slices"]).all()
     assert len(list((tmp_path / "heat").glob("*.png"))) == 2 * len(ok)
+    # Their index (for the report's order): each PNG, its patient's probability and slice.
+    maps = pd.read_csv(tmp_path / "heat" / "heatmaps.csv", dtype={"patient_id": str})
+    assert sorted(maps["file"]) == sorted(p.name for p in (tmp_path / "heat").glob("*.png"))
+    top = maps[maps["rank"] == 1].set_index("patient_id")
+    assert np.allclose(top.loc[ok.index, "probability"], ok["probability"])
+    assert (top.loc[ok.index, "slice_index"] == ok["top_slice_index"]).all()
 
     # The prepared cache gives the same probabilities as decoding the DICOM again.
     assert main(["-q", "predict", str(root / "run"), str(root / "cache"),

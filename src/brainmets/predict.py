@@ -255,8 +255,11 @@ def write_heatmaps(
     slice_logits: np.ndarray,
     out_dir: Path,
     top_k: int,
-) -> list[Path]:
-    """Grad-CAM of the ``top_k`` highest-scoring slices, over the windowed slice, as PNGs."""
+) -> list[dict]:
+    """Grad-CAM of the ``top_k`` highest-scoring slices, over the windowed slice, as PNGs.
+
+    Returns one row per image for ``heatmaps.csv`` (file name, patient, rank, slice, logit).
+    """
     from brainmets.evaluate.heatmaps import grad_cam, save_overlay
 
     order = np.argsort(slice_logits)[::-1][:top_k]
@@ -271,8 +274,35 @@ def write_heatmaps(
             title += f" = patient score, p={float(trained.probability(logit)):.2f}"
         if not np.any(cam > 0):  # an all-zero map is a finding, not a rendering fault
             title += "  (Grad-CAM flat: no positive evidence)"
-        paths.append(save_overlay(array[slice_index], cam, path, title))
+        save_overlay(array[slice_index], cam, path, title)
+        paths.append(
+            {
+                "file": path.name,
+                "patient_id": patient_id,
+                "rank": rank,
+                "slice_index": int(slice_index),
+                "slice_logit": logit,
+            }
+        )
     return paths
+
+
+HEATMAP_INDEX = "heatmaps.csv"
+"""Beside the PNGs: which patient, rank and slice each shows, and the patient's probability,
+so that the report can show the highest-scoring patients first."""
+
+
+def _update_heatmap_index(heat_dir: Path, rows: list[dict]) -> None:
+    """Add this call's heatmaps to the folder's index (a folder may collect several calls)."""
+    path = heat_dir / HEATMAP_INDEX
+    table = pd.DataFrame(rows, columns=HEATMAP_COLUMNS)
+    if path.is_file():
+        old = pd.read_csv(path, dtype={"patient_id": str, "file": str})
+        table = pd.concat([old[~old["file"].isin(table["file"])], table], ignore_index=True)
+    atomic_write_csv(path, table.sort_values(["patient_id", "rank"], kind="stable"))
+
+
+HEATMAP_COLUMNS = ["file", "patient_id", "rank", "slice_index", "slice_logit", "probability"]
 
 
 # --------------------------------------------------------------------------- predict
@@ -300,9 +330,12 @@ def _row(trained: TrainedModel, item: PreprocessedPatient, score: PatientScore) 
         "threshold": trained.threshold,
         "num_slices": int(item.array.shape[0]),
         "top_slice_index": top,
-        "top_slice_position_mm": float(item.positions[top]) if len(item.positions) else np.nan,
+        # Positions are float32 in the headers' mm: two decimals are all they hold.
+        "top_slice_position_mm": round(float(item.positions[top]), 2)
+        if len(item.positions)
+        else np.nan,
         "series_uid": item.series_uid,
-        "source": item.job.path or (str(Path(item.job.files[0]).parent) if item.job.files else ""),
+        "source": _source(item.job),
         "error": "",
     }
 
@@ -382,13 +415,17 @@ def predict(
     # One stream from the first patient to the last, so one batch stays in flight throughout.
     batches = batch_by_slices(items(), batch_slices, size=lambda item: item.array.shape[0])
     flats = ((batch, *trained.scorer.concatenate([p.array for p in batch])) for batch in batches)
+    heat_rows: list[dict] = []
     for batch, scores in trained.scorer.score_batches(flats):
         for item, score in zip(batch, scores, strict=True):
             rows.append(_row(trained, item, score))
             if heat_dir:
-                write_heatmaps(
+                maps = write_heatmaps(
                     trained, item.job.patient_id, item.array, score.slice_logits, heat_dir, top_k
                 )
+                heat_rows += [{**m, "probability": rows[-1]["probability"]} for m in maps]
+    if heat_dir and heat_rows:
+        _update_heatmap_index(heat_dir, heat_rows)
 
     table = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
     table["error"] = table["error"].fillna("")

@@ -179,3 +179,30 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     # The embedded ROC plot is drawn: its red curve appears on screen.
     red = (image[..., 0] > 0.6) & (image[..., 1] < 0.35) & (image[..., 2] < 0.35)
     assert red.sum() > 200
+
+
+def test_heatmaps_of_the_most_probable_patients_come_first(run_dir):
+    """predict's heatmaps.csv orders the gallery by patient probability (then rank) and
+    captions each image; alphabetical order would show the lowest patient ids instead."""
+    folder = run_dir / "heatmaps"
+    for name, seed in [("A_rank1_slice3.png", 3), ("Z_rank1_slice7.png", 4),
+                       ("Z_rank2_slice6.png", 5)]:  # fmt: skip
+        write_heatmap(folder / name, seed)
+    pd.DataFrame(
+        [
+            ["A_rank1_slice3.png", "A", 1, 3, -1.2, 0.10],
+            ["Z_rank2_slice6.png", "Z", 2, 6, 1.5, 0.90],
+            ["Z_rank1_slice7.png", "Z", 1, 7, 2.25, 0.90],
+        ],
+        columns=["file", "patient_id", "rank", "slice_index", "slice_logit", "probability"],
+    ).to_csv(folder / "heatmaps.csv", index=False)
+    page = write_report(run_dir).read_text(encoding="utf-8")
+    heatmaps = page[page.index('<section id="heatmaps">') :]
+    captions = re.findall(r"<figcaption>([^<]*)</figcaption>", heatmaps)
+    assert captions[:3] == [
+        "Z p=0.90, slice 7 (rank 1, slice logit 2.25)",
+        "Z p=0.90, slice 6 (rank 2, slice logit 1.50)",
+        "A p=0.10, slice 3 (rank 1, slice logit -1.20)",
+    ]
+    assert len(captions) == 5  # the two PNGs not in the index follow, by file name
+    assert "patients with the highest probability first" in heatmaps

@@ -332,21 +332,44 @@ def _plots_section(run_dir: Path) -> str:
 
 
 def _heatmap_section(run_dir: Path) -> str:
+    """The heatmaps of the patients with the highest probability first (from predict's
+    ``heatmaps.csv``); without that index, in file name order, and the section says so."""
     folder = run_dir / "heatmaps"
     pngs = sorted(folder.rglob("*.png")) if folder.is_dir() else []
     if not pngs:
         return _not_available("Heatmaps", folder / "*.png")
+    captions = {p: str(p.relative_to(folder).with_suffix("")) for p in pngs}
+    order_note = "in file name order (no heatmaps.csv beside them)"
+    index_path = folder / "heatmaps.csv"
+    if index_path.is_file():
+        index = pd.read_csv(index_path, dtype={"patient_id": str, "file": str})
+        index = index.sort_values(["probability", "patient_id", "rank"],
+                                  ascending=[False, True, True], kind="stable")  # fmt: skip
+        listed = []
+        for row in index.itertuples():
+            path = folder / row.file
+            if path in captions:
+                listed.append(path)
+                # The manifest's id is the only identifier allowed in outputs.
+                captions[path] = (
+                    f"{row.patient_id} p={row.probability:.2f}, slice {row.slice_index} "
+                    f"(rank {row.rank}, slice logit {row.slice_logit:.2f})"
+                )
+        first = set(listed)
+        pngs = listed + [p for p in pngs if p not in first]
+        order_note = "patients with the highest probability first"
     shown = pngs[:MAX_HEATMAPS]
-    # Caption = path below heatmaps/ without the suffix: it carries the patient id, slice and
-    # score as predict names them, and the manifest's id is the only identifier allowed.
-    figures = "".join(_figure(p, str(p.relative_to(folder).with_suffix(""))) for p in shown)
+    figures = "".join(_figure(p, captions[p]) for p in shown)
     more = (
         f'<p class="meta">{len(pngs) - len(shown)} more heatmaps in '
         f"<code>{_esc(folder)}</code> are not embedded.</p>"
         if len(pngs) > len(shown)
         else ""
     )
-    return f'<p class="meta">{len(shown)} heatmaps.</p><div class="gallery">{figures}</div>{more}'
+    return (
+        f'<p class="meta">{len(shown)} heatmaps, {order_note}.</p>'
+        f'<div class="gallery">{figures}</div>{more}'
+    )
 
 
 # --- the page -------------------------------------------------------------------------------
