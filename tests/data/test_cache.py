@@ -353,3 +353,10 @@ def test_a_nifti_volume_meets_the_same_slice_floor_as_dicom(tmp_path):
         "not eligible: too few slices (3 < 8)"
     ]
     assert list(result.errors["file"]) == [thin]
+
+
+@pytest.mark.parametrize("name", ["gone", "gone.nii.gz"])
+def test_a_missing_path_says_it_does_not_exist(tmp_path, name):
+    labels = pd.DataFrame([{"patient_id": "P", "label": 0, "path": str(tmp_path / name)}])
+    result = prepare_cache(labels, tmp_path / "cache", PRE, progress=False)
+    assert list(result.errors["reason"]) == ["does not exist"]

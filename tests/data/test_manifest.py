@@ -286,6 +286,19 @@ def test_read_labels_with_optional_columns(tmp_path):
     assert labels["series_uid"].tolist() == ["1.2.3", ""]
 
 
+def test_relative_label_paths_are_read_from_the_labels_folder(tmp_path, monkeypatch):
+    """A manifest kept beside its images works from any working directory; absolute paths
+    and empty cells stay as they are."""
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    (folder / "labels.csv").write_text(
+        "patient_id,label,path\nA,1,dicom/A\nB,0,/abs/B.nii.gz\nC,0,\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    labels = read_labels("cohort/labels.csv")
+    assert labels["path"].tolist() == [str(Path("cohort") / "dicom" / "A"), "/abs/B.nii.gz", ""]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

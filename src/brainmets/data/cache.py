@@ -379,6 +379,8 @@ def load_patient_volume(job: PatientJob, preprocess: PreprocessConfig):
     )
     from brainmets.data.nifti import load_nifti
 
+    if job.path and not os.path.exists(job.path):
+        raise SeriesError(job.path, "does not exist")
     if job.kind == "nifti":
         volume = load_nifti(job.path)
         # The floor DICOM series meet in the index: fewer slices is not a head CT volume.

@@ -422,6 +422,9 @@ SPLITS = ("train", "val", "test")
 def read_labels(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read and validate labels.csv: patient_id, label (0/1)[, split][, series_uid][, path].
 
+    A relative ``path`` is read from the labels file's folder, so that a manifest kept beside
+    its images works from any working directory.
+
     Raises ValueError naming the file, the line and the reason for a missing column, a label
     other than 0/1, an unknown split, an empty or duplicate patient id.
     """
@@ -451,5 +454,13 @@ def read_labels(path: str | os.PathLike[str]) -> pd.DataFrame:
         if "split" in frame.columns and row["split"] not in (*SPLITS, ""):
             raise fail(i, f"split must be one of {SPLITS} or empty, got {row['split']!r}")
     frame["label"] = frame["label"].astype(int)
+    if "path" in frame.columns:
+        here = path.parent
+        frame["path"] = [
+            str(here / p)
+            if p and not os.path.isabs(os.path.expanduser(p))
+            else os.path.expanduser(p)
+            for p in frame["path"]
+        ]
     columns = LABEL_COLUMNS + [c for c in OPTIONAL_LABEL_COLUMNS if c in frame.columns]
     return frame[columns].reset_index(drop=True)
