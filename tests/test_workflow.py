@@ -76,6 +76,21 @@ def test_evaluate_on_the_held_out_split(workflow):
         assert (root / "run" / "evaluation" / plot).stat().st_size > 1000
     report = (root / "run" / "report.html").read_text()
     assert "data:image/png;base64," in report
+    sidecar = json.loads((root / "run" / "model.json").read_text())
+    epoch = sidecar["epoch"]
+    assert metrics["model_epoch"] == epoch
+    assert (
+        f"Evaluated: the test patients of <code>{root / 'cache'}</code> (3 patients), none of "
+        f"them was in the run's training or validation split; the weights of epoch {epoch}"
+    ) in report
+    assert "Other fields" not in report  # nothing left shown as raw JSON
+    # Each patient's call, as predict makes it, and accuracy is the share of right calls.
+    scored = pd.read_csv(root / "run" / "evaluation" / "predictions.csv")
+    plain = 1 / (1 + np.exp(-scored["logit"]))
+    assert (scored["decision"] == (plain >= sidecar["threshold"]).astype(int)).all()
+    assert metrics["metrics"]["accuracy"] == pytest.approx(
+        (scored["decision"] == scored["label"]).mean()
+    )
 
 
 def test_predict_agrees_across_dicom_nifti_and_cache(workflow, tmp_path, capsys):

@@ -39,6 +39,7 @@ _SUMMARY_ROWS = [
     ("specificity", "specificity"),
     ("ppv", "PPV"),
     ("npv", "NPV"),
+    ("accuracy", "accuracy"),
     ("brier", "Brier score"),
     ("separation", "separation"),
 ]
@@ -198,6 +199,8 @@ def evaluate_run(
     # Ranked, called and thresholds chosen on the plain sigmoid, where the run chose its own
     # threshold; probability-valued metrics and the thresholds shown on the reported scale.
     plain = expit(predictions["logit"].to_numpy())
+    # The call each patient got, as predict would make it (on the plain sigmoid).
+    predictions["decision"] = (plain >= trained.raw_threshold).astype(int)
     calibrated = trained.calibration.method != "none"
     metrics = evaluate_predictions(
         labels,
@@ -214,6 +217,9 @@ def evaluate_run(
     metrics["data"] = str(data)
     metrics["split"] = split
     metrics["seen_in_training"] = overlap
+    sidecar = json.loads((run / "model.json").read_text()) if (run / "model.json").is_file() else {}
+    metrics["model_epoch"] = sidecar.get("epoch")
+    metrics["model_best_metric"] = sidecar.get("best_metric")
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     atomic_write_csv(out / "predictions.csv", predictions)
     write_evaluation_plots(

@@ -267,6 +267,30 @@ def _ci_methods(data: dict[str, Any]) -> str:
     return f"Wilson score for {names}; {bootstrap} for the others"
 
 
+def _evaluated_line(data: dict) -> str:
+    """Which patients were evaluated, with which epoch's weights, in words."""
+    metrics = data.get("metrics") or {}
+    split = data.get("split")
+    what = f"the {_esc(split)} patients" if split else "every patient"
+    where = f" of <code>{_esc(data['data'])}</code>" if data.get("data") else ""
+    seen = data.get("seen_in_training") or {}
+    if isinstance(seen, dict) and seen:
+        shown = ", ".join(f"{_esc(k)} {_esc(v)}" for k, v in seen.items())
+        seen_text = f"<b>{shown} of them were in the run's own training or validation split</b>"
+    else:
+        seen_text = "none of them was in the run's training or validation split"
+    epoch = data.get("model_epoch")
+    model = (
+        f"the weights of epoch {_esc(epoch)} (best by {_esc(data.get('model_best_metric'))})"
+        if epoch is not None
+        else "the run's best weights"
+    )
+    return (
+        f'<p class="meta">Evaluated: {what}{where} ({_format(metrics.get("n"), 0)} patients), '
+        f"{seen_text}; {model}.</p>"
+    )
+
+
 def _metrics_section(run_dir: Path) -> str:
     path = run_dir / "evaluation" / "metrics.json"
     data, problem = _read_metrics(path)
@@ -287,6 +311,7 @@ def _metrics_section(run_dir: Path) -> str:
         f"{_esc(Calibration.from_sidecar(data).describe())}.</p>",
         _metrics_table(metrics, data.get("ci") or {}),
     ]
+    parts.insert(0, _evaluated_line(data))
     points = data.get("operating_points") or []
     if points:
         parts += ["<h3>Screening operating points</h3>", _operating_points_table(points)]
@@ -296,6 +321,11 @@ def _metrics_section(run_dir: Path) -> str:
                 "evaluated patients themselves: their sensitivity is optimistic.</p>"
             )
     known = {
+        "data",
+        "split",
+        "seen_in_training",
+        "model_epoch",
+        "model_best_metric",
         "metrics",
         "ci",
         "threshold",
