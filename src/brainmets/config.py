@@ -114,8 +114,13 @@ class StageLR(_Section):
 
 
 class WeightDecay(_Section):
-    backbone: float = Field(1e-4, ge=0, description="AdamW decay of backbone weights")
-    head: float = Field(1e-3, ge=0, description="AdamW decay of head weights")
+    backbone: float = Field(1e-4, ge=0, description="AdamW decay of backbone parameters")
+    head: float = Field(1e-3, ge=0, description="AdamW decay of head parameters")
+    exempt_norm_and_bias: bool = Field(
+        False,
+        description="no decay on biases and BatchNorm parameters (common practice; the "
+        "specification decays every parameter)",
+    )
 
 
 class ConfidenceLoss(_Section):

@@ -54,29 +54,27 @@ def _staged(model: BrainMetsNet, stage: int) -> list[dict]:
     return build_param_groups(model, stage, StageLR(), WeightDecay())
 
 
+@pytest.mark.parametrize("exempt", [False, True])
 @pytest.mark.parametrize(
     ("stage", "expected"),
     [
-        (1, {"head/decay": (5e-5, 1e-3), "head/no_decay": (5e-5, 0.0)}),
-        (
-            3,
-            {
-                "layer3/decay": (5e-6, 1e-4),
-                "layer3/no_decay": (5e-6, 0.0),
-                "layer4/decay": (1e-5, 1e-4),
-                "layer4/no_decay": (1e-5, 0.0),
-                "head/decay": (5e-5, 1e-3),
-                "head/no_decay": (5e-5, 0.0),
-            },
-        ),
+        (1, {"head": (5e-5, 1e-3)}),
+        (3, {"layer3": (5e-6, 1e-4), "layer4": (1e-5, 1e-4), "head": (5e-5, 1e-3)}),
     ],
 )
-def test_param_groups_have_specified_lr_and_decay(model, stage, expected):
-    groups = _staged(model, stage)
-    assert {g["name"]: (g["lr"], g["weight_decay"]) for g in groups} == expected
+def test_param_groups_have_specified_lr_and_decay(model, stage, expected, exempt):
+    """As specified, every parameter of a block decays at the block's rate; with the
+    exemption, biases and BatchNorm parameters (the 1-D ones) do not."""
+    model.set_trainable(trainable_blocks(stage))
+    groups = build_param_groups(model, stage, StageLR(), WeightDecay(exempt_norm_and_bias=exempt))
+    got = {g["name"]: (g["lr"], g["weight_decay"]) for g in groups}
+    assert got == {
+        f"{block}/{kind}": (lr, 0.0 if exempt and kind == "norm_and_bias" else wd)
+        for block, (lr, wd) in expected.items()
+        for kind in ("weights", "norm_and_bias")
+    }
     for g in groups:
-        # Biases and BatchNorm parameters are 1-D: they never decay.
-        assert all((p.ndim >= 2) == g["name"].endswith("/decay") for p in g["params"])
+        assert all((p.ndim >= 2) == g["name"].endswith("/weights") for p in g["params"])
 
 
 def test_param_groups_hold_exactly_the_trainable_parameters(model):

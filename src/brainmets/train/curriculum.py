@@ -61,8 +61,10 @@ def _block_lr(block: str, lr: StageLR) -> float:
 def build_param_groups(
     model: nn.Module, stage: int, lr: StageLR, weight_decay: WeightDecay
 ) -> list[dict[str, Any]]:
-    """AdamW groups for the trainable blocks of ``stage``: ``"<block>/decay"`` and
-    ``"<block>/no_decay"``, each with its block's learning rate; empty groups are left out.
+    """AdamW groups for the trainable blocks of ``stage``: ``"<block>/weights"`` (conv and
+    linear weights) and ``"<block>/norm_and_bias"`` (biases, BatchNorm scales and shifts), each
+    with its block's learning rate and decay, or none for the second with
+    ``exempt_norm_and_bias``; empty groups are left out.
 
     Only parameters with ``requires_grad`` are included, so call ``model.set_trainable``
     first.
@@ -72,9 +74,15 @@ def build_param_groups(
     for block in trainable_blocks(stage):
         decay = weight_decay.head if block == "head" else weight_decay.backbone
         params = [p for p in blocks[block] if p.requires_grad]
-        with_decay = [p for p in params if p.ndim >= 2]
-        without_decay = [p for p in params if p.ndim < 2]
-        for suffix, members, wd in (("decay", with_decay, decay), ("no_decay", without_decay, 0.0)):
+        weights = [p for p in params if p.ndim >= 2]
+        norm_and_bias = [p for p in params if p.ndim < 2]
+        # The specification gives one decay per block for all of its parameters; the exemption
+        # is the usual refinement (decaying a BatchNorm scale only fights the normalisation).
+        other = 0.0 if weight_decay.exempt_norm_and_bias else decay
+        for suffix, members, wd in (
+            ("weights", weights, decay),
+            ("norm_and_bias", norm_and_bias, other),
+        ):
             if members:
                 groups.append(
                     {
