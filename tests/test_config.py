@@ -38,6 +38,8 @@ def test_defaults_are_the_specification():
         ("preprocess:\n  slice_mm: thick\n", "preprocess.slice_mm"),
         ("train:\n  stage_epochs: [0, 12, 5]\n", "train.stage_epochs"),
         ("bogus: 1\n", "bogus"),
+        ("train:\n  epochs: true\n", "train.epochs"),  # a slip, not 1 epoch
+        ("train:\n  grad_clip: false\n", "train.grad_clip"),
     ],
 )
 def test_invalid_keys_are_errors_that_name_them(tmp_path, yaml_text, named):

@@ -17,11 +17,30 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """``epochs: true`` is a slip, not 1: pydantic's lax mode would take a YAML boolean for
+        any int or float field. Strings such as "1e-3" (YAML 1.1 reads them as text) stay
+        accepted, which strict mode would refuse."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation in (int, float):
+            raise ValueError(f"expected a number, got {value!r}")
+        return value
 
 
 class PreprocessConfig(_Section):
