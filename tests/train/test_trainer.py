@@ -372,3 +372,11 @@ def test_resume_needs_no_pretrained_weights_file(cache_dir, tmp_path):
     weights.unlink()
     train(cfg, tmp_path / "resumed", resume=True)
     _assert_same_run(tmp_path / "whole", tmp_path / "resumed")
+
+
+def test_a_curriculum_cut_short_by_the_epoch_count_is_said(cache_dir, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="brainmets.train.trainer"):
+        train(_config(cache_dir, epochs=2, stage_epochs=[0, 1, 5]), tmp_path)
+    assert (
+        "train.epochs is 2, so stage 3 (from epoch 5) never starts (train.stage_epochs [0, 1, 5])"
+    ) in caplog.text

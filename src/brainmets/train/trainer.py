@@ -354,6 +354,17 @@ class Trainer:
             self.cfg = cfg
         self.splits = self._make_splits(resume)
         self.best_metric = self._choose_best_metric()
+        unreached = [
+            f"stage {k + 1} (from epoch {start})"
+            for k, start in enumerate(cfg.train.stage_epochs)
+            if start >= cfg.train.epochs
+        ]
+        if unreached:
+            log.warning(
+                "train.epochs is %d, so %s never starts (train.stage_epochs %s): the curriculum "
+                "is cut short",
+                cfg.train.epochs, " and ".join(unreached), list(cfg.train.stage_epochs),
+            )  # fmt: skip
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         random.seed(cfg.seed)
