@@ -327,3 +327,38 @@ def test_ctrl_c_during_train_says_how_to_resume(workflow, tmp_path, monkeypatch,
     monkeypatch.setattr(trainer, "train", interrupted)
     assert main(["-q", "train", "--data", str(root / "cache"), "--out", str(run)]) == 130
     assert f"interrupted (go on with: brainmets train --resume {run})" in capsys.readouterr().err
+
+
+def test_an_interrupted_predict_keeps_its_rows_and_resumes(workflow, tmp_path, monkeypatch):
+    """predict over a large cohort can be stopped (Ctrl-C, a kill between saves); the rows done
+    are on disk and --resume predicts only the others, to the same table as one whole run."""
+    from brainmets import predict as predict_module
+
+    root, _ = workflow
+    run, cache, out = root / "run", root / "cache", tmp_path / "p.csv"
+    whole = predict_module.predict(run, [cache], out_csv=tmp_path / "whole.csv", progress=False,
+                                   batch_slices=1)  # fmt: skip
+    real_row, calls = predict_module._row, []
+
+    def stop_at_the_third(trained, item, score):
+        calls.append(item.job.patient_id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_row(trained, item, score)
+
+    monkeypatch.setattr(predict_module, "_row", stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        predict_module.predict(run, [cache], out_csv=out, progress=False, batch_slices=1)
+    assert len(pd.read_csv(out)) == 2
+    monkeypatch.setattr(predict_module, "_row", real_row)
+
+    seen = []
+    monkeypatch.setattr(predict_module, "_row",
+                        lambda t, item, s: seen.append(item.job.patient_id) or real_row(t, item, s))  # fmt: skip
+    resumed = predict_module.predict(run, [cache], out_csv=out, progress=False, resume=True)
+    assert not set(seen) & set(calls[:2])  # the two saved patients were not predicted again
+    pd.testing.assert_frame_equal(resumed.table, whole.table, check_exact=False, atol=1e-6)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out, dtype={"patient_id": str}),
+        pd.read_csv(tmp_path / "whole.csv", dtype={"patient_id": str}),
+    )

@@ -192,6 +192,7 @@ def cmd_predict(args) -> int:
         batch_slices=args.batch_slices,
         progress=not args.quiet,
         compile=args.compile,
+        resume=args.resume,
     )
     print(f"{result.predicted} patients predicted, {result.failed} failed -> {args.out}")
     failed = result.table[result.table["error"] != ""]
@@ -353,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile the scoring forward (faster for many patients on a GPU)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the patients --out already holds (predicted without an error) and predict "
+        "the others",
+    )
     p.add_argument("--allow-failures", action="store_true")
     p.set_defaults(func=cmd_predict)
 
@@ -396,6 +403,8 @@ def _resume_hint(args) -> str:
     """How to go on after Ctrl-C, for the commands that can."""
     if args.func is cmd_prepare:
         return " (run the same command again: patients already prepared are kept)"
+    if args.func is cmd_predict:
+        return f" (the patients done are in {args.out}; add --resume to the same command)"
     run_dir = getattr(args, "run_dir", None)
     if args.func is cmd_train and run_dir is not None:
         if (Path(run_dir) / "checkpoints" / "last_state.pt").is_file():

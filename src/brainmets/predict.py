@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,10 +341,15 @@ def _row(trained: TrainedModel, item: PreprocessedPatient, score: PatientScore) 
     }
 
 
-def _cache_items(cache_root: Path, trained: TrainedModel) -> Iterator[PreprocessedPatient]:
+def _cache_items(
+    cache_root: Path, trained: TrainedModel, skip: Iterable[str] = ()
+) -> Iterator[PreprocessedPatient]:
     cache = PatientCache(cache_root)
     trained.check_cache(cache)
+    skip = set(skip)
     for pid in cache.patient_ids:
+        if pid in skip:
+            continue
         row = cache.row(pid)
         positions = cache.positions(pid)
         array = np.asarray(cache.load(pid))
@@ -368,19 +374,31 @@ def predict(
     workers: int | None = None,
     progress: bool = True,
     compile: bool = False,
+    resume: bool = False,
+    save_every_s: float = 60.0,
 ) -> PredictResult:
     """Predict every patient found in ``inputs``; write ``out_csv`` (atomically) and heatmaps.
 
     Patients are scored together once ``batch_slices`` slices are waiting (a patient is
     never split); ``compile`` compiles the chunked forward (pays off for many patients on a
-    GPU)."""
+    GPU). The rows done so far are written every ``save_every_s`` seconds and when the run
+    stops early (Ctrl-C, an error); ``resume`` keeps the patients ``out_csv`` already holds
+    without an error and predicts the others."""
     trained = load_trained(run, device, compile=compile)
+    out_csv = Path(out_csv)
+    kept = _rows_to_keep(out_csv, trained) if resume else []
+    done = {str(row["patient_id"]) for row in kept}
     cores = os.cpu_count() or 1
     # An index bar for one DICOM root; for many patient folders, one bar each would scroll by.
     jobs, caches, rows = jobs_for_inputs(
         inputs, trained.preprocess, workers=workers or cores, progress=progress and len(inputs) == 1
     )
-    workers = workers if workers is not None else min(len(jobs), cores)
+    if done:
+        log.info("%d patients already in %s; predicting the others", len(done), out_csv)
+        jobs = [job for job in jobs if job.patient_id not in done]
+        rows = [row for row in rows if str(row["patient_id"]) not in done]
+    rows = kept + rows
+    workers = workers if workers is not None else max(min(len(jobs), cores), 1)
     heat_dir = Path(heatmaps_dir) if heatmaps_dir else None
     if heat_dir:
         heat_dir.mkdir(parents=True, exist_ok=True)
@@ -401,7 +419,7 @@ def predict(
                 yield result
         seen = {job.patient_id for job in jobs}
         for cache_root in caches:
-            for item in _cache_items(cache_root, trained):
+            for item in _cache_items(cache_root, trained, skip=done):
                 if item.job.patient_id in seen:
                     log.warning(
                         "patient %s of %s was already predicted; skipped",
@@ -416,22 +434,70 @@ def predict(
     batches = batch_by_slices(items(), batch_slices, size=lambda item: item.array.shape[0])
     flats = ((batch, *trained.scorer.concatenate([p.array for p in batch])) for batch in batches)
     heat_rows: list[dict] = []
-    for batch, scores in trained.scorer.score_batches(flats):
-        for item, score in zip(batch, scores, strict=True):
-            rows.append(_row(trained, item, score))
-            if heat_dir:
-                maps = write_heatmaps(
-                    trained, item.job.patient_id, item.array, score.slice_logits, heat_dir, top_k
-                )
-                heat_rows += [{**m, "probability": rows[-1]["probability"]} for m in maps]
-    if heat_dir and heat_rows:
-        _update_heatmap_index(heat_dir, heat_rows)
 
+    def save() -> pd.DataFrame:
+        table = _prediction_table(rows)
+        atomic_write_csv(out_csv, table)
+        if heat_dir and heat_rows:
+            _update_heatmap_index(heat_dir, heat_rows)
+        return table
+
+    last_save = time.monotonic()
+    finished = False
+    try:
+        for batch, scores in trained.scorer.score_batches(flats):
+            for item, score in zip(batch, scores, strict=True):
+                rows.append(_row(trained, item, score))
+                if heat_dir:
+                    maps = write_heatmaps(
+                        trained,
+                        item.job.patient_id,
+                        item.array,
+                        score.slice_logits,
+                        heat_dir,
+                        top_k,
+                    )
+                    heat_rows += [{**m, "probability": rows[-1]["probability"]} for m in maps]
+            if time.monotonic() - last_save >= save_every_s:
+                save()  # a long run stopped by a crash or a kill keeps what it did
+                last_save = time.monotonic()
+        finished = True
+    finally:
+        table = save()
+        if not finished:
+            log.warning(
+                "predict stopped early: the %d patients done are in %s; run the same command "
+                "with --resume to predict the rest",
+                len(table),
+                out_csv,
+            )
+    return PredictResult(table)
+
+
+def _prediction_table(rows: list[dict]) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
     table["error"] = table["error"].fillna("")
     # Whole numbers stay whole beside a failed row's empty cells (not 0.0, 14.0).
     for column in ("decision", "num_slices", "top_slice_index"):
         table[column] = table[column].astype("Int64")
-    table = table.sort_values("patient_id", kind="stable").reset_index(drop=True)
-    atomic_write_csv(out_csv, table)
-    return PredictResult(table)
+    return table.sort_values("patient_id", kind="stable").reset_index(drop=True)
+
+
+def _rows_to_keep(out_csv: Path, trained: TrainedModel) -> list[dict]:
+    """``--resume``: the rows of an earlier run into ``out_csv`` that were predicted without
+    an error (failed patients are tried again). They must come from the same model."""
+    if not out_csv.is_file():
+        return []
+    text = ("patient_id", "series_uid", "source", "error")
+    old = pd.read_csv(out_csv, dtype=dict.fromkeys(text, str))
+    if list(old.columns) != PREDICTION_COLUMNS:
+        raise ValueError(f"{out_csv}: not a predictions table of brainmets predict; cannot resume")
+    old[list(text)] = old[list(text)].fillna("")
+    ok = old[old["error"] == ""]
+    thresholds = set(pd.to_numeric(ok["threshold"]).round(6))
+    if thresholds and thresholds != {round(trained.threshold, 6)}:
+        raise ValueError(
+            f"{out_csv}: its rows were predicted at threshold {sorted(thresholds)}, this run's "
+            f"is {trained.threshold:.6f}: another model; write to a new --out instead"
+        )
+    return ok.to_dict("records")
