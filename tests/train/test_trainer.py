@@ -219,21 +219,27 @@ def test_best_epoch_stores_the_calibration_of_its_validation_predictions(
 # --------------------------------------------------------------------------- DDP (gloo, CPU)
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, cache: str, run: str, out: str) -> None:
+def _ddp_worker(
+    rank: int, world_size: int, port: int, cache: str, run: str, out: str, confidence: bool
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
-    summary = train(_ddp_config(Path(cache)), Path(run))
+    summary = train(_ddp_config(Path(cache), confidence), Path(run))
     Path(out, f"rank{rank}.json").write_text(json.dumps(summary, default=str))
 
 
-def _ddp_config(cache: Path) -> Config:
+def _ddp_config(cache: Path, confidence: bool = False) -> Config:
     # Deterministic up to float summation order: no dropout, no augmentation. Epoch 0 is
     # stage 1 (all BatchNorm frozen, so a rank's half-batch computes what the whole batch
     # would); epoch 1 unfreezes layer4, whose BatchNorm then sees per-rank batch statistics.
     cfg = _config(cache, epochs=2, stage_epochs=[0, 1, 12])
     cfg.model.dropout = 0.0
     cfg.augment.enabled = False
+    # A weight that makes the term matter against the BCE (the specified 0.15 would too).
+    cfg.train.confidence = cfg.train.confidence.model_copy(
+        update={"enabled": confidence, "weight": 5.0}
+    )
     return cfg
 
 
@@ -284,15 +290,19 @@ def test_ddp_run_that_cannot_start_leaves_the_process_group(tmp_path, case):
         assert "training could not start" in (run / "train.log").read_text()
 
 
-def test_ddp_two_ranks_agree_and_match_one_process(cache_dir, tmp_path):
+@pytest.mark.parametrize("confidence", [False, True])
+def test_ddp_two_ranks_agree_and_match_one_process(cache_dir, tmp_path, confidence):
+    """With the confidence term too: it must compare the class means of the whole batch (each
+    rank holds half of it), or DDP trains another loss than one process does."""
     run, out = tmp_path / "ddp", tmp_path / "out"
     run.mkdir()
     out.mkdir()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(cache_dir), str(run), str(out)), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(cache_dir), str(run), str(out), confidence),
+             nprocs=2)  # fmt: skip
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["final"] == {**ranks[1]["final"], "seconds": ranks[0]["final"]["seconds"]}
 
-    single = train(_ddp_config(cache_dir), tmp_path / "single")
+    single = train(_ddp_config(cache_dir, confidence), tmp_path / "single")
     ddp_rows = pd.read_csv(run / "metrics.csv")
     one_rows = pd.read_csv(tmp_path / "single" / "metrics.csv")
     # Stage 1: the same global batch gives the same result up to summation order.

@@ -8,6 +8,8 @@ happens to hold one class trains on BCE alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -38,8 +40,14 @@ def patient_loss(
     *,
     pos_weight: float | None = None,
     confidence: ConfidenceLoss | None = None,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BCEWithLogits (mean over patients) + ``confidence.weight`` x confidence term.
+
+    ``gather`` (DDP) concatenates a tensor over all ranks, with gradients: the confidence term
+    compares the class means of the whole batch, not of one rank's share (where a class is
+    often missing, and the term then vanishes). The BCE mean needs no gather: every rank holds
+    as many patients, and DDP averages the ranks' gradients.
 
     Returns the loss and its parts as detached tensors (no ``.item()``: the caller decides
     when to synchronise with the device).
@@ -52,7 +60,10 @@ def patient_loss(
     parts = {"bce": bce.detach()}
     loss = bce
     if confidence is not None and confidence.enabled and confidence.weight > 0:
-        term = confidence_term(logits, targets, confidence.target)
+        if gather is not None:
+            term = confidence_term(gather(logits), gather(targets), confidence.target)
+        else:
+            term = confidence_term(logits, targets, confidence.target)
         loss = loss + confidence.weight * term
         parts["confidence"] = term.detach()
     return loss, parts

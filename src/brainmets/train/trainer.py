@@ -223,6 +223,14 @@ def clip_and_step(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Te
     return found_inf
 
 
+def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` of every rank, concatenated in rank order; gradients flow back to each rank's
+    own part (so a loss term over the whole batch trains every rank's patients)."""
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor))
+
+
 def norm_statistics(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A copy of every BatchNorm running mean and variance of ``model`` (a few MB at most)."""
     return {
@@ -622,6 +630,7 @@ class Trainer:
             batch.labels,
             pos_weight=self.cfg.train.pos_weight,
             confidence=self.cfg.train.confidence,
+            gather=_gather_with_grad if self.dist.enabled else None,
         )
         loss.backward()
         found_inf = clip_and_step(self.optimizer, self.cfg.train.grad_clip)
