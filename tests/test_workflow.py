@@ -362,3 +362,25 @@ def test_an_interrupted_predict_keeps_its_rows_and_resumes(workflow, tmp_path, m
         pd.read_csv(out, dtype={"patient_id": str}),
         pd.read_csv(tmp_path / "whole.csv", dtype={"patient_id": str}),
     )
+
+
+def test_a_patients_failure_lists_only_the_unreadable_files_beside_its_series(workflow, tmp_path):
+    """A note at the DICOM root explains no patient's failure; a damaged file beside a
+    patient's too-short series may, and is named in that patient's row only."""
+    root, _ = workflow
+    assert main(["-q", "synth", str(tmp_path / "c"), "--patients", "2", "--matrix", "64",
+                 "--min-slices", "10", "--max-slices", "10", "--seed", "4"]) == 0  # fmt: skip
+    dicom = tmp_path / "c" / "dicom"
+    (dicom / "README.txt").write_text("exported from PACS\n")
+    folders = [d for d in (dicom / "SYN0001").iterdir() if d.is_dir()]
+    volume = max(folders, key=lambda d: len(list(d.iterdir())))  # not the localizer's folder
+    damaged = sorted(volume.iterdir())[:3]
+    for path in damaged:  # 7 readable slices left: fewer than min_slices
+        path.write_bytes(path.read_bytes()[:200])
+    out = tmp_path / "p.csv"
+    assert main(["-q", "predict", str(root / "run"), str(dicom), "--out", str(out)]) == 1
+    errors = pd.read_csv(out, dtype=str, keep_default_na=False).set_index("patient_id")["error"]
+    assert "too few slices (7 < 8)" in errors["SYN0001"]
+    assert all(path.name in errors["SYN0001"] for path in damaged)
+    assert errors["SYN0002"] == ""
+    assert "README" not in "".join(errors)

@@ -175,11 +175,15 @@ def jobs_for_inputs(
         elif path.is_dir():
             index = index_dicom_root(path, workers=workers, progress=progress)
             series = choose_for(index.series, preprocess)
-            unreadable = _unreadable_files(index.errors)
             for patient_id, rows in series.groupby("patient_id", sort=True):
                 uid, why = patient_choice(rows)
                 if uid is None:
-                    reason = f"no usable series: {why}{unreadable}"
+                    # Only the unreadable files beside this patient's series can explain it
+                    # (a truncated slice); a README at the root is nobody's reason.
+                    folders = set(rows["directory"].astype(str))
+                    parents = index.errors["path"].map(os.path.dirname)
+                    beside = index.errors[parents.isin(folders)]
+                    reason = f"no usable series: {why}{_unreadable_files(beside)}"
                     errors.append(_error_row(str(patient_id), str(path), reason))
                     continue
                 jobs.append(
@@ -192,7 +196,7 @@ def jobs_for_inputs(
                     )
                 )
             if series.empty:
-                reason = f"no DICOM images found{unreadable}"
+                reason = f"no DICOM images found{_unreadable_files(index.errors)}"
                 errors.append(_error_row(path.name, str(path), reason))
         else:
             reason = "not a DICOM folder, NIfTI or cache" if path.exists() else "does not exist"
