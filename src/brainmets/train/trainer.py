@@ -532,9 +532,10 @@ class Trainer:
         return splits
 
     # ------------------------------------------------------------------ curriculum
-    def _enter_stage(self, stage: int) -> None:
+    def _enter_stage(self, stage: int, *, restoring: bool = False) -> None:
         """Freeze/unfreeze for ``stage``, rebuild the optimiser (carrying the state of the
-        parameters that keep training) and the DDP wrapper around the new trainable set."""
+        parameters that keep training) and the DDP wrapper around the new trainable set.
+        ``restoring``: the stage of a saved state, said in the "resumed" line instead."""
         self.model.set_trainable(trainable_blocks(stage))
         self.optimizer = build_optimizer(
             self.model, stage, self.cfg.train.lr, self.cfg.train.weight_decay, self.optimizer
@@ -552,7 +553,10 @@ class Trainer:
             # changes every step and a dynamic-shape graph avoids a recompile for each.
             wrapped = torch.compile(wrapped, dynamic=not self.cfg.train.pad_slices)
         self.forward_model = wrapped
-        log.info("stage %d: training %s", stage, ", ".join(trainable_blocks(stage)))
+        log.log(
+            logging.DEBUG if restoring else logging.INFO,
+            "stage %d: training %s", stage, ", ".join(trainable_blocks(stage)),
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ device path
     def _autocast(self):
@@ -886,7 +890,7 @@ class Trainer:
             log.warning("resuming %s with a changed config", self.run_dir)
         self.state = TrainState(**payload["train_state"])
         self.model.load_state_dict(payload["model"])
-        self._enter_stage(payload["stage"])
+        self._enter_stage(payload["stage"], restoring=True)
         self.optimizer.load_state_dict(payload["optimizer"])
         rng = payload["rng"]
         if payload["world_size"] != self.dist.world_size:
@@ -897,8 +901,8 @@ class Trainer:
         else:
             self._set_rng_state(rng[self.dist.rank])
         log.info(
-            "resumed %s at epoch %d, batch %d (step %d)",
-            self.run_dir, self.state.epoch, self.state.batch, self.state.global_step,
+            "resumed %s at epoch %d, batch %d (step %d), saved in stage %d",
+            self.run_dir, self.state.epoch, self.state.batch, self.state.global_step, self.stage,
         )  # fmt: skip
 
     def _set_rng_state(self, state: dict[str, Any]) -> None:
