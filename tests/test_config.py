@@ -40,6 +40,9 @@ def test_defaults_are_the_specification():
         ("bogus: 1\n", "bogus"),
         ("train:\n  epochs: true\n", "train.epochs"),  # a slip, not 1 epoch
         ("train:\n  grad_clip: false\n", "train.grad_clip"),
+        ("preprocess:\n  slice_mm: true\n", "preprocess.slice_mm"),  # float | "native"
+        ("train:\n  pos_weight: true\n", "train.pos_weight"),  # float | None
+        ("train:\n  stage_epochs: [0, true, 12]\n", "train.stage_epochs"),  # a tuple of ints
     ],
 )
 def test_invalid_keys_are_errors_that_name_them(tmp_path, yaml_text, named):

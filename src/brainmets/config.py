@@ -14,7 +14,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -38,9 +38,22 @@ class _Section(BaseModel):
         any int or float field. Strings such as "1e-3" (YAML 1.1 reads them as text) stay
         accepted, which strict mode would refuse."""
         annotation = cls.model_fields[info.field_name].annotation
-        if isinstance(value, bool) and annotation in (int, float):
+        if not _takes_number(annotation):
+            return value
+        values = value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(v, bool) for v in values):
             raise ValueError(f"expected a number, got {value!r}")
         return value
+
+
+def _takes_number(annotation: Any) -> bool:
+    """Whether a field's type holds numbers but no booleans: int, float, and unions, lists and
+    tuples of them (float | None, tuple[int, int, int], list[float], float | "native")."""
+    if annotation is bool:
+        return False
+    if annotation in (int, float):
+        return True
+    return any(_takes_number(arg) for arg in get_args(annotation))
 
 
 class PreprocessConfig(_Section):
