@@ -346,10 +346,13 @@ def test_an_interrupted_predict_keeps_its_rows_and_resumes(workflow, tmp_path, m
             raise KeyboardInterrupt
         return real_row(trained, item, score)
 
+    out.write_text("an earlier, complete table\n")  # a stopped rerun must not replace it
     monkeypatch.setattr(predict_module, "_row", stop_at_the_third)
     with pytest.raises(KeyboardInterrupt):
         predict_module.predict(run, [cache], out_csv=out, progress=False, batch_slices=1)
-    assert len(pd.read_csv(out)) == 2
+    assert out.read_text() == "an earlier, complete table\n"
+    partial = tmp_path / "p.csv.partial"
+    assert len(pd.read_csv(partial)) == 2
     monkeypatch.setattr(predict_module, "_row", real_row)
 
     seen = []
@@ -357,6 +360,7 @@ def test_an_interrupted_predict_keeps_its_rows_and_resumes(workflow, tmp_path, m
                         lambda t, item, s: seen.append(item.job.patient_id) or real_row(t, item, s))  # fmt: skip
     resumed = predict_module.predict(run, [cache], out_csv=out, progress=False, resume=True)
     assert not set(seen) & set(calls[:2])  # the two saved patients were not predicted again
+    assert not partial.exists()  # the finished table replaced it
     pd.testing.assert_frame_equal(resumed.table, whole.table, check_exact=False, atol=1e-6)
     pd.testing.assert_frame_equal(
         pd.read_csv(out, dtype={"patient_id": str}),

@@ -404,7 +404,7 @@ def _resume_hint(args) -> str:
     if args.func is cmd_prepare:
         return " (run the same command again: patients already prepared are kept)"
     if args.func is cmd_predict:
-        return f" (the patients done are in {args.out}; add --resume to the same command)"
+        return f" (the patients done are in {args.out}.partial; add --resume to the same command)"
     run_dir = getattr(args, "run_dir", None)
     if args.func is cmd_train and run_dir is not None:
         if (Path(run_dir) / "checkpoints" / "last_state.pt").is_file():

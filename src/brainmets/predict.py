@@ -390,7 +390,10 @@ def predict(
     without an error and predicts the others."""
     trained = load_trained(run, device, compile=compile)
     out_csv = Path(out_csv)
-    kept = _rows_to_keep(out_csv, trained) if resume else []
+    # Saves before the end go to a side file: a stopped rerun must not replace a complete
+    # table written earlier to the same --out.
+    partial = out_csv.with_name(out_csv.name + ".partial")
+    kept = _rows_to_keep(partial if partial.is_file() else out_csv, trained) if resume else []
     done = {str(row["patient_id"]) for row in kept}
     cores = os.cpu_count() or 1
     # An index bar for one DICOM root; for many patient folders, one bar each would scroll by.
@@ -400,7 +403,8 @@ def predict(
     if done:
         log.info("%d patients already in %s; predicting the others", len(done), out_csv)
         jobs = [job for job in jobs if job.patient_id not in done]
-        rows = [row for row in rows if str(row["patient_id"]) not in done]
+        # Rows of inputs that failed before any scoring are made afresh and all kept: one may
+        # be a second study of a patient done earlier, reported as such.
     rows = kept + rows
     workers = workers if workers is not None else max(min(len(jobs), cores), 1)
     heat_dir = Path(heatmaps_dir) if heatmaps_dir else None
@@ -439,9 +443,9 @@ def predict(
     flats = ((batch, *trained.scorer.concatenate([p.array for p in batch])) for batch in batches)
     heat_rows: list[dict] = []
 
-    def save() -> pd.DataFrame:
+    def save(path: Path) -> pd.DataFrame:
         table = _prediction_table(rows)
-        atomic_write_csv(out_csv, table)
+        atomic_write_csv(path, table)
         if heat_dir and heat_rows:
             _update_heatmap_index(heat_dir, heat_rows)
         return table
@@ -463,17 +467,19 @@ def predict(
                     )
                     heat_rows += [{**m, "probability": rows[-1]["probability"]} for m in maps]
             if time.monotonic() - last_save >= save_every_s:
-                save()  # a long run stopped by a crash or a kill keeps what it did
+                save(partial)  # a long run stopped by a crash or a kill keeps what it did
                 last_save = time.monotonic()
         finished = True
     finally:
-        table = save()
-        if not finished:
+        table = save(out_csv if finished else partial)
+        if finished:
+            partial.unlink(missing_ok=True)
+        else:
             log.warning(
                 "predict stopped early: the %d patients done are in %s; run the same command "
                 "with --resume to predict the rest",
                 len(table),
-                out_csv,
+                partial,
             )
     return PredictResult(table)
 
@@ -488,8 +494,9 @@ def _prediction_table(rows: list[dict]) -> pd.DataFrame:
 
 
 def _rows_to_keep(out_csv: Path, trained: TrainedModel) -> list[dict]:
-    """``--resume``: the rows of an earlier run into ``out_csv`` that were predicted without
-    an error (failed patients are tried again). They must come from the same model."""
+    """``--resume``: the rows of an earlier run (its side file of a stopped run, else its
+    finished table) that were predicted without an error (failed patients are tried again).
+    They must come from the same model."""
     if not out_csv.is_file():
         return []
     text = ("patient_id", "series_uid", "source", "error")
