@@ -178,11 +178,10 @@ def jobs_for_inputs(
             for patient_id, rows in series.groupby("patient_id", sort=True):
                 uid, why = patient_choice(rows)
                 if uid is None:
-                    # Only the unreadable files beside this patient's series can explain it
-                    # (a truncated slice); a README at the root is nobody's reason.
-                    folders = set(rows["directory"].astype(str))
-                    parents = index.errors["path"].map(os.path.dirname)
-                    beside = index.errors[parents.isin(folders)]
+                    # Only the unreadable files in this patient's series folders can explain
+                    # it (a truncated slice); a README at the root is nobody's reason.
+                    folders = tuple(str(d) + os.sep for d in rows["directory"])
+                    beside = index.errors[index.errors["path"].astype(str).str.startswith(folders)]
                     reason = f"no usable series: {why}{_unreadable_files(beside)}"
                     errors.append(_error_row(str(patient_id), str(path), reason))
                     continue

@@ -186,6 +186,11 @@ def _keras_names(state):
         ("keras_biases.pt", lambda s: s),
         ("keras_biases_radimagenet.safetensors", _radimagenet),
         ("keras_names.safetensors", _keras_names),
+        # as an h5py dump names them: the layer twice, under the model's name
+        (
+            "keras_h5py.safetensors",
+            lambda s: {f"resnet50/{k.split('/')[0]}/{k}": v for k, v in _keras_names(s).items()},
+        ),
     ],
 )
 def test_keras_converted_weights_compute_what_keras_computed(tmp_path, name, build):

@@ -130,11 +130,12 @@ def score_cache(
     return pd.DataFrame(rows)
 
 
-def _training_overlap(run: Path, evaluated: pd.Series) -> dict[str, int]:
-    """How many evaluated patients the run trained or validated on (then it is no hold-out)."""
+def _training_overlap(run: Path, evaluated: pd.Series) -> dict[str, int] | None:
+    """How many evaluated patients the run trained or validated on (then it is no hold-out);
+    None when the run has no splits.csv to tell."""
     path = run / "splits.csv"
     if not path.is_file():
-        return {}
+        return None
     splits = pd.read_csv(path, dtype=str, keep_default_na=False)
     seen = splits[splits["patient_id"].isin(set(evaluated))]
     counts = {k: int(v) for k, v in seen["split"].value_counts().items() if k in ("train", "val")}

@@ -273,8 +273,10 @@ def _evaluated_line(data: dict) -> str:
     split = data.get("split")
     what = f"the {_esc(split)} patients" if split else "every patient"
     where = f" of <code>{_esc(data['data'])}</code>" if data.get("data") else ""
-    seen = data.get("seen_in_training") or {}
-    if isinstance(seen, dict) and seen:
+    seen = data.get("seen_in_training")
+    if seen is None:
+        seen_text = "whether the run saw any of them is unknown (no splits.csv)"
+    elif isinstance(seen, dict) and seen:
         shown = ", ".join(f"{_esc(k)} {_esc(v)}" for k, v in seen.items())
         seen_text = f"<b>{shown} of them were in the run's own training or validation split</b>"
     else:

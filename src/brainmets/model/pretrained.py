@@ -58,9 +58,11 @@ _BACKBONE_ROOTS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 # Conv biases, in our key names: torchvision's ResNet convs have none, Keras's all do.
 _CONV_BIAS = re.compile(r"^(conv1|layer\d\.\d+\.(conv\d|downsample\.0))\.bias$")
 _KERAS_NAME = re.compile(r"conv\d_block\d+_\d_(conv|bn)|conv1_conv|conv1_bn")
+# The layer name may come after a prefix (h5py dumps repeat it: conv1_conv/conv1_conv/kernel:0,
+# or put the model's name first: resnet50/conv1_conv/kernel:0); the tensor name is last.
 _KERAS_KEY = re.compile(
-    r"^(?:conv1_(?P<stem>conv|bn)|conv(?P<stage>[2-5])_block(?P<block>\d+)_(?P<unit>[0-3])_"
-    r"(?P<kind>conv|bn))[./](?P<tensor>\w+?)(?::0)?$"
+    r"(?:^|[/.])(?:conv1_(?P<stem>conv|bn)|conv(?P<stage>[2-5])_block(?P<block>\d+)_"
+    r"(?P<unit>[0-3])_(?P<kind>conv|bn))[./](?:[\w/.]*[/.])?(?P<tensor>\w+?)(?::\d+)?$"
 )
 _KERAS_TENSORS = {
     "kernel": "weight",
@@ -144,7 +146,8 @@ def load_pretrained_backbone(
     mapped = _map_keys(state, layout, report)
     conv_biases = [key for key in mapped if _CONV_BIAS.match(key)]
     keras = layout == "keras" or bool(conv_biases)
-    _check_stride_placement(model, keras, path, conv_biases[:1] or [next(iter(state), "")])
+    evidence = mapped[conv_biases[0]][0] if conv_biases else next(iter(state), "")
+    _check_stride_placement(model, keras, path, [evidence])
     if keras:
         folded = _fold_conv_biases(mapped, conv_biases, report)
         report.layout = (
@@ -329,7 +332,7 @@ def _to_our_key(source_key: str, layout: str) -> str | None:
 def _keras_to_our_key(source_key: str) -> str | None:
     """``conv3_block2_1_conv.kernel`` -> ``layer2.1.conv1.weight`` and so on: Keras's stage
     S (2-5) is layerS-1, its blocks count from 1, unit 0 is the shortcut (downsample)."""
-    match = _KERAS_KEY.match(source_key)
+    match = _KERAS_KEY.search(source_key)
     if match is None:
         return None
     tensor = _KERAS_TENSORS.get(match["tensor"], match["tensor"])
