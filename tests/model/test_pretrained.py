@@ -204,13 +204,18 @@ def test_keras_converted_weights_compute_what_keras_computed(tmp_path, name, bui
     report = load_pretrained_backbone(ours, path)
     assert "Keras-converted: 53 conv biases folded" in report.layout
     assert report.missing == [] and report.unexpected == [] and report.warnings == []
-    grey = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(2))
+    # In float64: fifty random float32 layers amplify summation-order differences to 1e-4,
+    # which would hide a real error of that size. The fold itself rounds in float32 (~1e-7).
+    grey = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(2)).double()
     with torch.no_grad():
         expected = torch.flatten(
-            torch.nn.Sequential(*list(reference.children())[:-1])(grey.expand(-1, 3, -1, -1)), 1
+            torch.nn.Sequential(*list(reference.double().children())[:-1])(
+                grey.expand(-1, 3, -1, -1)
+            ),
+            1,
         )
-        got = ours.forward_features(grey)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        got = ours.double().forward_features(grey)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
     # The same weights in torchvision's v1.5 network would compute something else: refused.
     with pytest.raises(ValueError, match=r"Keras-converted .* model\.stride_in_1x1=true"):
