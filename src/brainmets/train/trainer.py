@@ -428,6 +428,8 @@ class Trainer:
         self.forward_model: torch.nn.Module = self.model
         self._loss_sum = torch.zeros((), device=self.device)
         self._skipped = torch.zeros((), device=self.device)
+        # BatchNorm running statistics at the start of the epoch in progress (see fit).
+        self._norm_snapshot: dict[str, torch.Tensor] | None = None
         if resume:
             self._load_state()
         self.writer = self._open_tensorboard()
@@ -877,6 +879,7 @@ class Trainer:
             "rng": rng,
             "world_size": self.dist.world_size,
             "config_hash": self.cfg.config_hash(),
+            "norm_snapshot": self._norm_snapshot,
         }
         atomic_write(self.state_path, lambda fh: torch.save(payload, fh))
 
@@ -890,6 +893,7 @@ class Trainer:
             log.warning("resuming %s with a changed config", self.run_dir)
         self.state = TrainState(**payload["train_state"])
         self.model.load_state_dict(payload["model"])
+        self._norm_snapshot = payload.get("norm_snapshot")  # states saved before it: None
         self._enter_stage(payload["stage"], restoring=True)
         self.optimizer.load_state_dict(payload["optimizer"])
         rng = payload["rng"]
@@ -944,9 +948,12 @@ class Trainer:
             if stage != self.stage:
                 self._enter_stage(stage)
             start = time.perf_counter()
-            statistics = norm_statistics(self.model)
+            if self.state.batch == 0 or self._norm_snapshot is None:
+                # A mid-epoch resume keeps the epoch start's copy from the saved state: the
+                # statistics it loaded may already be the poisoned ones.
+                self._norm_snapshot = norm_statistics(self.model)
             self._train_epoch(epoch)
-            poisoned = restore_non_finite_norm_statistics(self.model, statistics)
+            poisoned = restore_non_finite_norm_statistics(self.model, self._norm_snapshot)
             if poisoned:
                 log.warning(
                     "epoch %d: %d BatchNorm running statistics became non-finite (a skipped "
