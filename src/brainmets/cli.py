@@ -16,10 +16,21 @@ from pathlib import Path
 log = logging.getLogger("brainmets")
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (WORLD_SIZE > 1, as the trainer decides), else 0: a
+    RANK left in the environment by a cluster does not make a single process a worker."""
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        pass
+    return 0
+
+
 def _setup_logging(verbose: bool) -> None:
     # Under torchrun every process would print every line: rank 0 speaks for the run, the
     # others only warn, with their rank in front.
-    rank = int(os.environ.get("RANK", "0") or 0)
+    rank = _rank()
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(
         level=level if rank == 0 else max(level, logging.WARNING),
@@ -138,7 +149,7 @@ def cmd_train(args) -> int:
         run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
     args.run_dir = run_dir  # for the hint after Ctrl-C (both branches)
     result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    if _rank() != 0:
         return 0  # under torchrun, rank 0 reports the run
     best = result.get("best") or {}
     metric = result.get("best_metric", cfg.train.best_metric)  # val_loss if val is one class
@@ -395,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"brainmets: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"brainmets: interrupted{_resume_hint(args)}", file=sys.stderr)
+        if _rank() == 0:  # one hint for the run, not one per process
+            print(f"brainmets: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
 
 

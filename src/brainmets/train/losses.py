@@ -60,8 +60,9 @@ def patient_loss(
     parts = {"bce": bce.detach()}
     loss = bce
     if confidence is not None and confidence.enabled and confidence.weight > 0:
-        if gather is not None:
-            term = confidence_term(gather(logits), gather(targets), confidence.target)
+        if gather is not None:  # one collective for both: [n, 2] per rank -> [N, 2]
+            both = gather(torch.stack([logits, targets], dim=1))
+            term = confidence_term(both[:, 0], both[:, 1], confidence.target)
         else:
             term = confidence_term(logits, targets, confidence.target)
         loss = loss + confidence.weight * term

@@ -445,7 +445,7 @@ class Trainer:
         world = self.dist.world_size
         if world <= 1:
             return
-        if ":" in cfg.train.device:
+        if cfg.train.device.startswith("cuda:"):
             raise ValueError(
                 f"train.device {cfg.train.device!r} puts all {world} torchrun processes on one "
                 "GPU; use cuda or auto: each process then takes its local rank's GPU (choose "
@@ -768,7 +768,7 @@ class Trainer:
         "best" for the whole run. The validation loss still ranks the epochs."""
         metric = self.cfg.train.best_metric
         labels = {int(self.cache.row(p)["label"]) for p in self.splits["val"]}
-        if metric != "val_loss" and len(labels) < 2:
+        if metric != "val_loss" and len(labels) == 1:
             log.warning(
                 "the %d validation patients are all %s: %s is undefined, so the best epoch "
                 "is chosen by val_loss; the F1 threshold is a guess and no calibration is "
