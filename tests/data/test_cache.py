@@ -15,6 +15,7 @@ from brainmets.data.cache import (
     CacheError,
     PatientCache,
     build_cache_from_arrays,
+    finalize_index,
     patient_stem,
     prepare_cache,
 )
@@ -214,6 +215,12 @@ def test_resume_prepares_again_when_the_series_changes(corpus, tmp_path):
     assert again.index["series_uid"].item() == thin
     # Unchanged since: nothing to do.
     assert prepare_cache(pinned, tmp_path / "cache", PRE, progress=False).skipped == 1
+    # A pin that now fails: the old array must leave the index, also when another shard
+    # (which knows nothing of this failure) writes the index last.
+    broken = pd.DataFrame([{**row, "series_uid": "9.9.9"}])
+    failed = prepare_cache(broken, tmp_path / "cache", PRE, progress=False)
+    assert failed.failed == 1 and failed.index.empty
+    assert finalize_index(tmp_path / "cache", manifest=["PLASTIC"]).empty
 
 
 def _run_as_main_script(tmp_path, source: str) -> str:

@@ -696,6 +696,14 @@ def prepare_cache(
             )
         else:
             prepared += 1
+    for error in errors:
+        old = done.get(error["patient_id"])
+        if old is not None:
+            # Its array is of the series cached before; the sidecar is set aside so that no
+            # shard's index lists it (each shard knows only its own failures).
+            sidecar = root / "patients" / f"{Path(old['file']).stem}.json"
+            if sidecar.is_file():
+                os.replace(sidecar, sidecar.with_name(sidecar.name + ".superseded"))
     error_frame = pd.DataFrame(errors, columns=ERROR_COLUMNS)
     atomic_write_csv(_errors_path(root, num_shards, shard_id), error_frame)
     index = finalize_index(
