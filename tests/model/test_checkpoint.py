@@ -130,3 +130,38 @@ def test_missing_sidecar(tmp_path):
     path.with_suffix(".json").unlink()
     with pytest.raises(FileNotFoundError, match="model.json"):
         load_checkpoint(path)
+
+
+def test_a_save_killed_at_any_point_leaves_a_pair_that_loads(tmp_path, monkeypatch):
+    """The best model is replaced while training runs; a kill during the save must leave
+    either the old pair or the new one, never weights that contradict their sidecar."""
+    import os
+
+    from brainmets.model import checkpoint
+
+    path = tmp_path / "model.safetensors"
+    old, new = _trained_looking_model(), BrainMetsNet("resnet18", hidden=8)
+    save_checkpoint(old, path, {"epoch": 1})
+    real_replace = os.replace
+
+    def killed_before_the_last_rename(src, dst):
+        if str(src).endswith(".new"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_last_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(new, path, {"epoch": 2})
+    monkeypatch.setattr(os, "replace", real_replace)
+    model, meta = load_checkpoint(path)  # completes the save
+    assert meta["epoch"] == 2 and torch.equal(_logits(model), _logits(new.eval()))
+    assert not (tmp_path / "model.safetensors.new").exists()
+
+    def killed_before_the_sidecar(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "atomic_write_text", killed_before_the_sidecar)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(old, path, {"epoch": 3})
+    model, meta = load_checkpoint(path)  # the previous pair, whole
+    assert meta["epoch"] == 2 and torch.equal(_logits(model), _logits(new.eval()))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,11 @@ def save_checkpoint(model: nn.Module, path: Path, sidecar: dict[str, Any]) -> Pa
     # contiguous in the default sense, so store a plain copy.
     tensors = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
     data = save(tensors, metadata={"format_version": str(FORMAT_VERSION)})
-    atomic_write(path, lambda fh: fh.write(data))
+    # The pair changes in three renames, so that a kill at any point leaves a pair that loads:
+    # new weights beside the old pair, then the new sidecar, then the new weights into place.
+    # Killed before the last, the sidecar's checksum names PATH.new, and loading completes it.
+    pending = _pending(path)
+    atomic_write(pending, lambda fh: fh.write(data))
 
     meta = {
         "format_version": FORMAT_VERSION,
@@ -85,7 +90,12 @@ def save_checkpoint(model: nn.Module, path: Path, sidecar: dict[str, Any]) -> Pa
         raise ValueError(f"sidecar for {path} is not JSON-serialisable: {error}") from error
     json_path = sidecar_path(path)
     atomic_write_text(json_path, text + "\n")
+    os.replace(pending, path)
     return json_path
+
+
+def _pending(weights: Path) -> Path:
+    return weights.with_name(weights.name + ".new")
 
 
 def load_checkpoint(
@@ -104,9 +114,8 @@ def load_checkpoint(
     path = Path(path)
     weights = path.with_suffix(".safetensors") if path.suffix == ".json" else path
     json_path = sidecar_path(weights)
-    for required in (weights, json_path):
-        if not required.is_file():
-            raise FileNotFoundError(f"checkpoint file not found: {required}")
+    if not json_path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {json_path}")
     meta = json.loads(json_path.read_text())
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
@@ -118,6 +127,12 @@ def load_checkpoint(
             "or retrain"
         )
     expected = meta.get("weights", {}).get("sha256")
+    pending = _pending(weights)
+    if expected is not None and pending.is_file() and _sha256(pending) == expected:
+        # A save stopped between its last two renames: finish it.
+        os.replace(pending, weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {weights}")
     if expected is not None and expected != _sha256(weights):
         raise ValueError(
             f"{weights}: checksum does not match its sidecar {json_path.name}; the pair was "
