@@ -118,7 +118,9 @@ class ModelConfig(_Section):
         "resnet50", description="backbone; resnet18/34 are for quick CPU demos and tests only"
     )
     pretrained: str = Field(
-        "none", description='RadImageNet or torchvision-layout weights file; "none" = random init'
+        "none",
+        description="RadImageNet (official or Keras-converted) or torchvision-layout weights "
+        'file; "none" = random init',
     )
     conv1_reduce: Literal["mean", "sum"] = Field(
         "mean", description="RGB conv1 -> 1 channel: mean (specified) or sum of the filters"
