@@ -351,12 +351,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = command("predict", help="score new studies: DICOM folders, NIfTI files or a cache")
-    p.add_argument("run", type=Path)
-    p.add_argument("inputs", nargs="+", type=Path)
-    p.add_argument("--out", type=Path, default=Path("predictions.csv"))
-    p.add_argument("--heatmaps", type=Path, help="write Grad-CAM PNGs of the top slices here")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--device", default="auto")
+    p.add_argument("run", type=Path, help="a run folder written by train")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        help="patient DICOM folders, a DICOM root of many patients, NIfTI files or caches",
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("predictions.csv"), help="table (default %(default)s)"
+    )
+    p.add_argument(
+        "--heatmaps",
+        type=Path,
+        help="write Grad-CAM PNGs of the top slices here (RUN/heatmaps "
+        "puts them in the run's report)",
+    )
+    p.add_argument("--top-k", type=int, default=3, help="heatmaps per patient (default 3)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--batch-slices", type=int, default=512, help="score patients together up to this many"
     )
