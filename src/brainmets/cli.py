@@ -292,9 +292,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("index", help="find the series under a DICOM root; choose one per patient")
     p.add_argument("dicom_root", type=Path)
     p.add_argument("--out", type=Path, required=True, help="folder for series.csv / files.csv")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--target-mm", type=float, default=5.0)
-    p.add_argument("--min-slices", type=int, default=8)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="header-reading processes (default: every core)",
+    )
+    p.add_argument(
+        "--target-mm",
+        type=float,
+        default=5.0,
+        help="preferred slice thickness when choosing a series (default 5)",
+    )
+    p.add_argument(
+        "--min-slices", type=int, default=8, help="fewer slices is not a head CT volume (default 8)"
+    )
     p.add_argument(
         "--allow-failures",
         action="store_true",
@@ -311,9 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--index", type=Path, help="output folder of `brainmets index`")
     p.add_argument("--out", type=Path, required=True, help="cache folder")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--num-shards", type=int, default=1)
-    p.add_argument("--shard-id", type=int, default=0)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="decoding processes (default: every core)",
+    )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        default=1,
+        help="split the manifest between this many jobs (a cluster array job)",
+    )
+    p.add_argument("--shard-id", type=int, default=0, help="this job's share, 0-based")
     p.add_argument(
         "--overwrite", action="store_true", help="discard a cache prepared with other parameters"
     )
@@ -341,8 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="only patients of this manifest split (e.g. test); default: all",
     )
     p.add_argument("--out", type=Path, help="default RUN/evaluation")
-    p.add_argument("--n-boot", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--n-boot",
+        type=int,
+        default=None,
+        help="bootstrap resamples (default: evaluate.n_boot of the run; 0: none)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--compile",
         action="store_true",
@@ -387,18 +414,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = command("report", help="(re)write RUN/report.html")
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="a run folder written by train")
     p.set_defaults(func=cmd_report)
 
     p = command("demo", help="synth -> index -> prepare -> train -> evaluate -> predict")
-    p.add_argument("--out", type=Path, default=Path("brainmets-demo"))
-    p.add_argument("--patients", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("brainmets-demo"),
+        help="folder for everything the demo writes (default %(default)s)",
+    )
+    p.add_argument(
+        "--patients",
+        type=int,
+        default=None,
+        help="synthetic cohort size (default: the demo's, see README)",
+    )
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--full", action="store_true", help="the full specified configuration even without a GPU"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="cohort and training seed (default 0)")
     p.set_defaults(func=cmd_demo)
     return parser
 
