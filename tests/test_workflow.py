@@ -346,14 +346,22 @@ def test_an_interrupted_predict_keeps_its_rows_and_resumes(workflow, tmp_path, m
             raise KeyboardInterrupt
         return real_row(trained, item, score)
 
-    out.write_text("an earlier, complete table\n")  # a stopped rerun must not replace it
+    earlier = (tmp_path / "whole.csv").read_text()
+    out.write_text(earlier)  # a complete table from before: a stopped rerun must not replace it
     monkeypatch.setattr(predict_module, "_row", stop_at_the_third)
     with pytest.raises(KeyboardInterrupt):
         predict_module.predict(run, [cache], out_csv=out, progress=False, batch_slices=1)
-    assert out.read_text() == "an earlier, complete table\n"
+    assert out.read_text() == earlier
     partial = tmp_path / "p.csv.partial"
-    assert len(pd.read_csv(partial)) == 2
+    saved = pd.read_csv(partial, dtype=str)
+    assert len(saved) == 2 and set(saved["model"]) == set(whole.table["model"])
     monkeypatch.setattr(predict_module, "_row", real_row)
+    # Without --resume the saved rows are not thrown away, and no other model's rows are kept.
+    with pytest.raises(FileExistsError, match="add --resume to keep them"):
+        predict_module.predict(run, [cache], out_csv=out, progress=False)
+    saved.assign(model="0123456789ab").to_csv(tmp_path / "other.csv.partial", index=False)
+    with pytest.raises(ValueError, match="predicted by model 0123456789ab"):
+        predict_module.predict(run, [cache], out_csv=tmp_path / "other.csv", resume=True)
 
     seen = []
     monkeypatch.setattr(predict_module, "_row",
@@ -388,3 +396,12 @@ def test_a_patients_failure_lists_only_the_unreadable_files_beside_its_series(wo
     assert all(path.name in errors["SYN0001"] for path in damaged)
     assert errors["SYN0002"] == ""
     assert "README" not in "".join(errors)
+
+
+def test_predict_never_overwrites_a_file_that_is_not_its_table(workflow, tmp_path):
+    root, _ = workflow
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patient_id,label\nA,1\n")
+    argv = ["-q", "predict", str(root / "run"), str(root / "cache"), "--out", str(labels)]
+    assert main(argv) == 2
+    assert labels.read_text() == "patient_id,label\nA,1\n"

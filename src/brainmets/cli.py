@@ -205,7 +205,8 @@ def cmd_predict(args) -> int:
         compile=args.compile,
         resume=args.resume,
     )
-    print(f"{result.predicted} patients predicted, {result.failed} failed -> {args.out}")
+    kept = f" ({result.kept} of them kept from the earlier run)" if result.kept else ""
+    print(f"{result.predicted} patients predicted{kept}, {result.failed} failed -> {args.out}")
     failed = result.table[result.table["error"] != ""]
     for row in failed.head(5).itertuples():
         print(f"  {row.patient_id}: {row.error}", file=sys.stderr)

@@ -55,6 +55,7 @@ PREDICTION_COLUMNS = [
     "top_slice_position_mm",
     "series_uid",
     "source",
+    "model",
     "error",
 ]
 
@@ -67,6 +68,11 @@ class TrainedModel:
     sidecar: dict
     device: torch.device
     scorer: SliceScorer
+
+    @property
+    def model_id(self) -> str:
+        """The first 12 hex digits of the weights' SHA-256: which model scored a row."""
+        return str(self.sidecar.get("weights", {}).get("sha256", ""))[:12]
 
     @property
     def raw_threshold(self) -> float:
@@ -315,6 +321,7 @@ HEATMAP_COLUMNS = ["file", "patient_id", "rank", "slice_index", "slice_logit", "
 @dataclass
 class PredictResult:
     table: pd.DataFrame
+    kept: int = 0  # rows of an earlier run kept by --resume (counted in ``predicted``)
 
     @property
     def failed(self) -> int:
@@ -340,6 +347,7 @@ def _row(trained: TrainedModel, item: PreprocessedPatient, score: PatientScore) 
         else np.nan,
         "series_uid": item.series_uid,
         "source": _source(item.job),
+        "model": trained.model_id,
         "error": "",
     }
 
@@ -392,7 +400,9 @@ def predict(
     # Saves before the end go to a side file: a stopped rerun must not replace a complete
     # table written earlier to the same --out.
     partial = out_csv.with_name(out_csv.name + ".partial")
-    kept = _rows_to_keep(partial if partial.is_file() else out_csv, trained) if resume else []
+    _check_out(out_csv, partial, resume)
+    source = partial if partial.is_file() else out_csv
+    kept = _rows_to_keep(source, trained) if resume else []
     done = {str(row["patient_id"]) for row in kept}
     cores = os.cpu_count() or 1
     # An index bar for one DICOM root; for many patient folders, one bar each would scroll by.
@@ -400,7 +410,7 @@ def predict(
         inputs, trained.preprocess, workers=workers or cores, progress=progress and len(inputs) == 1
     )
     if done:
-        log.info("%d patients already in %s; predicting the others", len(done), out_csv)
+        log.info("%d patients already in %s; predicting the others", len(done), source)
         jobs = [job for job in jobs if job.patient_id not in done]
         # Rows of inputs that failed before any scoring are made afresh and all kept: one may
         # be a second study of a patient done earlier, reported as such.
@@ -480,7 +490,7 @@ def predict(
                 len(table),
                 partial,
             )
-    return PredictResult(table)
+    return PredictResult(table, kept=len(kept))
 
 
 def _prediction_table(rows: list[dict]) -> pd.DataFrame:
@@ -492,22 +502,41 @@ def _prediction_table(rows: list[dict]) -> pd.DataFrame:
     return table.sort_values("patient_id", kind="stable").reset_index(drop=True)
 
 
+def _check_out(out_csv: Path, partial: Path, resume: bool) -> None:
+    """Nothing done is lost: a stopped run's rows are kept unless the user says otherwise, and
+    --out never replaces a file that is not a predictions table (a labels CSV given by
+    mistake)."""
+    if partial.is_file() and not resume:
+        raise FileExistsError(
+            f"{partial} holds the patients of a stopped predict run: add --resume to keep them "
+            "and predict the rest, or delete it to start over"
+        )
+    if out_csv.is_file():
+        try:
+            columns = list(pd.read_csv(out_csv, nrows=0).columns)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+            columns = []
+        if columns != PREDICTION_COLUMNS:
+            raise FileExistsError(
+                f"{out_csv} exists and is not a predictions table of this brainmets version; "
+                "choose another --out (it is not overwritten)"
+            )
+
+
 def _rows_to_keep(out_csv: Path, trained: TrainedModel) -> list[dict]:
     """``--resume``: the rows of an earlier run (its side file of a stopped run, else its
     finished table) that were predicted without an error (failed patients are tried again).
     They must come from the same model."""
     if not out_csv.is_file():
         return []
-    text = ("patient_id", "series_uid", "source", "error")
+    text = ("patient_id", "series_uid", "source", "model", "error")
     old = pd.read_csv(out_csv, dtype=dict.fromkeys(text, str))
-    if list(old.columns) != PREDICTION_COLUMNS:
-        raise ValueError(f"{out_csv}: not a predictions table of brainmets predict; cannot resume")
     old[list(text)] = old[list(text)].fillna("")
     ok = old[old["error"] == ""]
-    thresholds = set(pd.to_numeric(ok["threshold"]).round(6))
-    if thresholds and thresholds != {round(trained.threshold, 6)}:
+    models = sorted(set(ok["model"]))
+    if models and models != [trained.model_id]:
         raise ValueError(
-            f"{out_csv}: its rows were predicted at threshold {sorted(thresholds)}, this run's "
-            f"is {trained.threshold:.6f}: another model; write to a new --out instead"
+            f"{out_csv}: its rows were predicted by model {', '.join(models)}, this run's is "
+            f"{trained.model_id} (the weights' checksum): write to a new --out instead"
         )
     return ok.to_dict("records")
