@@ -44,3 +44,26 @@ def test_a_second_input_with_the_same_patient_id_is_named_by_its_folder():
             "id: predict this input on its own to score it)",
         }
     ]
+
+
+def test_a_patient_predicted_again_replaces_its_heatmaps(tmp_path):
+    """Another study of the same patient id into the same --heatmaps folder: the report must
+    show one study per patient, so the old rows and PNGs go (other patients' stay)."""
+    import pandas as pd
+
+    from brainmets.predict import _update_heatmap_index
+
+    def row(pid, rank, slice_index, p):
+        name = f"{pid}_rank{rank}_slice{slice_index}.png"
+        (tmp_path / name).write_bytes(b"png")
+        return {"file": name, "patient_id": pid, "rank": rank, "slice_index": slice_index,
+                "slice_logit": 0.0, "probability": p}  # fmt: skip
+
+    _update_heatmap_index(tmp_path, [row("P1", 1, 3, 0.4), row("P1", 2, 4, 0.4),
+                                     row("P2", 1, 7, 0.9)])  # fmt: skip
+    _update_heatmap_index(tmp_path, [row("P1", 1, 5, 0.6), row("P1", 2, 4, 0.6)])
+    index = pd.read_csv(tmp_path / "heatmaps.csv", dtype={"patient_id": str})
+    assert sorted(index["file"]) == ["P1_rank1_slice5.png", "P1_rank2_slice4.png",
+                                     "P2_rank1_slice7.png"]  # fmt: skip
+    assert set(index.loc[index["patient_id"] == "P1", "probability"]) == {0.6}
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(index["file"])

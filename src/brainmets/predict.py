@@ -303,12 +303,19 @@ so that the report can show the highest-scoring patients first."""
 
 
 def _update_heatmap_index(heat_dir: Path, rows: list[dict]) -> None:
-    """Add this call's heatmaps to the folder's index (a folder may collect several calls)."""
+    """Add this call's heatmaps to the folder's index (a folder may collect several calls).
+
+    A patient predicted again replaces its earlier heatmaps: their rows go, and so do their
+    PNGs that this call did not write over, so the report shows one study per patient.
+    """
     path = heat_dir / HEATMAP_INDEX
     table = pd.DataFrame(rows, columns=HEATMAP_COLUMNS)
     if path.is_file():
         old = pd.read_csv(path, dtype={"patient_id": str, "file": str})
-        table = pd.concat([old[~old["file"].isin(table["file"])], table], ignore_index=True)
+        replaced = old["patient_id"].isin(table["patient_id"]) | old["file"].isin(table["file"])
+        for name in set(old.loc[replaced, "file"]) - set(table["file"]):
+            (heat_dir / name).unlink(missing_ok=True)
+        table = pd.concat([old[~replaced], table], ignore_index=True)
     atomic_write_csv(path, table.sort_values(["patient_id", "rank"], kind="stable"))
 
 
