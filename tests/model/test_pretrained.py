@@ -276,17 +276,17 @@ def test_file_matching_nothing_is_an_error(tmp_path, model):
 def test_right_names_with_no_fitting_shape_is_an_error(tmp_path, model, torchvision_state):
     state = {k: v.reshape(-1)[:1] for k, v in torchvision_state.items() if v.ndim}
     path = _save(state, tmp_path / "flat.safetensors")
-    with pytest.raises(ValueError, match="matched none of the 265 backbone tensors"):
+    with pytest.raises(ValueError, match="265 tensors do not fit this resnet50 backbone"):
         load_pretrained_backbone(model, path)
 
 
-def test_other_architecture_warns(tmp_path):
-    """A ResNet-18 file shares names with ResNet-50 but few shapes: loud, not silent."""
+def test_other_architecture_is_refused(tmp_path):
+    """A ResNet-18 file shares names with ResNet-50 but few shapes: half-loaded, training
+    would start from a network neither pretrained nor consistently random."""
     state = torchvision.models.resnet18(weights=None).state_dict()
-    report = load_pretrained_backbone(BrainMetsNet(), _save(state, tmp_path / "r18.safetensors"))
-    assert any("matched only" in w for w in report.warnings)
-    assert any("shape mismatch for layer1.0.conv1.weight" in w for w in report.warnings)
-    assert "layer4.2.conv3.weight" in report.missing
+    with pytest.raises(ValueError, match=r"tensors do not fit this resnet50 backbone, e\.g\. "
+                       r"layer1\.0\.conv1\.weight .*another architecture \(model\.arch\)"):  # fmt: skip
+        load_pretrained_backbone(BrainMetsNet(), _save(state, tmp_path / "r18.safetensors"))
 
 
 def test_partial_file_warns(tmp_path, torchvision_state):
@@ -298,16 +298,14 @@ def test_partial_file_warns(tmp_path, torchvision_state):
     assert torch.equal(model.layer4[2].bn3.running_var, layer4["layer4.2.bn3.running_var"])
 
 
-def test_shape_mismatch_warns_and_leaves_the_tensor(tmp_path, torchvision_state):
+def test_one_shape_mismatch_is_refused_and_nothing_loaded(tmp_path, torchvision_state):
     model = BrainMetsNet("resnet50")
-    before = model.layer1[0].conv2.weight.detach().clone()
+    before = model.layer2[0].conv1.weight.detach().clone()
     state = dict(torchvision_state)
     state["layer1.0.conv2.weight"] = torch.randn(64, 64, 1, 1)
-    report = load_pretrained_backbone(model, _save(state, tmp_path / "w.safetensors"))
-    assert any("shape mismatch for layer1.0.conv2.weight" in w for w in report.warnings)
-    assert report.missing == ["layer1.0.conv2.weight"]
-    assert torch.equal(model.layer1[0].conv2.weight, before)
-    assert "WARNING: shape mismatch" in str(report)
+    with pytest.raises(ValueError, match=r"1 tensors do not fit .* layer1\.0\.conv2\.weight"):
+        load_pretrained_backbone(model, _save(state, tmp_path / "w.safetensors"))
+    assert torch.equal(model.layer2[0].conv1.weight, before)  # no half-loaded network
 
 
 @pytest.mark.parametrize(

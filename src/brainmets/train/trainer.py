@@ -201,7 +201,7 @@ def build_model(cfg: Config, *, pretrained: bool = True) -> BrainMetsNet:
     if m.pretrained.lower() == "none":
         warn_random_init()
     else:
-        log.info("%s", load_pretrained_backbone(model, m.pretrained))
+        load_pretrained_backbone(model, m.pretrained)  # logs its own report
     return model
 
 
