@@ -294,13 +294,17 @@ def test_index_exit_code_says_whether_dicom_files_were_damaged(tmp_path, capsys)
     assert main(argv) == 0
     assert "1 unreadable files (0 damaged DICOM, 1 not DICOM)" in capsys.readouterr().out
 
-    victim = sorted(p for p in dicom.rglob("*") if p.is_file() and p.suffix != ".txt")[0]
-    victim.write_bytes(victim.read_bytes()[:300])  # a transfer that stopped early
+    images = sorted(p for p in dicom.rglob("*") if p.is_file() and p.suffix != ".txt")
+    victim, halved = images[0], images[-1]
+    victim.write_bytes(victim.read_bytes()[:300])  # a transfer that stopped in the header
+    halved.write_bytes(halved.read_bytes()[: halved.stat().st_size // 2])  # in the pixel data
     assert main(argv) == 1
     assert "index_errors.csv" in capsys.readouterr().err
     assert main([*argv, "--allow-failures"]) == 0
-    errors = pd.read_csv(tmp_path / "index" / "index_errors.csv")
-    assert len(errors) == 2 and str(victim) in set(errors["path"])
+    errors = pd.read_csv(tmp_path / "index" / "index_errors.csv").set_index("path")["reason"]
+    assert len(errors) == 3 and str(victim) in errors.index
+    assert errors[str(halved)].startswith("truncated: ")
+    assert "less than its pixel data alone (8192 bytes)" in errors[str(halved)]
 
 
 def test_malformed_set_value_is_one_clear_line(workflow, capsys):

@@ -89,6 +89,8 @@ def _is_directory_record(ds: Dataset) -> bool:
     return sop == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds
 
 
+_UNCOMPRESSED = set(pydicom.uid.UncompressedTransferSyntaxes)
+
 NOT_DICOM = "not a DICOM file"
 """The reason for a file that is not DICOM at all, as opposed to a damaged DICOM file."""
 
@@ -123,7 +125,37 @@ def read_header_or_reason(path: str | os.PathLike[str]) -> tuple[Dataset | None,
         return None, None
     if "SOPClassUID" not in ds:
         return None, "truncated or incomplete DICOM header (no SOPClassUID)"
+    short = _short_pixel_data(path, ds)
+    if short:
+        return None, short
     return ds, None
+
+
+def _short_pixel_data(path: str | os.PathLike[str], ds: Dataset) -> str | None:
+    """Why an uncompressed file cannot hold the pixel data its header describes, if so.
+
+    Headers are read without the pixels, so a transfer stopped in the pixel data would only
+    show when ``prepare`` decodes the series. For uncompressed transfer syntaxes the pixel
+    data alone is Rows x Columns x bytes per sample x samples x frames: a file shorter than
+    that is truncated (one truncated by less than its header's length still passes here)."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax not in _UNCOMPRESSED or syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return None
+    try:
+        expected = (
+            int(ds.Rows)
+            * int(ds.Columns)
+            * ((int(ds.BitsAllocated) + 7) // 8)
+            * int(ds.get("SamplesPerPixel", 1) or 1)
+            * number_of_frames(ds)
+        )
+    except (AttributeError, TypeError, ValueError):
+        return None  # no image description: another check names what is missing
+    size = os.path.getsize(path)
+    if size < expected:
+        return f"truncated: {size} bytes, less than its pixel data alone ({expected} bytes)"
+    return None
 
 
 def read_header(path: str | os.PathLike[str]) -> Dataset | None:
