@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -553,6 +554,9 @@ def init_worker() -> bool:
     keeps the memory it frees (:func:`keep_freed_memory`): it decodes one patient after
     another, with arrays of the same few sizes.
     """
+    # Ctrl-C reaches the whole process group: the parent stops the run and records it; a
+    # worker that raised KeyboardInterrupt too would only print its traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["OMP_NUM_THREADS"] = "1"
     torch = sys.modules.get("torch")
     if torch is not None:
