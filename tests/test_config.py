@@ -43,6 +43,7 @@ def test_defaults_are_the_specification():
         ("preprocess:\n  slice_mm: true\n", "preprocess.slice_mm"),  # float | "native"
         ("train:\n  pos_weight: true\n", "train.pos_weight"),  # float | None
         ("train:\n  stage_epochs: [0, true, 12]\n", "train.stage_epochs"),  # a tuple of ints
+        ("train:\n  stage_epochs: [0, 5]\n", "train.stage_epochs: Value error, needs the first"),
     ],
 )
 def test_invalid_keys_are_errors_that_name_them(tmp_path, yaml_text, named):

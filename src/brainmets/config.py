@@ -257,6 +257,15 @@ class TrainConfig(_Section):
         200, ge=1, description="also save the resume state every this many steps"
     )
 
+    @field_validator("stage_epochs", mode="before")
+    @classmethod
+    def _three_stages(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple) and len(v) != 3:
+            raise ValueError(
+                f"needs the first epoch of each of the 3 stages, e.g. [0, 5, 12]; got {list(v)}"
+            )
+        return v
+
     @field_validator("stage_epochs")
     @classmethod
     def _stages_ordered(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -369,9 +369,10 @@ class Trainer:
         ]
         if unreached:
             log.warning(
-                "train.epochs is %d, so %s never starts (train.stage_epochs %s): the curriculum "
+                "train.epochs is %d, so %s never %s (train.stage_epochs %s): the curriculum "
                 "is cut short",
-                cfg.train.epochs, " and ".join(unreached), list(cfg.train.stage_epochs),
+                cfg.train.epochs, " and ".join(unreached),
+                "start" if len(unreached) > 1 else "starts", list(cfg.train.stage_epochs),
             )  # fmt: skip
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
