@@ -143,13 +143,13 @@ def _short_pixel_data(path: str | os.PathLike[str], ds: Dataset) -> str | None:
     if syntax not in _UNCOMPRESSED or syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
         return None
     try:
-        expected = (
+        samples = (
             int(ds.Rows)
             * int(ds.Columns)
-            * ((int(ds.BitsAllocated) + 7) // 8)
             * int(ds.get("SamplesPerPixel", 1) or 1)
             * number_of_frames(ds)
         )
+        expected = (samples * int(ds.BitsAllocated) + 7) // 8  # 1-bit images pack 8 per byte
     except (AttributeError, TypeError, ValueError):
         return None  # no image description: another check names what is missing
     size = os.path.getsize(path)
