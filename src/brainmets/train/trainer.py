@@ -336,8 +336,15 @@ class Trainer:
             self._log_handler = self._open_log()
             self._build(resume)
         except BaseException as err:
-            if self._log_handler is not None:  # into train.log too: it would end without a word
-                log.error("training could not start: %s: %s", type(err).__name__, err)
+            if self._log_handler is not None:
+                # Into train.log only, which would end without a word: the caller shows the
+                # error on the console (the CLI as its one-line message).
+                self._log_handler.handle(
+                    log.makeRecord(
+                        log.name, logging.ERROR, __file__, 0,
+                        "training could not start: %s: %s", (type(err).__name__, err), None,
+                    )
+                )  # fmt: skip
             # Detach the log (later runs of this process must not write into this run's file)
             # and leave the process group this run joined, so that the caller can start again.
             self.close()
