@@ -239,6 +239,18 @@ def cmd_demo(args) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _add_workers(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help=what)
+
+
+def _add_allow_failures(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--allow-failures",
+        action="store_true",
+        help=f"exit 0 even when some {what} (they are still listed)",
+    )
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config (defaults: the specification)")
     p.add_argument(
@@ -287,18 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lesion-hu", type=float, nargs=2, metavar=("LOW", "HIGH"), default=argparse.SUPPRESS,
                    help="metastasis enhancement range in HU (default 45-90; the demo: 75 90)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="rendering processes")
+    _add_workers(p, "rendering processes")
     p.set_defaults(func=cmd_synth)
 
     p = command("index", help="find the series under a DICOM root; choose one per patient")
     p.add_argument("dicom_root", type=Path)
     p.add_argument("--out", type=Path, required=True, help="folder for series.csv / files.csv")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="header-reading processes (default: every core)",
-    )
+    _add_workers(p, "header-reading processes (default: every core)")
     p.add_argument(
         "--target-mm",
         type=float,
@@ -308,11 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--min-slices", type=int, default=8, help="fewer slices is not a head CT volume (default 8)"
     )
-    p.add_argument(
-        "--allow-failures",
-        action="store_true",
-        help="exit 0 even when some DICOM files are damaged (they are still listed)",
-    )
+    _add_allow_failures(p, "DICOM files are damaged")
     p.set_defaults(func=cmd_index)
 
     p = command("prepare", help="HU -> slabs -> brain window -> 256^2, cached per patient")
@@ -324,12 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--index", type=Path, help="output folder of `brainmets index`")
     p.add_argument("--out", type=Path, required=True, help="cache folder")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="decoding processes (default: every core)",
-    )
+    _add_workers(p, "decoding processes (default: every core)")
     p.add_argument(
         "--num-shards",
         type=int,
@@ -340,11 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="discard a cache prepared with other parameters"
     )
-    p.add_argument(
-        "--allow-failures",
-        action="store_true",
-        help="exit 0 even when some patients failed (they are still listed)",
-    )
+    _add_allow_failures(p, "patients failed")
     _add_config_args(p)
     p.set_defaults(func=cmd_prepare)
 
@@ -411,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the patients --out already holds (predicted without an error) and predict "
         "the others",
     )
-    p.add_argument("--allow-failures", action="store_true")
+    _add_allow_failures(p, "inputs failed")
     p.set_defaults(func=cmd_predict)
 
     p = command("report", help="(re)write RUN/report.html")

@@ -30,6 +30,7 @@ from brainmets.data.cache import (
     choose_for,
     failure_row,
     is_nifti,
+    job_source,
     map_jobs,
     patient_stem,
     try_preprocess_patient,
@@ -93,10 +94,10 @@ class TrainedModel:
         """Reported probability of patient (or slice) logits: calibrated when the run is."""
         return self.calibration.probability(logits)
 
-    def decision(self, logit: float) -> int:
-        """1 when the patient is called positive: decided on the plain sigmoid against the
+    def decision(self, logits) -> np.ndarray:
+        """1 where the patient is called positive: decided on the plain sigmoid against the
         threshold chosen there, so calibration cannot move a decision by rounding."""
-        return int(expit(logit) >= self.raw_threshold)
+        return (expit(np.asarray(logits, dtype=np.float64)) >= self.raw_threshold).astype(int)
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -233,22 +234,12 @@ def _unique_patients(jobs: list[PatientJob], errors: list[dict]) -> list[Patient
             errors.append(
                 _error_row(
                     job.patient_id,
-                    _source(job),
-                    f"patient id already predicted from {_source(first)} (one row per patient "
+                    job_source(job),
+                    f"patient id already predicted from {job_source(first)} (one row per patient "
                     "id: predict this input on its own to score it)",
                 )
             )
     return list(seen.values())
-
-
-def _source(job: PatientJob) -> str:
-    """Where a job's image is, as a user would name it: the file or folder given, or the
-    folder of its series' files (a series found under a DICOM root)."""
-    if job.path:
-        return job.path
-    if job.files:
-        return os.path.commonpath([os.path.dirname(f) for f in job.files]) or job.files[0]
-    return job.series_uid
 
 
 def _error_row(patient_id: str, source: str, reason: str) -> dict:
@@ -344,7 +335,7 @@ def _row(trained: TrainedModel, item: PreprocessedPatient, score: PatientScore) 
     return {
         "patient_id": item.job.patient_id,
         "probability": float(trained.probability(score.logit)),
-        "decision": trained.decision(score.logit),
+        "decision": int(trained.decision(score.logit)),
         "threshold": trained.threshold,
         "num_slices": int(item.array.shape[0]),
         "top_slice_index": top,
@@ -353,7 +344,7 @@ def _row(trained: TrainedModel, item: PreprocessedPatient, score: PatientScore) 
         if len(item.positions)
         else np.nan,
         "series_uid": item.series_uid,
-        "source": _source(item.job),
+        "source": job_source(item.job),
         "model": trained.model_id,
         "error": "",
     }

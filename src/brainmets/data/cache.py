@@ -187,34 +187,31 @@ def _write_patient(
     return row
 
 
-def finalize_index(
-    root: str | Path, manifest: Iterable[str] | None = None, failed: Iterable[str] = ()
-) -> pd.DataFrame:
+def finalize_index(root: str | Path, manifest: Iterable[str] | None = None) -> pd.DataFrame:
     """Rebuild index.csv from the per-patient sidecars that match the cache's parameters.
 
     With ``manifest`` (the patient ids of the labels file, all shards'), a patient cached by
     an earlier run but no longer in the manifest is left out of the index, so that it is not
-    trained on with its old label; its files stay, to be reused if it comes back. Patients
-    that ``failed`` in this run are left out too: their array is from an earlier series.
+    trained on with its old label; its files stay, to be reused if it comes back. (A patient
+    that failed in ``prepare`` has its earlier sidecar set aside there, so it is not listed.)
     """
     root = Path(root)
     digest = json.loads((root / "preprocess.json").read_text())["config_hash"]
     wanted = None if manifest is None else {str(p) for p in manifest}
-    failed = {str(p) for p in failed}
     rows, dropped = [], []
     for sidecar in sorted((root / "patients").glob("*.json")):
         row = json.loads(sidecar.read_text())
         if row.get("config_hash") != digest:
             continue
         patient = str(row["patient_id"])
-        if (wanted is not None and patient not in wanted) or patient in failed:
+        if wanted is not None and patient not in wanted:
             dropped.append(patient)
         else:
             rows.append(row)
     if dropped:
         log.info(
-            "%d cached patients left out of the index (not in the manifest, or failed in this "
-            "run; their files are kept): %s",
+            "%d cached patients left out of the index (not in the manifest; their files are "
+            "kept): %s",
             len(dropped),
             ", ".join(dropped[:10]) + (" ..." if len(dropped) > 10 else ""),
         )
@@ -442,24 +439,26 @@ def preprocess_patient(job: PatientJob, preprocess: PreprocessConfig) -> Preproc
     return PreprocessedPatient(job, array, positions, series_uid, list(volume.warnings))
 
 
+def job_source(job: PatientJob) -> str:
+    """Where a job's image is, as a user would name it: the file or folder given, or the
+    folder of its series' files (their common folder, as the index's ``directory``)."""
+    if job.path:
+        return job.path
+    if job.files:
+        return os.path.commonpath([os.path.dirname(f) for f in job.files]) or job.files[0]
+    return job.series_uid
+
+
 def failure_row(job: PatientJob, err: BaseException | str) -> dict:
     """The errors-table row of a failed patient: the file that failed and why (an exception,
     or the reason as text)."""
     from brainmets.data.dicom import SeriesError
 
-    if isinstance(err, str):
-        return {
-            "patient_id": job.patient_id,
-            "file": job.path or (job.files[0] if job.files else ""),
-            "reason": err,
-        }
     if isinstance(err, SeriesError):
         return {"patient_id": job.patient_id, "file": err.path, "reason": err.reason}
-    return {
-        "patient_id": job.patient_id,
-        "file": job.path or (job.files[0] if job.files else ""),
-        "reason": f"{type(err).__name__}: {err}",
-    }
+    reason = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+    file = job.path or (job.files[0] if job.files else "")
+    return {"patient_id": job.patient_id, "file": file, "reason": reason}
 
 
 def try_preprocess_patient(
@@ -484,7 +483,7 @@ def _prepare_one(job: PatientJob, root: str, preprocess: PreprocessConfig) -> di
         "slice_mm": preprocess.slice_mm,
         "source_kind": job.kind,
         "series_uid": result.series_uid,
-        "source": job.path or str(Path(job.files[0]).parent),
+        "source": job_source(job),
         "warnings": " | ".join(result.warnings),
         "config_hash": preprocess.config_hash(),
     }
@@ -710,7 +709,5 @@ def prepare_cache(
                 os.replace(sidecar, sidecar.with_name(sidecar.name + ".superseded"))
     error_frame = pd.DataFrame(errors, columns=ERROR_COLUMNS)
     atomic_write_csv(_errors_path(root, num_shards, shard_id), error_frame)
-    index = finalize_index(
-        root, manifest=labels["patient_id"], failed=[e["patient_id"] for e in errors]
-    )
+    index = finalize_index(root, manifest=labels["patient_id"])
     return PrepareResult(prepared=prepared, skipped=skipped, errors=error_frame, index=index)

@@ -200,8 +200,7 @@ def evaluate_run(
     # Ranked, called and thresholds chosen on the plain sigmoid, where the run chose its own
     # threshold; probability-valued metrics and the thresholds shown on the reported scale.
     plain = expit(predictions["logit"].to_numpy())
-    # The call each patient got, as predict would make it (on the plain sigmoid).
-    predictions["decision"] = (plain >= trained.raw_threshold).astype(int)
+    predictions["decision"] = trained.decision(predictions["logit"])  # as predict calls it
     calibrated = trained.calibration.method != "none"
     metrics = evaluate_predictions(
         labels,
@@ -218,9 +217,8 @@ def evaluate_run(
     metrics["data"] = str(data)
     metrics["split"] = split
     metrics["seen_in_training"] = overlap
-    sidecar = json.loads((run / "model.json").read_text()) if (run / "model.json").is_file() else {}
-    metrics["model_epoch"] = sidecar.get("epoch")
-    metrics["model_best_metric"] = sidecar.get("best_metric")
+    metrics["model_epoch"] = trained.sidecar.get("epoch")  # the model.json load_trained read
+    metrics["model_best_metric"] = trained.sidecar.get("best_metric")
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     atomic_write_csv(out / "predictions.csv", predictions)
     write_evaluation_plots(
