@@ -30,8 +30,10 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -43,6 +45,8 @@ from brainmets.config import PreprocessConfig, load_config
 from brainmets.data.cache import PatientCache, build_cache_from_arrays
 from brainmets.train.curriculum import trainable_blocks
 
+T = TypeVar("T")
+
 # Children of a torchvision ResNet frozen in each stage (conv1 bn1 relu maxpool layer1..4).
 FROZEN_CHILDREN = {1: 8, 2: 7, 3: 6}
 
@@ -52,21 +56,75 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rate(step: Callable[[], int], steps: int, warmup: int, device: torch.device) -> float:
-    """Slices/s of ``steps`` consecutive calls timed as one run (``step`` returns the slices it
-    processed), median of three runs. The device is synchronised only around each run, as in
-    training, where the host queues the next step while the device computes this one; a sync
-    after every step would instead add the host's own time per step to every figure."""
-    for _ in range(warmup):
-        step()
-    rates = []
-    for _ in range(3):
-        _sync(device)
-        start = time.perf_counter()
-        slices = sum(step() for _ in range(steps))
-        _sync(device)
-        rates.append(slices / (time.perf_counter() - start))
-    return statistics.median(rates)
+def _timed_run(run: Callable[[], int], device: torch.device) -> float:
+    """Slices/s of one ``run`` (it returns the slices it processed), synchronised around it."""
+    _sync(device)
+    start = time.perf_counter()
+    slices = run()
+    _sync(device)
+    return slices / (time.perf_counter() - start)
+
+
+class Candidate(NamedTuple):
+    """One workload of an interleaved comparison: ``run`` does one timed run and returns the
+    slices it processed; ``warmup`` runs before timing; ``autotune`` is the cuDNN setting it is
+    measured under (None: leave it)."""
+
+    run: Callable[[], int]
+    warmup: Callable[[], object]
+    autotune: bool | None = None
+
+
+def interleaved_rates(
+    candidates: dict[str, Candidate], rounds: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Slices/s of each candidate in ``rounds`` timed runs, taken in turn (A B C A B C ...).
+
+    A shared GPU's clock, temperature or neighbours drift during a benchmark; timing one
+    candidate's runs after another's credits that drift to whichever ran in the better minute
+    (two runs of this benchmark on the same kind of machine differed by up to 0.14 in a
+    ratio). In turn, each round compares the candidates under the same conditions, and the
+    ratio of two candidates is taken round by round (:func:`paired_ratio`). A candidate that
+    fails is printed and dropped; the others go on.
+    """
+
+    failed: set[str] = set()
+
+    def attempt(name: str, fn: Callable[[], T]) -> T | None:
+        try:
+            return fn()
+        except Exception:  # a benchmark reports what it could measure
+            traceback.print_exc()
+            print(f"[{name}] FAILED", flush=True)
+            failed.add(name)
+            return None
+
+    def tuned(candidate: Candidate) -> Candidate:
+        if candidate.autotune is not None:
+            torch.backends.cudnn.benchmark = candidate.autotune
+        return candidate
+
+    for name, candidate in candidates.items():
+        attempt(name, tuned(candidate).warmup)
+    rates: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, candidate in candidates.items():
+            if name not in failed:
+                rate = attempt(name, partial(_timed_run, tuned(candidate).run, device))
+                rates[name].append(rate if rate is not None else math.nan)
+    return {name: found for name, found in rates.items() if name not in failed}
+
+
+def paired_ratio(rates: dict[str, list[float]], name: str, reference: str) -> dict[str, float]:
+    """``name`` over ``reference``: the median of the per-round ratios, and their range."""
+    if not rates.get(name) or not rates.get(reference):
+        return {"ratio": math.nan, "ratio_min": math.nan, "ratio_max": math.nan}
+    ratios = [a / b for a, b in zip(rates[name], rates[reference], strict=True)]
+    return {"ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
+def _median(values: list[float] | None) -> float:
+    return statistics.median(values) if values else math.nan
 
 
 # --------------------------------------------------------------------------- reference
@@ -75,10 +133,6 @@ def _rate(step: Callable[[], int], steps: int, warmup: int, device: torch.device
 def reference_model(arch: str) -> nn.Module:
     """The plain torchvision network of ``model_throughput`` (one channel, specified head)."""
     return PlainReference(arch).net
-
-
-def reference_train_rate(args, device, stage: int, slices: int) -> float:
-    return _rate(reference_train_step(args, device, stage, slices), args.steps, args.warmup, device)
 
 
 def reference_train_step(args, device, stage: int, slices: int) -> Callable[[], int]:
@@ -113,7 +167,8 @@ def reference_train_step(args, device, stage: int, slices: int) -> Callable[[], 
     return step
 
 
-def reference_infer_rate(args, device, slices: int, compiled: bool = False) -> float:
+def reference_infer_step(args, device, slices: int, compiled: bool = False) -> Callable[[], int]:
+    """One plain forward of ``slices`` fixed slices already on the device (compiled or not)."""
     m = reference_model(args.arch).to(device).eval()
     x = torch.randn(slices, 1, args.size, args.size, device=device)
     cuda = device.type == "cuda"
@@ -128,7 +183,7 @@ def reference_infer_rate(args, device, slices: int, compiled: bool = False) -> f
             forward(x)
         return slices
 
-    return _rate(step, args.steps, args.warmup + (3 if compiled else 0), device)
+    return step
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -160,28 +215,16 @@ def _no_host_sync(step: Callable[[], int], device: torch.device) -> str:
         torch.cuda.set_sync_debug_mode(0)
 
 
-def pipeline_train_rates(
-    args, device, cache_root: Path, run_root: Path, variant: str
-) -> dict[str, dict]:
-    """The trainer's step per stage. ``variant``: ``loader`` (DataLoader batches),
-    ``resident`` (``data.device_cache=on``) or ``static`` (resident, plus
-    ``train.pad_slices`` to ``--max-slices``: one batch shape, cuDNN autotuned)."""
-    rates, syncs = {}, {}
-    trainer = pipeline_trainer(args, device, cache_root, run_root, variant)
-    try:
-        for stage in (1, 2, 3):
-            step = pipeline_step(trainer, stage)
-            rates[stage] = _rate(step, args.steps, args.warmup, device)
-            if variant != "loader":
-                syncs[stage] = _no_host_sync(step, device)
-            assert trainer.model.trainable_blocks == trainable_blocks(stage)
-    finally:
-        trainer.close()
-    return {"rates": rates, "host_syncs": syncs}
+VARIANTS = {  # the trainer's batch paths: variant -> what it sets beyond the defaults
+    "loader": "DataLoader workers and collate instead of the device-resident cohort",
+    "resident": "the default on CUDA: batches gathered from the device-resident cohort",
+    "static": "resident, plus train.pad_slices: one batch shape, cuDNN autotuned",
+    "compiled": "static, plus train.compile: one compiled graph per stage",
+}
 
 
 def pipeline_trainer(args, device, cache_root: Path, run_root: Path, variant: str):
-    """The ``Trainer`` of a ``variant`` (see ``pipeline_train_rates``) on the cache."""
+    """The ``Trainer`` of a ``variant`` (see ``VARIANTS``) on the cache."""
     from brainmets.train.trainer import Trainer
 
     overrides = [
@@ -193,9 +236,16 @@ def pipeline_trainer(args, device, cache_root: Path, run_root: Path, variant: st
         f"data.device_cache={'off' if variant == 'loader' else 'on'}",
         "data.val_fraction=0.1",
     ]
-    if variant == "static":
+    if variant in ("static", "compiled"):
         overrides += [f"train.max_slices={args.static_slices}", "train.pad_slices=true"]
+    if variant == "compiled":
+        overrides.append("train.compile=true")
     return Trainer(load_config(None, overrides), run_root / f"run-{variant}")
+
+
+def autotuned(variant: str) -> bool:
+    """cuDNN autotuning as the trainer sets it: only where every batch has one shape."""
+    return variant in ("static", "compiled")
 
 
 def pipeline_step(trainer, stage: int) -> Callable[[], int]:
@@ -237,10 +287,12 @@ def _saved_run(root: Path, args) -> Path:
     return run
 
 
-def pipeline_infer_rates(args, device, cache: PatientCache, run: Path) -> dict[str, float]:
+def pipeline_infer_candidate(
+    args, device, cache: PatientCache, run: Path, compiled: bool, logits: dict[str, np.ndarray]
+) -> Candidate:
     """``evaluate``'s scoring of the whole cache (memory map -> reader thread -> device ->
-    chunked forward -> max pooling, one batch in flight), eager and compiled; the second run
-    of each is timed."""
+    chunked forward -> max pooling, one batch in flight), compiled or not; each run leaves its
+    patient logits in ``logits``."""
     from brainmets.evaluate.evaluation import score_cache
     from brainmets.predict import load_trained
 
@@ -248,25 +300,16 @@ def pipeline_infer_rates(args, device, cache: PatientCache, run: Path) -> dict[s
     # and the first batch (read before anything overlaps) would weigh as a cohort's would not.
     ids = cache.patient_ids * args.infer_passes
     slices = int(cache.index["num_slices"].sum()) * args.infer_passes
-    out: dict[str, float] = {}
-    logits = {}
-    for compiled in [False, True] if args.compile else [False]:
-        trained = load_trained(run, str(device), compile=compiled, chunk=args.infer_slices)
-        for timed in (False, True):
-            _sync(device)
-            start = time.perf_counter()
-            table = score_cache(trained, cache, ids, batch_slices=8 * args.infer_slices,
-                                progress=False)  # fmt: skip
-            _sync(device)
-            if timed:
-                key = "compiled" if compiled else "eager"
-                out[key] = slices / (time.perf_counter() - start)
-                logits[key] = table["logit"].to_numpy()
-    if "compiled" in logits:
-        out["compiled_vs_eager_max_abs_logit_diff"] = float(
-            np.abs(logits["compiled"] - logits["eager"]).max()
-        )
-    return out
+    trained = load_trained(run, str(device), compile=compiled, chunk=args.infer_slices)
+    key = "compiled" if compiled else "eager"
+
+    def run_once() -> int:
+        table = score_cache(trained, cache, ids, batch_slices=8 * args.infer_slices,
+                            progress=False)  # fmt: skip
+        logits[key] = table["logit"].to_numpy()
+        return slices
+
+    return Candidate(run_once, run_once)
 
 
 def _worker_init() -> None:
@@ -375,60 +418,99 @@ def dicom_rates(args, root: Path, run: Path) -> dict[str, float]:
     }
 
 
-def train_rows(args, device, cache: PatientCache, root: Path) -> dict[str, dict]:
-    """Per stage: the pipeline's variants beside the reference, with and without autotuning."""
+def _repeated(step: Callable[[], int], times: int) -> Callable[[], int]:
+    return lambda: sum(step() for _ in range(times))
+
+
+def train_rows(args, device, cache: PatientCache, root: Path) -> Iterator[tuple[str, dict]]:
+    """Per stage, as each is measured: ``("stageN", row)``, the pipeline's variants and the
+    reference (autotuned and not), interleaved.
+
+    ``pipeline`` is the default path (``resident``, or the first variant asked for) and
+    ``ratio`` is its per-round ratio to the autotuned reference; every variant's median rate
+    and ratio are in the row too."""
     mean_slices = float(cache.index["num_slices"].mean())
     train_slices = round(args.patients * mean_slices)
-    # The trainer's default: cuDNN picks algorithms by heuristics, since the slice count
-    # of a training batch changes every step (autotuning would rerun for each new count).
-    variants = {}
-    for variant in ("loader", "resident", "static"):
-        measured = _section(f"train, {variant}", pipeline_train_rates, args, device,
-                            cache.root, root, variant)  # fmt: skip
-        variants[variant] = measured or {"rates": {}, "host_syncs": {}}
-    results = {}
-    for s in (1, 2, 3):
-        row = {f"pipeline_{v}": variants[v]["rates"].get(s, math.nan) for v in variants}
-        row["host_syncs_in_step"] = variants["static"]["host_syncs"].get(s)
-        torch.backends.cudnn.benchmark = False  # the heuristics, as for variable shapes
-        row["reference_heuristics"] = _section(
-            f"reference stage {s}, heuristics", reference_train_rate, args, device, s,
-            train_slices) or math.nan  # fmt: skip
-        torch.backends.cudnn.benchmark = True  # autotuned, as gpu_anchor.py
-        row["reference"] = _section(f"reference stage {s}", reference_train_rate, args,
-                                    device, s, train_slices) or math.nan  # fmt: skip
-        row["pipeline"] = row["pipeline_resident"]  # the default path; static is extra
-        results[f"stage{s}"] = row
-    return results
+    trainers = {}
+    for variant in args.variants:
+        trainer = _section(f"build {variant}", pipeline_trainer, args, device, cache.root,
+                           root, variant)  # fmt: skip
+        if trainer is not None:
+            trainers[variant] = trainer
+    main = "resident" if "resident" in args.variants else args.variants[0]
+    try:
+        for s in (1, 2, 3):
+            candidates, syncs = {}, {}
+            for variant, trainer in trainers.items():
+                step = pipeline_step(trainer, s)
+                candidates[f"pipeline_{variant}"] = Candidate(
+                    _repeated(step, args.steps), _repeated(step, args.warmup), autotuned(variant)
+                )
+                if variant != "loader":
+                    syncs[variant] = step
+            for autotune, name in ((False, "reference_heuristics"), (True, "reference")):
+                # Heuristics are what the trainer uses for varying batch shapes; autotuned is
+                # how the issue's reference (shared/reference/gpu_anchor.py) was measured.
+                step = reference_train_step(args, device, s, train_slices)
+                candidates[name] = Candidate(
+                    _repeated(step, args.steps), _repeated(step, args.warmup), autotune
+                )
+            started = time.perf_counter()
+            rates = interleaved_rates(candidates, args.rounds, device)
+            print(f"[stage {s}] done in {time.perf_counter() - started:.0f} s", flush=True)
+            row: dict[str, object] = {name: _median(rates.get(name)) for name in candidates}
+            for variant in trainers:
+                torch.backends.cudnn.benchmark = autotuned(variant)
+                row[f"host_syncs_{variant}"] = _no_host_sync(syncs[variant], device) \
+                    if variant in syncs else None  # fmt: skip
+                paired = paired_ratio(rates, f"pipeline_{variant}", "reference")
+                row[f"ratio_{variant}"] = paired["ratio"]
+            row["pipeline"] = row.get(f"pipeline_{main}", math.nan)
+            row.update(paired_ratio(rates, f"pipeline_{main}", "reference"))
+            row["rates"] = rates
+            for variant, trainer in trainers.items():
+                assert trainer.model.trainable_blocks == trainable_blocks(s), variant
+            yield f"stage{s}", row
+    finally:
+        for trainer in trainers.values():
+            trainer.close()
 
 
 def inference_rows(args, device, cache: PatientCache, run: Path) -> dict[str, dict]:
-    """Scoring from the cache, eager (and compiled unless --no-compile), beside the reference."""
-    results = {}
-    infer = _section("inference", pipeline_infer_rates, args, device, cache, run) or {}
-    results["inference"] = {
-        "pipeline": infer.get("eager", math.nan),
-        "reference": _section(
-            "reference inference", reference_infer_rate, args, device, args.infer_slices
+    """Scoring from the cache, eager (and compiled unless --no-compile), beside the reference,
+    interleaved."""
+    logits: dict[str, np.ndarray] = {}
+    candidates = {}
+    for compiled in [False, True] if args.compile else [False]:
+        suffix = "_compiled" if compiled else ""
+        found = _section(f"pipeline inference{suffix}", pipeline_infer_candidate, args, device,
+                         cache, run, compiled, logits)  # fmt: skip
+        if found is not None:
+            candidates[f"pipeline{suffix}"] = found
+        step = reference_infer_step(args, device, args.infer_slices, compiled)
+        # The compiled reference warms up longer: its first calls compile.
+        warmup = args.warmup + (3 if compiled else 0)
+        candidates[f"reference{suffix}"] = Candidate(
+            _repeated(step, args.steps), _repeated(step, warmup)
         )
-        or math.nan,  # fmt: skip
-    }
-    if args.compile:
-        results["inference_compiled"] = {
-            "pipeline": infer.get("compiled", math.nan),
-            "reference": _section(
-                "reference inference compiled",
-                reference_infer_rate,
-                args,
-                device,
-                args.infer_slices,
-                True,
-            )
-            or math.nan,  # fmt: skip
-            "max_abs_logit_diff_vs_eager": infer.get(
-                "compiled_vs_eager_max_abs_logit_diff", math.nan
-            ),
+    started = time.perf_counter()
+    rates = interleaved_rates(candidates, args.rounds, device)
+    print(f"[inference] done in {time.perf_counter() - started:.0f} s", flush=True)
+    results = {}
+    for suffix in ["", "_compiled"] if args.compile else [""]:
+        row = {
+            "pipeline": _median(rates.get(f"pipeline{suffix}")),
+            "reference": _median(rates.get(f"reference{suffix}")),
+            **paired_ratio(rates, f"pipeline{suffix}", f"reference{suffix}"),
+            "rates": {
+                k: rates[k] for k in (f"pipeline{suffix}", f"reference{suffix}") if k in rates
+            },
         }
+        results[f"inference{suffix}"] = row
+    if args.compile and {"eager", "compiled"} <= set(logits):
+        results["inference_compiled"]["max_abs_logit_diff_vs_eager"] = float(
+            np.abs(logits["compiled"] - logits["eager"]).max()
+        )
     return results
 
 
@@ -445,6 +527,13 @@ def _section(name: str, fn: Callable, *args):
     return value
 
 
+def _variants(text: str) -> list[str]:
+    variants = [v for v in text.split(",") if v]
+    if not variants or set(variants) - set(VARIANTS):
+        raise argparse.ArgumentTypeError(f"choose among {', '.join(VARIANTS)}, got {text!r}")
+    return variants
+
+
 def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.ArgumentParser:
     """The workload options (also those of ``profile_step.py``)."""
     parser = argparse.ArgumentParser(description=description)
@@ -459,7 +548,12 @@ def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.Argume
                         help="passes over the cohort per timed inference run")  # fmt: skip
     parser.add_argument("--static-slices", type=int, default=32,
                         help="train.max_slices of the static variant (pad_slices)")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=20, help="steps per timed run (3 runs)")
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed run")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="timed runs per workload, taken in turn with the others")  # fmt: skip
+    parser.add_argument("--variants", type=_variants, default=["loader", "resident", "static"],
+                        help="comma-separated trainer batch paths to time: "
+                        + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))  # fmt: skip
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers")
     parser.add_argument("--dicom-patients", type=int, default=32, help="0 skips DICOM figures")
@@ -472,44 +566,26 @@ def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.Argume
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if args.infer_passes < 1:
-        parser.error("--infer-passes must be at least 1")
-    sections = set(args.sections.split(","))
-    if unknown := sections - {"train", "inference", "dicom"}:
-        parser.error(f"unknown sections {sorted(unknown)}")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        results = {}
-        if sections & {"train", "inference"}:
-            cache = make_cache(root / "cache", args)
-        if "train" in sections:
-            results.update(train_rows(args, device, cache, root))
-        run = _saved_run(root, args)
-        if "inference" in sections:
-            results.update(inference_rows(args, device, cache, run))
-        dicom = None
-        if "dicom" in sections and args.dicom_patients:
-            dicom = _section("DICOM", dicom_rates, args, root, run)
-    name = device_name(device)
-    print(f"{args.arch}, {args.size}px, {name}, torch {torch.__version__}")
-    print(f"{'workload':<20} {'pipeline/s':>11} {'reference/s':>12} {'ratio':>7}")
-    for key, pair in results.items():
-        ratio = pair["pipeline"] / pair["reference"]
-        pair["ratio"] = ratio
-        print(f"{key:<20} {pair['pipeline']:>11.1f} {pair['reference']:>12.1f} {ratio:>6.2f}x")
-        for variant in ("loader", "resident", "static"):
-            if f"pipeline_{variant}" in pair:
-                rate = pair[f"pipeline_{variant}"]
-                print(f"{'  ' + variant:<20} {rate:>11.1f}")
-        if "reference_heuristics" in pair:
-            print(f"{'  ref. no autotune':<20} {'':>11} {pair['reference_heuristics']:>12.1f}")
-        if pair.get("host_syncs_in_step"):
-            print(f"{'  host syncs':<20} {pair['host_syncs_in_step']}")
+def _print_table(report: dict) -> None:
+    settings = report["settings"]
+    print(f"{settings['arch']}, {settings['size']}px, {report['device']}, torch {report['torch']}; "
+          f"median of {settings['rounds']} interleaved runs, ratio = median per-round ratio "
+          "[range]")  # fmt: skip
+    print(f"{'workload':<20} {'pipeline/s':>11} {'reference/s':>12} {'ratio':>7}  range")
+    for key, row in report["results"].items():
+        print(
+            f"{key:<20} {row['pipeline']:>11.1f} {row['reference']:>12.1f} "
+            f"{row['ratio']:>6.2f}x  [{row['ratio_min']:.2f}, {row['ratio_max']:.2f}]"
+        )
+        for variant in VARIANTS:
+            if f"pipeline_{variant}" in row:
+                syncs = row.get(f"host_syncs_{variant}")
+                print(f"{'  ' + variant:<20} {row[f'pipeline_{variant}']:>11.1f} {'':>12} "
+                      f"{row[f'ratio_{variant}']:>6.2f}x"
+                      + (f"  host syncs in step: {syncs}" if syncs else ""))  # fmt: skip
+        if "reference_heuristics" in row:
+            print(f"{'  ref. no autotune':<20} {'':>11} {row['reference_heuristics']:>12.1f}")
+    dicom = report["dicom"]
     if dicom:
         print(
             f"from 512^2 DICOM, {dicom['workers']} processes, {dicom['slices']} slices: "
@@ -520,15 +596,51 @@ def main(argv: list[str] | None = None) -> dict:
             f"prepare {dicom['prepare_end_to_end_slices_per_s']:.0f}/s, predict "
             f"{dicom['predict_end_to_end_slices_per_s']:.0f}/s"
         )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.infer_passes < 1 or args.rounds < 1:
+        parser.error("--infer-passes and --rounds must be at least 1")
+    sections = set(args.sections.split(","))
+    if unknown := sections - {"train", "inference", "dicom"}:
+        parser.error(f"unknown sections {sorted(unknown)}")
+
     report = {
-        "device": name,
+        "device": device_name(device),
         "torch": torch.__version__,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "results": results,
-        "dicom": dicom,
+        "results": {},
+        "dicom": None,
+        "complete": False,
     }
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+    def save() -> None:
+        # After every section: a run stopped by a time limit keeps what it measured.
+        if args.json:
+            partial = args.json.with_name(args.json.name + ".tmp")
+            partial.write_text(json.dumps(report, indent=2) + "\n")
+            partial.replace(args.json)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if sections & {"train", "inference"}:
+            cache = make_cache(root / "cache", args)
+        if "train" in sections:
+            for key, row in train_rows(args, device, cache, root):
+                report["results"][key] = row
+                save()
+        run = _saved_run(root, args)
+        if "inference" in sections:
+            report["results"].update(inference_rows(args, device, cache, run))
+            save()
+        if "dicom" in sections and args.dicom_patients:
+            report["dicom"] = _section("DICOM", dicom_rates, args, root, run)
+    report["complete"] = True
+    save()
+    _print_table(report)
     return report
 
 

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 from pipeline_throughput import (  # beside this script
+    VARIANTS,
     _sync,
+    autotuned,
     build_parser,
     make_cache,
     pipeline_step,
@@ -73,12 +75,12 @@ def profile_steps(step, steps: int, warmup: int, device: torch.device, trace: Pa
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
-    parser.add_argument("--variant", default="resident", choices=["loader", "resident", "static"])
+    parser.add_argument("--variant", default="resident", choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("profile"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.backends.cudnn.benchmark = args.variant == "static"  # as the trainer sets it
+    torch.backends.cudnn.benchmark = autotuned(args.variant)  # as the trainer sets it
 
     report: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:

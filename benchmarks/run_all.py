@@ -24,7 +24,7 @@ CPU_SMALL = {
     "model": ["--size", "128", "--batch", "8", "--iters", "3", "--warmup", "1"],
     "pipeline": [
         "--arch", "resnet18", "--size", "128", "--cohort", "12", "--patients", "4",
-        "--min-slices", "10", "--max-slices", "14", "--steps", "3", "--warmup", "1",
+        "--min-slices", "10", "--max-slices", "14", "--steps", "3", "--warmup", "1", "--rounds", "3",
         "--workers", "0", "--dicom-patients", "4", "--infer-slices", "32", "--infer-passes", "1", "--no-compile",
         "--static-slices", "12",
     ],

@@ -14,14 +14,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 TINY = [
     "--device", "cpu", "--arch", "resnet18", "--size", "32", "--cohort", "8", "--patients", "2",
     "--min-slices", "3", "--max-slices", "5", "--steps", "1", "--warmup", "0", "--workers", "0",
     "--infer-slices", "8", "--infer-passes", "2", "--static-slices", "4", "--dicom-patients", "2",
-    "--no-compile",
+    "--no-compile", "--rounds", "3",
 ]  # fmt: skip
+ROUNDS = 3
 
 
 def _finite(value) -> bool:
@@ -45,14 +48,22 @@ def test_pipeline_benchmark_measures_every_section(tmp_path):
     done = _run("pipeline_throughput.py", *TINY, "--json", str(out))
     report = json.loads(out.read_text())
 
+    assert report["complete"]
     assert set(report["results"]) == {"stage1", "stage2", "stage3", "inference"}
     for name, row in report["results"].items():
         assert _finite(row["pipeline"]) and _finite(row["reference"]), (name, done.stdout)
-        assert _finite(row["ratio"]), name
+        assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"], name
+        # Interleaved: every workload timed in every round, the ratio taken round by round.
+        pipeline, reference = (row["rates"][k] for k in ("pipeline" if name == "inference"
+                               else "pipeline_resident", "reference"))  # fmt: skip
+        assert len(pipeline) == len(reference) == ROUNDS, name
+        per_round = sorted(a / b for a, b in zip(pipeline, reference, strict=True))
+        assert row["ratio"] == pytest.approx(per_round[ROUNDS // 2]), name
     for stage in ("stage1", "stage2", "stage3"):
         row = report["results"][stage]
         for variant in ("loader", "resident", "static"):
             assert _finite(row[f"pipeline_{variant}"]), (stage, variant, done.stdout)
+            assert _finite(row[f"ratio_{variant}"]), (stage, variant)
     dicom = report["dicom"]
     for key in (
         "decode_slices_per_s",
@@ -65,11 +76,23 @@ def test_pipeline_benchmark_measures_every_section(tmp_path):
     assert "workload" in done.stdout and "from 512^2 DICOM" in done.stdout  # the printed table
 
 
-def test_pipeline_benchmark_sections_can_be_chosen(tmp_path):
+def test_pipeline_benchmark_sections_and_variants_can_be_chosen(tmp_path):
     out = tmp_path / "inference-only.json"
     _run("pipeline_throughput.py", *TINY, "--sections", "inference", "--json", str(out))
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"inference"} and report["dicom"] is None
+
+    out = tmp_path / "static-only.json"
+    _run("pipeline_throughput.py", *TINY, "--sections", "train", "--variants", "static",
+         "--json", str(out))  # fmt: skip
+    row = json.loads(out.read_text())["results"]["stage1"]
+    assert "pipeline_resident" not in row and row["pipeline"] == row["pipeline_static"]
+
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "pipeline_throughput.py"), "--variants", "fast"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2 and "choose among loader, resident, static" in done.stderr
 
 
 def test_step_profile_writes_traces_and_per_step_figures(tmp_path):

@@ -28,12 +28,13 @@ def _rank() -> int:
 
 
 def _setup_logging(verbose: bool) -> None:
-    # Under torchrun every process would print every line: rank 0 speaks for the run, the
-    # others only warn, with their rank in front.
+    # Under torchrun every process would print every line: rank 0 speaks for the run. Its
+    # warnings (config, weights, curriculum, non-finite steps) come from state every rank
+    # shares, so the others would only repeat them: they report errors, with their rank.
     rank = _rank()
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(
-        level=level if rank == 0 else max(level, logging.WARNING),
+        level=level if rank == 0 else logging.ERROR,
         format=("" if rank == 0 else f"[rank {rank}] ")
         + "%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
@@ -447,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input from the user: one clear line (the traceback only with --verbose).
         if args.verbose:
             raise
-        print(f"brainmets: {err}", file=sys.stderr)
+        rank = _rank()
+        print(f"{f'[rank {rank}] ' if rank else ''}brainmets: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if _rank() == 0:  # one hint for the run, not one per process

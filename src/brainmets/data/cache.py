@@ -396,17 +396,17 @@ def load_patient_volume(job: PatientJob, preprocess: PreprocessConfig):
             pinned = index.series[index.series["series_uid"] == job.series_uid]
             if pinned.empty:
                 found = ", ".join(index.series["series_uid"]) or "none"
-                raise ValueError(
-                    f"{job.path}: pinned series {job.series_uid} not in this folder "
-                    f"(series found: {found})"
+                raise SeriesError(
+                    job.path,
+                    f"pinned series {job.series_uid} not in this folder (series found: {found})",
                 )
             why_not = ineligibility(pinned.iloc[0], preprocess.min_slices)
             if why_not:
-                raise ValueError(f"{job.path}: pinned series {job.series_uid} is {why_not}")
+                raise SeriesError(job.path, f"pinned series {job.series_uid} is {why_not}")
             return load_series(series_files(index, job.series_uid)), job.series_uid
         uid, why = patient_choice(choose_for(index.series, preprocess))
         if uid is None:
-            raise ValueError(f"{job.path}: no usable CT series ({why})")
+            raise SeriesError(job.path, f"no usable CT series ({why})")
         return load_series(series_files(index, uid)), uid
     return load_series(job.files), job.series_uid
 

@@ -1,0 +1,33 @@
+"""The CLI's process-level behaviour: what each torchrun rank prints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_rank_0_speaks_and_the_others_report_errors_only(tmp_path, rank):
+    """Every rank shares the state warnings come from, so only rank 0 prints them (8 GPUs
+    would print each 8 times); an error still shows from any rank, with its rank in front."""
+    script = (
+        "import logging, sys; from brainmets.cli import _setup_logging, main; "
+        "_setup_logging(False); log = logging.getLogger('brainmets'); "
+        "log.info('INFO-LINE'); log.warning('WARNING-LINE'); log.error('ERROR-LINE'); "
+        "sys.exit(main(['prepare', '--labels', 'no-such-labels.csv', '--out', 'x']))"
+    )
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    prefix = f"[rank {rank}] " if rank else ""
+    said = {word for word in ("INFO", "WARNING", "ERROR") if f"{word}-LINE" in done.stderr}
+    assert said == ({"INFO", "WARNING", "ERROR"} if rank == 0 else {"ERROR"})
+    assert all(line.startswith(prefix) for line in lines if "-LINE" in line)
+    (message,) = [line for line in lines if "no-such-labels.csv" in line]
+    assert message.startswith(f"{prefix}brainmets: ")
