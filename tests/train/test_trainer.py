@@ -395,8 +395,9 @@ def test_a_curriculum_cut_short_by_the_epoch_count_is_said(cache_dir, tmp_path, 
 
 def test_compiled_training_trains_what_eager_training_does(cache_dir, tmp_path):
     """``train.compile`` through a curriculum stage change (the frozen prefix and BatchNorm
-    modes change, so the graph is compiled again) and validation in eval mode: the same losses
-    and validation predictions as eager training, up to the fused kernels' rounding."""
+    modes change, so the step is compiled again): the same training losses as eager training,
+    and weights that give the same validation predictions (validation runs the bare model),
+    up to the fused kernels' rounding."""
     eager_cfg, compiled_cfg = _ddp_config(cache_dir), _ddp_config(cache_dir)
     compiled_cfg.train.compile = True
     train(eager_cfg, tmp_path / "eager")
