@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One prepared call for a lent GPU: the throughput harness, the step profile and the per-core
+# One prepared call for a lent GPU: the throughput harness (the default and one-shape training
+# paths, inference, DICOM), then compiled training, the step profile and the per-core
 # preprocessing figures, written under $OUT (default ./gpu-results), most important first.
 #
 # Each step has its own time limit and a failing or slow step does not stop the next one, so
 # that one call of at most ~9 minutes brings back whatever it measured (the limits add up to
-# 500 s). The package's dependencies must be importable; on a machine without them, point
-# WHEELS at a folder of wheels for its Python (`pip download` them here beforehand): they are
-# installed into /tmp/site without touching the machine's environment.
+# 510 s; the harness writes its JSON after every stage, so a step cut short keeps its stages).
+# The package's dependencies must be importable; on a machine without them, point WHEELS at a
+# folder of wheels for its Python (`pip download` them here beforehand): they are installed
+# into /tmp/site without touching the machine's environment.
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -29,11 +31,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 # The targets: every stage and inference beside the reference. The DataLoader variant, known
 # to be ~3x slower than the device-resident cohort, is left out to save device time.
 step pipeline 240 "$py" benchmarks/pipeline_throughput.py --dicom-patients 64 \
-    --variants resident,static --infer-passes 3 --json "$out/pipeline.json"
-# Compiled training (one shape, train.compile) beside the default path and the eager
-# reference; each stage compiles anew, so fewer rounds. Its JSON is written stage by stage.
-step train_compiled 150 "$py" benchmarks/pipeline_throughput.py --sections train \
-    --variants resident,compiled --rounds 3 --json "$out/train_compiled.json"
-step profile 80 "$py" benchmarks/profile_step.py --steps 10 --out "$out/profile"
+    --variants resident,static --json "$out/pipeline.json"
+# Compiled training (one shape, train.compile) beside the eager reference; each stage
+# compiles anew (tens of seconds for ResNet-50), so fewer rounds.
+step train_compiled 180 "$py" benchmarks/pipeline_throughput.py --sections train \
+    --variants compiled --rounds 3 --json "$out/train_compiled.json"
+step profile 60 "$py" benchmarks/profile_step.py --steps 10 --out "$out/profile"
 step preprocess 30 "$py" benchmarks/preprocess_throughput.py --patients 4 \
     --json "$out/preprocess.json"

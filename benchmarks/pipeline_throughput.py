@@ -12,7 +12,10 @@ all cores.
 
 Reference: plain torchvision ResNet of the same architecture, one input channel, the
 specified head, synthetic tensors already on the device, no data loading, frozen prefix run
-under ``no_grad`` (the shape of ``shared/reference/gpu_anchor.py``).
+under ``no_grad``, cuDNN autotuned (the shape of ``shared/reference/gpu_anchor.py``).
+
+The workloads of a stage (and of inference) are timed in turn, ``--rounds`` times, and each
+ratio is the median of the per-round ratios (``timing.py``).
 
     PYTHONPATH=src python benchmarks/pipeline_throughput.py --arch resnet18 --size 128 \\
         --patients 8 --steps 3 --json out.json
@@ -24,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,98 +35,20 @@ import traceback
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple, TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
 from model_throughput import PlainReference, device_name  # beside this script
+from timing import Candidate, measure_in_turn, median_rate, paired_ratio
 from torch import nn
 
 from brainmets.config import PreprocessConfig, load_config
 from brainmets.data.cache import PatientCache, build_cache_from_arrays
 from brainmets.train.curriculum import trainable_blocks
 
-T = TypeVar("T")
-
 # Children of a torchvision ResNet frozen in each stage (conv1 bn1 relu maxpool layer1..4).
 FROZEN_CHILDREN = {1: 8, 2: 7, 3: 6}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed_run(run: Callable[[], int], device: torch.device) -> float:
-    """Slices/s of one ``run`` (it returns the slices it processed), synchronised around it."""
-    _sync(device)
-    start = time.perf_counter()
-    slices = run()
-    _sync(device)
-    return slices / (time.perf_counter() - start)
-
-
-class Candidate(NamedTuple):
-    """One workload of an interleaved comparison: ``run`` does one timed run and returns the
-    slices it processed; ``warmup`` runs before timing; ``autotune`` is the cuDNN setting it is
-    measured under (None: leave it)."""
-
-    run: Callable[[], int]
-    warmup: Callable[[], object]
-    autotune: bool | None = None
-
-
-def interleaved_rates(
-    candidates: dict[str, Candidate], rounds: int, device: torch.device
-) -> dict[str, list[float]]:
-    """Slices/s of each candidate in ``rounds`` timed runs, taken in turn (A B C A B C ...).
-
-    A shared GPU's clock, temperature or neighbours drift during a benchmark; timing one
-    candidate's runs after another's credits that drift to whichever ran in the better minute
-    (two runs of this benchmark on the same kind of machine differed by up to 0.14 in a
-    ratio). In turn, each round compares the candidates under the same conditions, and the
-    ratio of two candidates is taken round by round (:func:`paired_ratio`). A candidate that
-    fails is printed and dropped; the others go on.
-    """
-
-    failed: set[str] = set()
-
-    def attempt(name: str, fn: Callable[[], T]) -> T | None:
-        try:
-            return fn()
-        except Exception:  # a benchmark reports what it could measure
-            traceback.print_exc()
-            print(f"[{name}] FAILED", flush=True)
-            failed.add(name)
-            return None
-
-    def tuned(candidate: Candidate) -> Candidate:
-        if candidate.autotune is not None:
-            torch.backends.cudnn.benchmark = candidate.autotune
-        return candidate
-
-    for name, candidate in candidates.items():
-        attempt(name, tuned(candidate).warmup)
-    rates: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, candidate in candidates.items():
-            if name not in failed:
-                rate = attempt(name, partial(_timed_run, tuned(candidate).run, device))
-                rates[name].append(rate if rate is not None else math.nan)
-    return {name: found for name, found in rates.items() if name not in failed}
-
-
-def paired_ratio(rates: dict[str, list[float]], name: str, reference: str) -> dict[str, float]:
-    """``name`` over ``reference``: the median of the per-round ratios, and their range."""
-    if not rates.get(name) or not rates.get(reference):
-        return {"ratio": math.nan, "ratio_min": math.nan, "ratio_max": math.nan}
-    ratios = [a / b for a, b in zip(rates[name], rates[reference], strict=True)]
-    return {"ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
-
-
-def _median(values: list[float] | None) -> float:
-    return statistics.median(values) if values else math.nan
 
 
 # --------------------------------------------------------------------------- reference
@@ -358,7 +282,6 @@ def dicom_rates(args, root: Path, run: Path) -> dict[str, float]:
     them, process start-up included: ``prepare`` and ``predict``.
     """
     from concurrent.futures import ProcessPoolExecutor
-    from functools import partial
     from multiprocessing import get_context
 
     from brainmets.data.manifest import index_dicom_root, series_files, write_index
@@ -422,13 +345,22 @@ def _repeated(step: Callable[[], int], times: int) -> Callable[[], int]:
     return lambda: sum(step() for _ in range(times))
 
 
+def _built(name: str, build: Callable[[], Callable[[], int]], args, *, autotune: bool,
+           alone: bool = False) -> Candidate | None:  # fmt: skip
+    """The candidate of a step ``build`` makes, or None (printed) if it cannot be built."""
+    step = _section(f"build {name}", build)
+    if step is None:
+        return None
+    return Candidate(_repeated(step, args.steps), _repeated(step, args.warmup), autotune, alone)
+
+
 def train_rows(args, device, cache: PatientCache, root: Path) -> Iterator[tuple[str, dict]]:
-    """Per stage, as each is measured: ``("stageN", row)``, the pipeline's variants and the
-    reference (autotuned and not), interleaved.
+    """Per stage, as each is measured: ``("stageN", row)``, the pipeline's variants beside the
+    autotuned reference, in turn.
 
     ``pipeline`` is the default path (``resident``, or the first variant asked for) and
-    ``ratio`` is its per-round ratio to the autotuned reference; every variant's median rate
-    and ratio are in the row too."""
+    ``ratio`` is its median per-round ratio to the reference; every variant's median rate and
+    ratio are in the row too."""
     mean_slices = float(cache.index["num_slices"].mean())
     train_slices = round(args.patients * mean_slices)
     trainers = {}
@@ -437,36 +369,43 @@ def train_rows(args, device, cache: PatientCache, root: Path) -> Iterator[tuple[
                            root, variant)  # fmt: skip
         if trainer is not None:
             trainers[variant] = trainer
-    main = "resident" if "resident" in args.variants else args.variants[0]
+    default = "resident" if "resident" in args.variants else args.variants[0]
+    # Autotuned workloads first (see Candidate): the reference as the issue's was measured
+    # (shared/reference/gpu_anchor.py), then the one-shape variants; the varying-shape
+    # variants use cuDNN's heuristics, as the trainer does for them.
+    order = sorted(trainers, key=lambda v: not autotuned(v))
     try:
         for s in (1, 2, 3):
-            candidates, syncs = {}, {}
-            for variant, trainer in trainers.items():
-                step = pipeline_step(trainer, s)
-                candidates[f"pipeline_{variant}"] = Candidate(
-                    _repeated(step, args.steps), _repeated(step, args.warmup), autotuned(variant)
+            steps, candidates = {}, {}
+            found = _built("reference", partial(reference_train_step, args, device, s,
+                                                train_slices), args, autotune=True)  # fmt: skip
+            if found is not None:
+                candidates["reference"] = found
+            for variant in order:
+                steps[variant] = _section(
+                    f"stage {s}, {variant}", pipeline_step, trainers[variant], s
                 )
-                if variant != "loader":
-                    syncs[variant] = step
-            for autotune, name in ((False, "reference_heuristics"), (True, "reference")):
-                # Heuristics are what the trainer uses for varying batch shapes; autotuned is
-                # how the issue's reference (shared/reference/gpu_anchor.py) was measured.
-                step = reference_train_step(args, device, s, train_slices)
-                candidates[name] = Candidate(
-                    _repeated(step, args.steps), _repeated(step, args.warmup), autotune
-                )
+                if steps[variant] is not None:
+                    candidates[f"pipeline_{variant}"] = Candidate(
+                        _repeated(steps[variant], args.steps),
+                        _repeated(steps[variant], args.warmup),
+                        autotuned(variant),
+                        # DataLoader workers prefetch while the others run: time it alone.
+                        alone=variant == "loader" and args.workers > 0,
+                    )
             started = time.perf_counter()
-            rates = interleaved_rates(candidates, args.rounds, device)
+            rates = measure_in_turn(candidates, args.rounds, device)
             print(f"[stage {s}] done in {time.perf_counter() - started:.0f} s", flush=True)
-            row: dict[str, object] = {name: _median(rates.get(name)) for name in candidates}
-            for variant in trainers:
-                torch.backends.cudnn.benchmark = autotuned(variant)
-                row[f"host_syncs_{variant}"] = _no_host_sync(syncs[variant], device) \
-                    if variant in syncs else None  # fmt: skip
+            row: dict[str, object] = {name: median_rate(rates.get(name)) for name in candidates}
+            for variant in order:
+                measured = math.isfinite(median_rate(rates.get(f"pipeline_{variant}")))
+                if variant != "loader" and measured:
+                    torch.backends.cudnn.benchmark = autotuned(variant)
+                    row[f"host_syncs_{variant}"] = _no_host_sync(steps[variant], device)
                 paired = paired_ratio(rates, f"pipeline_{variant}", "reference")
                 row[f"ratio_{variant}"] = paired["ratio"]
-            row["pipeline"] = row.get(f"pipeline_{main}", math.nan)
-            row.update(paired_ratio(rates, f"pipeline_{main}", "reference"))
+            row["pipeline"] = row.get(f"pipeline_{default}", math.nan)
+            row.update(paired_ratio(rates, f"pipeline_{default}", "reference"))
             row["rates"] = rates
             for variant, trainer in trainers.items():
                 assert trainer.model.trainable_blocks == trainable_blocks(s), variant
@@ -478,35 +417,35 @@ def train_rows(args, device, cache: PatientCache, root: Path) -> Iterator[tuple[
 
 def inference_rows(args, device, cache: PatientCache, run: Path) -> dict[str, dict]:
     """Scoring from the cache, eager (and compiled unless --no-compile), beside the reference,
-    interleaved."""
+    in turn. All autotuned, as ``load_trained`` sets it for scoring."""
     logits: dict[str, np.ndarray] = {}
     candidates = {}
     for compiled in [False, True] if args.compile else [False]:
         suffix = "_compiled" if compiled else ""
-        found = _section(f"pipeline inference{suffix}", pipeline_infer_candidate, args, device,
+        step = _section(f"build reference{suffix}", reference_infer_step, args, device,
+                        args.infer_slices, compiled)  # fmt: skip
+        if step is not None:
+            # The compiled reference warms up longer: its first calls compile.
+            warmup = args.warmup + (3 if compiled else 0)
+            candidates[f"reference{suffix}"] = Candidate(
+                _repeated(step, args.steps), _repeated(step, warmup), autotune=True
+            )
+        found = _section(f"build pipeline{suffix}", pipeline_infer_candidate, args, device,
                          cache, run, compiled, logits)  # fmt: skip
         if found is not None:
             candidates[f"pipeline{suffix}"] = found
-        step = reference_infer_step(args, device, args.infer_slices, compiled)
-        # The compiled reference warms up longer: its first calls compile.
-        warmup = args.warmup + (3 if compiled else 0)
-        candidates[f"reference{suffix}"] = Candidate(
-            _repeated(step, args.steps), _repeated(step, warmup)
-        )
     started = time.perf_counter()
-    rates = interleaved_rates(candidates, args.rounds, device)
+    rates = measure_in_turn(candidates, args.rounds, device)
     print(f"[inference] done in {time.perf_counter() - started:.0f} s", flush=True)
     results = {}
     for suffix in ["", "_compiled"] if args.compile else [""]:
-        row = {
-            "pipeline": _median(rates.get(f"pipeline{suffix}")),
-            "reference": _median(rates.get(f"reference{suffix}")),
-            **paired_ratio(rates, f"pipeline{suffix}", f"reference{suffix}"),
-            "rates": {
-                k: rates[k] for k in (f"pipeline{suffix}", f"reference{suffix}") if k in rates
-            },
+        names = (f"pipeline{suffix}", f"reference{suffix}")
+        results[f"inference{suffix}"] = {
+            "pipeline": median_rate(rates.get(names[0])),
+            "reference": median_rate(rates.get(names[1])),
+            **paired_ratio(rates, *names),
+            "rates": {name: rates[name] for name in names if name in rates},
         }
-        results[f"inference{suffix}"] = row
     if args.compile and {"eager", "compiled"} <= set(logits):
         results["inference_compiled"]["max_abs_logit_diff_vs_eager"] = float(
             np.abs(logits["compiled"] - logits["eager"]).max()
@@ -529,8 +468,10 @@ def _section(name: str, fn: Callable, *args):
 
 def _variants(text: str) -> list[str]:
     variants = [v for v in text.split(",") if v]
-    if not variants or set(variants) - set(VARIANTS):
-        raise argparse.ArgumentTypeError(f"choose among {', '.join(VARIANTS)}, got {text!r}")
+    if not variants or set(variants) - set(VARIANTS) or len(set(variants)) < len(variants):
+        raise argparse.ArgumentTypeError(
+            f"choose among {', '.join(VARIANTS)}, each at most once; got {text!r}"
+        )
     return variants
 
 
@@ -569,7 +510,7 @@ def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.Argume
 def _print_table(report: dict) -> None:
     settings = report["settings"]
     print(f"{settings['arch']}, {settings['size']}px, {report['device']}, torch {report['torch']}; "
-          f"median of {settings['rounds']} interleaved runs, ratio = median per-round ratio "
+          f"median of {settings['rounds']} rounds in turn, ratio = median per-round ratio "
           "[range]")  # fmt: skip
     print(f"{'workload':<20} {'pipeline/s':>11} {'reference/s':>12} {'ratio':>7}  range")
     for key, row in report["results"].items():
@@ -583,8 +524,6 @@ def _print_table(report: dict) -> None:
                 print(f"{'  ' + variant:<20} {row[f'pipeline_{variant}']:>11.1f} {'':>12} "
                       f"{row[f'ratio_{variant}']:>6.2f}x"
                       + (f"  host syncs in step: {syncs}" if syncs else ""))  # fmt: skip
-        if "reference_heuristics" in row:
-            print(f"{'  ref. no autotune':<20} {'':>11} {row['reference_heuristics']:>12.1f}")
     dicom = report["dicom"]
     if dicom:
         print(
@@ -602,8 +541,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if args.infer_passes < 1 or args.rounds < 1:
-        parser.error("--infer-passes and --rounds must be at least 1")
+    if min(args.infer_passes, args.rounds, args.steps) < 1:
+        parser.error("--infer-passes, --rounds and --steps must be at least 1")
     sections = set(args.sections.split(","))
     if unknown := sections - {"train", "inference", "dicom"}:
         parser.error(f"unknown sections {sorted(unknown)}")
@@ -620,9 +559,9 @@ def main(argv: list[str] | None = None) -> dict:
     def save() -> None:
         # After every section: a run stopped by a time limit keeps what it measured.
         if args.json:
-            partial = args.json.with_name(args.json.name + ".tmp")
-            partial.write_text(json.dumps(report, indent=2) + "\n")
-            partial.replace(args.json)
+            pending = args.json.with_name(args.json.name + ".tmp")
+            pending.write_text(json.dumps(report, indent=2) + "\n")
+            pending.replace(args.json)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

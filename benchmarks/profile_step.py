@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from pipeline_throughput import (  # beside this script
     VARIANTS,
-    _sync,
     autotuned,
     build_parser,
     make_cache,
@@ -31,6 +30,7 @@ from pipeline_throughput import (  # beside this script
     pipeline_trainer,
     reference_train_step,
 )
+from timing import sync
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -43,14 +43,14 @@ def profile_steps(step, steps: int, warmup: int, device: torch.device, trace: Pa
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     host = 0.0
-    _sync(device)
+    sync(device)
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             begin = time.perf_counter()
             step()
             host += time.perf_counter() - begin
-        _sync(device)
+        sync(device)
         wall = time.perf_counter() - start
     prof.export_chrome_trace(str(trace))
     events = prof.events()

@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from timing import Candidate, measure_in_turn, median_rate, paired_ratio  # noqa: E402
 
 TINY = [
     "--device", "cpu", "--arch", "resnet18", "--size", "32", "--cohort", "8", "--patients", "2",
@@ -24,7 +27,7 @@ TINY = [
     "--infer-slices", "8", "--infer-passes", "2", "--static-slices", "4", "--dicom-patients", "2",
     "--no-compile", "--rounds", "3",
 ]  # fmt: skip
-ROUNDS = 3
+ROUNDS = int(TINY[TINY.index("--rounds") + 1])
 
 
 def _finite(value) -> bool:
@@ -89,10 +92,60 @@ def test_pipeline_benchmark_sections_and_variants_can_be_chosen(tmp_path):
     assert "pipeline_resident" not in row and row["pipeline"] == row["pipeline_static"]
 
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "pipeline_throughput.py"), "--variants", "fast"],
+        [sys.executable, str(BENCHMARKS / "pipeline_throughput.py"), "--variants", "static,fast"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 2 and "choose among loader, resident, static" in done.stderr
+
+
+def _counting(log: list[str], name: str, fail_at: int | None = None) -> Candidate:
+    """A workload that records its calls in ``log`` and fails on its ``fail_at``-th run."""
+    runs = []
+
+    def run() -> int:
+        runs.append(name)
+        log.append(name)
+        if len(runs) == fail_at:
+            raise RuntimeError(f"{name} broke")
+        return 10
+
+    return Candidate(run, lambda: log.append(f"warm {name}"))
+
+
+def test_workloads_are_timed_in_turn_and_a_failure_costs_only_its_own_rounds(capsys):
+    import torch
+
+    log: list[str] = []
+    candidates = {
+        "reference": _counting(log, "reference"),
+        "pipeline": _counting(log, "pipeline", fail_at=3),
+        "loader": _counting(log, "loader")._replace(alone=True),
+    }
+    rates = measure_in_turn(candidates, 4, torch.device("cpu"))
+
+    assert log == (
+        ["warm reference", "warm pipeline"]
+        + ["reference", "pipeline"] * 3  # in turn; the pipeline breaks in round 3
+        + ["reference"]
+        + ["warm loader"]
+        + ["loader"] * 4  # alone: in a block after the others
+    )
+    assert "pipeline broke" in capsys.readouterr().err
+    assert [math.isfinite(r) for r in rates["pipeline"]] == [True, True, False, False]
+    assert all(_finite(r) for r in rates["reference"] + rates["loader"])
+    assert _finite(median_rate(rates["pipeline"]))  # its two measured rounds still count
+    assert paired_ratio(rates, "pipeline", "reference")["rounds"] == 2
+
+
+def test_the_ratio_is_the_median_of_the_per_round_ratios():
+    rates = {"a": [10.0, 30.0, 20.0, math.nan], "ref": [10.0, 10.0, 40.0, 10.0]}
+    # Per round: 1.0, 3.0, 0.5 (round 4 unmeasured). The ratio of the median rates would be
+    # 20 / 10 = 2.0: one disturbed round of the reference would set it.
+    assert paired_ratio(rates, "a", "ref") == {
+        "ratio": 1.0, "ratio_min": 0.5, "ratio_max": 3.0, "rounds": 3,
+    }  # fmt: skip
+    assert math.isnan(paired_ratio(rates, "a", "missing")["ratio"])
+    assert math.isnan(median_rate([math.nan])) and median_rate(rates["ref"]) == 10.0
 
 
 def test_step_profile_writes_traces_and_per_step_figures(tmp_path):

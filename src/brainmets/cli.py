@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from brainmets import PER_RANK_LOGGER
+
 log = logging.getLogger("brainmets")
 
 
@@ -30,7 +32,8 @@ def _rank() -> int:
 def _setup_logging(verbose: bool) -> None:
     # Under torchrun every process would print every line: rank 0 speaks for the run. Its
     # warnings (config, weights, curriculum, non-finite steps) come from state every rank
-    # shares, so the others would only repeat them: they report errors, with their rank.
+    # shares, so the others would only repeat them: they report errors, and warnings about
+    # their own state (PER_RANK_LOGGER), with their rank.
     rank = _rank()
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(
@@ -39,6 +42,8 @@ def _setup_logging(verbose: bool) -> None:
         + "%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if rank:
+        logging.getLogger(PER_RANK_LOGGER).setLevel(logging.WARNING)
     # pydicom warns once per odd header; the index already records what matters.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
 
@@ -448,8 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input from the user: one clear line (the traceback only with --verbose).
         if args.verbose:
             raise
-        rank = _rank()
-        print(f"{f'[rank {rank}] ' if rank else ''}brainmets: {err}", file=sys.stderr)
+        prefix = f"[rank {_rank()}] " if _rank() else ""
+        print(f"{prefix}brainmets: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if _rank() == 0:  # one hint for the run, not one per process

@@ -166,6 +166,20 @@ def test_patient_folders_choose_the_series_for_the_preprocessing(corpus, preproc
     assert not errors and [j.series_uid for j in jobs] == [expected]
 
 
+def test_a_patient_folder_without_an_eligible_series_says_why(corpus, tmp_path):
+    """No series of the folder has enough slices: an errors row naming the folder, whose
+    reason gives each series' reason for rejection."""
+    folder = corpus / "dcm_qa_ct/In/Philips/S21570"
+    labels = pd.DataFrame([{"patient_id": "FEW", "label": 1, "path": str(folder)}])
+    result = prepare_cache(labels, tmp_path / "cache", PreprocessConfig(min_slices=10_000),
+                           progress=False)  # fmt: skip
+    assert result.prepared == 0
+    (error,) = result.errors.to_dict("records")
+    assert error["file"] == str(folder)
+    assert error["reason"].startswith("no usable CT series (")
+    assert "too few slices" in error["reason"] and "localizer" in error["reason"]
+
+
 def test_series_uid_pins_the_series_of_a_patient_folder(corpus, tmp_path):
     """A labels row with a DICOM folder and a ``series_uid`` prepares that series, not the
     automatic choice (the 5 mm series here); a pin the folder lacks, or an ineligible one, is

@@ -70,6 +70,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import brainmets
+from brainmets import PER_RANK_LOGGER
 from brainmets.config import Config, save_config
 from brainmets.data.augment import ClassConditionalAugment
 from brainmets.data.cache import PatientCache
@@ -962,8 +963,8 @@ class Trainer:
                 self._norm_snapshot = norm_statistics(self.model)
             self._train_epoch(epoch)
             poisoned = restore_non_finite_norm_statistics(self.model, self._norm_snapshot)
-            if poisoned:
-                log.warning(
+            if poisoned:  # this rank's own statistics: BatchNorm is not synchronised
+                logging.getLogger(PER_RANK_LOGGER).warning(
                     "epoch %d: %d BatchNorm running statistics became non-finite (a skipped "
                     "step's forward pass) and were restored to their values at the epoch's "
                     "start, e.g. %s",
