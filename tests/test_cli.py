@@ -34,3 +34,18 @@ def test_under_torchrun_rank_0_speaks_and_the_others_report_errors_only(tmp_path
     assert all(line.startswith(prefix) for line in lines if "-LINE" in line)
     (message,) = [line for line in lines if "no-such-labels.csv" in line]
     assert message.startswith(f"{prefix}brainmets: ")
+
+
+def test_index_of_a_missing_wrong_or_empty_root_says_so(tmp_path, capsys):
+    from brainmets.cli import main
+
+    (tmp_path / "notes.txt").write_text("not a folder\n")
+    for name, why in (("no-such-dir", "does not exist"), ("notes.txt", "not a directory")):
+        assert main(["index", str(tmp_path / name), "--out", str(tmp_path / "index")]) == 2
+        assert capsys.readouterr().err == f"brainmets: {tmp_path / name}: {why}\n"
+    # A folder without images is most often the wrong one: no quiet success.
+    (tmp_path / "empty").mkdir()
+    argv = ["-q", "index", str(tmp_path / "empty"), "--out", str(tmp_path / "index")]
+    assert main(argv) == 1
+    assert f"no DICOM images under {tmp_path / 'empty'}" in capsys.readouterr().err
+    assert main([*argv, "--allow-failures"]) == 0

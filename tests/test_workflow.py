@@ -8,6 +8,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 import torch
 
@@ -179,6 +180,13 @@ def test_evaluate_on_a_missing_split_says_what_to_do(workflow, capsys):
                  "--split", "holdout"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "no patient has split 'holdout'" in err and "splits in this cache: test" in err
+    assert main(["-q", "evaluate", str(root / "run"), "--data", str(root / "cache"),
+                 "--split", "tset"]) == 2  # fmt: skip
+    assert "did you mean --split test?" in capsys.readouterr().err
+    # A mistyped run folder is not created by the attempt.
+    typo = root / "runn"
+    assert main(["-q", "evaluate", str(typo), "--data", str(root / "cache")]) == 2
+    assert "no trained model here" in capsys.readouterr().err and not typo.exists()
 
 
 def test_a_run_that_cannot_start_says_why_in_its_log(workflow, tmp_path):
@@ -380,6 +388,36 @@ def test_an_interrupted_predict_keeps_its_rows_and_resumes(workflow, tmp_path, m
     )
 
 
+def test_a_stop_during_a_patients_heatmaps_leaves_it_for_resume(workflow, tmp_path, monkeypatch):
+    """Grad-CAM takes seconds per patient, so a Ctrl-C lands there more often than anywhere
+    else: the patient must not be saved without its heatmaps, or --resume would skip it and
+    the report would never show it."""
+    from brainmets import predict as predict_module
+
+    root, _ = workflow
+    run, cache, heat = root / "run", root / "cache", tmp_path / "heat"
+    real_write, calls = predict_module.write_heatmaps, []
+
+    def stop_at_the_third(trained, patient_id, *args):
+        calls.append(patient_id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_write(trained, patient_id, *args)
+
+    monkeypatch.setattr(predict_module, "write_heatmaps", stop_at_the_third)
+    kwargs = dict(out_csv=tmp_path / "p.csv", heatmaps_dir=heat, top_k=1, progress=False,
+                  batch_slices=1)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        predict_module.predict(run, [cache], **kwargs)
+    saved = pd.read_csv(tmp_path / "p.csv.partial", dtype={"patient_id": str})
+    assert saved["patient_id"].tolist() == sorted(calls[:2])  # not the interrupted one
+    monkeypatch.setattr(predict_module, "write_heatmaps", real_write)
+    done = predict_module.predict(run, [cache], resume=True, **kwargs)
+    index = pd.read_csv(heat / "heatmaps.csv", dtype={"patient_id": str})
+    assert sorted(index["patient_id"]) == sorted(done.table["patient_id"])
+    assert all((heat / name).is_file() for name in index["file"])
+
+
 def test_a_patients_failure_lists_only_the_unreadable_files_beside_its_series(workflow, tmp_path):
     """A note at the DICOM root explains no patient's failure; a damaged file beside a
     patient's too-short series may, and is named in that patient's row only."""
@@ -409,3 +447,61 @@ def test_predict_never_overwrites_a_file_that_is_not_its_table(workflow, tmp_pat
     argv = ["-q", "predict", str(root / "run"), str(root / "cache"), "--out", str(labels)]
     assert main(argv) == 2
     assert labels.read_text() == "patient_id,label\nA,1\n"
+
+
+def _cut_before_rows(path) -> None:
+    """Cut a file inside its header, before the image description (Rows, 0028,0010)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: data.index(b"\x28\x00\x10\x00")])
+
+
+def test_a_damaged_slice_fails_its_patient_wherever_the_series_is_read(
+    workflow, tmp_path, monkeypatch
+):
+    """A slice cut in its pixel data or in its header leaves a series that still looks whole
+    to the index (enough slices, maybe no gap at an end). Scored without it, a patient could
+    lose the only slice with a lesion: predict and prepare (patient folders and an index)
+    fail that patient, naming the file and why; the intact patient goes through."""
+    root, _ = workflow
+    assert main(["-q", "synth", str(tmp_path / "c"), "--patients", "3", "--matrix", "64",
+                 "--min-slices", "12", "--max-slices", "12", "--seed", "5"]) == 0  # fmt: skip
+    dicom = tmp_path / "c" / "dicom"
+
+    def last_slice(patient: str):
+        """The volume's slice with the highest InstanceNumber (not the localizer's)."""
+        files = [p for p in (dicom / patient).rglob("*") if p.is_file()]
+        headers = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in files}
+        series = pd.Series([h.SeriesInstanceUID for h in headers.values()]).mode()[0]
+        volume = [p for p, h in headers.items() if h.SeriesInstanceUID == series]
+        return max(volume, key=lambda p: int(headers[p].InstanceNumber))
+
+    halved, headless = last_slice("SYN0001"), last_slice("SYN0002")
+    halved.write_bytes(halved.read_bytes()[: halved.stat().st_size // 2])
+    _cut_before_rows(headless)
+    expected = {"SYN0001": (halved, "truncated: "), "SYN0002": (headless, "without Rows")}
+
+    out = tmp_path / "p.csv"
+    assert main(["-q", "predict", str(root / "run"), str(dicom), "--out", str(out)]) == 1
+    rows = pd.read_csv(out, dtype=str, keep_default_na=False).set_index("patient_id")
+    for patient, (path, why) in expected.items():
+        assert str(path) in rows.loc[patient, "error"] and why in rows.loc[patient, "error"]
+    assert rows.loc["SYN0003", "error"] == "" and rows.loc["SYN0003", "probability"] != ""
+
+    # An index built from a relative root, read from another folder.
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "index", "c/dicom", "--out", "index", "--allow-failures"]) == 0
+    labels = pd.read_csv(tmp_path / "c" / "labels.csv", dtype={"patient_id": str})
+    labels["path"] = [str(dicom / p) for p in labels["patient_id"]]
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    monkeypatch.chdir(root)
+    for source in (["--index", str(tmp_path / "index")], []):  # an index; patient folders
+        cache = tmp_path / f"cache{len(source)}"
+        argv = ["-q", "prepare", "--labels", str(tmp_path / "labels.csv"), *source,
+                "--out", str(cache), "--workers", "1"]  # fmt: skip
+        assert main(argv) == 1, source
+        errors = pd.read_csv(cache / "errors.csv", dtype=str).set_index("patient_id")
+        assert set(errors.index) == set(expected), source
+        for patient, (path, why) in expected.items():
+            assert errors.loc[patient, "file"] == str(path), source
+            assert why in errors.loc[patient, "reason"], source
+        assert pd.read_csv(cache / "index.csv")["patient_id"].tolist() == ["SYN0003"]

@@ -103,6 +103,9 @@ def cmd_index(args) -> int:
     if damaged:
         print(f"damaged files are listed in {Path(args.out) / 'index_errors.csv'}", file=sys.stderr)
         return 0 if args.allow_failures else 1
+    if index.series.empty:  # most often a wrong folder: say so rather than succeed quietly
+        print(f"no DICOM images under {args.dicom_root}", file=sys.stderr)
+        return 0 if args.allow_failures else 1
     return 0
 
 
@@ -309,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = command("index", help="find the series under a DICOM root; choose one per patient")
-    p.add_argument("dicom_root", type=Path)
+    p.add_argument("dicom_root", type=Path, help="folder searched for DICOM files (recursively)")
     p.add_argument("--out", type=Path, required=True, help="folder for series.csv / files.csv")
     _add_workers(p, "header-reading processes (default: every core)")
     p.add_argument(
@@ -331,7 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="CSV: patient_id,label[,split][,series_uid][,path]",
     )
-    p.add_argument("--index", type=Path, help="output folder of `brainmets index`")
+    p.add_argument(
+        "--index",
+        type=Path,
+        help="output folder of `brainmets index` (not needed when every labels row has a path)",
+    )
     p.add_argument("--out", type=Path, required=True, help="cache folder")
     _add_workers(p, "decoding processes (default: every core)")
     p.add_argument(
@@ -356,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = command("evaluate", help="patient-level metrics with 95%% CIs and plots")
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="a run folder written by train")
     p.add_argument("--data", type=Path, required=True, help="prepared cache to evaluate on")
     p.add_argument(
         "--split",
@@ -449,7 +456,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, CacheError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (
+        ConfigError,
+        CacheError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        ValueError,
+    ) as err:
         # Bad input from the user: one clear line (the traceback only with --verbose).
         if args.verbose:
             raise

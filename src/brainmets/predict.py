@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy.special import expit
+from tqdm import tqdm
 
 from brainmets.config import PreprocessConfig
 from brainmets.data.cache import (
@@ -167,7 +168,13 @@ def jobs_for_inputs(
     """Sort the command line into DICOM/NIfTI jobs, caches, and failure rows; series in DICOM
     folders are chosen for the run's preprocessing, as ``prepare`` chose them. Headers are
     read by ``workers`` processes (a DICOM root of many patients is many thousand files)."""
-    from brainmets.data.manifest import index_dicom_root, patient_choice, series_files
+    from brainmets.data.manifest import (
+        damaged_beside,
+        damaged_reason,
+        index_dicom_root,
+        patient_choice,
+        series_files,
+    )
 
     jobs: list[PatientJob] = []
     caches: list[Path] = []
@@ -191,6 +198,10 @@ def jobs_for_inputs(
                     beside = index.errors[index.errors["path"].astype(str).str.startswith(folders)]
                     reason = f"no usable series: {why}{_unreadable_files(beside)}"
                     errors.append(_error_row(str(patient_id), str(path), reason))
+                    continue
+                damaged = damaged_beside(index, uid)
+                if len(damaged):
+                    errors.append(_error_row(str(patient_id), str(path), damaged_reason(damaged)))
                     continue
                 jobs.append(
                     PatientJob(
@@ -418,18 +429,23 @@ def predict(
     if heat_dir:
         heat_dir.mkdir(parents=True, exist_ok=True)
 
+    # The bar counts patients finished (scored, heatmaps written, or failed), not patients
+    # preprocessed: the workers run a batch or more ahead of the scoring.
+    from_caches = sum(len(set(PatientCache(c).patient_ids) - set(done)) for c in caches)
+    bar = tqdm(total=len(jobs) + from_caches, desc="predict", unit="patient", disable=not progress)
+
     def items() -> Iterator[PreprocessedPatient]:
         for result in map_jobs(
             try_preprocess_patient,
             jobs,
             trained.preprocess,
             workers=workers,
-            progress=progress,
-            desc="predict",
+            progress=False,
             on_crash=failure_row,
         ):
             if isinstance(result, dict):
                 rows.append(_error_row(result["patient_id"], result["file"], result["reason"]))
+                bar.update()
             else:
                 yield result
         seen = {job.patient_id for job in jobs}
@@ -462,7 +478,7 @@ def predict(
     try:
         for batch, scores in trained.scorer.score_batches(flats):
             for item, score in zip(batch, scores, strict=True):
-                rows.append(_row(trained, item, score))
+                row = _row(trained, item, score)
                 if heat_dir:
                     maps = write_heatmaps(
                         trained,
@@ -472,12 +488,17 @@ def predict(
                         heat_dir,
                         top_k,
                     )
-                    heat_rows += [{**m, "probability": rows[-1]["probability"]} for m in maps]
+                    heat_rows += [{**m, "probability": row["probability"]} for m in maps]
+                # Only now is the patient done: a stop during its heatmaps (seconds each) must
+                # leave it for --resume, not saved without them.
+                rows.append(row)
+                bar.update()
             if time.monotonic() - last_save >= save_every_s:
                 save(partial)  # a long run stopped by a crash or a kill keeps what it did
                 last_save = time.monotonic()
         finished = True
     finally:
+        bar.close()
         table = save(out_csv if finished else partial)
         if finished:
             partial.unlink(missing_ok=True)

@@ -112,12 +112,14 @@ def test_report_escapes_file_contents(run_dir):
     assert HOSTILE_ID not in page
 
 
-def test_report_of_an_empty_run_folder(tmp_path):
+def test_report_of_a_run_that_stopped_before_its_first_epoch(tmp_path):
+    # All a run writes before training starts; every other section says it is missing.
+    (tmp_path / "config.yaml").write_text("seed: 17\n")
     out = write_report(tmp_path, tmp_path / "elsewhere" / "r.html")
     page = out.read_text(encoding="utf-8")
     assert out == tmp_path / "elsewhere" / "r.html"
+    assert "seed: 17" in page
     for what in (
-        "Configuration",
         "Learning curves",
         "Evaluation metrics",
         "Evaluation plots",
@@ -143,6 +145,10 @@ def test_report_tolerates_broken_inputs(run_dir):
 def test_report_needs_a_run_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="run folder not found"):
         write_report(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("not a run\n")
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        write_report(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing written
 
 
 CHROMIUM = shutil.which("chromium")

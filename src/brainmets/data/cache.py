@@ -297,7 +297,12 @@ def plan_jobs(
     a ``series_uid`` column pins the series instead of the automatic choice, in the index or
     in the patient's folder (a NIfTI file holds one volume: there is nothing to pin).
     """
-    from brainmets.data.manifest import patient_choice, series_files
+    from brainmets.data.manifest import (
+        damaged_beside,
+        damaged_reason,
+        patient_choice,
+        series_files,
+    )
 
     jobs: list[PatientJob] = []
     errors: list[dict] = []
@@ -347,6 +352,16 @@ def plan_jobs(
                 {"patient_id": r.patient_id, "file": "", "reason": f"no usable series ({why})"}
             )
             continue
+        damaged = damaged_beside(series_index, uid)
+        if len(damaged):
+            errors.append(
+                {
+                    "patient_id": r.patient_id,
+                    "file": str(damaged["path"].iloc[0]),
+                    "reason": damaged_reason(damaged),
+                }
+            )
+            continue
         jobs.append(
             PatientJob(**base, kind="dicom", series_uid=uid, files=series_files(series_index, uid))
         )
@@ -370,6 +385,8 @@ def load_patient_volume(job: PatientJob, preprocess: PreprocessConfig):
     """The HU volume of a job, whatever its source kind, and its SeriesInstanceUID."""
     from brainmets.data.dicom import SeriesError, load_series
     from brainmets.data.manifest import (
+        damaged_beside,
+        damaged_reason,
         index_dicom_root,
         ineligibility,
         patient_choice,
@@ -403,10 +420,14 @@ def load_patient_volume(job: PatientJob, preprocess: PreprocessConfig):
             why_not = ineligibility(pinned.iloc[0], preprocess.min_slices)
             if why_not:
                 raise SeriesError(job.path, f"pinned series {job.series_uid} is {why_not}")
-            return load_series(series_files(index, job.series_uid)), job.series_uid
-        uid, why = patient_choice(choose_for(index.series, preprocess))
-        if uid is None:
-            raise SeriesError(job.path, f"no usable CT series ({why})")
+            uid = job.series_uid
+        else:
+            uid, why = patient_choice(choose_for(index.series, preprocess))
+            if uid is None:
+                raise SeriesError(job.path, f"no usable CT series ({why})")
+        damaged = damaged_beside(index, uid)
+        if len(damaged):
+            raise SeriesError(damaged["path"].iloc[0], damaged_reason(damaged))
         return load_series(series_files(index, uid)), uid
     return load_series(job.files), job.series_uid
 

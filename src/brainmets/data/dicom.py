@@ -125,6 +125,10 @@ def read_header_or_reason(path: str | os.PathLike[str]) -> tuple[Dataset | None,
         return None, None
     if "SOPClassUID" not in ds:
         return None, "truncated or incomplete DICOM header (no SOPClassUID)"
+    if "Image Storage" in getattr(ds.SOPClassUID, "name", "") and "Rows" not in ds:
+        # An image whose header stops before its image description: a cut transfer, which
+        # would otherwise pass for a non-image object and leave its series one slice short.
+        return None, "truncated or incomplete DICOM header (an image without Rows)"
     short = _short_pixel_data(path, ds)
     if short:
         return None, short

@@ -42,6 +42,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from brainmets.data.dicom import (
+    NOT_DICOM,
     frame_value,
     is_multiframe,
     number_of_frames,
@@ -231,7 +232,10 @@ def index_dicom_root(
     starting it (:data:`FILES_PER_WORKER` each). The series table comes back with the
     default choice of :func:`choose_series` already applied.
     """
-    root = Path(root)
+    # Absolute: the index's paths must not depend on the folder it is read from later.
+    root = Path(root).absolute()
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: does not exist")
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a directory")
     paths = _walk(root)
@@ -417,6 +421,26 @@ def series_files(index: SeriesIndex, series_uid: str) -> list[str]:
 LABEL_COLUMNS = ["patient_id", "label"]
 OPTIONAL_LABEL_COLUMNS = ["split", "series_uid", "path"]
 SPLITS = ("train", "val", "test")
+
+
+def damaged_beside(index: SeriesIndex, series_uid: str) -> pd.DataFrame:
+    """The damaged DICOM files (index errors other than "not DICOM") in the folders of a
+    series' files. Each may be one of its slices, cut by a transfer or a disk: the series
+    would then be scored without it, and a lost slice can hold the only lesion."""
+    folders = {os.path.dirname(p) for p in series_files(index, series_uid)}
+    errors = index.errors
+    beside = errors["path"].astype(str).map(os.path.dirname).isin(folders)
+    return errors[beside & (errors["reason"] != NOT_DICOM)]
+
+
+def damaged_reason(damaged: pd.DataFrame, shown: int = 3) -> str:
+    """The error reason of a patient whose series has ``damaged`` files beside it."""
+    listed = [f"{row.path} ({row.reason})" for row in damaged.head(shown).itertuples()]
+    more = f" and {len(damaged) - shown} more" if len(damaged) > shown else ""
+    return (
+        f"damaged DICOM file(s) beside the chosen series, possibly slices of it: "
+        f"{', '.join(listed)}{more}; repair or remove them"
+    )
 
 
 def read_labels(path: str | os.PathLike[str]) -> pd.DataFrame:

@@ -9,6 +9,7 @@ run's reported scale (calibrated when the run is, see ``brainmets.model.probabil
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from collections.abc import Iterator
@@ -165,7 +166,6 @@ def evaluate_run(
 
     run = Path(run)
     out = Path(out_dir) if out_dir else run / "evaluation"
-    out.mkdir(parents=True, exist_ok=True)
     settings = (
         load_config(run / "config.yaml").evaluate
         if (run / "config.yaml").is_file()
@@ -176,11 +176,18 @@ def evaluate_run(
 
     trained = load_trained(run, device, compile=compile)
     cache = PatientCache(data)
+    out.mkdir(parents=True, exist_ok=True)  # after the inputs load: a typo leaves no folder
     ids = cache.patient_ids
     if split is not None:
         ids = cache.index.loc[cache.index["split"] == split, "patient_id"].tolist()
         if not ids:
             present = sorted(set(cache.index["split"].fillna("").astype(str)) - {""})
+            close = difflib.get_close_matches(split, present, n=1)
+            if close:  # a typo of a split the cache has
+                raise ValueError(
+                    f"{data}: no patient has split {split!r}; did you mean --split {close[0]}? "
+                    f"(splits in this cache: {', '.join(present)})"
+                )
             raise ValueError(
                 f"{data}: no patient has split {split!r} (splits in this cache: "
                 f"{', '.join(present) or 'none'}). Give test patients a split column value "

@@ -415,15 +415,24 @@ _SECTIONS = (
 )
 
 
+RUN_FILES = ("config.yaml", "metrics.csv", "model.json", "evaluation")
+"""What makes a folder a run's: any one of these (a run stopped early has only the first)."""
+
+
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write the run's self-contained HTML report and return its path.
 
     ``out`` defaults to ``RUN/report.html``. Sections whose inputs are missing or
-    unreadable carry a one-line note; the call fails only when ``run_dir`` is not a folder.
+    unreadable carry a one-line note; the call fails only when ``run_dir`` is not a folder
+    or holds none of a run's files (a wrong path would otherwise get an empty report).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: run folder not found")
+    if not any((run_dir / name).exists() for name in RUN_FILES):
+        raise FileNotFoundError(
+            f"{run_dir}: not a run folder (it has none of {', '.join(RUN_FILES)})"
+        )
     out = Path(out) if out is not None else run_dir / "report.html"
     config_text, config, problem = _read_config(run_dir)
     bodies = {
