@@ -4,6 +4,7 @@ synth -> index -> prepare -> train -> evaluate -> predict (DICOM, NIfTI, cache) 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -180,9 +181,10 @@ def test_evaluate_on_a_missing_split_says_what_to_do(workflow, capsys):
                  "--split", "holdout"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "no patient has split 'holdout'" in err and "splits in this cache: test" in err
+    out = root / "typo-eval"
     assert main(["-q", "evaluate", str(root / "run"), "--data", str(root / "cache"),
-                 "--split", "tset"]) == 2  # fmt: skip
-    assert "did you mean --split test?" in capsys.readouterr().err
+                 "--split", "tset", "--out", str(out)]) == 2  # fmt: skip
+    assert "did you mean --split test?" in capsys.readouterr().err and not out.exists()
     # A mistyped run folder is not created by the attempt.
     typo = root / "runn"
     assert main(["-q", "evaluate", str(typo), "--data", str(root / "cache")]) == 2
@@ -461,23 +463,31 @@ def test_a_damaged_slice_fails_its_patient_wherever_the_series_is_read(
     """A slice cut in its pixel data or in its header leaves a series that still looks whole
     to the index (enough slices, maybe no gap at an end). Scored without it, a patient could
     lose the only slice with a lesion: predict and prepare (patient folders and an index)
-    fail that patient, naming the file and why; the intact patient goes through."""
+    fail that patient, naming the file and why. A damaged file of another series beside it
+    (here the patient's localizer) is no reason to fail the patient."""
     root, _ = workflow
     assert main(["-q", "synth", str(tmp_path / "c"), "--patients", "3", "--matrix", "64",
                  "--min-slices", "12", "--max-slices", "12", "--seed", "5"]) == 0  # fmt: skip
     dicom = tmp_path / "c" / "dicom"
 
-    def last_slice(patient: str):
-        """The volume's slice with the highest InstanceNumber (not the localizer's)."""
+    def by_series(patient: str) -> dict[str, list]:
+        """The patient's files per series, in InstanceNumber order."""
         files = [p for p in (dicom / patient).rglob("*") if p.is_file()]
         headers = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in files}
-        series = pd.Series([h.SeriesInstanceUID for h in headers.values()]).mode()[0]
-        volume = [p for p, h in headers.items() if h.SeriesInstanceUID == series]
-        return max(volume, key=lambda p: int(headers[p].InstanceNumber))
+        series: dict[str, list] = {}
+        for path in sorted(files, key=lambda p: int(headers[p].InstanceNumber)):
+            series.setdefault(headers[path].SeriesInstanceUID, []).append(path)
+        return series
+
+    def last_slice(patient: str):
+        return max(by_series(patient).values(), key=len)[-1]
 
     halved, headless = last_slice("SYN0001"), last_slice("SYN0002")
     halved.write_bytes(halved.read_bytes()[: halved.stat().st_size // 2])
     _cut_before_rows(headless)
+    (localizer,) = min(by_series("SYN0003").values(), key=len)  # in the volume's folder
+    localizer.write_bytes(localizer.read_bytes()[: localizer.stat().st_size // 2])
+    assert localizer.parent == last_slice("SYN0003").parent
     expected = {"SYN0001": (halved, "truncated: "), "SYN0002": (headless, "without Rows")}
 
     out = tmp_path / "p.csv"
@@ -490,18 +500,25 @@ def test_a_damaged_slice_fails_its_patient_wherever_the_series_is_read(
     # An index built from a relative root, read from another folder.
     monkeypatch.chdir(tmp_path)
     assert main(["-q", "index", "c/dicom", "--out", "index", "--allow-failures"]) == 0
+    files = pd.read_csv(tmp_path / "index" / "files.csv", dtype=str)["path"]
+    assert all(Path(p).is_absolute() for p in files)
     labels = pd.read_csv(tmp_path / "c" / "labels.csv", dtype={"patient_id": str})
+    labels.to_csv(tmp_path / "by-index.csv", index=False)  # no path: the index finds them
     labels["path"] = [str(dicom / p) for p in labels["patient_id"]]
-    labels.to_csv(tmp_path / "labels.csv", index=False)
+    labels.to_csv(tmp_path / "by-folder.csv", index=False)
     monkeypatch.chdir(root)
-    for source in (["--index", str(tmp_path / "index")], []):  # an index; patient folders
-        cache = tmp_path / f"cache{len(source)}"
-        argv = ["-q", "prepare", "--labels", str(tmp_path / "labels.csv"), *source,
+    for how in ("index", "folder"):
+        cache = tmp_path / f"cache-{how}"
+        source = ["--index", str(tmp_path / "index")] if how == "index" else []
+        argv = ["-q", "prepare", "--labels", str(tmp_path / f"by-{how}.csv"), *source,
                 "--out", str(cache), "--workers", "1"]  # fmt: skip
-        assert main(argv) == 1, source
+        assert main(argv) == 1, how
         errors = pd.read_csv(cache / "errors.csv", dtype=str).set_index("patient_id")
-        assert set(errors.index) == set(expected), source
+        assert set(errors.index) == set(expected), how
         for patient, (path, why) in expected.items():
-            assert errors.loc[patient, "file"] == str(path), source
-            assert why in errors.loc[patient, "reason"], source
+            reason = errors.loc[patient, "reason"]
+            assert errors.loc[patient, "file"] == str(dicom / patient), how  # its folder
+            assert str(path) in reason and why in reason, how
+            # A stored index lists the files: it must be built again once they are mended.
+            assert ("run `brainmets index` again" in reason) == (how == "index"), how
         assert pd.read_csv(cache / "index.csv")["patient_id"].tolist() == ["SYN0003"]

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy.special import expit
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from brainmets.config import PreprocessConfig
 from brainmets.data.cache import (
@@ -201,7 +201,8 @@ def jobs_for_inputs(
                     continue
                 damaged = damaged_beside(index, uid)
                 if len(damaged):
-                    errors.append(_error_row(str(patient_id), str(path), damaged_reason(damaged)))
+                    reason = damaged_reason(damaged, reindex=False)
+                    errors.append(_error_row(str(patient_id), str(path), reason))
                     continue
                 jobs.append(
                     PatientJob(
@@ -452,6 +453,7 @@ def predict(
         for cache_root in caches:
             for item in _cache_items(cache_root, trained, skip=done):
                 if item.job.patient_id in seen:
+                    bar.total -= 1  # counted in the total, never finished
                     log.warning(
                         "patient %s of %s was already predicted; skipped",
                         item.job.patient_id,

@@ -16,6 +16,7 @@ share one directory. A cache prepared with other parameters is never reused sile
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -352,19 +354,15 @@ def plan_jobs(
                 {"patient_id": r.patient_id, "file": "", "reason": f"no usable series ({why})"}
             )
             continue
+        job = PatientJob(
+            **base, kind="dicom", series_uid=uid, files=series_files(series_index, uid)
+        )
         damaged = damaged_beside(series_index, uid)
         if len(damaged):
-            errors.append(
-                {
-                    "patient_id": r.patient_id,
-                    "file": str(damaged["path"].iloc[0]),
-                    "reason": damaged_reason(damaged),
-                }
-            )
+            reason = damaged_reason(damaged, reindex=True)
+            errors.append({"patient_id": r.patient_id, "file": job_source(job), "reason": reason})
             continue
-        jobs.append(
-            PatientJob(**base, kind="dicom", series_uid=uid, files=series_files(series_index, uid))
-        )
+        jobs.append(job)
     return jobs, errors
 
 
@@ -427,7 +425,7 @@ def load_patient_volume(job: PatientJob, preprocess: PreprocessConfig):
                 raise SeriesError(job.path, f"no usable CT series ({why})")
         damaged = damaged_beside(index, uid)
         if len(damaged):
-            raise SeriesError(damaged["path"].iloc[0], damaged_reason(damaged))
+            raise SeriesError(job.path, damaged_reason(damaged, reindex=False))
         return load_series(series_files(index, uid)), uid
     return load_series(job.files), job.series_uid
 
@@ -461,8 +459,8 @@ def preprocess_patient(job: PatientJob, preprocess: PreprocessConfig) -> Preproc
 
 
 def job_source(job: PatientJob) -> str:
-    """Where a job's image is, as a user would name it: the file or folder given, or the
-    folder of its series' files (their common folder, as the index's ``directory``)."""
+    """Where a job's image is: the file or folder given, or the folder of its series' files
+    (their common folder, absolute, as the index's ``directory``)."""
     if job.path:
         return job.path
     if job.files:
@@ -631,9 +629,16 @@ def map_jobs(
             job = pending.pop()
             running[slots[slot].submit(fn, job, *args)] = (slot, job)
 
+        def start_new(slot: int) -> None:
+            # A worker's process starts at its first job. Started with SIGINT ignored, it
+            # ignores Ctrl-C from its first instruction: init_worker comes only after its
+            # imports, and a Ctrl-C meanwhile printed each worker's traceback.
+            with _sigint_ignored():
+                start(slot)
+
         for slot in range(min(workers, len(jobs))):
             slots.append(new_worker())
-            start(slot)
+            start_new(slot)
         while running:
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
@@ -646,14 +651,31 @@ def map_jobs(
                     slots[slot].shutdown(wait=False)
                     slots[slot] = new_worker()
                     result = on_crash(job, WORKER_DIED)
-                if pending:
-                    start(slot)  # before yielding: the worker goes on while the caller writes
+                    if pending:
+                        start_new(slot)
+                else:
+                    if pending:  # before yielding: the worker goes on while the caller writes
+                        start(slot)
                 yield result
                 bar.update()
     finally:
         for worker in slots:
             worker.shutdown(wait=True, cancel_futures=True)
         bar.close()
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in this process meanwhile (processes started now inherit that); in the
+    main thread only, the one thread Python lets change signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _crash_row(job: PatientJob, reason: str) -> dict:

@@ -162,6 +162,22 @@ def _short_pixel_data(path: str | os.PathLike[str], ds: Dataset) -> str | None:
     return None
 
 
+def damaged_file_identity(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """``(SeriesInstanceUID, SOP class name)`` of a damaged file, as far as what is left of
+    its header says ("" where it does not): which series it would have belonged to, and
+    whether it is an image at all (the file meta's SOP class when the dataset lost its own)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        series = str(ds.get("SeriesInstanceUID", "") or "")
+        meta = getattr(ds, "file_meta", None)
+        sop = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+        return series, str(getattr(sop, "name", sop or ""))
+    except Exception:  # whatever the damage, the answer is then "unknown"
+        return "", ""
+
+
 def read_header(path: str | os.PathLike[str]) -> Dataset | None:
     """Headers of one DICOM instance, or ``None`` for non-DICOM files, DICOMDIRs and DIRFILEs."""
     ds, _ = read_header_or_reason(path)

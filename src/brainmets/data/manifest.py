@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from brainmets.data.dicom import (
     NOT_DICOM,
+    damaged_file_identity,
     frame_value,
     is_multiframe,
     number_of_frames,
@@ -70,7 +71,8 @@ SERIES_COLUMNS = [
     "reason",
 ]
 FILE_COLUMNS = ["series_uid", "path", "instance_number"]
-ERROR_COLUMNS = ["path", "reason"]
+ERROR_COLUMNS = ["path", "reason", "series_uid", "sop_class"]
+"""The last two: what is left of a damaged file's header says (else empty)."""
 
 CT_IMAGE_STORAGE = "CT Image Storage"
 CT_STORAGE_CLASSES = (
@@ -95,6 +97,18 @@ class SeriesIndex:
     series: pd.DataFrame
     files: pd.DataFrame
     errors: pd.DataFrame
+
+    @cached_property
+    def _damaged_files(self) -> pd.DataFrame:
+        """Index errors that are damaged DICOM (not "not DICOM"), with their folder and
+        whether their SOP class is known not to be an image; built once per index."""
+        errors = self.errors
+        damaged = errors[errors["reason"] != NOT_DICOM].copy()
+        damaged["folder"] = damaged["path"].astype(str).map(os.path.dirname)
+        sop = damaged["sop_class"].fillna("").astype(str)
+        damaged["non_image"] = (sop != "") & ~sop.str.contains("Image Storage")
+        damaged["series_uid"] = damaged["series_uid"].fillna("").astype(str)
+        return damaged
 
     @cached_property
     def _paths_by_series(self) -> dict[str, list[str]]:
@@ -142,9 +156,14 @@ def header_record(path: str) -> dict[str, object]:
     ds, reason = read_header_or_reason(path)
     if ds is None:
         # reason None: a directory record (DICOMDIR, DIRFILE), skipped without an error.
-        return {"path": path, "error": reason, "skip": True}
+        record = {"path": path, "error": reason, "skip": True, "series_uid": "", "sop_class": ""}
+        if reason and reason != NOT_DICOM:  # damaged: whose slice might it have been?
+            record["series_uid"], record["sop_class"] = damaged_file_identity(path)
+        return record
     if "SeriesInstanceUID" not in ds:
-        return {"path": path, "error": "missing SeriesInstanceUID", "skip": True}
+        sop = str(getattr(ds.SOPClassUID, "name", ds.SOPClassUID))
+        return {"path": path, "error": "missing SeriesInstanceUID", "skip": True,
+                "series_uid": "", "sop_class": sop}  # fmt: skip
     meta = getattr(ds, "file_meta", None)
     transfer_syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     study_uid = str(ds.get("StudyInstanceUID", ""))
@@ -252,9 +271,10 @@ def index_dicom_root(
 
     good = [r for r in records if not r["skip"]]
     errors = pd.DataFrame(
-        [{"path": r["path"], "reason": r["error"]} for r in records if r["error"]],
+        [{**{c: r[c] for c in ERROR_COLUMNS if c != "reason"}, "reason": r["error"]}
+         for r in records if r["error"]],
         columns=ERROR_COLUMNS,
-    )
+    )  # fmt: skip
     image_records = [r for r in good if r["is_image"]]
     files = pd.DataFrame(
         [{c: r[c] for c in FILE_COLUMNS} for r in image_records], columns=FILE_COLUMNS
@@ -392,6 +412,9 @@ def read_index(out_dir: str | os.PathLike[str]) -> SeriesIndex:
                 # An empty cell (no SliceThickness, as on a localizer) is a missing number.
                 frame[column] = pd.to_numeric(frame[column], errors="coerce")
         frames[attr] = frame
+    for column in ERROR_COLUMNS:  # an index written before a column existed
+        if column not in frames["errors"]:
+            frames["errors"][column] = ""
     return SeriesIndex(**frames)
 
 
@@ -414,6 +437,37 @@ def series_files(index: SeriesIndex, series_uid: str) -> list[str]:
     return list(index._paths_by_series.get(series_uid, []))
 
 
+def damaged_beside(index: SeriesIndex, series_uid: str) -> pd.DataFrame:
+    """The damaged DICOM files that may be slices of a series: those whose header still names
+    the series, and those that name no series, are not known to be other than images and lie
+    in a folder of the series' files (an empty file, a header cut early).
+
+    The series would otherwise be scored without them, and a lost slice can hold the only
+    lesion. A damaged file of another series (another patient's slice in a flat export, the
+    patient's localizer) or a non-image object is no reason to fail this one.
+    """
+    damaged = index._damaged_files
+    if damaged.empty:
+        return damaged
+    folders = {os.path.dirname(p) for p in series_files(index, series_uid)}
+    unknown = (damaged["series_uid"] == "") & ~damaged["non_image"]
+    mine = (damaged["series_uid"] == series_uid) | (unknown & damaged["folder"].isin(folders))
+    return damaged[mine]
+
+
+def damaged_reason(damaged: pd.DataFrame, *, reindex: bool, shown: int = 3) -> str:
+    """The error reason of a patient whose series may lack the ``damaged`` files' slices.
+    ``reindex``: the files came from a stored index, which must be built again once they are
+    repaired or removed."""
+    listed = [f"{row.path} ({row.reason})" for row in damaged.head(shown).itertuples()]
+    more = f" and {len(damaged) - shown} more" if len(damaged) > shown else ""
+    then = ", then run `brainmets index` again" if reindex else ""
+    return (
+        f"damaged DICOM file(s) that may be slices of the chosen series: "
+        f"{', '.join(listed)}{more}; repair or remove them{then}"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # labels.csv
 # --------------------------------------------------------------------------------------------
@@ -421,26 +475,6 @@ def series_files(index: SeriesIndex, series_uid: str) -> list[str]:
 LABEL_COLUMNS = ["patient_id", "label"]
 OPTIONAL_LABEL_COLUMNS = ["split", "series_uid", "path"]
 SPLITS = ("train", "val", "test")
-
-
-def damaged_beside(index: SeriesIndex, series_uid: str) -> pd.DataFrame:
-    """The damaged DICOM files (index errors other than "not DICOM") in the folders of a
-    series' files. Each may be one of its slices, cut by a transfer or a disk: the series
-    would then be scored without it, and a lost slice can hold the only lesion."""
-    folders = {os.path.dirname(p) for p in series_files(index, series_uid)}
-    errors = index.errors
-    beside = errors["path"].astype(str).map(os.path.dirname).isin(folders)
-    return errors[beside & (errors["reason"] != NOT_DICOM)]
-
-
-def damaged_reason(damaged: pd.DataFrame, shown: int = 3) -> str:
-    """The error reason of a patient whose series has ``damaged`` files beside it."""
-    listed = [f"{row.path} ({row.reason})" for row in damaged.head(shown).itertuples()]
-    more = f" and {len(damaged) - shown} more" if len(damaged) > shown else ""
-    return (
-        f"damaged DICOM file(s) beside the chosen series, possibly slices of it: "
-        f"{', '.join(listed)}{more}; repair or remove them"
-    )
 
 
 def read_labels(path: str | os.PathLike[str]) -> pd.DataFrame:

@@ -176,7 +176,6 @@ def evaluate_run(
 
     trained = load_trained(run, device, compile=compile)
     cache = PatientCache(data)
-    out.mkdir(parents=True, exist_ok=True)  # after the inputs load: a typo leaves no folder
     ids = cache.patient_ids
     if split is not None:
         ids = cache.index.loc[cache.index["split"] == split, "patient_id"].tolist()
@@ -194,6 +193,7 @@ def evaluate_run(
                 f"'{split}' in the labels CSV and run prepare again, or evaluate a separate "
                 "held-out cache without --split"
             )
+    out.mkdir(parents=True, exist_ok=True)  # after every input checks out: a typo leaves none
     predictions = score_cache(trained, cache, ids, progress=progress)
 
     overlap = _training_overlap(run, predictions["patient_id"])

@@ -415,8 +415,9 @@ _SECTIONS = (
 )
 
 
-RUN_FILES = ("config.yaml", "metrics.csv", "model.json", "evaluation")
-"""What makes a folder a run's: any one of these (a run stopped early has only the first)."""
+RUN_FILES = ("train.log", "config.yaml", "metrics.csv", "model.json", "evaluation")
+"""What makes a folder a run's: any one of these (a run that could not start has only its
+log, one stopped before its first epoch its log and config)."""
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
