@@ -416,3 +416,13 @@ def test_evaluate_predictions_without_validation_and_with_undefined_values():
 def test_evaluate_predictions_needs_both_validation_arrays():
     with pytest.raises(ValueError, match="together"):
         evaluate_predictions([0, 1], [0.2, 0.8], 0.5, n_boot=10, val_labels=[0, 1])
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [(-0.0004, "0.000"), (-0.0006, "-0.001"), (0.9996, "1.000"), (0.5, "0.500")]
+)
+def test_summary_numbers_never_show_a_negative_zero(value, shown):
+    """A separation CI of "-0.000 to 0.001" reads as a sign that is not there."""
+    from brainmets.evaluate.evaluation import _three_places
+
+    assert _three_places(value) == shown

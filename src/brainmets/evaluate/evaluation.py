@@ -46,6 +46,11 @@ _SUMMARY_ROWS = [
 ]
 
 
+def _three_places(x: float) -> str:
+    """``x`` to 3 decimals, without the "-0.000" of a tiny negative number."""
+    return f"{round(x, 3) + 0.0:.3f}"
+
+
 @dataclass
 class EvaluationSummary:
     metrics: dict
@@ -63,9 +68,9 @@ class EvaluationSummary:
         for key, label in _SUMMARY_ROWS:
             value = m.get(key)
             lo, hi = ci.get(key, [None, None])
-            shown = "n/a" if value is None else f"{value:.3f}"
+            shown = "n/a" if value is None else _three_places(value)
             if lo is not None and hi is not None:
-                shown += f"  (95% CI {lo:.3f} to {hi:.3f})"
+                shown += f"  (95% CI {_three_places(lo)} to {_three_places(hi)})"
             lines.append(f"  {label:<18} {shown}")
         lines.append(f"  separation band    {self.metrics['separation_band']}")
         for point in self.metrics.get("operating_points", []):
