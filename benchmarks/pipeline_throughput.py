@@ -345,13 +345,13 @@ def _repeated(step: Callable[[], int], times: int) -> Callable[[], int]:
     return lambda: sum(step() for _ in range(times))
 
 
-def _built(name: str, build: Callable[[], Callable[[], int]], args, *, autotune: bool,
-           alone: bool = False) -> Candidate | None:  # fmt: skip
-    """The candidate of a step ``build`` makes, or None (printed) if it cannot be built."""
-    step = _section(f"build {name}", build)
-    if step is None:
-        return None
-    return Candidate(_repeated(step, args.steps), _repeated(step, args.warmup), autotune, alone)
+def _stepped(
+    step: Callable[[], int], args, *, autotune: bool, alone: bool = False, warmup: int | None = None
+) -> Candidate:
+    """The candidate that times ``--steps`` calls of ``step`` per run (``warmup`` calls, by
+    default ``--warmup``, before the first)."""
+    warmup = args.warmup if warmup is None else warmup
+    return Candidate(_repeated(step, args.steps), _repeated(step, warmup), autotune, alone)
 
 
 def train_rows(args, device, cache: PatientCache, root: Path) -> Iterator[tuple[str, dict]]:
@@ -377,19 +377,19 @@ def train_rows(args, device, cache: PatientCache, root: Path) -> Iterator[tuple[
     try:
         for s in (1, 2, 3):
             steps, candidates = {}, {}
-            found = _built("reference", partial(reference_train_step, args, device, s,
-                                                train_slices), args, autotune=True)  # fmt: skip
-            if found is not None:
-                candidates["reference"] = found
+            step = _section("build reference", reference_train_step, args, device, s,
+                            train_slices)  # fmt: skip
+            if step is not None:
+                candidates["reference"] = _stepped(step, args, autotune=True)
             for variant in order:
                 steps[variant] = _section(
                     f"stage {s}, {variant}", pipeline_step, trainers[variant], s
                 )
                 if steps[variant] is not None:
-                    candidates[f"pipeline_{variant}"] = Candidate(
-                        _repeated(steps[variant], args.steps),
-                        _repeated(steps[variant], args.warmup),
-                        autotuned(variant),
+                    candidates[f"pipeline_{variant}"] = _stepped(
+                        steps[variant],
+                        args,
+                        autotune=autotuned(variant),
                         # DataLoader workers prefetch while the others run: time it alone.
                         alone=variant == "loader" and args.workers > 0,
                     )
@@ -427,9 +427,7 @@ def inference_rows(args, device, cache: PatientCache, run: Path) -> dict[str, di
         if step is not None:
             # The compiled reference warms up longer: its first calls compile.
             warmup = args.warmup + (3 if compiled else 0)
-            candidates[f"reference{suffix}"] = Candidate(
-                _repeated(step, args.steps), _repeated(step, warmup), autotune=True
-            )
+            candidates[f"reference{suffix}"] = _stepped(step, args, autotune=True, warmup=warmup)
         found = _section(f"build pipeline{suffix}", pipeline_infer_candidate, args, device,
                          cache, run, compiled, logits)  # fmt: skip
         if found is not None:

@@ -29,6 +29,11 @@ def _rank() -> int:
     return 0
 
 
+def _rank_prefix() -> str:
+    """What marks a line of a torchrun rank other than 0 (nothing on rank 0)."""
+    return f"[rank {_rank()}] " if _rank() else ""
+
+
 def _setup_logging(verbose: bool) -> None:
     # Under torchrun every process would print every line: rank 0 speaks for the run. Its
     # warnings (config, weights, curriculum, non-finite steps) come from state every rank
@@ -38,8 +43,7 @@ def _setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(
         level=level if rank == 0 else logging.ERROR,
-        format=("" if rank == 0 else f"[rank {rank}] ")
-        + "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=_rank_prefix() + "%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     if rank:
@@ -467,8 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input from the user: one clear line (the traceback only with --verbose).
         if args.verbose:
             raise
-        prefix = f"[rank {_rank()}] " if _rank() else ""
-        print(f"{prefix}brainmets: {err}", file=sys.stderr)
+        print(f"{_rank_prefix()}brainmets: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if _rank() == 0:  # one hint for the run, not one per process
