@@ -3,7 +3,7 @@
 Pipeline (what ``brainmets train`` runs each step): cached uint8 patients of varying slice
 counts -> DataLoader + collate -> device -> class-conditional augmentation -> z-score ->
 BrainMetsNet (frozen prefix under no_grad) -> max pooling -> loss -> clip -> AdamW. It is
-measured through the trainer's own step (``Trainer._train_step``) on a cache written to a
+measured through the trainer's own step (``Trainer.train_step``) on a cache written to a
 temporary folder, per curriculum stage, with batches from the device-resident cohort
 (``data.device_cache``, the default on CUDA) and from the DataLoader. Inference is
 ``evaluate``'s ``score_cache`` over the whole cache (chunked forward, eager and compiled).
@@ -174,7 +174,7 @@ def autotuned(variant: str) -> bool:
 
 def pipeline_step(trainer, stage: int) -> Callable[[], int]:
     """The trainer's own step in ``stage``, on batches as its epoch loop draws them."""
-    trainer._enter_stage(stage)
+    trainer.enter_stage(stage)
     trainer.model.train()
 
     def batches():
@@ -182,13 +182,13 @@ def pipeline_step(trainer, stage: int) -> Callable[[], int]:
             if trainer.train_store is not None:
                 yield from trainer.train_store.batches(trainer.sampler)
             else:
-                yield from trainer._loader(trainer.train_set, batch_sampler=trainer.sampler)
+                yield from trainer.loader(trainer.train_set, batch_sampler=trainer.sampler)
 
     source = batches()
 
     def step() -> int:
         batch = next(source).to(trainer.device, non_blocking=True)
-        trainer._train_step(batch)
+        trainer.train_step(batch)
         return int(batch.images.shape[0])
 
     return step
@@ -217,8 +217,7 @@ def pipeline_infer_candidate(
     """``evaluate``'s scoring of the whole cache (memory map -> reader thread -> device ->
     chunked forward -> max pooling, one batch in flight), compiled or not; each run leaves its
     patient logits in ``logits``."""
-    from brainmets.evaluate.evaluation import score_cache
-    from brainmets.predict import load_trained
+    from brainmets.inference import load_trained, score_cache
 
     # The cohort several times over: a pass over 160 patients lasts under a second on a GPU,
     # and the first batch (read before anything overlaps) would weigh as a cohort's would not.
@@ -237,7 +236,7 @@ def pipeline_infer_candidate(
 
 
 def _worker_init() -> None:
-    from brainmets.data.cache import init_worker  # imports paid before the clock
+    from brainmets.data.workers import init_worker  # imports paid before the clock
 
     init_worker()  # as prepare's workers: one thread, freed memory kept
 
@@ -284,7 +283,7 @@ def dicom_rates(args, root: Path, run: Path) -> dict[str, float]:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    from brainmets.data.manifest import index_dicom_root, series_files, write_index
+    from brainmets.data.series_index import index_dicom_root, series_files, write_index
     from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
 
     cores = os.cpu_count() or 1

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from brainmets.data.cache import init_worker
 from brainmets.data.dicom import load_series
-from brainmets.data.manifest import index_dicom_root, series_files
+from brainmets.data.series_index import index_dicom_root, series_files
 from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
 from brainmets.data.volume import brain_window, resize_slices, slab_resample, to_uint8
+from brainmets.data.workers import init_worker
 
 
 def _best(fn: Callable[[], object], repeats: int) -> float:

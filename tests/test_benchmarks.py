@@ -46,6 +46,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_pipeline_benchmark_measures_every_section(tmp_path):
     out = tmp_path / "pipeline.json"
     done = _run("pipeline_throughput.py", *TINY, "--json", str(out))
@@ -79,6 +80,7 @@ def test_pipeline_benchmark_measures_every_section(tmp_path):
     assert "workload" in done.stdout and "from 512^2 DICOM" in done.stdout  # the printed table
 
 
+@pytest.mark.slow
 def test_pipeline_benchmark_sections_and_variants_can_be_chosen(tmp_path):
     out = tmp_path / "inference-only.json"
     _run("pipeline_throughput.py", *TINY, "--sections", "inference", "--json", str(out))
@@ -148,6 +150,7 @@ def test_the_ratio_is_the_median_of_the_per_round_ratios():
     assert math.isnan(median_rate([math.nan])) and median_rate(rates["ref"]) == 10.0
 
 
+@pytest.mark.slow
 def test_step_profile_writes_traces_and_per_step_figures(tmp_path):
     done = _run("profile_step.py", *TINY, "--steps", "2", "--stages", "1", "--out", str(tmp_path))
     summary = json.loads((tmp_path / "profile.json").read_text())

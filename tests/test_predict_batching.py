@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from brainmets.predict import batch_by_slices
+from brainmets.inference import batch_by_slices
 
 
 def test_batches_keep_patients_whole_within_the_budget():
@@ -27,8 +27,7 @@ def test_a_second_input_with_the_same_patient_id_is_named_by_its_folder():
     """Two studies of one patient given in one predict call: the output has one row per
     patient id, so the second is an error row; it must name the folder the user gave (not a
     series UID) and the first one's, and say how to score it."""
-    from brainmets.data.cache import PatientJob
-    from brainmets.predict import _unique_patients
+    from brainmets.data.prepare import PatientJob, _unique_patients
 
     first = PatientJob("P1", 0, files=["/data/P1/2019/CT/1.dcm", "/data/P1/2019/CT/2.dcm"],
                        series_uid="1.2.3")  # fmt: skip
@@ -51,7 +50,7 @@ def test_a_patient_predicted_again_replaces_its_heatmaps(tmp_path):
     show one study per patient, so the old rows and PNGs go (other patients' stay)."""
     import pandas as pd
 
-    from brainmets.predict import _update_heatmap_index
+    from brainmets.heatmaps import update_heatmap_index
 
     def row(pid, rank, slice_index, p):
         name = f"{pid}_rank{rank}_slice{slice_index}.png"
@@ -59,9 +58,9 @@ def test_a_patient_predicted_again_replaces_its_heatmaps(tmp_path):
         return {"file": name, "patient_id": pid, "rank": rank, "slice_index": slice_index,
                 "slice_logit": 0.0, "probability": p}  # fmt: skip
 
-    _update_heatmap_index(tmp_path, [row("P1", 1, 3, 0.4), row("P1", 2, 4, 0.4),
+    update_heatmap_index(tmp_path, [row("P1", 1, 3, 0.4), row("P1", 2, 4, 0.4),
                                      row("P2", 1, 7, 0.9)])  # fmt: skip
-    _update_heatmap_index(tmp_path, [row("P1", 1, 5, 0.6), row("P1", 2, 4, 0.6)])
+    update_heatmap_index(tmp_path, [row("P1", 1, 5, 0.6), row("P1", 2, 4, 0.6)])
     index = pd.read_csv(tmp_path / "heatmaps.csv", dtype={"patient_id": str})
     assert sorted(index["file"]) == ["P1_rank1_slice5.png", "P1_rank2_slice4.png",
                                      "P2_rank1_slice7.png"]  # fmt: skip

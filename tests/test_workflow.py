@@ -15,7 +15,7 @@ import torch
 
 from brainmets.cli import main
 from brainmets.data.dicom import load_series
-from brainmets.data.manifest import read_index, series_files
+from brainmets.data.series_index import read_index, series_files
 
 TINY_TRAIN = [
     "--set", "model.arch=resnet18",
@@ -268,9 +268,10 @@ def test_a_calibrated_run_reports_calibrated_probabilities_and_the_same_decision
 def test_a_flat_grad_cam_says_so_in_its_title(workflow, tmp_path, monkeypatch):
     """An all-zero Grad-CAM (no slice region raised the logit) is drawn as a black overlay;
     its title must say that this is the finding, not a broken image."""
+    from brainmets import heatmaps
     from brainmets.data.cache import PatientCache
-    from brainmets.evaluate import heatmaps
-    from brainmets.predict import load_trained, write_heatmaps
+    from brainmets.heatmaps import write_heatmaps
+    from brainmets.inference import load_trained
 
     root, _ = workflow
     trained = load_trained(root / "run", "cpu")

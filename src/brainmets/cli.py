@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from brainmets import PER_RANK_LOGGER
+from brainmets import PER_RANK_LOGGER, rundir
 
 log = logging.getLogger("brainmets")
 
@@ -89,7 +89,7 @@ def cmd_synth(args) -> int:
 
 def cmd_index(args) -> int:
     from brainmets.data.dicom import NOT_DICOM
-    from brainmets.data.manifest import choose_series, index_dicom_root, write_index
+    from brainmets.data.series_index import choose_series, index_dicom_root, write_index
 
     index = index_dicom_root(args.dicom_root, workers=args.workers, progress=not args.quiet)
     index.series = choose_series(index.series, target_mm=args.target_mm, min_slices=args.min_slices)
@@ -114,8 +114,10 @@ def cmd_index(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from brainmets.data.cache import keep_freed_memory, prepare_cache
-    from brainmets.data.manifest import read_index, read_labels
+    from brainmets.data.labels import read_labels
+    from brainmets.data.prepare import prepare_cache
+    from brainmets.data.series_index import read_index
+    from brainmets.data.workers import keep_freed_memory
 
     keep_freed_memory()  # decodes here too with --workers 1; the pool's workers do it anyway
     preprocess = _preprocess_from_args(args)
@@ -148,12 +150,12 @@ def cmd_train(args) -> int:
 
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
+        if not (run_dir / rundir.CONFIG).is_file():
             raise FileNotFoundError(
                 f"cannot resume {run_dir}: no run there ({run_dir / 'config.yaml'} is missing); "
                 "give the folder a train run wrote (--out, default runs/NAME)"
             )
-        cfg = load_config(run_dir / "config.yaml", args.set)
+        cfg = load_config(run_dir / rundir.CONFIG, args.set)
     else:
         overrides = list(args.set)
         if args.data:
@@ -172,7 +174,7 @@ def cmd_train(args) -> int:
         f"{result.get('best_epoch')} (threshold {threshold:.2f} on the plain sigmoid, as in "
         "metrics.csv and train.log)"
     )
-    sidecar = run_dir / "model.json"
+    sidecar = run_dir / rundir.MODEL_SIDECAR
     if sidecar.is_file():
         from brainmets.model.probability import Calibration
 
@@ -202,7 +204,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from brainmets.data.cache import keep_freed_memory
+    from brainmets.data.workers import keep_freed_memory
     from brainmets.predict import predict
 
     keep_freed_memory()  # one patient's arrays after another, also in this process
@@ -487,7 +489,7 @@ def _resume_hint(args) -> str:
         return f" (the patients done are in {args.out}.partial; add --resume to the same command)"
     run_dir = getattr(args, "run_dir", None)
     if args.func is cmd_train and run_dir is not None:
-        if (Path(run_dir) / "checkpoints" / "last_state.pt").is_file():
+        if (rundir.resume_state(Path(run_dir))).is_file():
             return f" (go on with: brainmets train --resume {run_dir})"
         return f" before the first checkpoint; {run_dir} holds no state to resume"
     return ""

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from brainmets import rundir
 from brainmets.config import Config, load_config
 from brainmets.io import atomic_write_csv
 
@@ -110,8 +111,9 @@ def run_demo(
     full: bool = False,
     seed: int = 0,
 ) -> dict:
-    from brainmets.data.cache import prepare_cache
-    from brainmets.data.manifest import index_dicom_root, read_labels, write_index
+    from brainmets.data.labels import read_labels
+    from brainmets.data.prepare import prepare_cache
+    from brainmets.data.series_index import index_dicom_root, write_index
     from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
     from brainmets.evaluate.evaluation import evaluate_run
     from brainmets.predict import predict
@@ -161,14 +163,14 @@ def run_demo(
     predictions = predict(
         run,
         sorted(set(test_dirs)),
-        out_csv=out / "predictions.csv",
-        heatmaps_dir=run / "heatmaps",
+        out_csv=out / rundir.PREDICTIONS,
+        heatmaps_dir=run / rundir.HEATMAPS,
         top_k=1,
         device=device,
     )
     # Evaluation last: it writes report.html, which then already holds the heatmap gallery.
     summary = evaluate_run(run, cache, split="test", device=device)
-    report = run / "report.html"
+    report = run / rundir.REPORT
     minutes = (time.perf_counter() - started) / 60
     auc = summary.metrics["metrics"]["auc"]
     print(summary.text)

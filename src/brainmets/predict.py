@@ -1,10 +1,8 @@
-"""Score new studies with a trained run: DICOM folders, NIfTI files or a prepared cache.
+"""``brainmets predict``: score new studies with a trained run (DICOM folders, NIfTI files
+or a prepared cache) into ``predictions.csv``, with Grad-CAM heatmaps on request.
 
-A run folder is self-contained: ``model.safetensors`` and its JSON sidecar carry the
-architecture, the preprocessing, the input normalisation, the operating threshold and the
-probability calibration, so nothing else is needed. Decoding runs in a process pool; scoring
-batches whole patients on the device. A patient that cannot be read gets a row with its error
-and the others go on.
+Decoding runs in a process pool; scoring batches whole patients on the device. A patient that
+cannot be read gets a row with its error and the others go on.
 """
 
 from __future__ import annotations
@@ -12,36 +10,31 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import pandas as pd
-import torch
-from scipy.special import expit
 from tqdm.auto import tqdm
 
-from brainmets.config import PreprocessConfig
-from brainmets.data.cache import (
-    PatientCache,
+from brainmets import rundir
+from brainmets.data.cache import PatientCache
+from brainmets.data.prepare import (
     PatientJob,
     PreprocessedPatient,
-    choose_for,
+    error_row,
     failure_row,
-    is_nifti,
     job_source,
-    map_jobs,
-    patient_stem,
+    jobs_for_inputs,
     try_preprocess_patient,
 )
-from brainmets.device import resolve_device
+from brainmets.data.workers import map_jobs
+from brainmets.heatmaps import update_heatmap_index, write_heatmaps
+from brainmets.inference import TrainedModel, batch_by_slices, load_trained
 from brainmets.io import atomic_write_csv
-from brainmets.model.checkpoint import load_checkpoint
-from brainmets.model.probability import Calibration
-from brainmets.model.resnet import BrainMetsNet
-from brainmets.model.scoring import PatientScore, SliceScorer
+from brainmets.model.scoring import PatientScore
 
 log = logging.getLogger(__name__)
 
@@ -60,269 +53,6 @@ PREDICTION_COLUMNS = [
     "model",
     "error",
 ]
-
-
-@dataclass
-class TrainedModel:
-    """A run's model with everything inference needs from its sidecar."""
-
-    model: BrainMetsNet
-    sidecar: dict
-    device: torch.device
-    scorer: SliceScorer
-
-    @property
-    def model_id(self) -> str:
-        """The first 12 hex digits of the weights' SHA-256: which model scored a row."""
-        return str(self.sidecar.get("weights", {}).get("sha256", ""))[:12]
-
-    @property
-    def raw_threshold(self) -> float:
-        """The operating threshold as chosen in training, on the plain sigmoid."""
-        threshold = self.sidecar.get("threshold")
-        return 0.5 if threshold is None else float(threshold)
-
-    @property
-    def calibration(self) -> Calibration:
-        return Calibration.from_sidecar(self.sidecar)
-
-    @property
-    def threshold(self) -> float:
-        """The operating threshold on the reported (calibrated) probability scale."""
-        return self.calibration.threshold(self.raw_threshold)
-
-    def probability(self, logits) -> np.ndarray:
-        """Reported probability of patient (or slice) logits: calibrated when the run is."""
-        return self.calibration.probability(logits)
-
-    def decision(self, logits) -> np.ndarray:
-        """1 where the patient is called positive: decided on the plain sigmoid against the
-        threshold chosen there, so calibration cannot move a decision by rounding."""
-        return (expit(np.asarray(logits, dtype=np.float64)) >= self.raw_threshold).astype(int)
-
-    @property
-    def preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig.model_validate(self.sidecar["preprocess"])
-
-    def check_cache(self, cache: PatientCache) -> None:
-        """A cache prepared with other parameters than the model was trained on is refused."""
-        if cache.config_hash != self.preprocess.config_hash():
-            raise ValueError(
-                f"{cache.root} was prepared with preprocessing {cache.preprocess.model_dump()}, "
-                f"but the model expects {self.preprocess.model_dump()}; prepare the data again"
-            )
-
-
-def model_path(run: str | Path) -> Path:
-    """``RUN/model.safetensors``, or the path itself when it names a weights file."""
-    run = Path(run)
-    path = run if run.suffix == ".safetensors" else run / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no trained model here (is {run} a finished run?)")
-    return path
-
-
-def load_trained(
-    run: str | Path, device: str = "auto", *, compile: bool = False, chunk: int | None = None
-) -> TrainedModel:
-    """The run's model on ``device``, scoring in chunks of ``chunk`` slices (default 256 on
-    CUDA, 32 on the CPU, where activations of big chunks only cost memory; see
-    ``brainmets.model.scoring``), compiled when ``compile``."""
-    dev = resolve_device(device)
-    chunk = chunk or (256 if dev.type == "cuda" else 32)
-    model, sidecar = load_checkpoint(model_path(run), map_location="cpu")
-    model.to(dev).eval()
-    if dev.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True  # one chunk shape: autotuned once
-    normalization = sidecar.get("normalization", "zscore")
-    scorer = SliceScorer(model, dev, normalization, chunk=chunk, compile=compile)
-    return TrainedModel(model, sidecar, dev, scorer)
-
-
-def batch_by_slices(items: Iterable[T], budget: int, size: Callable[[T], int]) -> Iterator[list[T]]:
-    """Group whole patients into batches of at most ``budget`` slices (a patient never splits;
-    one larger than the budget is a batch of its own). Lazy: items may come from a stream."""
-    batch: list[T] = []
-    used = 0
-    for item in items:
-        n = size(item)
-        if batch and used + n > budget:
-            yield batch
-            batch, used = [], 0
-        batch.append(item)
-        used += n
-    if batch:
-        yield batch
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def jobs_for_inputs(
-    inputs: Sequence[str | Path],
-    preprocess: PreprocessConfig,
-    workers: int = 1,
-    progress: bool = False,
-) -> tuple[list[PatientJob], list[Path], list]:
-    """Sort the command line into DICOM/NIfTI jobs, caches, and failure rows; series in DICOM
-    folders are chosen for the run's preprocessing, as ``prepare`` chose them. Headers are
-    read by ``workers`` processes (a DICOM root of many patients is many thousand files)."""
-    from brainmets.data.manifest import (
-        damaged_beside,
-        damaged_reason,
-        index_dicom_root,
-        patient_choice,
-        series_files,
-    )
-
-    jobs: list[PatientJob] = []
-    caches: list[Path] = []
-    errors: list[dict] = []
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_file() and is_nifti(path):
-            stem = path.name[: -len(".nii.gz")] if path.name.endswith(".gz") else path.stem
-            jobs.append(PatientJob(patient_id=stem, label=-1, kind="nifti", path=str(path)))
-        elif (path / "preprocess.json").is_file():
-            caches.append(path)
-        elif path.is_dir():
-            index = index_dicom_root(path, workers=workers, progress=progress)
-            series = choose_for(index.series, preprocess)
-            for patient_id, rows in series.groupby("patient_id", sort=True):
-                uid, why = patient_choice(rows)
-                if uid is None:
-                    # Only the unreadable files in this patient's series folders can explain
-                    # it (a truncated slice); a README at the root is nobody's reason.
-                    folders = tuple(str(d) + os.sep for d in rows["directory"])
-                    beside = index.errors[index.errors["path"].astype(str).str.startswith(folders)]
-                    reason = f"no usable series: {why}{_unreadable_files(beside)}"
-                    errors.append(_error_row(str(patient_id), str(path), reason))
-                    continue
-                damaged = damaged_beside(index, uid)
-                if len(damaged):
-                    reason = damaged_reason(damaged, reindex=False)
-                    errors.append(_error_row(str(patient_id), str(path), reason))
-                    continue
-                jobs.append(
-                    PatientJob(
-                        patient_id=str(patient_id),
-                        label=-1,
-                        kind="dicom",
-                        series_uid=uid,
-                        files=series_files(index, uid),
-                    )
-                )
-            if series.empty:
-                reason = f"no DICOM images found{_unreadable_files(index.errors)}"
-                errors.append(_error_row(path.name, str(path), reason))
-        else:
-            reason = "not a DICOM folder, NIfTI or cache" if path.exists() else "does not exist"
-            errors.append(_error_row(path.name, str(path), reason))
-    return _unique_patients(jobs, errors), caches, errors
-
-
-def _unreadable_files(index_errors: pd.DataFrame, shown: int = 3) -> str:
-    """``"; unreadable: FILE (why), ..."`` for the files of a folder that were not DICOM or did
-    not parse (a truncated file often explains a series that is too short), else ``""``."""
-    if index_errors.empty:
-        return ""
-    listed = [f"{row.path} ({row.reason})" for row in index_errors.head(shown).itertuples()]
-    more = len(index_errors) - shown
-    return "; unreadable: " + ", ".join(listed) + (f" and {more} more" if more > 0 else "")
-
-
-def _unique_patients(jobs: list[PatientJob], errors: list[dict]) -> list[PatientJob]:
-    """One job per patient id: a folder named twice (or inside a root also named) is read once;
-    the same id from a different series is an error row, since the output is keyed by id."""
-    seen: dict[str, PatientJob] = {}
-    for job in jobs:
-        first = seen.setdefault(job.patient_id, job)
-        if first is job:
-            continue
-        if (first.series_uid, first.path) == (job.series_uid, job.path):
-            log.info("patient %s was given more than once; predicted once", job.patient_id)
-        else:
-            errors.append(
-                _error_row(
-                    job.patient_id,
-                    job_source(job),
-                    f"patient id already predicted from {job_source(first)} (one row per patient "
-                    "id: predict this input on its own to score it)",
-                )
-            )
-    return list(seen.values())
-
-
-def _error_row(patient_id: str, source: str, reason: str) -> dict:
-    return {"patient_id": patient_id, "source": source, "error": reason}
-
-
-# --------------------------------------------------------------------------- heatmaps
-
-
-def write_heatmaps(
-    trained: TrainedModel,
-    patient_id: str,
-    array: np.ndarray,
-    slice_logits: np.ndarray,
-    out_dir: Path,
-    top_k: int,
-) -> list[dict]:
-    """Grad-CAM of the ``top_k`` highest-scoring slices, over the windowed slice, as PNGs.
-
-    Returns one row per image for ``heatmaps.csv`` (file name, patient, rank, slice, logit).
-    """
-    from brainmets.evaluate.heatmaps import grad_cam, save_overlay
-
-    order = np.argsort(slice_logits)[::-1][:top_k]
-    images = torch.from_numpy(np.ascontiguousarray(array[order])).to(trained.device)
-    cams = grad_cam(trained.model, trained.scorer.network_inputs(images))
-    paths = []
-    for rank, (slice_index, cam) in enumerate(zip(order, cams, strict=True), start=1):
-        path = out_dir / f"{patient_stem(patient_id)}_rank{rank}_slice{int(slice_index)}.png"
-        logit = float(slice_logits[slice_index])
-        title = f"{patient_id}  slice {int(slice_index)}  logit {logit:.2f}"
-        if rank == 1:  # the max slice logit is the patient's score; p is calibrated for that only
-            title += f" = patient score, p={float(trained.probability(logit)):.2f}"
-        if not np.any(cam > 0):  # an all-zero map is a finding, not a rendering fault
-            title += "  (Grad-CAM flat: no positive evidence)"
-        save_overlay(array[slice_index], cam, path, title)
-        paths.append(
-            {
-                "file": path.name,
-                "patient_id": patient_id,
-                "rank": rank,
-                "slice_index": int(slice_index),
-                "slice_logit": logit,
-            }
-        )
-    return paths
-
-
-HEATMAP_INDEX = "heatmaps.csv"
-"""Beside the PNGs: which patient, rank and slice each shows, and the patient's probability,
-so that the report can show the highest-scoring patients first."""
-
-
-def _update_heatmap_index(heat_dir: Path, rows: list[dict]) -> None:
-    """Add this call's heatmaps to the folder's index (a folder may collect several calls).
-
-    A patient predicted again replaces its earlier heatmaps: their rows go, and so do their
-    PNGs that this call did not write over, so the report shows one study per patient.
-    """
-    path = heat_dir / HEATMAP_INDEX
-    table = pd.DataFrame(rows, columns=HEATMAP_COLUMNS)
-    if path.is_file():
-        old = pd.read_csv(path, dtype={"patient_id": str, "file": str})
-        replaced = old["patient_id"].isin(table["patient_id"]) | old["file"].isin(table["file"])
-        for name in set(old.loc[replaced, "file"]) - set(table["file"]):
-            (heat_dir / name).unlink(missing_ok=True)
-        table = pd.concat([old[~replaced], table], ignore_index=True)
-    atomic_write_csv(path, table.sort_values(["patient_id", "rank"], kind="stable"))
-
-
-HEATMAP_COLUMNS = ["file", "patient_id", "rank", "slice_index", "slice_logit", "probability"]
 
 
 # --------------------------------------------------------------------------- predict
@@ -387,7 +117,7 @@ def predict(
     run: str | Path,
     inputs: Sequence[str | Path],
     *,
-    out_csv: str | Path = "predictions.csv",
+    out_csv: str | Path = rundir.PREDICTIONS,
     heatmaps_dir: str | Path | None = None,
     top_k: int = 3,
     device: str = "auto",
@@ -445,7 +175,7 @@ def predict(
             on_crash=failure_row,
         ):
             if isinstance(result, dict):
-                rows.append(_error_row(result["patient_id"], result["file"], result["reason"]))
+                rows.append(error_row(result["patient_id"], result["file"], result["reason"]))
                 bar.update()
             else:
                 yield result
@@ -472,7 +202,7 @@ def predict(
         table = _prediction_table(rows)
         atomic_write_csv(path, table)
         if heat_dir and heat_rows:
-            _update_heatmap_index(heat_dir, heat_rows)
+            update_heatmap_index(heat_dir, heat_rows)
         return table
 
     last_save = time.monotonic()

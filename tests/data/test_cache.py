@@ -11,14 +11,14 @@ import pytest
 
 from brainmets.config import PreprocessConfig
 from brainmets.data.cache import (
-    WORKER_DIED,
     CacheError,
     PatientCache,
     build_cache_from_arrays,
     finalize_index,
     patient_stem,
-    prepare_cache,
 )
+from brainmets.data.prepare import prepare_cache
+from brainmets.data.workers import WORKER_DIED
 
 PRE = PreprocessConfig(size=32, slice_mm=5.0)
 
@@ -149,9 +149,8 @@ def test_patient_file_names_are_safe_and_unique(patient_id, safe):
 def test_patient_folders_choose_the_series_for_the_preprocessing(corpus, preprocess, description):
     """A folder given to prepare (``path`` column) or to predict picks its series with the
     same slab thickness and minimum slice count as an index does, not with the defaults."""
-    from brainmets.data.cache import PatientJob, load_patient_volume
-    from brainmets.data.manifest import index_dicom_root
-    from brainmets.predict import jobs_for_inputs
+    from brainmets.data.prepare import PatientJob, jobs_for_inputs, load_patient_volume
+    from brainmets.data.series_index import index_dicom_root
 
     folder = corpus / "dcm_qa_ct/In/Philips/S21570"
     series = index_dicom_root(folder, progress=False).series
@@ -176,7 +175,7 @@ def test_a_patient_folder_without_an_eligible_series_says_why(corpus, tmp_path):
     assert result.prepared == 0
     (error,) = result.errors.to_dict("records")
     assert error["file"] == str(folder)
-    assert error["reason"].startswith("no usable CT series (")
+    assert error["reason"].startswith("no usable series: ")
     assert "too few slices" in error["reason"] and "localizer" in error["reason"]
 
 
@@ -184,7 +183,7 @@ def test_series_uid_pins_the_series_of_a_patient_folder(corpus, tmp_path):
     """A labels row with a DICOM folder and a ``series_uid`` prepares that series, not the
     automatic choice (the 5 mm series here); a pin the folder lacks, or an ineligible one, is
     an error row that says why, and the other patients are still prepared."""
-    from brainmets.data.manifest import index_dicom_root
+    from brainmets.data.series_index import index_dicom_root
 
     folder = corpus / "dcm_qa_ct/In/Philips/S21570"
     series = index_dicom_root(folder, progress=False).series
@@ -206,16 +205,20 @@ def test_series_uid_pins_the_series_of_a_patient_folder(corpus, tmp_path):
     errors = result.errors.set_index("patient_id")
     # The folder goes in the file column; the reason is bare, as every other reason there.
     assert errors.loc["GONE", "file"] == errors.loc["SCOUT", "file"] == str(folder)
-    assert errors.loc["GONE", "reason"].startswith("pinned series 1.2.3.4 not in this folder")
+    assert errors.loc["GONE", "reason"].startswith(
+        "no usable series: pinned series 1.2.3.4 not found"
+    )
     assert thin in errors.loc["GONE", "reason"]
     # The scanner's one-slice localizer may be pinned, but it is not a volume.
-    assert errors.loc["SCOUT", "reason"].startswith(f"pinned series {scout} is localizer")
+    assert errors.loc["SCOUT", "reason"].startswith(
+        f"no usable series: {scout}: pinned in the manifest but not eligible: localizer"
+    )
 
 
 def test_resume_prepares_again_when_the_series_changes(corpus, tmp_path):
     """A patient cached from the automatic choice and then pinned to another series gets the
     pinned series on the next prepare, not the cached array of the old one."""
-    from brainmets.data.manifest import index_dicom_root
+    from brainmets.data.series_index import index_dicom_root
 
     folder = corpus / "dcm_qa_ct/In/Philips/S21570"
     series = index_dicom_root(folder, progress=False).series
@@ -260,7 +263,7 @@ def test_pool_workers_run_one_thread_each(tmp_path):
     stdout = _run_as_main_script(
         tmp_path,
         "import torch\n"
-        "from brainmets.data.cache import map_jobs\n\n"
+        "from brainmets.data.workers import map_jobs\n\n"
         "def threads(job):\n"
         "    import cv2\n"
         "    return torch.get_num_threads(), cv2.getNumThreads()\n\n"
@@ -279,7 +282,7 @@ def test_pool_workers_reuse_freed_volume_memory(tmp_path):
         tmp_path,
         "import resource\n"
         "import numpy as np\n"
-        "from brainmets.data.cache import keep_freed_memory, map_jobs\n\n"
+        "from brainmets.data.workers import keep_freed_memory, map_jobs\n\n"
         "def faults(_=None):\n"
         "    volume = np.ones((60, 512, 512), np.float32); del volume  # the first patient\n"
         "    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
@@ -310,7 +313,7 @@ def test_a_worker_that_dies_fails_its_patient_only(tmp_path, manifest):
         tmp_path,
         "import os, signal\n"
         "import pandas as pd\n"
-        "import brainmets.data.cache as cache\n"
+        "import brainmets.data.prepare as cache\n"
         "from brainmets.config import PreprocessConfig\n\n"
         "real = cache.preprocess_patient\n\n"
         "def crash_on_p2(job, preprocess):  # workers run this script first: they get it too\n"
@@ -340,7 +343,7 @@ def test_a_worker_crash_without_a_handler_is_raised(tmp_path):
         tmp_path,
         "import os, signal\n"
         "from concurrent.futures.process import BrokenProcessPool\n"
-        "from brainmets.data.cache import map_jobs\n\n"
+        "from brainmets.data.workers import map_jobs\n\n"
         "def die(job):\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n\n"
         "if __name__ == '__main__':\n"

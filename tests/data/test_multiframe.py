@@ -17,9 +17,11 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from brainmets.config import PreprocessConfig
-from brainmets.data.cache import PatientCache, prepare_cache
+from brainmets.data.cache import PatientCache
 from brainmets.data.dicom import SeriesError, load_series
-from brainmets.data.manifest import index_dicom_root, read_labels, series_files
+from brainmets.data.labels import read_labels
+from brainmets.data.prepare import prepare_cache
+from brainmets.data.series_index import index_dicom_root, series_files
 from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
 
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"

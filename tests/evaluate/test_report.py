@@ -16,9 +16,9 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
-from brainmets.evaluate.metrics import evaluate_predictions
 from brainmets.evaluate.plots import plot_roc
 from brainmets.evaluate.report import write_report
+from brainmets.metrics import evaluate_predictions
 
 SECTION_IDS = ("metrics", "plots", "curves", "heatmaps", "config")
 HOSTILE_ID = 'P<002>&"x'  # a manifest id with every character HTML cares about

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from brainmets.evaluate.metrics import patient_metrics
+from brainmets.metrics import patient_metrics
 from brainmets.model.probability import Calibration, fit_platt, logits_of
 
 
@@ -50,13 +50,13 @@ def test_calibrated_probabilities_match_the_observed_rate():
 def test_decisions_ranking_and_auc_do_not_change():
     labels, logits = max_pooled_cohort(300, seed=3)
     fitted = fit_platt(labels, logits)
-    for raw_threshold in (0.3, 0.8, 0.94):
-        plain = patient_metrics(labels, expit(logits), raw_threshold)
+    for plain_threshold in (0.3, 0.8, 0.94):
+        plain = patient_metrics(labels, expit(logits), plain_threshold)
         calibrated = patient_metrics(
-            labels, fitted.probability(logits), fitted.threshold(raw_threshold)
+            labels, fitted.probability(logits), fitted.threshold(plain_threshold)
         )
         for name in ("sensitivity", "specificity", "ppv", "f1", "auc", "average_precision"):
-            assert calibrated[name] == pytest.approx(plain[name]), (raw_threshold, name)
+            assert calibrated[name] == pytest.approx(plain[name]), (plain_threshold, name)
     assert np.array_equal(np.argsort(fitted.probability(logits)), np.argsort(expit(logits)))
 
 
@@ -117,7 +117,7 @@ def test_evaluation_ranks_on_the_plain_sigmoid_when_calibrated_p_saturates():
     p = 1.0 exactly. evaluate must still rank and call the patients as the plain sigmoid does,
     as predict decides: AUC and sensitivity are those of the plain scale, and the Brier score
     and threshold are given on the calibrated one."""
-    from brainmets.evaluate.metrics import evaluate_predictions
+    from brainmets.metrics import evaluate_predictions
 
     val_labels = np.r_[np.ones(20), np.zeros(20)].astype(int)
     val_logits = np.r_[np.linspace(0.3, 0.5, 20), np.linspace(0.0, 0.2, 20)]
@@ -129,13 +129,13 @@ def test_evaluation_ranks_on_the_plain_sigmoid_when_calibrated_p_saturates():
     logits = 2.2 + 1.2 * rng.random(60) + 0.6 * labels
     assert np.all(steep.probability(logits) == 1.0)  # saturated: every patient ties
     plain = expit(logits)
-    raw_threshold = 0.95
-    result = evaluate_predictions(labels, plain, raw_threshold, n_boot=50,
+    plain_threshold = 0.95
+    result = evaluate_predictions(labels, plain, plain_threshold, n_boot=50,
                                   reported=steep.from_plain)  # fmt: skip
-    expected = patient_metrics(labels, plain, raw_threshold)
+    expected = patient_metrics(labels, plain, plain_threshold)
     for name in ("auc", "sensitivity", "specificity", "f1"):
         assert result["metrics"][name] == pytest.approx(expected[name]), name
     assert result["metrics"]["auc"] > 0.6
-    assert result["threshold"] == pytest.approx(steep.threshold(raw_threshold))
+    assert result["threshold"] == pytest.approx(steep.threshold(plain_threshold))
     on_scale = patient_metrics(labels, steep.probability(logits), result["threshold"])
     assert result["metrics"]["brier"] == pytest.approx(on_scale["brier"])

@@ -274,6 +274,7 @@ def _ddp_failing_worker(rank: int, world_size: int, port: int, run: str, out: st
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(_CANNOT_START))
 def test_ddp_run_that_cannot_start_leaves_the_process_group(tmp_path, case):
     """A run that fails while it builds (no cache; a batch that does not split between the
@@ -291,6 +292,7 @@ def test_ddp_run_that_cannot_start_leaves_the_process_group(tmp_path, case):
         assert "training could not start" in (run / "train.log").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("confidence", [False, True])
 def test_ddp_two_ranks_agree_and_match_one_process(cache_dir, tmp_path, confidence):
     """With the confidence term too: it must compare the class means of the whole batch (each
@@ -393,6 +395,7 @@ def test_a_curriculum_cut_short_by_the_epoch_count_is_said(cache_dir, tmp_path, 
     ) in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("one_shape", [False, True], ids=["dynamic", "pad_slices"])
 def test_compiled_training_trains_what_eager_training_does(cache_dir, tmp_path, one_shape):
     """``train.compile`` through a curriculum stage change (the frozen prefix and BatchNorm

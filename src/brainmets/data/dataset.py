@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from brainmets.data.manifest import SPLITS
+from brainmets.data.labels import SPLITS
 
 # --------------------------------------------------------------------------- split
 

@@ -12,22 +12,19 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from scipy.special import expit
-from tqdm.auto import tqdm
 
+from brainmets import rundir
 from brainmets.config import EvaluateConfig, load_config
 from brainmets.data.cache import PatientCache
-from brainmets.evaluate.metrics import evaluate_predictions
+from brainmets.inference import load_trained, score_cache
 from brainmets.io import atomic_write_csv, atomic_write_text
+from brainmets.metrics import evaluate_predictions
 from brainmets.model.probability import Calibration
-from brainmets.predict import batch_by_slices, load_trained
 
 log = logging.getLogger(__name__)
 
@@ -86,60 +83,10 @@ class EvaluationSummary:
         return "\n".join(lines)
 
 
-def score_cache(
-    trained,
-    cache: PatientCache,
-    patient_ids: list[str],
-    batch_slices: int = 2048,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """patient_id, label, probability, logit, top_slice for every patient of the cache.
-
-    Whole patients are grouped into batches of about ``batch_slices`` slices; a reader thread
-    gathers the next batch out of the memory-mapped cache into one array while the device
-    scores the current one.
-    """
-    trained.check_cache(cache)
-    rows_of = cache.index.set_index("patient_id").loc[patient_ids]  # one lookup, not one per use
-    label_of = dict(zip(patient_ids, rows_of["label"].astype(int).tolist(), strict=True))
-    size_of = dict(zip(patient_ids, rows_of["num_slices"].astype(int).tolist(), strict=True))
-    batches = list(batch_by_slices(patient_ids, batch_slices, size=size_of.__getitem__))
-
-    def loaded() -> Iterator[tuple[int, np.ndarray, list[int]]]:
-        """Batches out of the memory maps, the next one read by a thread meanwhile."""
-        with ThreadPoolExecutor(max_workers=1) as reader:
-
-            def load(batch: list[str]) -> tuple[np.ndarray, list[int]]:
-                return trained.scorer.concatenate([cache.load(pid) for pid in batch])
-
-            pending = reader.submit(load, batches[0]) if batches else None
-            for i in range(len(batches)):
-                flat, counts = pending.result()
-                pending = reader.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
-                yield i, flat, counts
-
-    rows = []
-    bar = tqdm(total=len(patient_ids), desc="evaluate", unit="patient", disable=not progress)
-    for i, scores in trained.scorer.score_batches(loaded()):
-        for pid, score in zip(batches[i], scores, strict=True):
-            rows.append(
-                {
-                    "patient_id": pid,
-                    "label": label_of[pid],
-                    "probability": float(trained.probability(score.logit)),
-                    "logit": score.logit,
-                    "top_slice_index": score.top_slice,
-                }
-            )
-        bar.update(len(batches[i]))
-    bar.close()
-    return pd.DataFrame(rows)
-
-
 def _training_overlap(run: Path, evaluated: pd.Series) -> dict[str, int] | None:
     """How many evaluated patients the run trained or validated on (then it is no hold-out);
     None when the run has no splits.csv to tell."""
-    path = run / "splits.csv"
+    path = run / rundir.SPLITS
     if not path.is_file():
         return None
     splits = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -170,10 +117,10 @@ def evaluate_run(
     from brainmets.evaluate.report import write_report
 
     run = Path(run)
-    out = Path(out_dir) if out_dir else run / "evaluation"
+    out = Path(out_dir) if out_dir else run / rundir.EVALUATION
     settings = (
-        load_config(run / "config.yaml").evaluate
-        if (run / "config.yaml").is_file()
+        load_config(run / rundir.CONFIG).evaluate
+        if (run / rundir.CONFIG).is_file()
         else EvaluateConfig()
     )
     n_boot = n_boot if n_boot is not None else settings.n_boot
@@ -203,7 +150,7 @@ def evaluate_run(
 
     overlap = _training_overlap(run, predictions["patient_id"])
     val_labels = val_plain = None
-    val_path = run / "val_predictions.csv"
+    val_path = run / rundir.VAL_PREDICTIONS
     if val_path.is_file():
         val = pd.read_csv(val_path, dtype={"patient_id": str})
         val_labels, val_plain = val["label"].to_numpy(), val["probability"].to_numpy()
@@ -217,7 +164,7 @@ def evaluate_run(
     metrics = evaluate_predictions(
         labels,
         plain,
-        trained.raw_threshold,
+        trained.plain_threshold,
         n_boot=n_boot,
         seed=seed,
         sensitivity_targets=targets,
@@ -231,16 +178,16 @@ def evaluate_run(
     metrics["seen_in_training"] = overlap
     metrics["model_epoch"] = trained.sidecar.get("epoch")  # the model.json load_trained read
     metrics["model_best_metric"] = trained.sidecar.get("best_metric")
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    atomic_write_csv(out / "predictions.csv", predictions)
+    atomic_write_text(out / rundir.EVALUATION_METRICS, json.dumps(metrics, indent=2))
+    atomic_write_csv(out / rundir.PREDICTIONS, predictions)
     write_evaluation_plots(
         labels,
         probs,
         trained.threshold,
         out,
-        plain=(plain, trained.raw_threshold) if calibrated else None,
+        plain=(plain, trained.plain_threshold) if calibrated else None,
     )
-    if out == run / "evaluation":
+    if out == run / rundir.EVALUATION:
         write_report(run)
     else:  # the report shows RUN/evaluation only; a second evaluation must not replace it
         log.info("%s/report.html not refreshed: it shows %s/evaluation", run, run)

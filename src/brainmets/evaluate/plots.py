@@ -4,7 +4,7 @@ Figures are built with the object-oriented API (``matplotlib.figure.Figure``) ra
 ``pyplot``: no global figure state, no GUI backend (the Agg canvas is used on save), so the
 functions are safe on headless cluster nodes and inside a training process. Every plotting
 function writes one PNG atomically and returns its path. Inputs are patient-level
-(one label and one probability per patient), as in :mod:`brainmets.evaluate.metrics`.
+(one label and one probability per patient), as in :mod:`brainmets.metrics`.
 
 A plot whose curve is undefined for the data (ROC with one class) is still written, with a
 short note in place of the curve, so that a report never has a hole without explanation.
@@ -25,14 +25,14 @@ from numpy.typing import ArrayLike
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from brainmets.evaluate.metrics import (
+from brainmets.io import atomic_write
+from brainmets.metrics import (
     THRESHOLDS,
     check_patient_arrays,
     patient_metrics,
     separation_band,
     threshold_sweep,
 )
-from brainmets.io import atomic_write
 
 __all__ = [
     "EVALUATION_PLOTS",

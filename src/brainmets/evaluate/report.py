@@ -30,9 +30,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from brainmets.evaluate.metrics import COUNT_NAMES, METRIC_NAMES
+from brainmets import rundir
 from brainmets.evaluate.plots import EVALUATION_PLOTS, plot_learning_curves
 from brainmets.io import atomic_write_text
+from brainmets.metrics import COUNT_NAMES, METRIC_NAMES
 from brainmets.model.probability import Calibration
 
 __all__ = ["MAX_HEATMAPS", "write_report"]
@@ -159,7 +160,7 @@ def _band(band: Any) -> str:
 
 def _read_config(run_dir: Path) -> tuple[str | None, dict[str, Any], str | None]:
     """(config text, parsed tree or {}, problem) of RUN/config.yaml."""
-    path = run_dir / "config.yaml"
+    path = run_dir / rundir.CONFIG
     if not path.is_file():
         return None, {}, None
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -180,13 +181,13 @@ def _stage_epochs(config: dict[str, Any]) -> list[int] | None:
 
 def _config_section(run_dir: Path, text: str | None, problem: str | None) -> str:
     if text is None:
-        return _not_available("Configuration", run_dir / "config.yaml")
+        return _not_available("Configuration", run_dir / rundir.CONFIG)
     note = f'<p class="na">config.yaml is {_esc(problem)}; shown as written.</p>' if problem else ""
     return f"{note}<pre>{_esc(text)}</pre>"
 
 
 def _learning_section(run_dir: Path, stage_epochs: list[int] | None) -> str:
-    csv = run_dir / "metrics.csv"
+    csv = run_dir / rundir.METRICS
     if not csv.is_file():
         return _not_available("Learning curves", csv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -294,7 +295,7 @@ def _evaluated_line(data: dict) -> str:
 
 
 def _metrics_section(run_dir: Path) -> str:
-    path = run_dir / "evaluation" / "metrics.json"
+    path = run_dir / rundir.EVALUATION / rundir.EVALUATION_METRICS
     data, problem = _read_metrics(path)
     if data is None:
         return _not_available("Evaluation metrics", path, problem)
@@ -348,7 +349,7 @@ def _metrics_section(run_dir: Path) -> str:
 
 
 def _plots_section(run_dir: Path) -> str:
-    folder = run_dir / "evaluation"
+    folder = run_dir / rundir.EVALUATION
     pngs = sorted(folder.glob("*.png")) if folder.is_dir() else []
     if not pngs:
         return _not_available("Evaluation plots", folder / "*.png")
@@ -366,13 +367,13 @@ def _plots_section(run_dir: Path) -> str:
 def _heatmap_section(run_dir: Path) -> str:
     """The heatmaps of the patients with the highest probability first (from predict's
     ``heatmaps.csv``); without that index, in file name order, and the section says so."""
-    folder = run_dir / "heatmaps"
+    folder = run_dir / rundir.HEATMAPS
     pngs = sorted(folder.rglob("*.png")) if folder.is_dir() else []
     if not pngs:
         return _not_available("Heatmaps", folder / "*.png")
     captions = {p: str(p.relative_to(folder).with_suffix("")) for p in pngs}
     order_note = "in file name order (no heatmaps.csv beside them)"
-    index_path = folder / "heatmaps.csv"
+    index_path = folder / rundir.HEATMAP_INDEX
     if index_path.is_file():
         index = pd.read_csv(index_path, dtype={"patient_id": str, "file": str})
         index = index.sort_values(["probability", "patient_id", "rank"],
@@ -415,7 +416,7 @@ _SECTIONS = (
 )
 
 
-RUN_FILES = ("train.log", "config.yaml", "metrics.csv", "model.json", "evaluation")
+RUN_FILES = rundir.RUN_FILES
 """What makes a folder a run's: any one of these (a run that could not start has only its
 log, one stopped before its first epoch its log and config)."""
 
@@ -434,7 +435,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         raise FileNotFoundError(
             f"{run_dir}: not a run folder (it has none of {', '.join(RUN_FILES)})"
         )
-    out = Path(out) if out is not None else run_dir / "report.html"
+    out = Path(out) if out is not None else run_dir / rundir.REPORT
     config_text, config, problem = _read_config(run_dir)
     bodies = {
         "metrics": _metrics_section(run_dir),

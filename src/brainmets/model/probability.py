@@ -65,10 +65,10 @@ class Calibration:
         """Plain-sigmoid probabilities on the reported scale."""
         return self.probability(logits_of(probabilities))
 
-    def threshold(self, raw_threshold: float) -> float:
+    def threshold(self, plain_threshold: float) -> float:
         """A threshold on the plain sigmoid, expressed as a calibrated probability."""
-        z = inverse_sigmoid(float(raw_threshold))
-        return float(self.probability(z)) if math.isfinite(z) else float(raw_threshold)
+        z = inverse_sigmoid(float(plain_threshold))
+        return float(self.probability(z)) if math.isfinite(z) else float(plain_threshold)
 
     def describe(self) -> str:
         """One phrase for summaries and the report."""

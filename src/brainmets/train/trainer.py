@@ -1,47 +1,12 @@
-"""The training loop: curriculum, device path, DDP, validation, checkpoints and resume.
+"""The training loop: curriculum, device path, validation, checkpoints and resume.
 
 ``train(cfg, run_dir)`` trains ``BrainMetsNet`` on a prepared cache and leaves a
-self-contained run directory::
-
-    config.yaml            the resolved config
-    environment.json       versions and devices (no host name)
-    splits.csv             patient_id, split
-    train.log              the log of every run and resume
-    metrics.csv            one row per epoch (METRIC_COLUMNS)
-    tensorboard/           the same scalars for TensorBoard, at the optimiser step
-    model.safetensors      best epoch by ``train.best_metric`` (+ model.json: threshold,
-                           probability calibration, preprocessing, normalisation,
-                           architecture, config hash)
-    val_predictions.csv    patient_id, label, probability (plain sigmoid), logit of the
-                           best epoch
-    checkpoints/last.safetensors + last.json   the last saved weights
-    checkpoints/last_state.pt                  everything needed to resume (see below)
-
-Resume: ``last_state.pt`` (written with ``torch.save``, read with ``weights_only=True``)
-holds the weights, optimiser state, curriculum stage, training position (epoch and batches
-done in it), best-so-far, health counters, the running loss of the epoch and the RNG states of
-python, numpy, torch and the augmentation generator (of every rank). It is written atomically
-at each epoch end and every ``train.checkpoint_every`` steps. Everything random is either in
-those states or a pure function of (seed, epoch): the sampler order, the slice windows, the
-DataLoader worker seeds. So a resumed run continues the uninterrupted one bit for bit on CPU.
-
-Device path: the uint8 slices travel from pinned memory with non-blocking copies, become
-window units, are augmented and z-scored on the device; on CUDA the forward runs under bf16
-autocast with channels_last. A step does not wait for the device: the loss and the skip flag
-of a non-finite step stay on the device (the fused AdamW skips the update itself when told
-the gradient norm is not finite, as it does for ``GradScaler``), and are read every
-``train.log_every`` steps.
-
-BatchNorm calibration (``train.bn_calibration_patients`` > 0, off by default, only with
-``model.pretrained: none``): before the first step of a fresh run the random backbone's
-BatchNorm running statistics are estimated from that many training patients (a seeded draw,
-whole and un-augmented, see ``calibration.py``); without it the frozen blocks normalise with
-the initial mean 0 / variance 1. A resume restores the calibrated statistics with the weights.
-
-DDP (``torchrun``): each rank takes a disjoint share of every global batch; the wrapper is
-rebuilt whenever the curriculum changes the trainable set, so frozen parameters are never
-registered with it. Validation is split over ranks and gathered, so every rank computes the
-same metrics; rank 0 writes files.
+self-contained run folder (its files: :mod:`brainmets.rundir`). One step reads top to bottom in
+:meth:`Trainer.train_step`. Why the device path looks as it does: the uint8 slices are windowed,
+augmented and z-scored on the device, and a step never waits for the host (the loss and the
+skip flag of a non-finite step stay on the device and are read every ``train.log_every``
+steps; the fused AdamW skips a non-finite update itself, as under ``GradScaler``). Resume state:
+:mod:`brainmets.train.state`; DDP: :mod:`brainmets.train.distributed`.
 """
 
 from __future__ import annotations
@@ -51,13 +16,10 @@ import gc
 import json
 import logging
 import math
-import os
-import platform
 import random
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-import brainmets
-from brainmets import PER_RANK_LOGGER
+from brainmets import PER_RANK_LOGGER, rundir
 from brainmets.config import Config, save_config
 from brainmets.data.augment import ClassConditionalAugment
 from brainmets.data.cache import PatientCache
@@ -82,18 +43,26 @@ from brainmets.data.dataset import (
     split_patients,
 )
 from brainmets.data.device_cache import DeviceSliceStore, use_device_cache
-from brainmets.data.manifest import SPLITS
+from brainmets.data.labels import SPLITS
 from brainmets.data.normalize import normalize_slices, uint8_to_unit
 from brainmets.device import resolve_device
-from brainmets.evaluate.metrics import best_f1_threshold, patient_metrics
 from brainmets.io import atomic_write, atomic_write_csv, atomic_write_text
+from brainmets.metrics import best_f1_threshold, patient_metrics
 from brainmets.model.checkpoint import save_checkpoint
 from brainmets.model.pretrained import load_pretrained_backbone, warn_random_init
 from brainmets.model.probability import Calibration, fit_platt
 from brainmets.model.resnet import BrainMetsNet
-from brainmets.train.calibration import calibrate_batchnorm
+from brainmets.train.batchnorm_stats import calibrate_batchnorm
 from brainmets.train.curriculum import build_optimizer, stage_for_epoch, trainable_blocks
+from brainmets.train.distributed import gather_with_grad, init_distributed
 from brainmets.train.losses import patient_loss
+from brainmets.train.state import (
+    STATE_FORMAT,
+    TrainState,
+    numpy_rng_state,
+    python_rng_state,
+    set_numpy_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +84,6 @@ METRIC_COLUMNS = [
     "seconds",
 ]
 _HIGHER_IS_BETTER = {"auc": True, "f1": True, "separation": True, "val_loss": False}
-STATE_FORMAT = 1
 # Below this, every validation prediction is near 0: the model has collapsed to "negative".
 COLLAPSE_MAX_PROB = 0.05
 
@@ -125,63 +93,6 @@ class TrainingInterrupted(RuntimeError):
 
 
 # --------------------------------------------------------------------------- setup
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False  # we initialised the process group, so we destroy it
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_spec: str) -> DistInfo:
-    """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1 (nccl on CUDA, else gloo)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistInfo()
-    owns = False
-    if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and not device_spec.startswith("cpu")
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        owns = True
-    return DistInfo(
-        rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        owns_group=owns,
-    )
-
-
-def environment_info(device: torch.device, world_size: int) -> dict[str, Any]:
-    """Versions and devices of this run (deliberately without the host name)."""
-    import torchvision
-
-    cuda = torch.cuda.is_available()
-    return {
-        "brainmets": brainmets.__version__,
-        "python": sys.version.split()[0],
-        "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": np.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "device": str(device),
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if cuda
-        else [],
-        "world_size": world_size,
-        "cpu_threads": torch.get_num_threads(),
-    }
 
 
 def build_model(cfg: Config, *, pretrained: bool = True) -> BrainMetsNet:
@@ -224,14 +135,6 @@ def clip_and_step(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Te
     return found_inf
 
 
-def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` of every rank, concatenated in rank order; gradients flow back to each rank's
-    own part (so a loss term over the whole batch trains every rank's patients)."""
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor))
-
-
 def norm_statistics(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A copy of every BatchNorm running mean and variance of ``model`` (a few MB at most)."""
     return {
@@ -263,46 +166,6 @@ def restore_non_finite_norm_statistics(
     return poisoned
 
 
-# --------------------------------------------------------------------------- state
-
-
-@dataclass
-class TrainState:
-    """Where training stands; saved in ``last_state.pt``."""
-
-    epoch: int = 0  # epoch in progress (or the next to start)
-    batch: int = 0  # batches of ``epoch`` already done
-    global_step: int = 0
-    best_value: float | None = None
-    best_epoch: int = -1
-    zero_sensitivity_epochs: int = 0
-    skipped_steps: int = 0  # whole run
-    # Running sums of the epoch in progress, so a mid-epoch resume reports the same loss.
-    epoch_loss_sum: float = 0.0
-    epoch_steps: int = 0
-    epoch_skipped: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _python_rng_state() -> Any:
-    return random.getstate()
-
-
-def _numpy_rng_state() -> dict[str, Any]:
-    state = np.random.get_state(legacy=False)
-    return {
-        "key": torch.from_numpy(state["state"]["key"].astype(np.int64)),
-        "pos": int(state["state"]["pos"]),
-        "has_gauss": int(state["has_gauss"]),
-        "gauss": float(state["gauss"]),
-    }
-
-
-def _set_numpy_rng_state(state: dict[str, Any]) -> None:
-    key = state["key"].cpu().numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", key, state["pos"], state["has_gauss"], state["gauss"]))
-
-
 # --------------------------------------------------------------------------- trainer
 
 
@@ -322,8 +185,8 @@ class Trainer:
             raise ValueError("data.cache is not set: point it at a `brainmets prepare` output")
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        self.state_path = self.ckpt_dir / "last_state.pt"
+        self.ckpt_dir = self.run_dir / rundir.CHECKPOINTS
+        self.state_path = self.ckpt_dir / rundir.RESUME_STATE
         self.stop_after_steps = stop_after_steps
         self.progress = progress
         self.writer = None
@@ -443,10 +306,11 @@ class Trainer:
             self._load_state()
         self.writer = self._open_tensorboard()
         if self.dist.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, self.run_dir / rundir.CONFIG)
             atomic_write_text(
-                self.run_dir / "environment.json",
-                json.dumps(environment_info(self.device, self.dist.world_size), indent=2) + "\n",
+                self.run_dir / rundir.ENVIRONMENT,
+                json.dumps(rundir.environment_info(self.device, self.dist.world_size), indent=2)
+                + "\n",
             )
 
     def _check_world(self, cfg: Config) -> None:
@@ -495,7 +359,7 @@ class Trainer:
     def _open_log(self) -> logging.Handler | None:
         if not self.dist.is_main:
             return None
-        handler = logging.FileHandler(self.run_dir / "train.log", mode="a", encoding="utf-8")
+        handler = logging.FileHandler(self.run_dir / rundir.LOG, mode="a", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.setLevel(logging.INFO)
         root = logging.getLogger("brainmets")
@@ -514,10 +378,10 @@ class Trainer:
 
         # The saved state includes what was logged at its own step (logging comes first).
         purge = self.state.global_step + 1 if self.state.global_step else None
-        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
+        return SummaryWriter(str(self.run_dir / rundir.TENSORBOARD), purge_step=purge)
 
     def _make_splits(self, resume: bool) -> dict[str, list[str]]:
-        path = self.run_dir / "splits.csv"
+        path = self.run_dir / rundir.SPLITS
         if resume and path.is_file():
             table = pd.read_csv(path, dtype={"patient_id": str, "split": str})
             splits = {s: table.loc[table["split"] == s, "patient_id"].tolist() for s in SPLITS}
@@ -543,7 +407,7 @@ class Trainer:
         return splits
 
     # ------------------------------------------------------------------ curriculum
-    def _enter_stage(self, stage: int, *, restoring: bool = False) -> None:
+    def enter_stage(self, stage: int, *, restoring: bool = False) -> None:
         """Freeze/unfreeze for ``stage``, rebuild the optimiser (carrying the state of the
         parameters that keep training) and the DDP wrapper around the new trainable set.
         ``restoring``: the stage of a saved state, said in the "resumed" line instead."""
@@ -584,7 +448,7 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _loader(self, dataset: PatientDataset, **kwargs: Any) -> DataLoader:
+    def loader(self, dataset: PatientDataset, **kwargs: Any) -> DataLoader:
         # A private generator: the DataLoader draws its worker base seed from it, not from the
         # global RNG, which would otherwise shift dropout after a resume.
         generator = torch.Generator()
@@ -607,7 +471,7 @@ class Trainer:
         if self.train_store is not None:
             loader = self.train_store.batches(self.sampler)
         else:
-            loader = self._loader(self.train_set, batch_sampler=self.sampler)
+            loader = self.loader(self.train_set, batch_sampler=self.sampler)
         self.model.train()
         bar = tqdm(
             loader,
@@ -618,7 +482,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         for batch in bar:
-            loss, found_inf = self._train_step(batch.to(self.device, non_blocking=True))
+            loss, found_inf = self.train_step(batch.to(self.device, non_blocking=True))
             self._loss_sum += torch.where(found_inf > 0, torch.zeros_like(loss), loss)
             self._skipped += found_inf
             self.state.batch += 1
@@ -635,7 +499,7 @@ class Trainer:
                 raise TrainingInterrupted(f"stopped after {self.state.global_step} steps")
         bar.close()
 
-    def _train_step(self, batch: PatientBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, batch: PatientBatch) -> tuple[torch.Tensor, torch.Tensor]:
         x = self._inputs(batch, train=True)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
@@ -645,7 +509,7 @@ class Trainer:
             batch.labels,
             pos_weight=self.cfg.train.pos_weight,
             confidence=self.cfg.train.confidence,
-            gather=_gather_with_grad if self.dist.enabled else None,
+            gather=gather_with_grad if self.dist.enabled else None,
         )
         loss.backward()
         found_inf = clip_and_step(self.optimizer, self.cfg.train.grad_clip)
@@ -679,7 +543,7 @@ class Trainer:
                 order = range(len(self.val_set))
                 loader = self.val_store.batches(order[i : i + size] for i in order[::size])
             else:
-                loader = self._loader(self.val_set, batch_size=size)
+                loader = self.loader(self.val_set, batch_size=size)
             for batch in loader:
                 batch = batch.to(self.device, non_blocking=True)
                 with self._autocast():
@@ -754,7 +618,7 @@ class Trainer:
             if improved:
                 self._save_best(row, predictions)
             atomic_write_csv(
-                self.run_dir / "metrics.csv",
+                self.run_dir / rundir.METRICS,
                 pd.DataFrame(self.state.history, columns=METRIC_COLUMNS),
             )
             for key in METRIC_COLUMNS:
@@ -854,13 +718,13 @@ class Trainer:
                 log.info("epoch %d: probabilities not calibrated (%s)", row["epoch"],
                          calibration.note)  # fmt: skip
         sidecar = {**self._sidecar(row), "calibration": calibration.to_json()}
-        save_checkpoint(self.model, self.run_dir / "model.safetensors", sidecar)
-        atomic_write_csv(self.run_dir / "val_predictions.csv", predictions)
+        save_checkpoint(self.model, self.run_dir / rundir.MODEL, sidecar)
+        atomic_write_csv(self.run_dir / rundir.VAL_PREDICTIONS, predictions)
 
     def _rng_state(self) -> dict[str, Any]:
         state = {
-            "python": _python_rng_state(),
-            "numpy": _numpy_rng_state(),
+            "python": python_rng_state(),
+            "numpy": numpy_rng_state(),
             "torch": torch.get_rng_state(),
             "augment": self.aug_generator.get_state(),
         }
@@ -878,7 +742,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         last_row = self.state.history[-1] if self.state.history else None
-        save_checkpoint(self.model, self.ckpt_dir / "last.safetensors", self._sidecar(last_row))
+        save_checkpoint(self.model, self.ckpt_dir / rundir.LAST_WEIGHTS, self._sidecar(last_row))
         payload = {
             "format": STATE_FORMAT,
             "train_state": asdict(self.state),
@@ -903,7 +767,7 @@ class Trainer:
         self.state = TrainState(**payload["train_state"])
         self.model.load_state_dict(payload["model"])
         self._norm_snapshot = payload.get("norm_snapshot")  # states saved before it: None
-        self._enter_stage(payload["stage"], restoring=True)
+        self.enter_stage(payload["stage"], restoring=True)
         self.optimizer.load_state_dict(payload["optimizer"])
         rng = payload["rng"]
         if payload["world_size"] != self.dist.world_size:
@@ -920,7 +784,7 @@ class Trainer:
 
     def _set_rng_state(self, state: dict[str, Any]) -> None:
         random.setstate(state["python"])
-        _set_numpy_rng_state(state["numpy"])
+        set_numpy_rng_state(state["numpy"])
         torch.set_rng_state(state["torch"].cpu())
         self.aug_generator.set_state(state["augment"].cpu())
         if self.cuda and "cuda" in state:
@@ -955,7 +819,7 @@ class Trainer:
         for epoch in self._epochs():
             stage = stage_for_epoch(epoch, cfg.stage_epochs)
             if stage != self.stage:
-                self._enter_stage(stage)
+                self.enter_stage(stage)
             start = time.perf_counter()
             if self.state.batch == 0 or self._norm_snapshot is None:
                 # A mid-epoch resume keeps the epoch start's copy from the saved state: the
@@ -983,7 +847,7 @@ class Trainer:
 
     def _calibrate_batchnorm(self) -> None:
         """``train.bn_calibration_patients`` > 0 with a random backbone: estimate its
-        BatchNorm statistics from that many training patients (see ``calibration.py``).
+        BatchNorm statistics from that many training patients (see ``batchnorm_stats.py``).
 
         The patients are a seeded draw of the training split, read whole and un-augmented,
         so the calibration consumes nothing from the RNG streams a resume restores. Every rank
@@ -998,7 +862,7 @@ class Trainer:
         ids = self.splits["train"]
         order = np.random.default_rng(self.cfg.seed).permutation(len(ids))[:n]
         chosen = PatientDataset(self.cache, [ids[i] for i in sorted(order)], train=False)
-        loader = self._loader(chosen, batch_size=self.cfg.train.batch_patients)
+        loader = self.loader(chosen, batch_size=self.cfg.train.batch_patients)
         start = time.perf_counter()
         slices = calibrate_batchnorm(
             self.model, loader, lambda b: self._inputs(b, train=False), self.device

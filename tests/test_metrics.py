@@ -14,7 +14,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from brainmets.evaluate.metrics import (
+from brainmets.metrics import (
     METRIC_NAMES,
     THRESHOLDS,
     best_f1_threshold,

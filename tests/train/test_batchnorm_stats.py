@@ -11,7 +11,7 @@ from brainmets.data.cache import build_cache_from_arrays
 from brainmets.data.dataset import collate_patients
 from brainmets.data.normalize import normalize_slices, uint8_to_unit
 from brainmets.model.resnet import BrainMetsNet
-from brainmets.train.calibration import calibrate_batchnorm
+from brainmets.train.batchnorm_stats import calibrate_batchnorm
 from brainmets.train.trainer import train
 
 SIZE = 32

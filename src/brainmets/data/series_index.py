@@ -1,4 +1,4 @@
-"""DICOM root -> series table; one series chosen per patient; labels.csv.
+"""DICOM root -> series table; one series chosen per patient.
 
 ``index_dicom_root`` walks a folder of any layout (files with or without extension), reads
 headers only, and groups image files by SeriesInstanceUID into a :class:`SeriesIndex`:
@@ -41,8 +41,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from brainmets.config import PreprocessConfig
 from brainmets.data.dicom import (
     NOT_DICOM,
+    SeriesError,
     damaged_file_identity,
     frame_value,
     is_multiframe,
@@ -468,57 +470,67 @@ def damaged_reason(damaged: pd.DataFrame, *, reindex: bool, shown: int = 3) -> s
     )
 
 
-# --------------------------------------------------------------------------------------------
-# labels.csv
-# --------------------------------------------------------------------------------------------
+def choose_for(
+    series: pd.DataFrame, preprocess: PreprocessConfig, pins: Mapping[str, str] | None = None
+) -> pd.DataFrame:
+    """:func:`choose_series` for these preprocessing parameters: the slab thickness is the
+    target (5 mm when slices stay native) and ``min_slices`` the floor. ``index``, ``prepare``
+    and ``predict`` all choose through here, so one config gives one choice."""
+    return choose_series(
+        series, target_mm=preprocess.slab_mm or 5.0, min_slices=preprocess.min_slices, pins=pins
+    )
 
-LABEL_COLUMNS = ["patient_id", "label"]
-OPTIONAL_LABEL_COLUMNS = ["split", "series_uid", "path"]
-SPLITS = ("train", "val", "test")
 
+def resolve_series(
+    index: SeriesIndex,
+    rows: pd.DataFrame | None,
+    *,
+    source: str = "",
+    pin: str = "",
+    reindex: bool = False,
+) -> tuple[str, list[str]]:
+    """One patient's series: its chosen SeriesInstanceUID in ``rows`` (its rows of a
+    :func:`choose_for` table) and the series' files.
 
-def read_labels(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read and validate labels.csv: patient_id, label (0/1)[, split][, series_uid][, path].
-
-    A relative ``path`` is read from the labels file's folder, so that a manifest kept beside
-    its images works from any working directory.
-
-    Raises ValueError naming the file, the line and the reason for a missing column, a label
-    other than 0/1, an unknown split, an empty or duplicate patient id.
+    Raises :class:`SeriesError` naming ``source`` when no series is usable (with the unreadable
+    files of the patient's folders, which often explain it), or naming the series' folder when
+    damaged files may be its slices. ``pin``: the series the manifest pinned, whose own reason
+    is then the one given. ``reindex``: the index was read from disk, so the message
+    says to build it again once the files are repaired.
     """
-    path = Path(path)
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    frame.columns = [c.strip() for c in frame.columns]
-    missing = [c for c in LABEL_COLUMNS if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
-    for column in frame.columns:
-        frame[column] = frame[column].str.strip()
+    if rows is None or rows.empty:
+        raise SeriesError(source, "no usable series: patient not in the index")
+    uid, why = patient_choice(rows)
+    if uid is None and pin:
+        pinned = rows[rows["series_uid"] == pin]
+        why = (
+            f"{pin}: {pinned['reason'].iloc[0]}"
+            if len(pinned)
+            else f"pinned series {pin} not found (series: {', '.join(rows['series_uid'])})"
+        )
+    if uid is None:
+        # Only unreadable files in this patient's series folders can explain it (a truncated
+        # slice); a README at the root is nobody's reason.
+        hint = ""
+        if not index.errors.empty and "directory" in rows:
+            folders = tuple(str(d) + os.sep for d in rows["directory"])
+            hint = unreadable_files(
+                index.errors[index.errors["path"].astype(str).str.startswith(folders)]
+            )
+        raise SeriesError(source, f"no usable series: {why}{hint}")
+    files = series_files(index, uid)
+    damaged = damaged_beside(index, uid)
+    if len(damaged):
+        folder = os.path.commonpath([os.path.dirname(f) for f in files]) if files else source
+        raise SeriesError(folder, damaged_reason(damaged, reindex=reindex))
+    return uid, files
 
-    def fail(i: int, reason: str) -> ValueError:
-        # Line numbers as an editor shows them: the header is line 1.
-        return ValueError(f"{path}: line {i + 2}: {reason}")
 
-    seen: dict[str, int] = {}
-    for i, row in frame.iterrows():
-        patient = row["patient_id"]
-        if not patient:
-            raise fail(i, "empty patient_id")
-        if patient in seen:
-            raise fail(i, f"duplicate patient_id {patient!r} (first on line {seen[patient] + 2})")
-        seen[patient] = i
-        if row["label"] not in ("0", "1"):
-            raise fail(i, f"label must be 0 or 1, got {row['label']!r}")
-        if "split" in frame.columns and row["split"] not in (*SPLITS, ""):
-            raise fail(i, f"split must be one of {SPLITS} or empty, got {row['split']!r}")
-    frame["label"] = frame["label"].astype(int)
-    if "path" in frame.columns:
-        here = path.parent
-        frame["path"] = [
-            str(here / p)
-            if p and not os.path.isabs(os.path.expanduser(p))
-            else os.path.expanduser(p)
-            for p in frame["path"]
-        ]
-    columns = LABEL_COLUMNS + [c for c in OPTIONAL_LABEL_COLUMNS if c in frame.columns]
-    return frame[columns].reset_index(drop=True)
+def unreadable_files(index_errors: pd.DataFrame, shown: int = 3) -> str:
+    """``"; unreadable: FILE (why), ..."`` for the files of a folder that were not DICOM or did
+    not parse (a truncated file often explains a series that is too short), else ``""``."""
+    if index_errors.empty:
+        return ""
+    listed = [f"{row.path} ({row.reason})" for row in index_errors.head(shown).itertuples()]
+    more = len(index_errors) - shown
+    return "; unreadable: " + ", ".join(listed) + (f" and {more} more" if more > 0 else "")

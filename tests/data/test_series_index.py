@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from brainmets.data.manifest import (
+from brainmets.data.labels import read_labels
+from brainmets.data.series_index import (
     ERROR_COLUMNS,
     FILE_COLUMNS,
     SERIES_COLUMNS,
@@ -18,7 +19,6 @@ from brainmets.data.manifest import (
     index_dicom_root,
     kernel_class,
     read_index,
-    read_labels,
     series_files,
     write_index,
 )
@@ -206,7 +206,7 @@ def test_missing_pin_chooses_nothing():
 def test_a_pin_overrides_the_ranking_not_eligibility():
     """A pinned localizer (one slice) must not become the patient's volume: the pin picks among
     eligible series, and the plan says why the pinned one cannot be used, once."""
-    from brainmets.data.cache import plan_jobs
+    from brainmets.data.prepare import plan_jobs
 
     series = pd.DataFrame(
         [
@@ -227,12 +227,8 @@ def test_a_pin_overrides_the_ranking_not_eligibility():
     index = SeriesIndex(series=series, files=pd.DataFrame(columns=FILE_COLUMNS),
                         errors=pd.DataFrame(columns=ERROR_COLUMNS))  # fmt: skip
     for pin, reason in [
-        ("scout", "no usable series (scout: pinned in the manifest but not eligible: localizer)"),
-        (
-            "1.2.3",
-            "no usable series (pinned series 1.2.3 not in the index for this patient "
-            "(its series: scout, thin, std))",
-        ),  # fmt: skip
+        ("scout", "no usable series: scout: pinned in the manifest but not eligible: localizer"),
+        ("1.2.3", "no usable series: pinned series 1.2.3 not found (series: scout, thin, std)"),
     ]:
         labels = pd.DataFrame([{"patient_id": "P1", "label": 1, "series_uid": pin}])
         jobs, errors = plan_jobs(labels, index)
@@ -336,7 +332,7 @@ def test_empty_optional_cells_from_the_python_api_are_no_value():
     unknown split) and a NaN pin pins nothing."""
     import numpy as np
 
-    from brainmets.data.cache import plan_jobs
+    from brainmets.data.prepare import plan_jobs
 
     series = pd.DataFrame([series_row("std")])
     index = SeriesIndex(series=series, files=pd.DataFrame(columns=FILE_COLUMNS),

@@ -1,0 +1,82 @@
+"""The names of a run folder's files, and the environment a run records.
+
+A run folder is self-contained for inference and review::
+
+    RUN/config.yaml            the resolved config
+    RUN/environment.json       versions and devices (no host name)
+    RUN/splits.csv             patient_id, split
+    RUN/train.log              the log of every run and resume
+    RUN/metrics.csv            one row per epoch
+    RUN/tensorboard/           the same scalars for TensorBoard
+    RUN/model.safetensors      the selected weights (+ model.json: threshold, calibration,
+                               preprocessing, normalisation, architecture)
+    RUN/val_predictions.csv    validation patients scored by the selected weights
+    RUN/checkpoints/           last.safetensors + last.json, last_state.pt (resume)
+    RUN/evaluation/            metrics.json, predictions.csv, plots (``brainmets evaluate``)
+    RUN/heatmaps/              Grad-CAM PNGs + heatmaps.csv (``predict --heatmaps``)
+    RUN/report.html            the self-contained report
+
+Every module names these files through here, so a file renamed is renamed once.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+CONFIG = "config.yaml"
+ENVIRONMENT = "environment.json"
+SPLITS = "splits.csv"
+LOG = "train.log"
+METRICS = "metrics.csv"
+TENSORBOARD = "tensorboard"
+MODEL = "model.safetensors"
+MODEL_SIDECAR = "model.json"
+VAL_PREDICTIONS = "val_predictions.csv"
+CHECKPOINTS = "checkpoints"
+LAST_WEIGHTS = "last.safetensors"
+RESUME_STATE = "last_state.pt"
+EVALUATION = "evaluation"
+EVALUATION_METRICS = "metrics.json"
+EVALUATION_PREDICTIONS = "predictions.csv"
+HEATMAPS = "heatmaps"
+HEATMAP_INDEX = "heatmaps.csv"
+REPORT = "report.html"
+PREDICTIONS = "predictions.csv"
+LOCK = ".lock"
+
+RUN_FILES = (LOG, CONFIG, METRICS, MODEL_SIDECAR, EVALUATION)
+"""Any one of these makes a folder a run (a run that could not start still has its log)."""
+
+
+def resume_state(run: Path) -> Path:
+    return Path(run) / CHECKPOINTS / RESUME_STATE
+
+
+def environment_info(device: Any, world_size: int) -> dict[str, Any]:
+    """Versions and devices of this run (deliberately without the host name)."""
+    import numpy as np
+    import torch
+    import torchvision
+
+    import brainmets
+
+    cuda = torch.cuda.is_available()
+    return {
+        "brainmets": brainmets.__version__,
+        "python": sys.version.split()[0],
+        "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "device": str(device),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if cuda
+        else [],
+        "world_size": world_size,
+        "cpu_threads": torch.get_num_threads(),
+    }

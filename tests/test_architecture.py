@@ -1,0 +1,59 @@
+"""The package follows the data flow: the layered import contract in pyproject.toml holds, and
+it fails when a module imports against the flow."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "brainmets"
+
+
+def _lint_imports(config: Path, src: Path) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("lint-imports")
+    if not exe.is_file():
+        exe = shutil.which("lint-imports")
+    if exe is None:
+        pytest.fail("import-linter is not installed (pip install -e '.[test]')")
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    return subprocess.run(
+        [str(exe), "--config", str(config), "--no-cache"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=src.parent,
+        timeout=300,
+    )
+
+
+def test_the_package_keeps_its_layers():
+    done = _lint_imports(ROOT / "pyproject.toml", PACKAGE.parent)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "0 broken" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "against_the_flow"),
+    [
+        ("data/cache.py", "import brainmets.train.trainer"),  # data would need training
+        ("metrics.py", "from brainmets.evaluate import report"),  # metrics below evaluate
+        ("inference.py", "import brainmets.predict"),  # the shared loader below its commands
+        ("data/dicom.py", "import brainmets.data.prepare"),  # a reader below its user
+    ],
+)
+def test_an_import_against_the_flow_breaks_the_contract(tmp_path, module, against_the_flow):
+    src = tmp_path / "src"
+    shutil.copytree(PACKAGE, src / "brainmets", ignore=shutil.ignore_patterns("__pycache__"))
+    target = src / "brainmets" / module
+    target.write_text(target.read_text() + f"\n{against_the_flow}  # noqa\n")
+    config = tmp_path / "pyproject.toml"
+    shutil.copy(ROOT / "pyproject.toml", config)
+    done = _lint_imports(config, src)
+    assert done.returncode != 0
+    assert "BROKEN" in done.stdout
