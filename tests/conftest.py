@@ -18,3 +18,22 @@ def corpus() -> Path:
     if not path.is_dir():
         pytest.skip(f"BRAINMETS_CORPUS={root} is not a directory")
     return path
+
+
+@pytest.fixture
+def run_as_main_script(tmp_path):
+    """Run Python source as a new process's main script and return its stdout: spawned pool
+    workers run that script again, as they would a user's."""
+    import subprocess
+    import sys
+
+    def run(source: str) -> str:
+        script = tmp_path / "parent.py"
+        script.write_text(source)
+        done = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    return run

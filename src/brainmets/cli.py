@@ -89,10 +89,11 @@ def cmd_synth(args) -> int:
 
 def cmd_index(args) -> int:
     from brainmets.data.dicom import NOT_DICOM
-    from brainmets.data.series_index import choose_series, index_dicom_root, write_index
+    from brainmets.data.series_index import choose_for, index_dicom_root, write_index
 
+    preprocess = _preprocess_from_args(args)
     index = index_dicom_root(args.dicom_root, workers=args.workers, progress=not args.quiet)
-    index.series = choose_series(index.series, target_mm=args.target_mm, min_slices=args.min_slices)
+    index.series = choose_for(index.series, preprocess)
     write_index(index, args.out)
     chosen = int(index.series["chosen"].sum())
     patients = index.series["patient_id"].nunique()
@@ -321,16 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dicom_root", type=Path, help="folder searched for DICOM files (recursively)")
     p.add_argument("--out", type=Path, required=True, help="folder for series.csv / files.csv")
     _add_workers(p, "header-reading processes (default: every core)")
-    p.add_argument(
-        "--target-mm",
-        type=float,
-        default=5.0,
-        help="preferred slice thickness when choosing a series (default 5)",
-    )
-    p.add_argument(
-        "--min-slices", type=int, default=8, help="fewer slices is not a head CT volume (default 8)"
-    )
     _add_allow_failures(p, "DICOM files are damaged")
+    # The series are chosen from preprocess.slab_mm and preprocess.min_slices, the keys
+    # prepare and predict choose by, so one config gives one choice everywhere.
+    _add_config_args(p)
     p.set_defaults(func=cmd_index)
 
     p = command("prepare", help="HU -> slabs -> brain window -> 256^2, cached per patient")

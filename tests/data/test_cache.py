@@ -138,20 +138,25 @@ def test_patient_file_names_are_safe_and_unique(patient_id, safe):
 
 
 @pytest.mark.parametrize(
-    ("preprocess", "description"),
+    ("overrides", "description"),
     [
-        (PreprocessConfig(), "STD BRAIN 5MM"),
-        (PreprocessConfig(slice_mm=1.0), "STD BRAIN 1MM, iDose"),
+        ([], "STD BRAIN 5MM"),
+        (["preprocess.slice_mm=1.0"], "STD BRAIN 1MM, iDose"),
         # The 5 mm series has 28 slices: below min_slices it is not eligible at any target.
-        (PreprocessConfig(min_slices=30), "STD BRAIN 1MM, iDose"),
+        (["preprocess.min_slices=30"], "STD BRAIN 1MM, iDose"),
     ],
 )
-def test_patient_folders_choose_the_series_for_the_preprocessing(corpus, preprocess, description):
-    """A folder given to prepare (``path`` column) or to predict picks its series with the
-    same slab thickness and minimum slice count as an index does, not with the defaults."""
+def test_patient_folders_choose_the_series_for_the_preprocessing(
+    corpus, tmp_path, overrides, description
+):
+    """``index``, a folder given to prepare (``path`` column) and a folder given to predict
+    pick the same series for one config: its slab thickness and minimum slice count."""
+    from brainmets.cli import main
+    from brainmets.config import load_config
     from brainmets.data.prepare import PatientJob, jobs_for_inputs, load_patient_volume
     from brainmets.data.series_index import index_dicom_root
 
+    preprocess = load_config(None, overrides).preprocess
     folder = corpus / "dcm_qa_ct/In/Philips/S21570"
     series = index_dicom_root(folder, progress=False).series
     expected = series.loc[series["description"] == description, "series_uid"].item()
@@ -163,6 +168,11 @@ def test_patient_folders_choose_the_series_for_the_preprocessing(corpus, preproc
 
     jobs, _, errors = jobs_for_inputs([folder], preprocess)
     assert not errors and [j.series_uid for j in jobs] == [expected]
+
+    sets = [arg for key in overrides for arg in ("--set", key)]
+    assert main(["-q", "index", str(folder), "--out", str(tmp_path / "index"), *sets]) == 0
+    indexed = pd.read_csv(tmp_path / "index" / "series.csv", dtype=str)
+    assert indexed.loc[indexed["chosen"] == "True", "series_uid"].tolist() == [expected]
 
 
 def test_a_patient_folder_without_an_eligible_series_says_why(corpus, tmp_path):
@@ -241,89 +251,26 @@ def test_resume_prepares_again_when_the_series_changes(corpus, tmp_path):
     assert finalize_index(tmp_path / "cache", manifest=["PLASTIC"]).empty
 
 
-def _run_as_main_script(tmp_path, source: str) -> str:
-    """stdout of ``source`` run as a new process's main script: spawned pool workers run that
-    script again, as they would a user's."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "parent.py"
-    script.write_text(source)
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
-def test_pool_workers_run_one_thread_each(tmp_path):
-    """prepare's and predict's workers are the parallelism: each must use one torch and one
-    OpenCV thread, also when the parent script imported torch before the pool started (a
-    spawned worker runs that script again, so torch is loaded before the initializer)."""
-    stdout = _run_as_main_script(
-        tmp_path,
-        "import torch\n"
-        "from brainmets.data.workers import map_jobs\n\n"
-        "def threads(job):\n"
-        "    import cv2\n"
-        "    return torch.get_num_threads(), cv2.getNumThreads()\n\n"
-        "if __name__ == '__main__':\n"
-        "    torch.set_num_threads(2)\n"
-        "    print(sorted(set(map_jobs(threads, list(range(4)), workers=2, progress=False))))\n",
-    )
-    assert stdout.strip() == "[(1, 1)]"
-
-
-def test_pool_workers_reuse_freed_volume_memory(tmp_path):
-    """A worker decodes patient after patient; a volume-sized array (64 MB, 60 slices of 512²
-    float32) freed by one patient must be reused by the next, not handed back to the kernel
-    and page-faulted in again. The parent, with glibc's defaults, shows the faults."""
-    stdout = _run_as_main_script(
-        tmp_path,
-        "import resource\n"
-        "import numpy as np\n"
-        "from brainmets.data.workers import keep_freed_memory, map_jobs\n\n"
-        "def faults(_=None):\n"
-        "    volume = np.ones((60, 512, 512), np.float32); del volume  # the first patient\n"
-        "    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "    for _ in range(3):\n"
-        "        volume = np.ones((60, 512, 512), np.float32); del volume\n"
-        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start\n\n"
-        "def worker(_):\n"
-        "    return faults(), keep_freed_memory()  # the second call says if the first took\n\n"
-        "if __name__ == '__main__':\n"
-        "    results = list(map_jobs(worker, list(range(2)), workers=2, progress=False))\n"
-        "    print(faults(), max(r[0] for r in results), all(r[1] for r in results))\n",
-    )
-    parent, worker, tuned = stdout.split()
-    if tuned != "True":
-        pytest.skip("this C library does not take a 1 GiB mmap threshold (not glibc, or old)")
-    parent, worker = int(parent), int(worker)
-    assert parent > 0
-    assert worker < parent / 10
-
-
-def test_a_worker_that_dies_fails_its_patient_only(tmp_path, manifest):
+def test_a_worker_that_dies_fails_its_patient_only(tmp_path, manifest, run_as_main_script):
     """A decoder's segfault or the OOM killer ends a worker process without an exception.
     prepare must record that patient with the reason and prepare every other one, as it does
     for a file it cannot read; the old shared pool failed every patient in flight and
     stopped the whole run without writing its index."""
     manifest.to_csv(tmp_path / "labels.csv", index=False)
-    stdout = _run_as_main_script(
-        tmp_path,
+    stdout = run_as_main_script(
         "import os, signal\n"
         "import pandas as pd\n"
-        "import brainmets.data.prepare as cache\n"
+        "import brainmets.data.prepare as prepare\n"
         "from brainmets.config import PreprocessConfig\n\n"
-        "real = cache.preprocess_patient\n\n"
+        "real = prepare.preprocess_patient\n\n"
         "def crash_on_p2(job, preprocess):  # workers run this script first: they get it too\n"
         "    if job.patient_id == 'P2':\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real(job, preprocess)\n\n"
-        "cache.preprocess_patient = crash_on_p2\n\n"
+        "prepare.preprocess_patient = crash_on_p2\n\n"
         "if __name__ == '__main__':\n"
         f"    labels = pd.read_csv({str(tmp_path / 'labels.csv')!r})\n"
-        f"    result = cache.prepare_cache(labels, {str(tmp_path / 'cache')!r},\n"
+        f"    result = prepare.prepare_cache(labels, {str(tmp_path / 'cache')!r},\n"
         "        PreprocessConfig(size=32, slice_mm=5.0), workers=2, progress=False)\n"
         "    print(result.prepared, sorted(result.index['patient_id']))\n"
         "    for row in result.errors.itertuples():\n"
@@ -335,24 +282,6 @@ def test_a_worker_that_dies_fails_its_patient_only(tmp_path, manifest):
     assert sorted(lines[1:])[0].startswith("BROKEN | ")
     errors = pd.read_csv(tmp_path / "cache" / "errors.csv")
     assert sorted(errors["patient_id"]) == ["BROKEN", "P2"]
-
-
-def test_a_worker_crash_without_a_handler_is_raised(tmp_path):
-    """map_jobs' callers that cannot record a failure still hear of it."""
-    stdout = _run_as_main_script(
-        tmp_path,
-        "import os, signal\n"
-        "from concurrent.futures.process import BrokenProcessPool\n"
-        "from brainmets.data.workers import map_jobs\n\n"
-        "def die(job):\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n\n"
-        "if __name__ == '__main__':\n"
-        "    try:\n"
-        "        list(map_jobs(die, [1, 2], workers=2, progress=False))\n"
-        "    except BrokenProcessPool:\n"
-        "        print('raised')\n",
-    )
-    assert stdout.strip() == "raised"
 
 
 def test_patients_dropped_from_the_manifest_leave_the_index(tmp_path, manifest):

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from brainmets.data.dicom import (
-    AIR_HU,
+    PADDING_HU,
     SeriesError,
     load_series,
     read_header,
@@ -152,7 +152,7 @@ def test_padding_becomes_air(tmp_path, dtype, padding, limit, padded_stored):
         padding_limit=limit,
     )
     hu = load_series([path]).hu[0]
-    assert (hu.flat[: len(padded_stored)] == AIR_HU).all()
+    assert (hu.flat[: len(padded_stored)] == PADDING_HU).all()
     assert (hu.flat[len(padded_stored) :] == 40).all()
 
 
@@ -245,7 +245,7 @@ def test_hu_equals_dcm2niix(corpus, tmp_path, folder):
     padded = np.stack([padding_of(f) for f in vol.files])
     np.testing.assert_array_equal(vol.hu[~padded], reference[~padded])
     # dcm2niix keeps the padding value; we document padding -> air.
-    assert (vol.hu[padded] == AIR_HU).all()
+    assert (vol.hu[padded] == PADDING_HU).all()
     if "GE" in folder:
         assert padded.sum() > 1_000_000  # GE: the circle outside the field of view
         assert any("uneven" in w for w in vol.warnings)
@@ -326,7 +326,7 @@ def test_lossless_syntaxes_decode_exactly(corpus, uncompressed, syntax):
 def test_lossy_syntaxes_within_tolerance(corpus, uncompressed, syntax, max_mean, max_abs):
     hu = load_series([cornerstone_file(corpus, syntax)]).hu[0]
     # Lossy files were re-encoded without PixelPaddingValue: compare inside the field of view.
-    inside = uncompressed != AIR_HU
+    inside = uncompressed != PADDING_HU
     error = np.abs(hu - uncompressed)[inside]
     assert error.mean() <= max_mean
     assert error.max() <= max_abs

@@ -7,7 +7,7 @@ big endian), and each slice is rescaled to HU with its *own* RescaleSlope / Resc
 Decisions where the standard leaves room:
 
 - **Padding -> air.** Stored values equal to PixelPaddingValue (or inside the range it spans with
-  PixelPaddingRangeLimit) become :data:`AIR_HU` = -1024 HU, the value of air on a 12-bit CT with
+  PixelPaddingRangeLimit) become :data:`PADDING_HU` = -1024 HU, the value of air on a 12-bit CT with
   intercept -1024. Padding marks pixels outside the reconstruction circle; left alone they read
   as -1500..-3024 HU, which the brain window clips to the same black as air anyway, but averaging
   (slabs, anti-aliased resize) next to them would otherwise drag real tissue values down.
@@ -37,7 +37,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import MediaStorageDirectoryStorage
 
-AIR_HU = -1024.0
+PADDING_HU = -1024.0
 """HU written where the scanner stored PixelPaddingValue (outside the field of view)."""
 
 DUPLICATE_TOLERANCE_MM = 0.01
@@ -373,7 +373,7 @@ def slice_hounsfield(
     hu += np.float32(intercept)
     mask = padding_mask(ds, stored)
     if mask is not None:
-        hu[mask] = AIR_HU
+        hu[mask] = PADDING_HU
     return hu
 
 

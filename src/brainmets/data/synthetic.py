@@ -46,7 +46,7 @@ from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 from scipy import ndimage
 from tqdm import tqdm
 
-from brainmets.data.dicom import AIR_HU
+from brainmets.data.dicom import PADDING_HU
 from brainmets.io import atomic_write_text
 
 __all__ = [
@@ -65,9 +65,9 @@ __all__ = [
 ]
 
 _AIR_HU = -1000.0
-OUTSIDE_FOV_HU = AIR_HU
+OUTSIDE_FOV_HU = PADDING_HU
 """:attr:`SyntheticPatient.hu` outside the reconstruction circle: what a reader makes of the
-padding there (brainmets.data.dicom.AIR_HU), so a decoded series equals the rendering."""
+padding there (brainmets.data.dicom.PADDING_HU), so a decoded series equals the rendering."""
 
 # The lowest HU every encoding can hold: unsigned 12-bit pixels with intercept -1024 keep
 # stored value 0 for padding, so -1024 is not available to real pixels.
