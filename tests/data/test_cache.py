@@ -254,8 +254,8 @@ def test_resume_prepares_again_when_the_series_changes(corpus, tmp_path):
 def test_a_worker_that_dies_fails_its_patient_only(tmp_path, manifest, run_as_main_script):
     """A decoder's segfault or the OOM killer ends a worker process without an exception.
     prepare must record that patient with the reason and prepare every other one, as it does
-    for a file it cannot read; the old shared pool failed every patient in flight and
-    stopped the whole run without writing its index."""
+    for a file it cannot read; a shared pool would fail every patient in flight and stop
+    the whole run without writing its index."""
     manifest.to_csv(tmp_path / "labels.csv", index=False)
     stdout = run_as_main_script(
         "import os, signal\n"

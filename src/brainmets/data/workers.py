@@ -124,7 +124,7 @@ def map_jobs(
         def start_new(slot: int) -> None:
             # A worker's process starts at its first job. Started with SIGINT ignored, it
             # ignores Ctrl-C from its first instruction: init_worker comes only after its
-            # imports, and a Ctrl-C meanwhile printed each worker's traceback.
+            # imports, and a Ctrl-C meanwhile would print each worker's traceback.
             with _sigint_ignored():
                 start(slot)
 
