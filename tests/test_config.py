@@ -97,16 +97,6 @@ def test_shipped_default_config_is_the_specification():
     assert cfg == Config(name="brainmets-resnet50")
 
 
-def test_readme_config_reference_is_generated_from_the_models():
-    """The README's table is `reference_markdown()` verbatim, so it cannot drift."""
-    from pathlib import Path
-
-    from brainmets.config import reference_markdown
-
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    assert reference_markdown() in readme.read_text()
-
-
 def test_one_key_of_a_nested_section_keeps_its_siblings(tmp_path):
     cfg = load_config(None, ["augment.negative.noise_std=0.02"])
     assert cfg.augment.negative.noise_std == 0.02
