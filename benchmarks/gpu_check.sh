@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared call for a lent GPU: the throughput harness (the default and one-shape training
+# One prepared call on a GPU machine: the throughput harness (the default and one-shape training
 # paths, inference, DICOM), then compiled training, the step profile and the per-core
 # preprocessing figures, written under $OUT (default ./gpu-results), most important first.
 #

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from brainmets.model.resnet import BrainMetsNet
 
-# Trainable blocks per curriculum stage (DESIGN.md, "Training").
+# Trainable blocks per curriculum stage (the specification's "Training").
 STAGES = {
     "stage1": ("head",),
     "stage2": ("layer4", "head"),

@@ -4,7 +4,7 @@
     PYTHONPATH=src python benchmarks/run_all.py --cpu-small --out benchmarks.json  # 2-core CPU
 
 ``--cpu-small`` shrinks every workload so the whole run takes a few minutes on two cores; the
-figures are then CPU figures, not the GPU targets of the performance issue.
+figures are then CPU figures, not the GPU targets in docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One typed configuration for every step, loaded from YAML and validated.
 
 Every section is a pydantic model with ``extra="forbid"``, so an unknown or ill-typed key is
-an error that names it. Defaults are the values of the specification (DESIGN.md); the few
+an error that names it. Defaults are the values of the specification (docs/architecture.md); the few
 keys the specification leaves open carry a comment saying what we chose and why.
 
 ``load_config(path, overrides)`` applies ``key.sub=value`` overrides (values parsed as YAML,

@@ -7,7 +7,7 @@ import torch
 
 from brainmets.model.resnet import BLOCKS, BrainMetsNet
 
-# Trainable blocks of the three curriculum stages (DESIGN.md, "Training").
+# Trainable blocks of the three curriculum stages (the specification's "Training").
 STAGES = {
     "stage1": ["head"],
     "stage2": ["layer4", "head"],
@@ -34,7 +34,7 @@ def _batch(lengths=(3, 1, 4), size=32, seed=0):
 
 def test_head_parameter_count(resnet50):
     counts = resnet50.count_parameters()
-    # Linear(2048->512) + Linear(512->1), with biases. DESIGN.md states 1,049,089, which is
+    # Linear(2048->512) + Linear(512->1), with biases. The specification states 1,049,089, which is
     # 512 short: it leaves out either the first layer's bias or the last layer's weights.
     assert counts["head"].total == 2048 * 512 + 512 + 512 + 1 == 1_049_601
     # torchvision's ResNet-50 without fc has 23,508,032; conv1 loses two of three input channels.

@@ -1,6 +1,6 @@
 """DICOM CT series -> Hounsfield-unit volume.
 
-Step 1 of the data flow (DESIGN.md, Preprocessing 1): headers are read with pydicom, pixels are
+Step 1 of the data flow (preprocessing step 1 of the specification): headers are read with pydicom, pixels are
 decoded through pydicom's pixel plugins (pylibjpeg, gdcm: JPEG, JPEG-LS, JPEG 2000, RLE, deflated,
 big endian), and each slice is rescaled to HU with its *own* RescaleSlope / RescaleIntercept.
 

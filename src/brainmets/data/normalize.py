@@ -4,7 +4,7 @@ The cache stores the brain window [0, 80] HU as uint8 (0..255); ``uint8_to_unit`
 window units in [0, 1]. Augmentation works in those units, and normalisation runs last, batched
 on the device:
 
-- ``zscore`` (DESIGN.md, preprocessing step 3): per slice, mean 0 and standard deviation 1 over
+- ``zscore`` (preprocessing step 3 of the specification): per slice, mean 0 and standard deviation 1 over
   its H x W pixels.
 - ``minus_one_to_one``: ``2x - 1``, the [-1, 1] range RadImageNet's official PyTorch weights
   were trained on.

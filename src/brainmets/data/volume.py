@@ -1,6 +1,6 @@
 """HU volume -> cached uint8 slices: slab resampling, brain window, resize, storage precision.
 
-Steps 2 and 4 of DESIGN.md's preprocessing plus resampling along the slice normal:
+Steps 2 and 4 of the specified preprocessing plus resampling along the slice normal:
 ``preprocess_volume`` = :func:`slab_resample` -> :func:`brain_window` -> :func:`resize_slices`
 -> :func:`to_uint8`.
 

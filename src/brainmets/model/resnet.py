@@ -1,6 +1,6 @@
 """BrainMetsNet: single-channel torchvision ResNet backbone, slice head and patient pooling.
 
-The network (DESIGN.md, "Model"): torchvision ResNet-50 (conv1 ... layer4, global average pool
+The network (docs/architecture.md, "Specification"): torchvision ResNet-50 (conv1 ... layer4, global average pool
 -> 2048 features), conv1 taking one channel (the brain-windowed CT slice), and the head
 ``Linear(2048 -> 512) -> ReLU -> Dropout(0.4) -> Linear(512 -> 1)`` giving one logit per slice.
 Slice logits are pooled into one logit per patient (``max`` by default, see ``pooling.py``).
