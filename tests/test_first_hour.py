@@ -59,8 +59,8 @@ def cache(tmp_path_factory) -> Path:
 def chance_run(cache, tmp_path_factory):
     """A run trained on noise through the CLI, without accepting a model at chance."""
     run = tmp_path_factory.mktemp("chance") / "run"
-    rc = main(["-q", "train", "--data", str(cache), "--out", str(run), "--epochs", "1",
-               "--device", "cpu", *TINY])  # fmt: skip
+    rc = main(["-q", "train", "--data", str(cache), "--out", str(run), "--set", "train.epochs=1",
+               *TINY])  # fmt: skip
     return run, rc
 
 
@@ -86,8 +86,10 @@ def test_allow_chance_accepts_the_run_with_the_warning(cache, tmp_path, capsys):
     assert "--allow-chance" in err
 
 
-def test_train_shortcuts_set_device_and_epochs(chance_run):
-    run, _ = chance_run
+def test_train_shortcuts_set_device_and_epochs(cache, tmp_path):
+    run = tmp_path / "run"
+    assert main(["-q", "train", "--data", str(cache), "--out", str(run), *TINY, "--epochs", "1",
+                 "--device", "cpu", "--allow-chance"]) == 0  # fmt: skip
     cfg = load_config(run / "config.yaml")
     assert cfg.train.epochs == 1 and cfg.train.device == "cpu"
     assert len(pd.read_csv(run / "metrics.csv")) == 1
@@ -206,6 +208,13 @@ def test_synth_writes_a_stratified_seeded_split(tmp_path, capsys):
     assert not labels["split"].equals(synth("c", 2)["split"])
 
 
+def test_synth_option_errors_name_the_option(tmp_path, capsys):
+    assert main(["-q", "synth", str(tmp_path / "c"), "--matrix", "48"]) == 2
+    err = capsys.readouterr().err
+    assert "synth: --matrix: Input should be greater than or equal to 64" in err
+    assert "pydantic" not in err and not (tmp_path / "c").exists()
+
+
 def test_synth_workers_help_says_every_core(capsys):
     with pytest.raises(SystemExit):
         main(["synth", "--help"])
@@ -235,14 +244,6 @@ def test_a_labels_file_without_patients_is_an_error_naming_it(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert str(labels) in err and reason in err
     assert not out.exists()
-
-
-def test_a_labels_file_with_a_byte_order_mark_reads(tmp_path):
-    from brainmets.data.labels import read_labels
-
-    path = tmp_path / "labels.csv"
-    path.write_bytes("patient_id,label\nA,1\n".encode("utf-8-sig"))
-    assert read_labels(path)["patient_id"].tolist() == ["A"]
 
 
 def test_prepare_without_index_or_paths_is_one_error_up_front(tmp_path, capsys):

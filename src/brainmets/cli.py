@@ -70,15 +70,20 @@ def cmd_synth(args) -> int:
         lesions["lesion_diameter_mm"] = tuple(args.lesion_mm)
     if "lesion_hu" in args:
         lesions["lesion_hu"] = tuple(args.lesion_hu)
-    cfg = SynthConfig(
-        num_patients=args.patients,
-        positive_fraction=args.positive_fraction,
-        slices=(args.min_slices, args.max_slices),
-        matrix=args.matrix,
-        slice_thickness_mm=args.thickness,
-        seed=args.seed,
-        **lesions,
-    )
+    from pydantic import ValidationError
+
+    try:
+        cfg = SynthConfig(
+            num_patients=args.patients,
+            positive_fraction=args.positive_fraction,
+            slices=(args.min_slices, args.max_slices),
+            matrix=args.matrix,
+            slice_thickness_mm=args.thickness,
+            seed=args.seed,
+            **lesions,
+        )
+    except ValidationError as err:  # in the options' names, without pydantic's links
+        raise ValueError("synth: " + "; ".join(_synth_problem(e) for e in err.errors())) from None
     fractions = tuple(args.split) if args.split else None
     if fractions is not None and (min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6):
         raise ValueError(f"--split {' '.join(map(str, fractions))}: three shares adding up to 1")
@@ -98,6 +103,23 @@ def cmd_synth(args) -> int:
         f"labels {labels}{splits}"
     )
     return 0
+
+
+_SYNTH_OPTIONS = {
+    "num_patients": "--patients",
+    "positive_fraction": "--positive-fraction",
+    "slices": "--min-slices/--max-slices",
+    "matrix": "--matrix",
+    "slice_thickness_mm": "--thickness",
+    "lesion_diameter_mm": "--lesion-mm",
+    "lesion_hu": "--lesion-hu",
+}
+
+
+def _synth_problem(error: dict) -> str:
+    field = str(error["loc"][0]) if error["loc"] else ""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{_SYNTH_OPTIONS.get(field, field)}: {message}" if field else message
 
 
 def cmd_config(args) -> int:

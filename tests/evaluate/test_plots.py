@@ -176,10 +176,10 @@ def _drawn_figure(monkeypatch, draw) -> Figure:
 
 
 def test_stage_labels_one_epoch_apart_do_not_overlap(tmp_path, monkeypatch):
-    """The CPU demo's stages start at epochs 1 and 2: one label per line, readable."""
-    e = np.arange(6)
+    """The CPU demo's 16 epochs with stages from epochs 1 and 2: one label per line."""
+    e = np.arange(16)
     csv = tmp_path / "metrics.csv"
-    pd.DataFrame({"epoch": e, "train_loss": 0.7 - 0.05 * e, "auc": 0.5 + 0.05 * e}).to_csv(
+    pd.DataFrame({"epoch": e, "train_loss": 0.7 - 0.02 * e, "auc": 0.5 + 0.02 * e}).to_csv(
         csv, index=False
     )
     fig = _drawn_figure(

@@ -28,10 +28,7 @@ def read_labels(path: str | os.PathLike[str]) -> pd.DataFrame:
     """
     path = Path(path)
     try:
-        # utf-8-sig: a spreadsheet's CSV export often starts with a byte-order mark.
-        frame = pd.read_csv(
-            path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig"
-        )
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except pd.errors.EmptyDataError:
         raise ValueError(
             f"{path}: the file is empty; expected a header line (patient_id,label) and one "
