@@ -74,7 +74,7 @@ def test_a_run_at_chance_exits_non_zero_and_records_why(chance_run):
     assert ranking["verdict"] == "does_not_rank"
     assert ranking["scale"] == "plain sigmoid"
     assert any("includes 0.5" in reason for reason in ranking["reasons"])
-    assert "does not rank" in (run / "train.log").read_text()
+    assert "not shown to rank" in (run / "train.log").read_text()
 
 
 def test_allow_chance_accepts_the_run_with_the_warning(cache, tmp_path, capsys):
@@ -82,7 +82,7 @@ def test_allow_chance_accepts_the_run_with_the_warning(cache, tmp_path, capsys):
                "--epochs", "1", *TINY, "--allow-chance"])  # fmt: skip
     assert rc == 0
     err = capsys.readouterr().err
-    assert "WARNING: the model does not rank its 4 validation patients" in err
+    assert "WARNING: the model is not shown to rank its 4 validation patients" in err
     assert "--allow-chance" in err
 
 
@@ -99,12 +99,12 @@ def test_evaluate_and_report_say_so_at_the_top(chance_run, cache, capsys):
     run, _ = chance_run
     assert main(["-q", "evaluate", str(run), "--data", str(cache), "--n-boot", "20"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("WARNING: the model does not rank its 4 validation patients")
+    assert first.startswith("WARNING: the model is not shown to rank its 4 validation patients")
     metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
     assert metrics["model_ranking"]["verdict"] == "does_not_rank"
     report = (run / "report.html").read_text()
     assert report.index('class="verdict"') < report.index("<nav>")
-    assert "does not rank" in report
+    assert "not shown to rank" in report
     assert "Other fields" not in report
 
 
@@ -114,7 +114,7 @@ def test_predict_warns_on_every_run(chance_run, cache, tmp_path, caplog):
         out = tmp_path / f"p{n}.csv"
         with caplog.at_level("WARNING", logger="brainmets"):
             assert main(["-q", "predict", str(run), str(cache), "--out", str(out)]) == 0
-        warned = [r for r in caplog.records if "does not rank" in r.getMessage()]
+        warned = [r for r in caplog.records if "not shown to rank" in r.getMessage()]
         assert len(warned) == n
 
 

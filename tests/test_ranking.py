@@ -56,5 +56,5 @@ def test_seeded_and_round_trips_through_model_json():
 def test_the_warning_names_the_numbers_and_what_to_do():
     labels, probs = _cohort(20, 0.0)
     text = judge_ranking(labels, probs).warning()
-    assert text.startswith("the model does not rank its 20 validation patients (8 positive)")
+    assert text.startswith("the model is not shown to rank its 20 validation patients (8 positive)")
     assert "95% CI" in text and "model.pretrained" in text

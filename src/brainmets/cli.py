@@ -259,7 +259,7 @@ def _ranking_exit(ranking: dict | None, allowed: bool) -> int:
         print("brainmets: accepted with --allow-chance", file=sys.stderr)
         return 0
     print(
-        f"brainmets: exit {EXIT_DOES_NOT_RANK}: the run is complete, but its model does not "
+        f"brainmets: exit {EXIT_DOES_NOT_RANK}: the run is complete, but its model is not shown to "
         "rank patients; add --allow-chance to accept such a run (a smoke test, a pipeline check)",
         file=sys.stderr,
     )
@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-chance",
         action="store_true",
-        help="exit 0 even when the model does not rank its validation patients better than "
+        help="exit 0 even when the model is not shown to rank its validation patients better than "
         "chance (otherwise exit 3, after the warning)",
     )
     p.set_defaults(func=cmd_train)

@@ -64,7 +64,7 @@ class RankingVerdict:
             )
         if self.verdict == UNDETERMINED:
             return f"whether the model ranks patients is unknown: {'; '.join(self.reasons)}"
-        return f"the model does not rank {who} better than chance: {'; '.join(self.reasons)}"
+        return f"the model is not shown to rank {who} better than chance: {'; '.join(self.reasons)}"
 
     def warning(self) -> str:
         """What a user must read before trusting this model's decisions."""
