@@ -100,6 +100,12 @@ class TrainingInterrupted(RuntimeError):
 def build_model(cfg: Config, *, pretrained: bool = True) -> BrainMetsNet:
     """The configured network; ``pretrained=False`` skips the backbone weights file (a resumed
     run loads every weight from its saved state, and the file may have moved since)."""
+    return _built_model(cfg, pretrained)[0]
+
+
+def _built_model(cfg: Config, pretrained: bool) -> tuple[BrainMetsNet, dict[str, str] | None]:
+    """The configured network and, when it starts from a weights file, that file's name and
+    SHA-256 (recorded in model.json: which download the run started from)."""
     m = cfg.model
     model = BrainMetsNet(
         arch=m.arch,
@@ -111,13 +117,12 @@ def build_model(cfg: Config, *, pretrained: bool = True) -> BrainMetsNet:
         stride_in_1x1=m.stride_in_1x1,
     )
     if not pretrained:
-        return model
+        return model, None
     if m.pretrained.lower() == "none":
         warn_random_init(cfg.train.bn_calibration_patients)
-    else:
-        report = load_pretrained_backbone(model, m.pretrained)  # logs its own report
-        model.pretrained_weights = {"file": report.source, "sha256": report.sha256}
-    return model
+        return model, None
+    report = load_pretrained_backbone(model, m.pretrained)  # logs its own report
+    return model, {"file": report.source, "sha256": report.sha256}
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
@@ -255,8 +260,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.model = build_model(cfg, pretrained=not resume).to(self.device)
-        self.pretrained_weights = getattr(self.model, "pretrained_weights", None)
+        self.model, self.pretrained_weights = _built_model(cfg, pretrained=not resume)
+        self.model = self.model.to(self.device)
         if self.cuda and cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.cuda:
