@@ -323,7 +323,7 @@ class Config(_Section):
 
 # Values DESIGN.md states; every other key is ours to choose (README says why).
 SPECIFIED = {
-    "preprocess.slice_mm": "5 mm slabs (issue)",
+    "preprocess.slice_mm": "5 mm slabs",
     "preprocess.window_center": "40",
     "preprocess.window_width": "80",
     "preprocess.size": "256",
