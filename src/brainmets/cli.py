@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from brainmets import PER_RANK_LOGGER, rundir
+from brainmets import PER_RANK_LOGGER, __version__, rundir
 
 log = logging.getLogger("brainmets")
 
@@ -70,20 +70,63 @@ def cmd_synth(args) -> int:
         lesions["lesion_diameter_mm"] = tuple(args.lesion_mm)
     if "lesion_hu" in args:
         lesions["lesion_hu"] = tuple(args.lesion_hu)
-    cfg = SynthConfig(
-        num_patients=args.patients,
-        positive_fraction=args.positive_fraction,
-        slices=(args.min_slices, args.max_slices),
-        matrix=args.matrix,
-        slice_thickness_mm=args.thickness,
-        seed=args.seed,
-        **lesions,
+    from pydantic import ValidationError
+
+    try:
+        cfg = SynthConfig(
+            num_patients=args.patients,
+            positive_fraction=args.positive_fraction,
+            slices=(args.min_slices, args.max_slices),
+            matrix=args.matrix,
+            slice_thickness_mm=args.thickness,
+            seed=args.seed,
+            **lesions,
+        )
+    except ValidationError as err:  # in the options' names, without pydantic's links
+        raise ValueError("synth: " + "; ".join(_synth_problem(e) for e in err.errors())) from None
+    fractions = tuple(args.split) if args.split else None
+    if fractions is not None and (min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6):
+        raise ValueError(f"--split {' '.join(map(str, fractions))}: three shares adding up to 1")
+    labels = write_synthetic_cohort(
+        args.out, cfg, progress=not args.quiet, workers=args.workers, split_fractions=fractions
     )
-    labels = write_synthetic_cohort(args.out, cfg, progress=not args.quiet, workers=args.workers)
+    splits = ""
+    if fractions is not None:
+        import pandas as pd
+
+        counts = pd.read_csv(labels, dtype=str)["split"].value_counts()
+        splits = " with a split column: " + ", ".join(
+            f"{counts.get(name, 0)} {name}" for name in ("train", "val", "test")
+        )
     print(
         f"wrote {cfg.num_patients} patients: DICOM under {Path(args.out) / 'dicom'}, "
-        f"labels {labels}"
+        f"labels {labels}{splits}"
     )
+    return 0
+
+
+_SYNTH_OPTIONS = {
+    "num_patients": "--patients",
+    "positive_fraction": "--positive-fraction",
+    "slices": "--min-slices/--max-slices",
+    "matrix": "--matrix",
+    "slice_thickness_mm": "--thickness",
+    "lesion_diameter_mm": "--lesion-mm",
+    "lesion_hu": "--lesion-hu",
+}
+
+
+def _synth_problem(error: dict) -> str:
+    field = str(error["loc"][0]) if error["loc"] else ""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{_SYNTH_OPTIONS.get(field, field)}: {message}" if field else message
+
+
+def cmd_config(args) -> int:
+    from brainmets.config import load_config
+    from brainmets.config_yaml import annotated_yaml
+
+    sys.stdout.write(annotated_yaml(load_config(args.config, args.set)))
     return 0
 
 
@@ -123,6 +166,18 @@ def cmd_prepare(args) -> int:
     keep_freed_memory()  # decodes here too with --workers 1; the pool's workers do it anyway
     preprocess = _preprocess_from_args(args)
     labels = read_labels(args.labels)
+    if args.index is None:
+        from brainmets.data.labels import rows_without_path
+
+        unplaced = rows_without_path(labels)
+        if unplaced:
+            shown = ", ".join(unplaced[:3]) + (" ..." if len(unplaced) > 3 else "")
+            raise ValueError(
+                f"{args.labels}: {len(unplaced)} patients have no path column value ({shown}), "
+                "so prepare cannot find their images: index the DICOM root first (brainmets "
+                "index DICOM_ROOT --out INDEX) and add --index INDEX, or give every patient's "
+                "folder in a path column"
+            )
     series_index = read_index(args.index) if args.index else None
     result = prepare_cache(
         labels,
@@ -149,6 +204,9 @@ def cmd_train(args) -> int:
     from brainmets.config import load_config
     from brainmets.train.trainer import train
 
+    shortcuts = [f"train.{key}={value}" for key, value in
+                 (("device", args.device), ("epochs", args.epochs)) if value is not None]  # fmt: skip
+    args.set = [*args.set, *shortcuts]
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / rundir.CONFIG).is_file():
@@ -184,7 +242,29 @@ def cmd_train(args) -> int:
             f"predict and evaluate report probabilities as {calibration.describe()}; "
             f"there the threshold is {calibration.threshold(threshold):.3f}"
         )
-    return 0
+    return _ranking_exit(result.get("ranking"), args.allow_chance)
+
+
+# A trained run whose model does not rank its validation patients (see brainmets.ranking).
+EXIT_DOES_NOT_RANK = 3
+
+
+def _ranking_exit(ranking: dict | None, allowed: bool) -> int:
+    from brainmets.ranking import RankingVerdict
+
+    verdict = RankingVerdict.from_sidecar({"ranking": ranking})
+    if verdict is None or verdict.ranks:
+        return 0
+    print(f"WARNING: {verdict.warning()}", file=sys.stderr)
+    if allowed:
+        print("brainmets: accepted with --allow-chance", file=sys.stderr)
+        return 0
+    print(
+        f"brainmets: exit {EXIT_DOES_NOT_RANK}: the run is complete, but its model is not shown to "
+        "rank patients; add --allow-chance to accept such a run (a smoke test, a pipeline check)",
+        file=sys.stderr,
+    )
+    return EXIT_DOES_NOT_RANK
 
 
 def cmd_evaluate(args) -> int:
@@ -284,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug log, tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--version", action="version", version=f"brainmets {__version__}")
     # The same two flags after the subcommand (brainmets train ... -q); SUPPRESS keeps a flag
     # given before the subcommand from being reset by the subcommand's default.
     common = argparse.ArgumentParser(add_help=False)
@@ -296,27 +377,41 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, **kwargs) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kwargs)
 
-    p = command(
-        "synth",
-        help="write a synthetic head-CT cohort as DICOM + labels.csv",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = command("synth", help="write a synthetic head-CT cohort as DICOM + labels.csv")
     p.add_argument("out", type=Path, help="folder for dicom/, labels.csv and synth.json")
-    p.add_argument("--patients", type=int, default=40, help="number of patients")
+    p.add_argument("--patients", type=int, default=40, help="number of patients (default 40)")
     p.add_argument("--positive-fraction", type=float, default=0.4,
-                   help="share of patients with metastases")  # fmt: skip
-    p.add_argument("--min-slices", type=int, default=24, help="fewest slices per series")
-    p.add_argument("--max-slices", type=int, default=32, help="most slices per series")
-    p.add_argument("--matrix", type=int, default=256, help="rows = columns of each slice")
-    p.add_argument("--thickness", type=float, default=5.0, help="slice thickness in mm")
+                   help="share of patients with metastases (default 0.4)")  # fmt: skip
+    p.add_argument(
+        "--min-slices", type=int, default=24, help="fewest slices per series (default 24)"
+    )
+    p.add_argument("--max-slices", type=int, default=32, help="most slices per series (default 32)")
+    p.add_argument(
+        "--matrix", type=int, default=256, help="rows = columns of each slice (default 256)"
+    )
+    p.add_argument("--thickness", type=float, default=5.0, help="slice thickness in mm (default 5)")
     p.add_argument("--lesion-mm", type=float, nargs=2, metavar=("LOW", "HIGH"), default=argparse.SUPPRESS,
                    help="metastasis diameter range in mm (default 3-20; the demo uses 18 30, "
                         "which a network trained from scratch on CPU can learn)")  # fmt: skip
     p.add_argument("--lesion-hu", type=float, nargs=2, metavar=("LOW", "HIGH"), default=argparse.SUPPRESS,
                    help="metastasis enhancement range in HU (default 45-90; the demo: 75 90)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes")
-    _add_workers(p, "rendering processes")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the same seed writes the same bytes (default 0)")  # fmt: skip
+    p.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                   default=[0.6, 0.2, 0.2],
+                   help="shares of labels.csv's split column, stratified by label and seeded "
+                        "(default 0.6 0.2 0.2)")  # fmt: skip
+    p.add_argument("--no-split", dest="split", action="store_const", const=None,
+                   help="write labels.csv without a split column")  # fmt: skip
+    _add_workers(p, "rendering processes (default: every core)")
     p.set_defaults(func=cmd_synth)
+
+    p = command(
+        "config",
+        help="print the resolved config as commented YAML (brainmets config > my.yaml)",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
 
     p = command("index", help="find the series under a DICOM root; choose one per patient")
     p.add_argument("dicom_root", type=Path, help="folder searched for DICOM files (recursively)")
@@ -361,6 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="prepared cache (same as --set data.cache=...)")
     p.add_argument("--out", type=Path, help="run folder (default runs/<name>)")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (same as --set train.device=...)")
+    p.add_argument("--epochs", type=int, help="epochs in all (same as --set train.epochs=...)")
+    p.add_argument(
+        "--allow-chance",
+        action="store_true",
+        help="exit 0 even when the model is not shown to rank its validation patients better than "
+        "chance (otherwise exit 3, after the warning)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = command("evaluate", help="patient-level metrics with 95%% CIs and plots")
@@ -481,7 +584,10 @@ def _resume_hint(args) -> str:
     if args.func is cmd_prepare:
         return " (run the same command again: patients already prepared are kept)"
     if args.func is cmd_predict:
-        return f" (the patients done are in {args.out}.partial; add --resume to the same command)"
+        partial = Path(f"{args.out}.partial")
+        if not partial.is_file():
+            return " before any patient was done"
+        return f" (the patients done are in {partial}; add --resume to the same command)"
     run_dir = getattr(args, "run_dir", None)
     if args.func is cmd_train and run_dir is not None:
         if (rundir.resume_state(Path(run_dir))).is_file():

@@ -227,11 +227,14 @@ class TrainConfig(_Section):
         "max pooling only",
     )
     pos_weight: float | None = Field(None, gt=0, description="BCE weight of positives")
+    # On by default: frozen blocks of a random backbone would otherwise normalise with the
+    # initial mean 0 / variance 1 (the CPU demo's first stage-3 validation loss was 21).
     bn_calibration_patients: int = Field(
-        0,
+        48,
         ge=0,
         description="with model.pretrained none: estimate the random backbone's BatchNorm "
-        "statistics from this many training patients before stage 1 (0 = off)",
+        "statistics from this many training patients before stage 1 (all of them when fewer; "
+        "0 = off, keeping mean 0 / variance 1)",
     )
     confidence: ConfidenceLoss = Field(default_factory=ConfidenceLoss)
     device: str = Field(

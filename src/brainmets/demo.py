@@ -29,12 +29,11 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 
 from brainmets import rundir
 from brainmets.config import Config, load_config
+from brainmets.data.labels import assign_splits
 from brainmets.io import atomic_write_csv
 
 log = logging.getLogger(__name__)
@@ -86,20 +85,6 @@ def demo_config(*, full: bool, epochs: int | None, device: str, seed: int) -> Co
     if epochs is not None:
         overrides.append(f"train.epochs={epochs}")
     return load_config(None, overrides)
-
-
-def assign_splits(labels: pd.DataFrame, seed: int, fractions=(0.6, 0.2, 0.2)) -> pd.DataFrame:
-    """Stratified train / val / test split of the manifest (the test patients are held out)."""
-    rng = np.random.default_rng(seed)
-    split = pd.Series("", index=labels.index, dtype=object)
-    for _, rows in labels.groupby("label"):
-        order = rng.permutation(rows.index.to_numpy())
-        n_train = round(len(order) * fractions[0])
-        n_val = round(len(order) * fractions[1])
-        split[order[:n_train]] = "train"
-        split[order[n_train : n_train + n_val]] = "val"
-        split[order[n_train + n_val :]] = "test"
-    return labels.assign(split=split)
 
 
 def run_demo(

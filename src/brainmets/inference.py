@@ -77,9 +77,14 @@ class TrainedModel:
     def check_cache(self, cache: PatientCache) -> None:
         """A cache prepared with other parameters than the model was trained on is refused."""
         if cache.config_hash != self.preprocess.config_hash():
+            ours, theirs = self.preprocess.model_dump(), cache.preprocess.model_dump()
+            fix = " ".join(
+                f"--set preprocess.{k}={v}" for k, v in ours.items() if theirs.get(k) != v
+            )
             raise ValueError(
-                f"{cache.root} was prepared with preprocessing {cache.preprocess.model_dump()}, "
-                f"but the model expects {self.preprocess.model_dump()}; prepare the data again"
+                f"{cache.root} was prepared with preprocessing {theirs}, but the model expects "
+                f"{ours}; prepare the data into a new cache with the model's settings "
+                f"(brainmets prepare ... {fix}), or give predict the DICOM folders"
             )
 
 

@@ -35,6 +35,7 @@ from brainmets.heatmaps import update_heatmap_index, write_heatmaps
 from brainmets.inference import TrainedModel, batch_by_slices, load_trained
 from brainmets.io import atomic_write_csv
 from brainmets.model.scoring import PatientScore
+from brainmets.ranking import RankingVerdict
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,9 @@ def predict(
     stops early (Ctrl-C, an error); ``resume`` keeps the patients ``out_csv`` already holds
     without an error and predicts the others."""
     trained = load_trained(run, device, compile=compile)
+    verdict = RankingVerdict.from_sidecar(trained.sidecar)
+    if verdict is not None and not verdict.ranks:
+        log.warning("%s: %s", run, verdict.warning())
     out_csv = Path(out_csv)
     # Saves before the end go to a side file: a stopped rerun must not replace a complete
     # table written earlier to the same --out.
@@ -154,6 +158,8 @@ def predict(
         jobs = [job for job in jobs if job.patient_id not in done]
         # Rows of inputs that failed before any scoring are made afresh and all kept: one may
         # be a second study of a patient done earlier, reported as such.
+    for cache_root in caches:  # a cache the model cannot read fails now, before any work
+        trained.check_cache(PatientCache(cache_root))
     rows = kept + rows
     workers = workers if workers is not None else max(min(len(jobs), cores), 1)
     heat_dir = Path(heatmaps_dir) if heatmaps_dir else None
@@ -164,6 +170,14 @@ def predict(
     # preprocessed: the workers run a batch or more ahead of the scoring.
     from_caches = sum(len(set(PatientCache(c).patient_ids) - set(done)) for c in caches)
     bar = tqdm(total=len(jobs) + from_caches, desc="predict", unit="patient", disable=not progress)
+    # Until the first batch is scored (tens of seconds: worker start, a batch of decoding) the
+    # bar shows the patients read so far.
+    read = 0
+
+    def count_read() -> None:
+        nonlocal read
+        read += 1
+        bar.set_postfix_str(f"{read} read", refresh=True)
 
     def items() -> Iterator[PreprocessedPatient]:
         for result in map_jobs(
@@ -174,6 +188,7 @@ def predict(
             progress=False,
             on_crash=failure_row,
         ):
+            count_read()
             if isinstance(result, dict):
                 rows.append(error_row(result["patient_id"], result["file"], result["reason"]))
                 bar.update()
@@ -191,6 +206,7 @@ def predict(
                     )
                     continue
                 seen.add(item.job.patient_id)
+                count_read()
                 yield item
 
     # One stream from the first patient to the last, so one batch stays in flight throughout.
@@ -231,10 +247,11 @@ def predict(
         finished = True
     finally:
         bar.close()
-        table = save(out_csv if finished else partial)
+        # Stopped before any patient was done: nothing to keep, so no side file to resume from.
+        table = save(out_csv if finished else partial) if finished or rows else None
         if finished:
             partial.unlink(missing_ok=True)
-        else:
+        elif table is not None:
             log.warning(
                 "predict stopped early: the %d patients done are in %s; run the same command "
                 "with --resume to predict the rest",

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from matplotlib.image import imread
 from sklearn.calibration import calibration_curve
 
@@ -14,6 +16,7 @@ from brainmets.evaluate.plots import (
     EVALUATION_PLOTS,
     _stage_starts,
     calibration_bins,
+    plot_f1_vs_threshold,
     plot_learning_curves,
     plot_roc,
     write_evaluation_plots,
@@ -153,3 +156,48 @@ def test_learning_curves_reject_unusable_csv(tmp_path, content):
     csv.write_text(content)
     with pytest.raises(ValueError, match="metrics.csv"):
         plot_learning_curves(csv, tmp_path / "curves.png")
+
+
+def _drawn_figure(monkeypatch, draw) -> Figure:
+    """The figure a plotting function saves, drawn (text extents need a renderer)."""
+    from brainmets.evaluate import plots
+
+    saved = {}
+
+    def keep(fig, out_png):
+        saved["fig"] = fig
+        return Path(out_png)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    draw()
+    fig = saved["fig"]
+    FigureCanvasAgg(fig).draw()
+    return fig
+
+
+def test_stage_labels_one_epoch_apart_do_not_overlap(tmp_path, monkeypatch):
+    """The CPU demo's 16 epochs with stages from epochs 1 and 2: one label per line."""
+    e = np.arange(16)
+    csv = tmp_path / "metrics.csv"
+    pd.DataFrame({"epoch": e, "train_loss": 0.7 - 0.02 * e, "auc": 0.5 + 0.02 * e}).to_csv(
+        csv, index=False
+    )
+    fig = _drawn_figure(
+        monkeypatch, lambda: plot_learning_curves(csv, tmp_path / "c.png", [0, 1, 2])
+    )
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in fig.axes[0].texts if t.get_text().startswith("stage")]
+    assert [t.get_text() for t in labels] == ["stage 2", "stage 3"]
+    first, second = (t.get_window_extent(renderer) for t in labels)
+    assert not first.overlaps(second)
+
+
+def test_the_f1_plot_says_which_threshold_is_on_which_scale(tmp_path, monkeypatch):
+    labels, probs = scored_cohort(60)
+    fig = _drawn_figure(
+        monkeypatch,
+        lambda: plot_f1_vs_threshold(labels, probs, tmp_path / "f1.png", 0.09, shown_threshold=0.5),
+    )
+    (text,) = [t.get_text() for t in fig.axes[0].texts]
+    assert "threshold 0.09 on the plain sigmoid" in text
+    assert "0.50 on the reported (calibrated) probability" in text

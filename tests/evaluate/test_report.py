@@ -206,9 +206,36 @@ def test_heatmaps_of_the_most_probable_patients_come_first(run_dir):
     heatmaps = page[page.index('<section id="heatmaps">') :]
     captions = re.findall(r"<figcaption>([^<]*)</figcaption>", heatmaps)
     assert captions[:3] == [
-        "Z p=0.90, slice 7 (rank 1, slice logit 2.25)",
-        "Z p=0.90, slice 6 (rank 2, slice logit 1.50)",
-        "A p=0.10, slice 3 (rank 1, slice logit -1.20)",
+        "Z p=0.90 (label unknown), slice 7 (rank 1, slice logit 2.25)",
+        "Z p=0.90 (label unknown), slice 6 (rank 2, slice logit 1.50)",
+        "A p=0.10 (label unknown), slice 3 (rank 1, slice logit -1.20)",
     ]
     assert len(captions) == 5  # the two PNGs not in the index follow, by file name
     assert "patients with the highest probability first" in heatmaps
+
+
+def test_the_gallery_shows_each_patients_true_label_where_known(run_dir):
+    """Labels come from the run's evaluation and validation predictions; predict knows none."""
+    folder = run_dir / "heatmaps"
+    rows = []
+    for i, pid in enumerate(["A", "B", "C"]):
+        write_heatmap(folder / f"{pid}.png", i)
+        rows.append([f"{pid}.png", pid, 1, 2, 0.5, 0.9 - 0.1 * i])
+    pd.DataFrame(
+        rows, columns=["file", "patient_id", "rank", "slice_index", "slice_logit", "probability"]
+    ).to_csv(folder / "heatmaps.csv", index=False)
+    pd.DataFrame({"patient_id": ["A"], "label": [1], "probability": [0.9]}).to_csv(
+        run_dir / "evaluation" / "predictions.csv", index=False
+    )
+    pd.DataFrame({"patient_id": ["B"], "label": [0], "probability": [0.8]}).to_csv(
+        run_dir / "val_predictions.csv", index=False
+    )
+    page = write_report(run_dir).read_text(encoding="utf-8")
+    captions = re.findall(
+        r"<figcaption>([^<]*)</figcaption>", page[page.index('<section id="heatmaps">') :]
+    )
+    assert captions[:3] == [
+        "A p=0.90 (true label: metastasis), slice 2 (rank 1, slice logit 0.50)",
+        "B p=0.80 (true label: no metastasis), slice 2 (rank 1, slice logit 0.50)",
+        "C p=0.70 (label unknown), slice 2 (rank 1, slice logit 0.50)",
+    ]

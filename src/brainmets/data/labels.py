@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 LABEL_COLUMNS = ["patient_id", "label"]
@@ -26,11 +27,26 @@ def read_labels(path: str | os.PathLike[str]) -> pd.DataFrame:
     other than 0/1, an unknown split, an empty or duplicate patient id.
     """
     path = Path(path)
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise ValueError(
+            f"{path}: the file is empty; expected a header line (patient_id,label) and one "
+            "line per patient"
+        ) from None
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as CSV in "
+            "UTF-8 (a UTF-16 export from a spreadsheet does not work)"
+        ) from None
+    except pd.errors.ParserError as err:
+        raise ValueError(f"{path}: not a readable CSV file ({err})") from None
     frame.columns = [c.strip() for c in frame.columns]
     missing = [c for c in LABEL_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
+    if frame.empty:
+        raise ValueError(f"{path}: 0 patients (a header line and no patient lines)")
     for column in frame.columns:
         frame[column] = frame[column].str.strip()
 
@@ -61,3 +77,28 @@ def read_labels(path: str | os.PathLike[str]) -> pd.DataFrame:
         ]
     columns = LABEL_COLUMNS + [c for c in OPTIONAL_LABEL_COLUMNS if c in frame.columns]
     return frame[columns].reset_index(drop=True)
+
+
+def rows_without_path(labels: pd.DataFrame) -> list[str]:
+    """Patients of a manifest with no ``path`` of their own: they are found through a series
+    index (``brainmets index``) or not at all."""
+    if "path" not in labels:
+        return labels["patient_id"].tolist()
+    return labels.loc[labels["path"] == "", "patient_id"].tolist()
+
+
+def assign_splits(
+    labels: pd.DataFrame, seed: int, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+) -> pd.DataFrame:
+    """Stratified train / val / test split of the manifest (the test patients are held out):
+    within each label, a seeded random order cut at the fractions."""
+    rng = np.random.default_rng(seed)
+    split = pd.Series("", index=labels.index, dtype=object)
+    for _, rows in labels.groupby("label"):
+        order = rng.permutation(rows.index.to_numpy())
+        n_train = round(len(order) * fractions[0])
+        n_val = round(len(order) * fractions[1])
+        split[order[:n_train]] = "train"
+        split[order[n_train : n_train + n_val]] = "val"
+        split[order[n_train + n_val :]] = "test"
+    return labels.assign(split=split)

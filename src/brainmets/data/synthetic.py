@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -47,6 +48,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from brainmets.data.dicom import PADDING_HU
+from brainmets.data.labels import assign_splits
 from brainmets.io import atomic_write_text
 
 __all__ = [
@@ -1138,8 +1140,13 @@ def write_synthetic_cohort(
     progress: bool = True,
     on_patient: Callable[[str, SyntheticPatient], None] | None = None,
     workers: int = 1,
+    split_fractions: tuple[float, float, float] | None = (0.6, 0.2, 0.2),
 ) -> Path:
     """Writes ``out_dir/dicom/<patient_id>/...`` and ``out_dir/labels.csv``; returns labels.csv.
+
+    labels.csv has a ``split`` column (train / val / test at ``split_fractions``, stratified by
+    label and seeded by ``cfg.seed``: ``evaluate --split test`` then has held-out patients);
+    ``split_fractions=None`` leaves it out.
 
     Each patient's folder is written under a temporary name and renamed when complete, so
     an interrupted run never leaves a half-written study behind; re-running with the same
@@ -1172,7 +1179,9 @@ def write_synthetic_cohort(
     bar.close()
 
     atomic_write_text(out / "synth.json", cfg.model_dump_json(indent=2) + "\n")
-    rows = "".join(f"{pid},{int(label)}\n" for pid, label in zip(ids, labels, strict=True))
+    manifest = pd.DataFrame({"patient_id": ids, "label": labels.astype(int)})
+    if split_fractions is not None:
+        manifest = assign_splits(manifest, cfg.seed, split_fractions)
     labels_path = out / "labels.csv"
-    atomic_write_text(labels_path, "patient_id,label\n" + rows)
+    atomic_write_text(labels_path, manifest.to_csv(index=False, lineterminator="\n"))
     return labels_path

@@ -25,6 +25,7 @@ from brainmets.inference import load_trained, score_cache
 from brainmets.io import atomic_write_csv, atomic_write_text
 from brainmets.metrics import evaluate_predictions
 from brainmets.model.probability import Calibration
+from brainmets.ranking import RankingVerdict
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,9 @@ class EvaluationSummary:
     def text(self) -> str:
         m, ci = self.metrics["metrics"], self.metrics["ci"]
         scale = Calibration.from_sidecar(self.metrics).describe()
-        lines = [
+        verdict = RankingVerdict.from_sidecar({"ranking": self.metrics.get("model_ranking")})
+        warning = [] if verdict is None or verdict.ranks else [f"WARNING: {verdict.warning()}"]
+        lines = warning + [
             f"{m['n']} patients ({m['n_pos']} positive) at threshold "
             f"{self.metrics['threshold']:.3f}; probabilities: {scale}"
         ]
@@ -178,6 +181,7 @@ def evaluate_run(
     metrics["seen_in_training"] = overlap
     metrics["model_epoch"] = trained.sidecar.get("epoch")  # the model.json load_trained read
     metrics["model_best_metric"] = trained.sidecar.get("best_metric")
+    metrics["model_ranking"] = trained.sidecar.get("ranking")  # the run's own verdict
     atomic_write_text(out / rundir.EVALUATION_METRICS, json.dumps(metrics, indent=2))
     atomic_write_csv(out / rundir.PREDICTIONS, predictions)
     write_evaluation_plots(

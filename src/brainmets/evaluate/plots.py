@@ -204,7 +204,11 @@ def plot_f1_vs_threshold(
     f1_at = patient_metrics(y, p, threshold)["f1"]
     label = _threshold_label(threshold)
     if shown_threshold is not None:
-        label += f" (reported {shown_threshold:.2f})"
+        # Two scales on one axis: say which is which, so the two numbers need no manual.
+        label += (
+            f" on the plain sigmoid,\n= {shown_threshold:.2f} on the reported (calibrated) "
+            "probability"
+        )
     ax.annotate(
         f"{label}\nF1 {f1_at:.3f}",
         (threshold, 0.05),
@@ -351,11 +355,12 @@ def plot_learning_curves(
     for stage, start in enumerate(_stage_starts(frame, stage_epochs), start=2):
         for ax in axes:
             ax.axvline(start - 0.5, color=_THRESHOLD_COLOUR, ls="--", lw=0.8)
+        # One line lower per stage: stages one epoch apart would print on top of each other.
         axes[0].annotate(
             f"stage {stage}",
             (start - 0.5, 1.0),
             xycoords=("data", "axes fraction"),
-            xytext=(3, -12),
+            xytext=(3, -12 - 11 * (stage - 2)),
             textcoords="offset points",
             fontsize=8,
         )

@@ -35,6 +35,7 @@ from brainmets.evaluate.plots import EVALUATION_PLOTS, plot_learning_curves
 from brainmets.io import atomic_write_text
 from brainmets.metrics import COUNT_NAMES, METRIC_NAMES
 from brainmets.model.probability import Calibration
+from brainmets.ranking import RankingVerdict
 
 __all__ = ["MAX_HEATMAPS", "write_report"]
 
@@ -87,6 +88,7 @@ td:first-child, th:first-child { text-align: left; }
 .band-poor { background: #c0392b; } .band-moderate { background: #d68910; }
 .band-good { background: #2e86c1; } .band-excellent { background: #1e8449; }
 .band-undefined { background: #888; }
+.verdict { border: 2px solid #c0392b; background: #fdedec; padding: 0.6em 1em; }
 .plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr)); gap: 1em; }
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(250px, 1fr));
            gap: 0.8em; }
@@ -329,6 +331,7 @@ def _metrics_section(run_dir: Path) -> str:
         "seen_in_training",
         "model_epoch",
         "model_best_metric",
+        "model_ranking",
         "metrics",
         "ci",
         "threshold",
@@ -379,14 +382,19 @@ def _heatmap_section(run_dir: Path) -> str:
         index = index.sort_values(["probability", "patient_id", "rank"],
                                   ascending=[False, True, True], kind="stable")  # fmt: skip
         listed = []
+        truth = _true_labels(run_dir)
         for row in index.itertuples():
             path = folder / row.file
             if path in captions:
                 listed.append(path)
                 # The manifest's id is the only identifier allowed in outputs.
+                label = truth.get(str(row.patient_id))
+                known = (
+                    f"true label: {_LABEL_WORDS[label]}" if label is not None else "label unknown"
+                )
                 captions[path] = (
-                    f"{row.patient_id} p={row.probability:.2f}, slice {row.slice_index} "
-                    f"(rank {row.rank}, slice logit {row.slice_logit:.2f})"
+                    f"{row.patient_id} p={row.probability:.2f} ({known}), slice "
+                    f"{row.slice_index} (rank {row.rank}, slice logit {row.slice_logit:.2f})"
                 )
         first = set(listed)
         pngs = listed + [p for p in pngs if p not in first]
@@ -403,6 +411,37 @@ def _heatmap_section(run_dir: Path) -> str:
         f'<p class="meta">{len(shown)} heatmaps, {order_note}.</p>'
         f'<div class="gallery">{figures}</div>{more}'
     )
+
+
+def _verdict_box(run_dir: Path) -> str:
+    """A warning above everything when the run's model does not rank its validation patients
+    (model.json's verdict); nothing for a model that does, or a run from before the verdict."""
+    path = run_dir / rundir.MODEL_SIDECAR
+    data, _ = _read_metrics(path)
+    verdict = RankingVerdict.from_sidecar(data or {})
+    if verdict is None or verdict.ranks:
+        return ""
+    return f'<p class="verdict"><b>Warning:</b> {_esc(verdict.warning())}</p>'
+
+
+def _true_labels(run_dir: Path) -> dict[str, int]:
+    """patient_id -> label of the patients whose label the run knows: its validation
+    predictions and its evaluation (predict itself knows no labels)."""
+    labels: dict[str, int] = {}
+    for path in (run_dir / rundir.VAL_PREDICTIONS,
+                 run_dir / rundir.EVALUATION / rundir.EVALUATION_PREDICTIONS):  # fmt: skip
+        if not path.is_file():
+            continue
+        try:
+            table = pd.read_csv(path, dtype={"patient_id": str})
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+            continue
+        if {"patient_id", "label"} <= set(table.columns):
+            labels.update(zip(table["patient_id"], table["label"].astype(int), strict=True))
+    return labels
+
+
+_LABEL_WORDS = {1: "metastasis", 0: "no metastasis"}
 
 
 # --- the page -------------------------------------------------------------------------------
@@ -437,6 +476,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         )
     out = Path(out) if out is not None else run_dir / rundir.REPORT
     config_text, config, problem = _read_config(run_dir)
+    verdict = _verdict_box(run_dir)
     bodies = {
         "metrics": _metrics_section(run_dir),
         "plots": _plots_section(run_dir),
@@ -459,6 +499,6 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         f"<h1>brainmets run report: {_esc(run_dir.resolve().name)}</h1>"
         f'<p class="meta">Run folder <code>{_esc(run_dir.resolve())}</code> · generated '
         f"{generated} · patient-level detection of brain metastases on head CT</p>"
-        f"<nav>{nav}</nav>{sections}</body></html>\n"
+        f"{verdict}<nav>{nav}</nav>{sections}</body></html>\n"
     )
     return atomic_write_text(out, page)

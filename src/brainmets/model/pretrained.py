@@ -28,6 +28,7 @@ under ``state_dict`` or ``model``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Mapping
@@ -92,12 +93,15 @@ class LoadReport:
     warnings: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # file keys dropped on purpose (fc.*)
     source: str = ""
+    sha256: str = ""  # of the weights file: what a download is checked against
 
     def __str__(self) -> str:
         lines = [
             f"pretrained backbone from {self.source or '?'} (layout {self.layout}): "
             f"{len(self.loaded)} tensors loaded, {len(self.missing)} missing, "
             f"{len(self.unexpected)} unexpected, {len(self.ignored)} ignored",
+            f"  SHA-256 of {Path(self.source).name or '?'}: {self.sha256 or '?'} (recorded in "
+            "model.json; compare it with the checksum published beside the download)",
         ]
         for title, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
             if keys:
@@ -107,12 +111,21 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def warn_random_init() -> str:
-    """Log (and return) a loud warning that the backbone trains from random initialisation."""
+def warn_random_init(bn_calibration_patients: int = 0) -> str:
+    """Log (and return) a loud warning that the backbone trains from random initialisation,
+    saying what to do about it."""
+    batchnorm = (
+        f"Its BatchNorm statistics are estimated from {bn_calibration_patients} training "
+        "patients first (train.bn_calibration_patients)."
+        if bn_calibration_patients
+        else "train.bn_calibration_patients is 0, so its frozen BatchNorm layers normalise "
+        "with mean 0 / variance 1, which describe no data: set it to e.g. 48."
+    )
     message = (
         "model.pretrained is 'none': the ResNet backbone starts from RANDOM weights. The "
         "specified system is pretrained on RadImageNet; from scratch, a cohort of hundreds of "
-        "patients will give far weaker results. Pass a weights file unless this is a test."
+        "patients will give far weaker results. Pass RadImageNet's ResNet50.pt with --set "
+        f"model.pretrained=/path/to/ResNet50.pt (see the README) unless this is a test. {batchnorm}"
     )
     log.warning("!" * 20 + " " + message + " " + "!" * 20)
     return message
@@ -142,7 +155,7 @@ def load_pretrained_backbone(
         )
     state = _strip_prefixes(read_state_dict(path))
     layout = detect_layout(state, path)
-    report = LoadReport(layout=layout, source=str(path))
+    report = LoadReport(layout=layout, source=str(path), sha256=file_sha256(path))
     mapped = _map_keys(state, layout, report)
     conv_biases = [key for key in mapped if _CONV_BIAS.match(key)]
     keras = layout == "keras" or bool(conv_biases)
@@ -197,6 +210,15 @@ def load_pretrained_backbone(
     model.load_state_dict(accepted, strict=False)
     log.info("%s", report)
     return report
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (a ResNet-50 file is ~100 MB)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def adapt_conv1_weight(weight: Tensor, reduce: str = "mean") -> Tensor:

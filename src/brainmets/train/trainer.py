@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -52,6 +53,7 @@ from brainmets.model.checkpoint import save_checkpoint
 from brainmets.model.pretrained import load_pretrained_backbone, warn_random_init
 from brainmets.model.probability import Calibration, fit_platt
 from brainmets.model.resnet import BrainMetsNet
+from brainmets.ranking import RankingVerdict, judge_ranking
 from brainmets.train.batchnorm_stats import calibrate_batchnorm
 from brainmets.train.curriculum import build_optimizer, stage_for_epoch, trainable_blocks
 from brainmets.train.distributed import gather_with_grad, init_distributed
@@ -98,6 +100,12 @@ class TrainingInterrupted(RuntimeError):
 def build_model(cfg: Config, *, pretrained: bool = True) -> BrainMetsNet:
     """The configured network; ``pretrained=False`` skips the backbone weights file (a resumed
     run loads every weight from its saved state, and the file may have moved since)."""
+    return _built_model(cfg, pretrained)[0]
+
+
+def _built_model(cfg: Config, pretrained: bool) -> tuple[BrainMetsNet, dict[str, str] | None]:
+    """The configured network and, when it starts from a weights file, that file's name and
+    SHA-256 (recorded in model.json: which download the run started from)."""
     m = cfg.model
     model = BrainMetsNet(
         arch=m.arch,
@@ -109,12 +117,12 @@ def build_model(cfg: Config, *, pretrained: bool = True) -> BrainMetsNet:
         stride_in_1x1=m.stride_in_1x1,
     )
     if not pretrained:
-        return model
+        return model, None
     if m.pretrained.lower() == "none":
-        warn_random_init()
-    else:
-        load_pretrained_backbone(model, m.pretrained)  # logs its own report
-    return model
+        warn_random_init(cfg.train.bn_calibration_patients)
+        return model, None
+    report = load_pretrained_backbone(model, m.pretrained)  # logs its own report
+    return model, {"file": report.source, "sha256": report.sha256}
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
@@ -192,6 +200,7 @@ class Trainer:
         self.writer = None
         self._log_handler: logging.Handler | None = None
         self.dist = init_distributed(cfg.train.device)
+        before = _entries(self.run_dir)
         try:
             self._check_world(cfg)
             self.device = resolve_device(cfg.train.device, self.dist.local_rank)
@@ -212,6 +221,8 @@ class Trainer:
             # Detach the log (later runs of this process must not write into this run's file)
             # and leave the process group this run joined, so that the caller can start again.
             self.close()
+            if not resume and self.dist.is_main:
+                _remove_new_entries(self.run_dir, before)
             raise
 
     def _build(self, resume: bool) -> None:
@@ -249,7 +260,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.model = build_model(cfg, pretrained=not resume).to(self.device)
+        self.model, self.pretrained_weights = _built_model(cfg, pretrained=not resume)
+        self.model = self.model.to(self.device)
         if self.cuda and cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.cuda:
@@ -544,7 +556,15 @@ class Trainer:
                 loader = self.val_store.batches(order[i : i + size] for i in order[::size])
             else:
                 loader = self.loader(self.val_set, batch_size=size)
-            for batch in loader:
+            bar = tqdm(
+                loader,
+                total=math.ceil(len(self.val_set) / size),
+                desc="validate",
+                leave=False,
+                disable=not (self.dist.is_main and self.progress),
+                dynamic_ncols=True,
+            )
+            for batch in bar:
                 batch = batch.to(self.device, non_blocking=True)
                 with self._autocast():
                     out = self.model(
@@ -706,6 +726,7 @@ class Trainer:
             "normalization": self.cfg.model.normalization,
             "config_hash": self.cfg.config_hash(),
             "best_metric": self.best_metric,
+            "pretrained_weights": self.pretrained_weights,
         }
 
     def _save_best(self, row: dict[str, Any], predictions: pd.DataFrame) -> None:
@@ -717,7 +738,14 @@ class Trainer:
             if calibration.method == "none":
                 log.info("epoch %d: probabilities not calibrated (%s)", row["epoch"],
                          calibration.note)  # fmt: skip
-        sidecar = {**self._sidecar(row), "calibration": calibration.to_json()}
+        ranking = judge_ranking(
+            predictions["label"], predictions["probability"], seed=self.cfg.seed
+        )
+        sidecar = {
+            **self._sidecar(row),
+            "calibration": calibration.to_json(),
+            "ranking": ranking.to_json(),
+        }
         save_checkpoint(self.model, self.run_dir / rundir.MODEL, sidecar)
         atomic_write_csv(self.run_dir / rundir.VAL_PREDICTIONS, predictions)
 
@@ -765,6 +793,10 @@ class Trainer:
         if payload["config_hash"] != self.cfg.config_hash():
             log.warning("resuming %s with a changed config", self.run_dir)
         self.state = TrainState(**payload["train_state"])
+        last = self.ckpt_dir / rundir.LAST_WEIGHTS
+        if last.with_suffix(".json").is_file():  # where the weights came from, kept on resume
+            saved = json.loads(last.with_suffix(".json").read_text())
+            self.pretrained_weights = saved.get("pretrained_weights")
         self.model.load_state_dict(payload["model"])
         self._norm_snapshot = payload.get("norm_snapshot")  # states saved before it: None
         self.enter_stage(payload["stage"], restoring=True)
@@ -843,7 +875,12 @@ class Trainer:
             self._loss_sum.zero_()
             self._skipped.zero_()
             self._save_last()
-        return self.summary()
+        result = self.summary()
+        verdict = RankingVerdict.from_sidecar({"ranking": result["ranking"]})
+        if verdict is not None:
+            log.log(logging.INFO if verdict.ranks else logging.WARNING, "%s",
+                    verdict.describe() if verdict.ranks else verdict.warning())  # fmt: skip
+        return result
 
     def _calibrate_batchnorm(self) -> None:
         """``train.bn_calibration_patients`` > 0 with a random backbone: estimate its
@@ -864,8 +901,15 @@ class Trainer:
         chosen = PatientDataset(self.cache, [ids[i] for i in sorted(order)], train=False)
         loader = self.loader(chosen, batch_size=self.cfg.train.batch_patients)
         start = time.perf_counter()
+        bar = tqdm(
+            loader,
+            desc="BatchNorm statistics",
+            leave=False,
+            disable=not (self.dist.is_main and self.progress),
+            dynamic_ncols=True,
+        )
         slices = calibrate_batchnorm(
-            self.model, loader, lambda b: self._inputs(b, train=False), self.device
+            self.model, bar, lambda b: self._inputs(b, train=False), self.device
         )
         log.info(
             "BatchNorm statistics of the random backbone calibrated on %d slices of %d "
@@ -885,7 +929,15 @@ class Trainer:
             "final": history[-1] if history else None,
             "skipped_steps": self.state.skipped_steps,
             "run_dir": str(self.run_dir),
+            "ranking": self._ranking(),
         }
+
+    def _ranking(self) -> dict[str, Any] | None:
+        """The selected weights' ranking verdict, as model.json records it (said at the end)."""
+        path = self.run_dir / rundir.MODEL_SIDECAR
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text()).get("ranking")
 
     def close(self) -> None:
         if self.writer is not None:
@@ -893,6 +945,22 @@ class Trainer:
         self._close_log()
         if self.dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _entries(folder: Path) -> set[str] | None:
+    """The names in ``folder``; None when it does not exist."""
+    return {p.name for p in folder.iterdir()} if folder.is_dir() else None
+
+
+def _remove_new_entries(folder: Path, before: set[str] | None) -> None:
+    """Undo what a run that could not start wrote (checkpoints/, splits.csv, config.yaml ...),
+    keeping what the folder held before and the log, which says why the start failed."""
+    for name in (_entries(folder) or set()) - (before or set()):
+        if name != rundir.LOG:
+            path = folder / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(True)
+    if before is None and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()  # failed before its log was opened: no trace at all
 
 
 def train(
