@@ -30,6 +30,13 @@ from brainmets.cli import main
 from brainmets.data.dicom import SeriesError, load_series
 from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
 
+# Crafted headers are what these tests are about; pydicom's and torch's warnings about them
+# are not.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Invalid value for VR DS"),
+    pytest.mark.filterwarnings("ignore:Detected pickle protocol"),
+]
+
 TINY = [
     "--set", "model.arch=resnet18",
     "--set", "preprocess.size=48",
@@ -136,13 +143,17 @@ def read_only_folder(path: Path):
 @contextlib.contextmanager
 def lock_held_elsewhere(lock: Path):
     """Another process holding ``lock`` as a running train or predict holds it."""
+    # The lock's protocol spelled out (flock on the file, the holder's PID in it), not
+    # brainmets's helper: the process under test must honour the lock, whoever took it.
     code = (
-        "import sys, time\n"
-        "from brainmets.io import exclusive_lock\n"
-        "with exclusive_lock(sys.argv[1], 'it'):\n"
-        "    print('held', flush=True)\n"
-        "    time.sleep(600)\n"
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "os.write(fd, f'{os.getpid()}\\n'.encode())\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n"
     )
+    lock.parent.mkdir(parents=True, exist_ok=True)
     holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE,
                               text=True)  # fmt: skip
     try:
@@ -529,6 +540,7 @@ def test_workers_end_when_the_parent_is_killed(trained, cohort, tmp_path, comman
         [sys.executable, "-m", "brainmets", "-q", *argv],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ},
     )  # fmt: skip
+    workers: set[int] = set()
     try:
         deadline = time.monotonic() + 120
         while len(_children(parent.pid)) < 2 and time.monotonic() < deadline:
@@ -542,8 +554,8 @@ def test_workers_end_when_the_parent_is_killed(trained, cohort, tmp_path, comman
         while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not [pid for pid in workers if _alive(pid)], "workers outlived their parent"
-    finally:
-        for pid in _children(parent.pid) | {parent.pid}:
+    finally:  # orphans (where the guarantee fails) are killed too: they hold the test's pipe
+        for pid in _children(parent.pid) | workers | {parent.pid}:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         parent.stdout.close()

@@ -159,11 +159,16 @@ _WHAT_TO_DO = {
 
 def os_error_line(err: OSError) -> str:
     """One line for an OS error: the path, the cause, and what to do about it."""
-    where = err.filename if err.filename is not None else "(no file named)"
+    cause = _WHAT_TO_DO.get(err.errno) or (err.strerror or str(err))
+    if err.filename is None:
+        return cause
+    where = str(err.filename)
     if err.filename2 is not None:
         where = f"{where} -> {err.filename2}"
-    cause = _WHAT_TO_DO.get(err.errno) or (err.strerror or str(err))
     return f"{where}: {cause}"
+
+
+_UNPICKLING_ADVICE = ("pickle", "weights_only", "weights only", "unsafe", "trust")
 
 
 def safe_reason(err: BaseException) -> str:
@@ -174,7 +179,7 @@ def safe_reason(err: BaseException) -> str:
     origin that is the unsafe path, so such text is left out, as is anything past one line.
     """
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if any(word in text.lower() for word in ("pickle", "weights_only", "unsafe")):
+    if any(word in text.lower() for word in _UNPICKLING_ADVICE):
         text = ""
     name = type(err).__name__
     return f"{name}: {text[:200]}" if text else name

@@ -191,6 +191,6 @@ def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu"
         raise
     except Exception as error:  # UnpicklingError, a damaged zip archive, ...
         raise ValueError(
-            f"{path}: not readable as tensors ({safe_reason(error)}); it is damaged or was not "
-            "written by brainmets, and is not unpickled"
+            f"{path}: not readable as tensors ({safe_reason(error)}); the file is damaged or "
+            "was not written by brainmets, so it is not loaded"
         ) from error

@@ -763,9 +763,10 @@ class Trainer:
 
     def _load_state(self) -> None:
         payload = load_weights_only(self.state_path, self.device)
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        if found != STATE_FORMAT:
-            raise ValueError(f"{self.state_path}: unsupported resume state format {found!r}")
+        if payload.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"{self.state_path}: unsupported resume state format {payload.get('format')!r}"
+            )
         if payload["config_hash"] != self.cfg.config_hash():
             log.warning("resuming %s with a changed config", self.run_dir)
         self.state = TrainState(**payload["train_state"])
