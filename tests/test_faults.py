@@ -29,6 +29,7 @@ import torch
 from brainmets.cli import main
 from brainmets.data.dicom import SeriesError, load_series
 from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
+from brainmets.predict import predict
 
 # Crafted headers are what these tests are about; pydicom's and torch's warnings about them
 # are not.
@@ -69,7 +70,8 @@ def trained(cohort, tmp_path_factory) -> tuple[Path, Path]:
     assert main(["-q", "index", str(cohort / "dicom"), "--out", str(index), "--workers", "1"]) == 0
     assert main(["-q", "prepare", "--labels", str(cohort / "labels.csv"), "--index", str(index),
                  "--out", str(cache), "--workers", "1", *TINY]) == 0  # fmt: skip
-    assert main(["-q", "train", "--data", str(cache), "--out", str(run), *TINY_TRAIN]) == 0
+    assert main(["-q", "train", "--data", str(cache), "--out", str(run), *TINY,
+                 "--set", "train.epochs=1"]) == 0  # fmt: skip
     return run, cache
 
 
@@ -260,13 +262,37 @@ def test_predict_on_a_root_gives_a_patient_with_only_damaged_files_a_row(
     for path in dicom_files(root / damaged):
         rewrite(path, Rows=65535, Columns=65535)  # over a 64 x 64 pixel data element
     out = tmp_path / "predictions.csv"
-    rc = main(["-q", "predict", str(run), str(root), "--out", str(out)])
-    assert rc == 1
+    # In this process (the CLI starts a worker per core: seconds each on a busy machine).
+    result = predict(run, [root], out_csv=out, workers=1, progress=False)
+    assert result.failed == 1
     table = read_predictions(out).set_index("patient_id")
     assert len(table) == 6
     assert table.loc[damaged, "source"] == str(root / damaged)
     assert "no DICOM file in this folder could be read" in table.loc[damaged, "error"]
     assert (table.drop(index=damaged)["error"] == "").all()
+
+
+def test_damaged_patients_are_found_as_deep_as_the_readable_ones(cohort, tmp_path):
+    """A root with a level above the patients (sites): the lost patient is named by its path
+    under the root; a damaged file in a readable patient's folder makes no row of its own."""
+    from brainmets.config import PreprocessConfig
+    from brainmets.data.prepare import jobs_for_inputs
+
+    folders = patient_folders(cohort)
+    root = tmp_path / "root"
+    (root / "siteA").mkdir(parents=True)
+    (root / "siteB").mkdir()
+    copy_tree(folders[0], root / "siteA" / "p1")
+    copy_tree(folders[1], root / "siteA" / "p2")
+    lost = copy_tree(folders[2], root / "siteB" / "p3")
+    for path in dicom_files(lost):
+        rewrite(path, Rows=65535, Columns=65535)
+    (root / "siteA" / "p1" / "truncated.dcm").write_bytes(
+        dicom_files(folders[3])[0].read_bytes()[:300]
+    )
+    jobs, _, errors = jobs_for_inputs([root], PreprocessConfig(size=48))
+    assert len(jobs) == 2
+    assert [(e["patient_id"], e["source"]) for e in errors] == [("siteB/p3", str(lost))]
 
 
 # --------------------------------------------------------------------------- 5, 10. cache files
