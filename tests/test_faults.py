@@ -487,6 +487,18 @@ def test_prepare_on_a_full_disk_gives_each_patient_an_error_row(cohort, tmp_path
     assert left == []  # no half-written temporary files fill the disk further
 
 
+def test_prepare_warns_early_when_the_cache_will_not_fit(cohort, tmp_path, caplog):
+    """Room for about two of the six patients: said after the first, not only as error rows."""
+    with tmpfs(tmp_path / "disk", "1600k") as disk:
+        rc = main(["-q", "prepare", "--labels", str(cohort / "labels.csv"), "--out",
+                   str(disk / "cache"), "--workers", "1", "--index",
+                   str(_index(cohort, tmp_path))])  # fmt: skip
+        errors = pd.read_csv(disk / "cache" / "errors.csv", dtype=str)
+    assert rc == 1 and 0 < len(errors) < 6
+    [warning] = [r.getMessage() for r in caplog.records if "GB more are needed" in r.getMessage()]
+    assert warning.startswith(f"{disk / 'cache'}: about") and "for 5 more patients" in warning
+
+
 def _index(cohort: Path, tmp_path: Path) -> Path:
     out = tmp_path / "index"
     assert main(["-q", "index", str(cohort / "dicom"), "--out", str(out)]) == 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +252,27 @@ def _crash_row(job: PatientJob, reason: str) -> dict:
     return {"error": True, **failure_row(job, reason)}
 
 
+SPACE_CHECK_AFTER = 1
+"""Patients prepared before the free space is compared with what the others will need."""
+
+
+def _warn_if_short_of_space(
+    root: Path, preprocess: PreprocessConfig, row: dict, remaining: int
+) -> None:
+    """Warn early when the rest of the cache will not fit: a full disk otherwise shows only
+    as an error row for every patient after it, hours into a run. The estimate is this
+    patient's array size for each patient still to do (one head is much like another)."""
+    need = int(row["num_slices"]) * preprocess.size**2 * remaining
+    free = shutil.disk_usage(root).free
+    if need > free:
+        log.warning(
+            "%s: about %.1f GB more are needed for %d more patients (like %s), %.1f GB are "
+            "free; patients that do not fit become error rows (free space and run again: those "
+            "done are kept)",
+            root, need / 1e9, remaining, row["patient_id"], free / 1e9,
+        )  # fmt: skip
+
+
 def prepare_cache(
     labels: pd.DataFrame,
     out: str | Path,
@@ -311,6 +333,8 @@ def prepare_cache(
             )
         else:
             prepared += 1
+            if prepared == SPACE_CHECK_AFTER:
+                _warn_if_short_of_space(root, preprocess, result, len(todo) - prepared)
     for error in errors:
         old = done.get(error["patient_id"])
         if old is not None:
