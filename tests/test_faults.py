@@ -49,7 +49,7 @@ TINY_TRAIN = [*TINY, "--set", "train.epochs=2"]
 UNPICKLING_ADVICE = ("allow_pickle", "pickle.load", "weights_only=False", "trust")
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def read_only_folder(path: Path):
 def lock_held_elsewhere(lock: Path):
     """Another process holding ``lock`` as a running train or predict holds it."""
     # The lock's protocol spelled out (flock on the file, the holder's PID in it), not
-    # brainmets's helper: the process under test must honour the lock, whoever took it.
+    # exclusive_lock itself: the process under test must honour the lock, whoever took it.
     code = (
         "import fcntl, os, sys, time\n"
         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
