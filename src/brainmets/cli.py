@@ -557,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     from brainmets.config import ConfigError
     from brainmets.data.cache import CacheError
+    from brainmets.io import InUseError, os_error_line
 
     try:
         return args.func(args)
@@ -567,12 +568,20 @@ def main(argv: list[str] | None = None) -> int:
         FileExistsError,
         NotADirectoryError,
         ValueError,
+        InUseError,
     ) as err:
         # Bad input from the user: one clear line (the traceback only with --verbose).
         if args.verbose:
             raise
         print(f"{_rank_prefix()}brainmets: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        # A full disk, a read-only folder: the path, the cause and what to do, in one line.
+        if args.verbose:
+            raise
+        print(f"{_rank_prefix()}brainmets: {os_error_line(err)}{_resume_hint(args)}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     except KeyboardInterrupt:
         if _rank() == 0:  # one hint for the run, not one per process
             print(f"brainmets: interrupted{_resume_hint(args)}", file=sys.stderr)
@@ -584,10 +593,9 @@ def _resume_hint(args) -> str:
     if args.func is cmd_prepare:
         return " (run the same command again: patients already prepared are kept)"
     if args.func is cmd_predict:
-        partial = Path(f"{args.out}.partial")
-        if not partial.is_file():
-            return " before any patient was done"
-        return f" (the patients done are in {partial}; add --resume to the same command)"
+        if not Path(f"{args.out}.partial").is_file():
+            return ""  # stopped before any patient was done: nothing to resume
+        return f" (the patients done are in {args.out}.partial; add --resume to the same command)"
     run_dir = getattr(args, "run_dir", None)
     if args.func is cmd_train and run_dir is not None:
         if (rundir.resume_state(Path(run_dir))).is_file():

@@ -7,10 +7,12 @@ cannot be read gets a row with its error and the others go on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -20,7 +22,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from brainmets import rundir
-from brainmets.data.cache import PatientCache
+from brainmets.data.cache import CacheError, PatientCache
 from brainmets.data.prepare import (
     PatientJob,
     PreprocessedPatient,
@@ -33,7 +35,7 @@ from brainmets.data.prepare import (
 from brainmets.data.workers import map_jobs
 from brainmets.heatmaps import update_heatmap_index, write_heatmaps
 from brainmets.inference import TrainedModel, batch_by_slices, load_trained
-from brainmets.io import atomic_write_csv
+from brainmets.io import atomic_write_csv, exclusive_lock
 from brainmets.model.scoring import PatientScore
 from brainmets.ranking import RankingVerdict
 
@@ -95,7 +97,8 @@ def _row(trained: TrainedModel, item: PreprocessedPatient, score: PatientScore) 
 
 def _cache_items(
     cache_root: Path, trained: TrainedModel, skip: Iterable[str] = ()
-) -> Iterator[PreprocessedPatient]:
+) -> Iterator[PreprocessedPatient | dict]:
+    """The cache's patients, and an error row for each whose files are damaged."""
     cache = PatientCache(cache_root)
     trained.check_cache(cache)
     skip = set(skip)
@@ -103,8 +106,12 @@ def _cache_items(
         if pid in skip:
             continue
         row = cache.row(pid)
-        positions = cache.positions(pid)
-        array = np.asarray(cache.load(pid))
+        try:
+            positions = cache.positions(pid)
+            array = np.asarray(cache.load(pid))
+        except CacheError as err:
+            yield error_row(pid, str(cache_root), str(err))
+            continue
         yield PreprocessedPatient(
             PatientJob(patient_id=pid, label=int(row["label"]), path=str(cache_root)),
             array,
@@ -114,6 +121,34 @@ def _cache_items(
         )
 
 
+def _one_writer(predict_fn: Callable[..., PredictResult]) -> Callable[..., PredictResult]:
+    """``predict`` owning its table: one process at a time writes it, a second is refused at
+    once (two runs would each write their rows over the other's). The lock file beside the
+    table is the first thing written, so an unwritable folder is reported before any work, as
+    is an unwritable heatmaps folder."""
+
+    @functools.wraps(predict_fn)
+    def owning(run, inputs, *, out_csv=rundir.PREDICTIONS, heatmaps_dir=None, **options):
+        out_csv = Path(out_csv)
+        lock = out_csv.with_name(f".{out_csv.name}.lock")
+        with exclusive_lock(lock, f"predictions table {out_csv}"):
+            if heatmaps_dir:
+                _check_writable(Path(heatmaps_dir))
+            return predict_fn(run, inputs, out_csv=out_csv, heatmaps_dir=heatmaps_dir, **options)
+
+    return owning
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(folder)) from err
+
+
+@_one_writer
 def predict(
     run: str | Path,
     inputs: Sequence[str | Path],
@@ -135,7 +170,8 @@ def predict(
     never split); ``compile`` compiles the chunked forward (pays off for many patients on a
     GPU). The rows done so far are written every ``save_every_s`` seconds and when the run
     stops early (Ctrl-C, an error); ``resume`` keeps the patients ``out_csv`` already holds
-    without an error and predicts the others."""
+    without an error and predicts the others. A second process writing the same ``out_csv``
+    is refused (:func:`_one_writer`)."""
     trained = load_trained(run, device, compile=compile)
     verdict = RankingVerdict.from_sidecar(trained.sidecar)
     if verdict is not None and not verdict.ranks:
@@ -197,6 +233,10 @@ def predict(
         seen = {job.patient_id for job in jobs}
         for cache_root in caches:
             for item in _cache_items(cache_root, trained, skip=done):
+                if isinstance(item, dict):
+                    rows.append(item)
+                    bar.update()
+                    continue
                 if item.job.patient_id in seen:
                     bar.total -= 1  # counted in the total, never finished
                     log.warning(

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from brainmets.config import PreprocessConfig
-from brainmets.io import atomic_save_npy, atomic_write_csv, atomic_write_text
+from brainmets.io import atomic_save_npy, atomic_write_csv, atomic_write_text, safe_reason
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,16 @@ class CacheError(RuntimeError):
     """A cache that is missing, incomplete or prepared with other parameters."""
 
 
+MAX_STEM = 100
+"""Longest file stem taken from a patient id as it is: file systems allow 255 bytes per name,
+and the stem gets suffixes (``.pos.npy``, ``_rank3_slice120.png``, a temporary file's)."""
+
+
 def patient_stem(patient_id: str) -> str:
-    """A file name for a patient id; ids with unsafe characters get a digest to stay unique."""
+    """A file name for a patient id; ids with unsafe characters, or too long to be a file
+    name, get a digest to stay unique."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", patient_id).strip(".") or "patient"
-    if safe != patient_id:
+    if safe != patient_id or len(safe) > MAX_STEM:
         safe = f"{safe[:64]}-{hashlib.sha1(patient_id.encode()).hexdigest()[:8]}"
     return safe
 
@@ -122,13 +128,52 @@ class PatientCache:
             raise KeyError(f"patient {patient_id!r} is not in the cache {self.root}") from None
 
     def load(self, patient_id: str) -> np.ndarray:
-        """uint8 [N, size, size], memory-mapped read-only."""
-        return np.load(self.root / "patients" / self.row(patient_id)["file"], mmap_mode="r")
+        """uint8 [N, size, size], memory-mapped read-only.
+
+        Raises :class:`CacheError` naming the file when it is not the array the index
+        describes: a wrong shape would be scored as if it were the patient (a batch of one
+        patient is never checked against the others)."""
+        row = self.row(patient_id)
+        path = self.root / "patients" / row["file"]
+        array = _read_npy(path, mmap_mode="r")
+        size = self.preprocess.size
+        expected = (int(row["num_slices"]), size, size)
+        if array.dtype != np.uint8 or array.shape != expected:
+            raise CacheError(
+                f"{path}: damaged cache array: {array.dtype} {list(array.shape)}, expected "
+                f"uint8 {list(expected)} (index.csv, preprocess.json); {_PREPARE_AGAIN}"
+            )
+        return array
 
     def positions(self, patient_id: str) -> np.ndarray | None:
         """Slab positions (mm along the slice normal) when prepare recorded them."""
-        path = self.root / "patients" / (Path(self.row(patient_id)["file"]).stem + ".pos.npy")
-        return np.load(path) if path.is_file() else None
+        row = self.row(patient_id)
+        path = self.root / "patients" / (Path(row["file"]).stem + ".pos.npy")
+        if not path.is_file():
+            return None
+        positions = _read_npy(path)
+        if positions.shape != (int(row["num_slices"]),) or positions.dtype.kind != "f":
+            raise CacheError(
+                f"{path}: damaged slice positions: {positions.dtype} {list(positions.shape)}, "
+                f"expected {int(row['num_slices'])} numbers; {_PREPARE_AGAIN}"
+            )
+        return positions
+
+
+_PREPARE_AGAIN = "delete it and its .json, then run `brainmets prepare` again on this cache"
+
+
+def _read_npy(path: Path, **kwargs) -> np.ndarray:
+    """``np.load`` of a cache file, its failures as a :class:`CacheError` naming the file."""
+    try:
+        return np.load(path, allow_pickle=False, **kwargs)
+    except FileNotFoundError as err:
+        raise CacheError(f"{path}: cache array missing; {_PREPARE_AGAIN}") from err
+    except (ValueError, OSError, EOFError) as err:
+        # numpy's own message for bytes it does not recognise advises unpickling them.
+        raise CacheError(
+            f"{path}: damaged cache array (not a .npy array: {safe_reason(err)}); {_PREPARE_AGAIN}"
+        ) from err
 
 
 # --------------------------------------------------------------------------- writing

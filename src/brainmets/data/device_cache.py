@@ -21,7 +21,6 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from brainmets.data.cache import CacheError
 from brainmets.data.dataset import PatientBatch, PatientDataset
 from brainmets.device import to_device_async
 
@@ -74,13 +73,7 @@ class DeviceSliceStore:
             (int(self.offsets[-1]), size, size), dtype=torch.uint8, device=device
         )
         for pid, start, count in zip(dataset.patient_ids, self.offsets[:-1], counts, strict=True):
-            volume = cache.load(pid)
-            if volume.shape != (count, size, size):
-                raise CacheError(
-                    f"{cache.root / 'patients' / cache.row(pid)['file']}: holds {volume.shape}, "
-                    f"the index says {count} slices of {size}x{size}; run `brainmets prepare` "
-                    "again on this cache"
-                )
+            volume = cache.load(pid)  # checked against the index there, the file named
             # One patient at a time: the host never holds a second copy of the cohort.
             block = torch.from_numpy(np.array(volume, dtype=np.uint8))  # owned, writable
             self.images[start : start + count].copy_(block)

@@ -25,6 +25,7 @@ Decisions where the standard leaves room:
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -229,6 +230,32 @@ def _spacing_warnings(positions: np.ndarray) -> list[str]:
     return found
 
 
+def _pixel_spacing_warnings(frames: Sequence[_Frame], first: _Frame) -> list[str]:
+    """Slices of one series with another PixelSpacing than the first's: the volume is resized
+    with the first slice's spacing, so those slices are scaled wrongly (a warning: the
+    series is still the scanner's, and a tiny difference is a rounding in the header)."""
+    reference = first.value("PixelMeasuresSequence", "PixelSpacing")
+    if reference is None:
+        return []
+    reference = np.asarray([float(v) for v in reference])
+    odd = []
+    for frame in frames:
+        spacing = frame.value("PixelMeasuresSequence", "PixelSpacing")
+        if spacing is None:
+            continue
+        spacing = np.asarray([float(v) for v in spacing])
+        if spacing.shape != reference.shape or not np.allclose(spacing, reference, rtol=1e-3):
+            odd.append((frame, spacing))
+    if not odd:
+        return []
+    frame, spacing = odd[0]
+    return [
+        f"mixed pixel spacing: {len(odd)} slice(s) differ from {reference.tolist()} mm of "
+        f"{first.name}, e.g. {spacing.tolist()} mm in {frame.name}; resized as "
+        f"{reference.tolist()} mm"
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # Pixels -> HU
 # --------------------------------------------------------------------------------------------
@@ -367,7 +394,18 @@ def slice_hounsfield(
     # pydicom's apply_modality_lut goes through float64, which took a tenth of the decode
     # time; stored integers stay exact (below 2^24).
     hu = stored.astype(np.float32)
-    slope, intercept = float(slope), float(intercept)
+    slope, intercept = (
+        _rescale_value(path, "RescaleSlope", slope),
+        _rescale_value(path, "RescaleIntercept", intercept),
+    )
+    if slope == 0.0 or not math.isfinite(slope) or not math.isfinite(intercept):
+        # NaN or 0 made all-zero (all-air) slices and inf saturated them: a volume that scores
+        # as a patient, silently. No repair is safe: the slope is the scanner's calibration.
+        raise SeriesError(
+            path,
+            f"invalid rescale: RescaleSlope {slope}, RescaleIntercept {intercept} (the slope "
+            "must be finite and non-zero, the intercept finite): HU cannot be derived",
+        )
     if slope != 1.0:
         hu *= np.float32(slope)
     hu += np.float32(intercept)
@@ -375,6 +413,15 @@ def slice_hounsfield(
     if mask is not None:
         hu[mask] = PADDING_HU
     return hu
+
+
+def _rescale_value(path: str, keyword: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as err:
+        raise SeriesError(
+            path, f"{keyword} {value!r} is not a number: HU cannot be derived"
+        ) from err
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,7 +494,7 @@ def load_series(files: Sequence[str | os.PathLike[str]]) -> HUVolume:
         hu=hu,
         positions_mm=positions,
         pixel_spacing_mm=(float(spacing[0]), float(spacing[1])),
-        warnings=_spacing_warnings(positions),
+        warnings=_spacing_warnings(positions) + _pixel_spacing_warnings(frames, first),
         source=str(first.ds.get("SeriesInstanceUID", paths[0])),
         files=[frames[i].path for i in order],
     )

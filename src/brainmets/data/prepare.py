@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import pandas as pd
 
 from brainmets.config import PreprocessConfig
 from brainmets.data.cache import ERROR_COLUMNS, finalize_index, is_nifti, write_meta, write_patient
-from brainmets.data.dicom import HUVolume, SeriesError, load_series
+from brainmets.data.dicom import NOT_DICOM, HUVolume, SeriesError, load_series
 from brainmets.data.nifti import load_nifti
 from brainmets.data.series_index import (
     SeriesIndex,
@@ -34,7 +35,7 @@ from brainmets.data.series_index import (
 )
 from brainmets.data.volume import preprocess_volume
 from brainmets.data.workers import map_jobs
-from brainmets.io import atomic_write_csv, atomic_write_text
+from brainmets.io import atomic_write_csv, atomic_write_text, os_error_line
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,10 @@ def _prepare_one(job: PatientJob, root: str, preprocess: PreprocessConfig) -> di
         "warnings": " | ".join(result.warnings),
         "config_hash": preprocess.config_hash(),
     }
-    return write_patient(Path(root), row, result.array, result.positions)
+    try:
+        return write_patient(Path(root), row, result.array, result.positions)
+    except OSError as err:  # a full disk is every patient's error row, not the end of the batch
+        return {"error": True, **failure_row(job, os_error_line(err))}
 
 
 def _done_patients(root: Path, digest: str) -> dict[str, dict]:
@@ -246,6 +250,27 @@ def _errors_path(root: Path, num_shards: int, shard_id: int) -> Path:
 
 def _crash_row(job: PatientJob, reason: str) -> dict:
     return {"error": True, **failure_row(job, reason)}
+
+
+SPACE_CHECK_AFTER = 1
+"""Patients prepared before the free space is compared with what the others will need."""
+
+
+def _warn_if_short_of_space(
+    root: Path, preprocess: PreprocessConfig, row: dict, remaining: int
+) -> None:
+    """Warn early when the rest of the cache will not fit: a full disk otherwise shows only
+    as an error row for every patient after it, hours into a run. The estimate is this
+    patient's array size for each patient still to do (one head is much like another)."""
+    need = int(row["num_slices"]) * preprocess.size**2 * remaining
+    free = shutil.disk_usage(root).free
+    if need > free:
+        log.warning(
+            "%s: about %.1f GB more are needed for %d more patients (like %s), %.1f GB are "
+            "free; patients that do not fit become error rows (free space and run again: those "
+            "done are kept)",
+            root, need / 1e9, remaining, row["patient_id"], free / 1e9,
+        )  # fmt: skip
 
 
 def prepare_cache(
@@ -308,6 +333,8 @@ def prepare_cache(
             )
         else:
             prepared += 1
+            if prepared == SPACE_CHECK_AFTER:
+                _warn_if_short_of_space(root, preprocess, result, len(todo) - prepared)
     for error in errors:
         old = done.get(error["patient_id"])
         if old is not None:
@@ -365,10 +392,52 @@ def jobs_for_inputs(
             if series.empty:
                 reason = f"no DICOM images found{unreadable_files(index.errors)}"
                 errors.append(error_row(path.name, str(path), reason))
+            errors += unreadable_patients(index, path.absolute())
         else:
             reason = "not a DICOM folder, NIfTI or cache" if path.exists() else "does not exist"
             errors.append(error_row(path.name, str(path), reason))
     return _unique_patients(jobs, errors), caches, errors
+
+
+def unreadable_patients(index: SeriesIndex, root: Path) -> list[dict]:
+    """Error rows for the patient folders under a DICOM root whose files are all damaged.
+
+    No header of theirs could be read, so no patient id and no series: the index has them
+    among its errors only, and the patient would have no row at all. Patient folders are taken
+    to lie as deep under the root as the shallowest readable patient's folder (the common
+    folder of its series); a damaged file's folder at that depth that holds no readable series
+    is a lost patient, named by its path under the root. (A root of one patient whose series lie
+    in sibling folders makes an all-damaged series folder such a row too: reported, not lost.)
+    """
+    damaged = index.errors[index.errors["reason"] != NOT_DICOM]
+    if damaged.empty or index.series.empty:
+        return []
+
+    def under_root(folder: str) -> tuple[str, ...]:
+        return Path(os.path.relpath(folder, root)).parts
+
+    patient_folders = [
+        os.path.commonpath(rows["directory"].astype(str).tolist())
+        for _, rows in index.series.groupby("patient_id", sort=False)
+    ]
+    depth = min(len(under_root(folder)) for folder in patient_folders)
+    if depth == 0:  # a patient's own files at the root: a damaged one is its series' concern
+        return []
+    readable = {under_root(folder)[:depth] for folder in index.series["directory"].astype(str)}
+    lost: dict[tuple[str, ...], list[int]] = {}
+    for i, path in damaged["path"].astype(str).items():
+        key = under_root(os.path.dirname(path))[:depth]
+        if len(key) == depth and key not in readable:
+            lost.setdefault(key, []).append(i)
+    return [
+        error_row(
+            "/".join(key),
+            str(root.joinpath(*key)),
+            f"no usable series: no DICOM file in this folder could be read"
+            f"{unreadable_files(damaged.loc[rows])}",
+        )
+        for key, rows in sorted(lost.items())
+    ]
 
 
 def _unique_patients(jobs: list[PatientJob], errors: list[dict]) -> list[PatientJob]:

@@ -53,6 +53,7 @@ from brainmets.data.dicom import (
     slice_normal,
 )
 from brainmets.io import atomic_write_csv
+from brainmets.lifetime import end_with_parent
 
 SERIES_COLUMNS = [
     "patient_id",
@@ -265,7 +266,9 @@ def index_dicom_root(
     if workers > 1:
         # spawn, not fork: predict calls this with torch (and maybe CUDA) running.
         context = get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=end_with_parent
+        ) as pool:
             chunk = max(1, min(256, len(paths) // (4 * workers)))
             records = list(tqdm(pool.map(header_record, paths, chunksize=chunk), **bar))
     else:

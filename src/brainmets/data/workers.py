@@ -20,6 +20,8 @@ from typing import TypeVar
 
 from tqdm.auto import tqdm
 
+from brainmets.lifetime import end_with_parent
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 J = TypeVar("J")
@@ -60,13 +62,16 @@ def keep_freed_memory() -> bool:
 def init_worker() -> bool:
     """Initializer of a decoding worker; returns whether freed memory is kept.
 
-    The parallelism is the processes', so each worker uses one thread (torch and OpenCV
+    A worker ends when the parent does (:func:`brainmets.lifetime.end_with_parent`). The
+    parallelism is the processes', so each worker uses one thread (torch and OpenCV
     included). Workers decode patient after patient with arrays of the same few sizes, so
     they keep the memory they free (:func:`keep_freed_memory`).
     """
     # Ctrl-C reaches the whole process group: the parent stops the run and records it; a
     # worker that raised KeyboardInterrupt too would only print its traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A kill -9 of the parent reaches no one else: without this the workers outlive it.
+    end_with_parent()
     os.environ["OMP_NUM_THREADS"] = "1"
     torch = sys.modules.get("torch")
     if torch is not None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import brainmets
-from brainmets.io import atomic_write, atomic_write_text
+from brainmets.io import atomic_write, atomic_write_text, safe_reason
 from brainmets.model.resnet import BrainMetsNet
 
 # Bump when the sidecar or the state dict keys change incompatibly.
@@ -89,7 +89,12 @@ def save_checkpoint(model: nn.Module, path: Path, sidecar: dict[str, Any]) -> Pa
     except TypeError as error:
         raise ValueError(f"sidecar for {path} is not JSON-serialisable: {error}") from error
     json_path = sidecar_path(path)
-    atomic_write_text(json_path, text + "\n")
+    try:
+        atomic_write_text(json_path, text + "\n")
+    except OSError:
+        # The old pair stands; new weights no sidecar names would only hold the disk's space.
+        pending.unlink(missing_ok=True)
+        raise
     os.replace(pending, path)
     return json_path
 
@@ -140,7 +145,14 @@ def load_checkpoint(
         )
     model = BrainMetsNet(**meta["architecture"])
     try:
-        model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
+        state = load_file(str(weights), device="cpu")
+    except Exception as error:  # SafetensorError: a header that does not parse
+        raise ValueError(
+            f"{weights}: not a readable safetensors file ({safe_reason(error)}); the weights "
+            "file is damaged or of another format"
+        ) from error
+    try:
+        model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise ValueError(
             f"{weights}: weights do not fit the recorded architecture: {error}"
@@ -166,3 +178,19 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)``, a failure of which is a ValueError naming the file.
+
+    torch's message for a file holding other objects than tensors advises loading it with
+    ``weights_only=False``, i.e. unpickling it: never for a file of unknown origin."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as error:  # UnpicklingError, a damaged zip archive, ...
+        raise ValueError(
+            f"{path}: not readable as tensors ({safe_reason(error)}); the file is damaged or "
+            "was not written by brainmets, so it is not loaded"
+        ) from error

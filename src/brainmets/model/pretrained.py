@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from brainmets.io import safe_reason
 from brainmets.model.resnet import CONV1_REDUCTIONS, BrainMetsNet
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,13 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as error:  # SafetensorError: a header that does not parse
+            raise ValueError(
+                f"{path}: not a readable safetensors file ({safe_reason(error)}); it is damaged "
+                "or another format under a .safetensors name"
+            ) from error
     if suffix not in TORCH_SUFFIXES:
         raise ValueError(
             f"{path}: unsupported weights format {suffix!r}; use .safetensors or one of "
@@ -261,7 +268,8 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError, RuntimeError, zip errors...
         raise ValueError(
-            f"{path}: cannot be read with torch.load(weights_only=True) ({error}). If it holds a "
+            f"{path}: cannot be read with torch.load(weights_only=True) ({safe_reason(error)}). "
+            "If it holds a "
             "pickled model object rather than a state dict, re-save model.state_dict() from code "
             "you trust, or convert it to .safetensors."
         ) from error

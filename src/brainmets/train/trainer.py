@@ -47,9 +47,9 @@ from brainmets.data.device_cache import DeviceSliceStore, use_device_cache
 from brainmets.data.labels import SPLITS
 from brainmets.data.normalize import normalize_slices, uint8_to_unit
 from brainmets.device import resolve_device
-from brainmets.io import atomic_write, atomic_write_csv, atomic_write_text
+from brainmets.io import atomic_write, atomic_write_csv, atomic_write_text, exclusive_lock
 from brainmets.metrics import best_f1_threshold, patient_metrics
-from brainmets.model.checkpoint import save_checkpoint
+from brainmets.model.checkpoint import load_weights_only, save_checkpoint
 from brainmets.model.pretrained import load_pretrained_backbone, warn_random_init
 from brainmets.model.probability import Calibration, fit_platt
 from brainmets.model.resnet import BrainMetsNet
@@ -199,9 +199,14 @@ class Trainer:
         self.progress = progress
         self.writer = None
         self._log_handler: logging.Handler | None = None
+        self._owned = contextlib.ExitStack()  # the run folder's lock, until close()
         self.dist = init_distributed(cfg.train.device)
         before = _entries(self.run_dir)
         try:
+            if self.dist.is_main:  # one run per folder: a second is refused before it writes
+                self._owned.enter_context(
+                    exclusive_lock(self.run_dir / rundir.LOCK, f"run folder {self.run_dir}")
+                )
             self._check_world(cfg)
             self.device = resolve_device(cfg.train.device, self.dist.local_rank)
             self.cuda = self.device.type == "cuda"
@@ -785,7 +790,7 @@ class Trainer:
         atomic_write(self.state_path, lambda fh: torch.save(payload, fh))
 
     def _load_state(self) -> None:
-        payload = torch.load(self.state_path, map_location=self.device, weights_only=True)
+        payload = load_weights_only(self.state_path, self.device)
         if payload.get("format") != STATE_FORMAT:
             raise ValueError(
                 f"{self.state_path}: unsupported resume state format {payload.get('format')!r}"
@@ -945,6 +950,7 @@ class Trainer:
         self._close_log()
         if self.dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+        self._owned.close()
 
 
 def _entries(folder: Path) -> set[str] | None:
