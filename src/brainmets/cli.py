@@ -213,6 +213,7 @@ def cmd_predict(args) -> int:
         args.inputs,
         out_csv=args.out,
         heatmaps_dir=args.heatmaps,
+        dicom_out=args.dicom_out,
         top_k=args.top_k,
         device=args.device,
         batch_slices=args.batch_slices,
@@ -407,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="write Grad-CAM PNGs of the top slices here (RUN/heatmaps "
         "puts them in the run's report)",
+    )
+    p.add_argument(
+        "--dicom-out",
+        type=Path,
+        help="write each DICOM patient's result as DICOM here (a Comprehensive SR and Grad-CAM "
+        "secondary captures in the source study, marked for research use), one folder each",
     )
     p.add_argument("--top-k", type=int, default=3, help="heatmaps per patient (default 3)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
