@@ -121,6 +121,7 @@ class Orthanc:
 
     def __init__(self, root: Path):
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.process: subprocess.Popen | None = None
