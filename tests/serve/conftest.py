@@ -17,11 +17,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
-
-from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
-from brainmets.model.checkpoint import save_checkpoint
-from brainmets.model.resnet import BrainMetsNet
 
 PEERS = ("storescu", "echoscu", "dsrdump", "Orthanc")
 SERVE_AE = "BRAINMETS"
@@ -61,45 +56,6 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-
-
-# ------------------------------------------------------------------------------- model
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    """A run folder as train writes it, with a seeded ResNet-18 at 48 px and a Platt
-    calibration, so that the reported probability goes through calibration."""
-    run = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    model = BrainMetsNet("resnet18").eval()
-    sidecar = {
-        "preprocess": {
-            "min_slices": 8,
-            "size": 48,
-            "slice_mm": 5.0,
-            "window_center": 40.0,
-            "window_width": 80.0,
-        },
-        "normalization": "zscore",
-        "threshold": 0.5,
-        "calibration": {"method": "platt", "slope": 0.8, "intercept": -0.1, "patients": 20},
-        "epoch": 0,
-    }
-    save_checkpoint(model, run / "model.safetensors", sidecar)
-    return run
-
-
-# ------------------------------------------------------------------------------- studies
-
-
-@pytest.fixture(scope="session")
-def cohort(tmp_path_factory) -> Path:
-    """``dicom/SYN0001`` … ``SYN0024``: small generated head CT studies (one study each)."""
-    root = tmp_path_factory.mktemp("cohort")
-    cfg = SynthConfig(num_patients=24, matrix=64, slices=(10, 12), seed=5)
-    write_synthetic_cohort(root, cfg, progress=False)
-    return root / "dicom"
 
 
 def ct_series_files(study: Path) -> list[Path]:

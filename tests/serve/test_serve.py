@@ -50,8 +50,10 @@ def _content(sr: pydicom.Dataset) -> dict[str, pydicom.Dataset]:
     return {item.ConceptNameCodeSequence[0].CodeValue: item for item in sr.ContentSequence}
 
 
-def test_a_study_goes_in_and_its_results_reach_pacs(node, orthanc, cohort, tiny_run, tmp_path):
-    studies = [cohort / "SYN0001", cohort / "SYN0002"]
+def test_a_study_goes_in_and_its_results_reach_pacs(
+    node, orthanc, head_ct_studies, tiny_run, tmp_path
+):
+    studies = [head_ct_studies / "SYN0001", head_ct_studies / "SYN0002"]
     storescu(node.port, *studies)
     wait_for(
         lambda: (t := status_rows(node.store)).shape[0] == 2 and set(t["state"]) == {"sent"},
@@ -109,7 +111,7 @@ def test_a_study_goes_in_and_its_results_reach_pacs(node, orthanc, cohort, tiny_
         assert "Probability of brain metastases" in dump.stdout
     log = node.log_text()
     for pid in ("SYN0001", "SYN0002"):  # identifiers yes, names never
-        name = str(pydicom.dcmread(ct_series_files(cohort / pid)[0]).PatientName)
+        name = str(pydicom.dcmread(ct_series_files(head_ct_studies / pid)[0]).PatientName)
         assert name and name not in log
 
 
@@ -121,9 +123,11 @@ def _copy_as(files, out, *, edit) -> None:
         ds.save_as(out / path.name)
 
 
-def test_what_cannot_be_scored_is_a_clear_row_without_results(node, orthanc, cohort, tmp_path):
+def test_what_cannot_be_scored_is_a_clear_row_without_results(
+    node, orthanc, head_ct_studies, tmp_path
+):
     # An MR study: refused instance by instance, with a DIMSE status that says why.
-    mr_files = ct_series_files(cohort / "SYN0003")
+    mr_files = ct_series_files(head_ct_studies / "SYN0003")
     mr_study = generate_uid()
 
     def as_mr(ds, i):
@@ -136,13 +140,13 @@ def test_what_cannot_be_scored_is_a_clear_row_without_results(node, orthanc, coh
     said = refused.stdout + refused.stderr
     assert said.count("Refused: SOPClassNotSupported") == len(mr_files), said
     # A CT study with four slices: nothing a head CT volume can be made of.
-    few = ct_series_files(cohort / "SYN0004")[:4]
+    few = ct_series_files(head_ct_studies / "SYN0004")[:4]
     shutil.copytree(few[0].parent, tmp_path / "few", ignore=lambda d, names: [
         n for n in names if d == str(few[0].parent) and (few[0].parent / n) not in few
     ])  # fmt: skip
     storescu(node.port, tmp_path / "few")
     # A malformed instance (its pixel data shorter than its header says) among good ones.
-    good = ct_series_files(cohort / "SYN0005")
+    good = ct_series_files(head_ct_studies / "SYN0005")
 
     def truncate_one(ds, i):
         if i == 3:

@@ -57,11 +57,13 @@ def _srs_in(orthanc, study_uid: str) -> int:
     )
 
 
-def test_twenty_studies_from_four_senders_at_once(peers, orthanc, tiny_run, cohort, tmp_path):
+def test_twenty_studies_from_four_senders_at_once(
+    peers, orthanc, tiny_run, head_ct_studies, tmp_path
+):
     store = tmp_path / "store"
     serve = ServeProcess(tiny_run, store, "--forward", orthanc.destination).start()
     try:
-        studies = sorted(cohort.iterdir())[4:24]
+        studies = sorted(head_ct_studies.iterdir())[4:24]
         senders = [
             subprocess.Popen(
                 [
@@ -93,9 +95,9 @@ def test_twenty_studies_from_four_senders_at_once(peers, orthanc, tiny_run, coho
         serve.stop()
 
 
-def test_kill_while_receiving_then_restart(peers, orthanc, tiny_run, cohort, tmp_path):
+def test_kill_while_receiving_then_restart(peers, orthanc, tiny_run, head_ct_studies, tmp_path):
     store = tmp_path / "store"
-    studies = sorted(cohort.iterdir())[:8]
+    studies = sorted(head_ct_studies.iterdir())[:8]
     serve = ServeProcess(tiny_run, store, "--forward", orthanc.destination).start()
     sender = subprocess.Popen(
         ["storescu", "-aec", SERVE_AE, "+sd", "+r", "127.0.0.1", str(serve.port),
@@ -127,9 +129,9 @@ def test_kill_while_receiving_then_restart(peers, orthanc, tiny_run, cohort, tmp
         serve.stop()
 
 
-def test_kill_while_scoring_then_restart(peers, orthanc, tiny_run, cohort, tmp_path):
+def test_kill_while_scoring_then_restart(peers, orthanc, tiny_run, head_ct_studies, tmp_path):
     store = tmp_path / "store"
-    studies = sorted(cohort.iterdir())[8:11]
+    studies = sorted(head_ct_studies.iterdir())[8:11]
     serve = ServeProcess(tiny_run, store, "--forward", orthanc.destination).start()
     storescu(serve.port, *studies)
 
@@ -153,12 +155,12 @@ def test_kill_while_scoring_then_restart(peers, orthanc, tiny_run, cohort, tmp_p
         serve.stop()
 
 
-def test_association_aborted_halfway(peers, orthanc, tiny_run, cohort, tmp_path):
+def test_association_aborted_halfway(peers, orthanc, tiny_run, head_ct_studies, tmp_path):
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage
 
     store = tmp_path / "store"
-    study = cohort / "SYN0012"
+    study = head_ct_studies / "SYN0012"
     files = ct_series_files(study)
     serve = ServeProcess(tiny_run, store, "--forward", orthanc.destination, stable=3).start()
     try:
@@ -183,11 +185,11 @@ def test_association_aborted_halfway(peers, orthanc, tiny_run, cohort, tmp_path)
         serve.stop()
 
 
-def test_pacs_down_when_results_are_ready_then_up(peers, tiny_run, cohort, tmp_path):
+def test_pacs_down_when_results_are_ready_then_up(peers, tiny_run, head_ct_studies, tmp_path):
     pacs = Orthanc(tmp_path / "pacs-root")
     store = tmp_path / "store"
     serve = ServeProcess(tiny_run, store, "--forward", pacs.destination).start()
-    study, later = cohort / "SYN0014", cohort / "SYN0015"
+    study, later = head_ct_studies / "SYN0014", head_ct_studies / "SYN0015"
     uid = _study_uid(study)
     try:
         storescu(serve.port, study)
