@@ -258,7 +258,12 @@ def predict(
                 )
                 heat_rows += [{**m, "probability": row["probability"]} for m in maps]
             if dicom_dir:
-                _write_dicom(trained, item, score, dicom_dir, top_k)
+                try:
+                    _write_dicom(trained, item, score, dicom_dir, top_k)
+                except Exception as err:  # noqa: BLE001 - a batch job records it and goes on
+                    # The patient lacks an output asked for: failed, so --resume tries again.
+                    row = {**row, "error": f"DICOM results: {type(err).__name__}: {err}"}
+                    log.warning("patient %s: %s", item.job.patient_id, row["error"])
             # Only now is the patient done: a stop during its heatmaps (seconds each) must
             # leave it for --resume, not saved without them.
             rows.append(row)
