@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,7 @@ class Node:
     def score(self, study: Study) -> None:
         """Score one claimed study and record its outcome; never raises (the node goes on)."""
         trained = self.trained
+        start = time.monotonic()
         folder = self.scp.spool.study_dir(study.study_uid)
         name = f"study {_short(study.study_uid)} (revision {study.revision})"
         try:
@@ -167,12 +169,13 @@ class Node:
             model=row["model"],
         )
         log.info(
-            "%s: patient %s p=%.3f decision %d, %d result objects",
+            "%s: patient %s p=%.3f decision %d, %d result objects (%.1f s)",
             name,
             row["patient_id"],
             row["probability"],
             row["decision"],
             len(results),
+            time.monotonic() - start,
         )
 
     # ----------------------------------------------------------------------- forwarding
