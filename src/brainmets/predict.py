@@ -1,5 +1,6 @@
 """``brainmets predict``: score new studies with a trained run (DICOM folders, NIfTI files
-or a prepared cache) into ``predictions.csv``, with Grad-CAM heatmaps on request.
+or a prepared cache) into ``predictions.csv``, with Grad-CAM heatmaps and DICOM results (an SR
+and secondary captures, as ``serve`` sends them) on request.
 
 Decoding runs in a process pool; scoring batches whole patients on the device. A patient that
 cannot be read gets a row with its error and the others go on.
