@@ -1,4 +1,5 @@
-"""Shared fixtures: the real DICOM corpus is found through BRAINMETS_CORPUS."""
+"""Shared fixtures: the real DICOM corpus is found through BRAINMETS_CORPUS; a small
+trained-looking run and generated head CT studies for the commands over a run."""
 
 from __future__ import annotations
 
@@ -37,3 +38,46 @@ def run_as_main_script(tmp_path):
         return done.stdout
 
     return run
+
+
+# ------------------------------------------------------------------------------- model
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run folder as train writes it, with a seeded ResNet-18 at 48 px and a Platt
+    calibration, so that the reported probability goes through calibration."""
+    import torch
+
+    from brainmets.model.checkpoint import save_checkpoint
+    from brainmets.model.resnet import BrainMetsNet
+
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    model = BrainMetsNet("resnet18").eval()
+    sidecar = {
+        "preprocess": {
+            "min_slices": 8,
+            "size": 48,
+            "slice_mm": 5.0,
+            "window_center": 40.0,
+            "window_width": 80.0,
+        },
+        "normalization": "zscore",
+        "threshold": 0.5,
+        "calibration": {"method": "platt", "slope": 0.8, "intercept": -0.1, "patients": 20},
+        "epoch": 0,
+    }
+    save_checkpoint(model, run / "model.safetensors", sidecar)
+    return run
+
+
+@pytest.fixture(scope="session")
+def head_ct_studies(tmp_path_factory) -> Path:
+    """``dicom/SYN0001`` … ``SYN0024``: small generated head CT studies (one study each)."""
+    from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    cfg = SynthConfig(num_patients=24, matrix=64, slices=(10, 12), seed=5)
+    write_synthetic_cohort(root, cfg, progress=False)
+    return root / "dicom"

@@ -172,3 +172,25 @@ def test_preprocess_benchmark_times_every_step_and_matches_the_reference(tmp_pat
     assert all(_finite(ms) for ms in report["ms_per_slice"].values())
     assert report["slabs"] < report["slices"]  # 1 mm slices really were averaged into slabs
     assert report["resize_max_abs_difference"] < 1e-4
+
+
+@pytest.mark.slow
+def test_serve_benchmark_measures_reception_and_latency(tmp_path):
+    import os
+    import shutil
+
+    missing = [tool for tool in ("storescu", "Orthanc") if shutil.which(tool) is None]
+    if missing:
+        message = f"{', '.join(missing)} not installed (apt-get install dcmtk orthanc)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    out = tmp_path / "serve.json"
+    _run("serve_throughput.py", "--studies", "1", "--rounds", "2", "--matrix", "64", "--slices",
+         "10", "12", "--latency-studies", "1", "--arch", "resnet18", "--size", "32",
+         "--stable-seconds", "1", "--device", "cpu", "--json", str(out))  # fmt: skip
+    report = json.loads(out.read_text())
+    assert len(report["rounds"]) == 2
+    assert _finite(report["serve_per_s"]) and _finite(report["orthanc_per_s"])
+    assert report["ratio_min"] <= report["ratio"] <= report["ratio_max"]
+    assert len(report["latency_s"]) == 1 and math.isfinite(report["latency_median_s"])

@@ -294,6 +294,7 @@ def cmd_predict(args) -> int:
         args.inputs,
         out_csv=args.out,
         heatmaps_dir=args.heatmaps,
+        dicom_out=args.dicom_out,
         top_k=args.top_k,
         device=args.device,
         batch_slices=args.batch_slices,
@@ -309,6 +310,30 @@ def cmd_predict(args) -> int:
     if len(failed) > 5:
         print(f"  ... and {len(failed) - 5} more in {args.out}", file=sys.stderr)
     return 1 if result.failed and not args.allow_failures else 0
+
+
+def cmd_serve(args) -> int:
+    from brainmets.serve.record import format_status, read_status
+
+    if args.status is not None:
+        print(format_status(read_status(args.status)))
+        return 0
+    if args.run is None or args.store is None:
+        raise ValueError("serve needs a RUN and --store DIR (or --status DIR)")
+    from brainmets.serve.forward import Destination
+    from brainmets.serve.node import NodeConfig, serve_forever
+
+    config = NodeConfig(
+        host=args.host,
+        port=args.port,
+        ae_title=args.ae_title,
+        allow=args.allow or (),
+        stable_seconds=args.stable_seconds,
+        forward=Destination.parse(args.forward) if args.forward else None,
+        top_k=args.top_k,
+        device=args.device,
+    )
+    return serve_forever(args.run, args.store, config)
 
 
 def cmd_report(args) -> int:
@@ -506,6 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write Grad-CAM PNGs of the top slices here (RUN/heatmaps "
         "puts them in the run's report)",
     )
+    p.add_argument(
+        "--dicom-out",
+        type=Path,
+        help="write each DICOM patient's result as DICOM here (a Comprehensive SR and Grad-CAM "
+        "secondary captures in the source study, marked for research use), one folder each",
+    )
     p.add_argument("--top-k", type=int, default=3, help="heatmaps per patient (default 3)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
@@ -524,6 +555,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_allow_failures(p, "inputs failed")
     p.set_defaults(func=cmd_predict)
+
+    from brainmets.serve import DEFAULT_STABLE_SECONDS
+
+    p = command(
+        "serve",
+        help="a DICOM node beside PACS: receive head CT, score each study, send results back",
+    )
+    p.add_argument("run", type=Path, nargs="?", help="a run folder written by train")
+    p.add_argument("--store", type=Path, help="spool, results and the record (serve.sqlite)")
+    p.add_argument("--status", type=Path, metavar="DIR", help="print the record of a --store")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default %(default)s)")
+    p.add_argument("--port", type=int, default=11112, help="DICOM port (default %(default)s)")
+    p.add_argument("--ae-title", default="BRAINMETS", help="this node's AE title")
+    p.add_argument(
+        "--allow", nargs="+", metavar="AET", help="accept associations from these AE titles only"
+    )
+    p.add_argument(
+        "--stable-seconds",
+        type=float,
+        default=DEFAULT_STABLE_SECONDS,
+        help="score a study once no instance arrived for this long (default %(default)g)",
+    )
+    p.add_argument(
+        "--forward", metavar="AET@HOST:PORT", help="send the result objects there (C-STORE)"
+    )
+    p.add_argument("--top-k", type=int, default=3, help="Grad-CAM captures per study (default 3)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_serve)
 
     p = command("report", help="(re)write RUN/report.html")
     p.add_argument("run", type=Path, help="a run folder written by train")

@@ -1,5 +1,6 @@
 """``brainmets predict``: score new studies with a trained run (DICOM folders, NIfTI files
-or a prepared cache) into ``predictions.csv``, with Grad-CAM heatmaps on request.
+or a prepared cache) into ``predictions.csv``, with Grad-CAM heatmaps and DICOM results (an SR
+and secondary captures, as ``serve`` sends them) on request.
 
 Decoding runs in a process pool; scoring batches whole patients on the device. A patient that
 cannot be read gets a row with its error and the others go on.
@@ -22,7 +23,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from brainmets import rundir
-from brainmets.data.cache import CacheError, PatientCache
+from brainmets.data.cache import CacheError, PatientCache, patient_stem
 from brainmets.data.prepare import (
     PatientJob,
     PreprocessedPatient,
@@ -33,6 +34,7 @@ from brainmets.data.prepare import (
     try_preprocess_patient,
 )
 from brainmets.data.workers import map_jobs
+from brainmets.dicom_results import write_dicom_results
 from brainmets.heatmaps import update_heatmap_index, write_heatmaps
 from brainmets.inference import TrainedModel, batch_by_slices, load_trained
 from brainmets.io import atomic_write_csv, exclusive_lock
@@ -121,6 +123,43 @@ def _cache_items(
         )
 
 
+@dataclass
+class Prediction:
+    """One scored patient: what predict writes as a row, with the arrays results are made of."""
+
+    item: PreprocessedPatient
+    score: PatientScore
+    row: dict
+
+
+def score_items(
+    trained: TrainedModel, items: Iterable[PreprocessedPatient], batch_slices: int = 512
+) -> Iterator[Prediction]:
+    """Score preprocessed patients, batched by slices; the one scoring path of predict and
+    serve (series choice and preprocessing come before it, in ``brainmets.data.prepare``)."""
+    # One stream from the first patient to the last, so one batch stays in flight throughout.
+    batches = batch_by_slices(items, batch_slices, size=lambda item: item.array.shape[0])
+    flats = ((batch, *trained.scorer.concatenate([p.array for p in batch])) for batch in batches)
+    for batch, scores in trained.scorer.score_batches(flats):
+        for item, score in zip(batch, scores, strict=True):
+            yield Prediction(item, score, _row(trained, item, score))
+
+
+def predict_study(trained: TrainedModel, folder: str | Path) -> tuple[list[Prediction], list[dict]]:
+    """Score the patients of one DICOM folder (serve's copy of a received study) in this
+    process: series chosen and preprocessed as ``predict`` does for a folder. Returns the
+    predictions and the rows of what failed (patient_id, source, error)."""
+    jobs, _, errors = jobs_for_inputs([folder], trained.preprocess, workers=1)
+    items = []
+    for job in jobs:
+        result = try_preprocess_patient(job, trained.preprocess)
+        if isinstance(result, dict):
+            errors.append(error_row(result["patient_id"], result["file"], result["reason"]))
+        else:
+            items.append(result)
+    return list(score_items(trained, items)), errors
+
+
 def _one_writer(predict_fn: Callable[..., PredictResult]) -> Callable[..., PredictResult]:
     """``predict`` owning its table: one process at a time writes it, a second is refused at
     once (two runs would each write their rows over the other's). The lock file beside the
@@ -155,6 +194,7 @@ def predict(
     *,
     out_csv: str | Path = rundir.PREDICTIONS,
     heatmaps_dir: str | Path | None = None,
+    dicom_out: str | Path | None = None,
     top_k: int = 3,
     device: str = "auto",
     batch_slices: int = 512,
@@ -249,9 +289,7 @@ def predict(
                 count_read()
                 yield item
 
-    # One stream from the first patient to the last, so one batch stays in flight throughout.
-    batches = batch_by_slices(items(), batch_slices, size=lambda item: item.array.shape[0])
-    flats = ((batch, *trained.scorer.concatenate([p.array for p in batch])) for batch in batches)
+    dicom_dir = Path(dicom_out) if dicom_out else None
     heat_rows: list[dict] = []
 
     def save(path: Path) -> pd.DataFrame:
@@ -264,23 +302,29 @@ def predict(
     last_save = time.monotonic()
     finished = False
     try:
-        for batch, scores in trained.scorer.score_batches(flats):
-            for item, score in zip(batch, scores, strict=True):
-                row = _row(trained, item, score)
-                if heat_dir:
-                    maps = write_heatmaps(
-                        trained,
-                        item.job.patient_id,
-                        item.array,
-                        score.slice_logits,
-                        heat_dir,
-                        top_k,
-                    )
-                    heat_rows += [{**m, "probability": row["probability"]} for m in maps]
-                # Only now is the patient done: a stop during its heatmaps (seconds each) must
-                # leave it for --resume, not saved without them.
-                rows.append(row)
-                bar.update()
+        for prediction in score_items(trained, items(), batch_slices):
+            item, score, row = prediction.item, prediction.score, prediction.row
+            if heat_dir:
+                maps = write_heatmaps(
+                    trained,
+                    item.job.patient_id,
+                    item.array,
+                    score.slice_logits,
+                    heat_dir,
+                    top_k,
+                )
+                heat_rows += [{**m, "probability": row["probability"]} for m in maps]
+            if dicom_dir:
+                try:
+                    _write_dicom(trained, item, score, dicom_dir, top_k)
+                except Exception as err:  # noqa: BLE001 - a batch job records it and goes on
+                    # The patient lacks an output asked for: failed, so --resume tries again.
+                    row = {**row, "error": f"DICOM results: {type(err).__name__}: {err}"}
+                    log.warning("patient %s: %s", item.job.patient_id, row["error"])
+            # Only now is the patient done: a stop during its heatmaps (seconds each) must
+            # leave it for --resume, not saved without them.
+            rows.append(row)
+            bar.update()
             if time.monotonic() - last_save >= save_every_s:
                 save(partial)  # a long run stopped by a crash or a kill keeps what it did
                 last_save = time.monotonic()
@@ -299,6 +343,21 @@ def predict(
                 partial,
             )
     return PredictResult(table, kept=len(kept))
+
+
+def _write_dicom(
+    trained: TrainedModel, item: PreprocessedPatient, score: PatientScore, out: Path, top_k: int
+) -> None:
+    """``--dicom-out``: the patient's SR and Grad-CAM captures in ``out/<patient>/``. A NIfTI
+    file or a cache has no source study to put them in: said once per patient."""
+    if not item.job.files:
+        log.warning(
+            "patient %s: no DICOM results (its input is %s, not DICOM)",
+            item.job.patient_id,
+            item.job.kind if item.job.kind == "nifti" else "a cache",
+        )
+        return
+    write_dicom_results(trained, item, score, out / patient_stem(item.job.patient_id), top_k=top_k)
 
 
 def _prediction_table(rows: list[dict]) -> pd.DataFrame:

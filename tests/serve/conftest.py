@@ -1,0 +1,237 @@
+"""Fixtures of the serve tests: a small trained-looking run, generated head CT studies, and the
+real peers: dcmtk (storescu, echoscu, dsrdump) as the scanner and Orthanc as PACS."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+PEERS = ("storescu", "echoscu", "dsrdump", "Orthanc")
+SERVE_AE = "BRAINMETS"
+ORTHANC_AE = "ORTHANC"
+
+
+def _missing(tools) -> list[str]:
+    return [tool for tool in tools if shutil.which(tool) is None]
+
+
+@pytest.fixture(scope="session")
+def peers() -> None:
+    """dcmtk and Orthanc on PATH: skipped locally without them, a failure under CI."""
+    missing = _missing(PEERS)
+    if missing:
+        message = (
+            f"{', '.join(missing)} not installed (apt-get install dcmtk orthanc): "
+            "serve tests with real DICOM peers skipped"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
+    """Poll ``condition`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def ct_series_files(study: Path) -> list[Path]:
+    """The axial CT files of a generated study (its largest series)."""
+    import pydicom
+
+    by_series: dict[str, list[Path]] = {}
+    for path in sorted(p for p in study.rglob("*") if p.is_file()):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        by_series.setdefault(ds.SeriesInstanceUID, []).append(path)
+    return max(by_series.values(), key=len)
+
+
+# ------------------------------------------------------------------------------- Orthanc
+
+
+class Orthanc:
+    """Orthanc on loopback ports with its own storage: the PACS results are forwarded to."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.process: subprocess.Popen | None = None
+        config = {
+            "Name": "brainmets-test-pacs",
+            "StorageDirectory": str(root / "storage"),
+            "IndexDirectory": str(root / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": ORTHANC_AE,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "SaveJobs": False,
+            "Plugins": [],
+            "DicomModalities": {"brainmets": [SERVE_AE, "127.0.0.1", 104]},
+        }
+        self.config = root / "orthanc.json"
+        self.config.write_text(json.dumps(config))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def destination(self) -> str:
+        return f"{ORTHANC_AE}@127.0.0.1:{self.dicom_port}"
+
+    def start(self) -> None:
+        log = (self.root / "orthanc.log").open("ab")
+        self.process = subprocess.Popen(
+            ["Orthanc", str(self.config)], stdout=log, stderr=subprocess.STDOUT
+        )
+        wait_for(self._up, 30, "Orthanc to answer")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+            self.process = None
+
+    def _up(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=10) as response:
+            body = response.read()
+        return (
+            json.loads(body) if response.headers.get_content_type() == "application/json" else body
+        )
+
+    def instances(self) -> list[dict]:
+        """Every stored instance with its main tags."""
+        return [
+            {"id": i, **self.get(f"/instances/{i}/simplified-tags")} for i in self.get("/instances")
+        ]
+
+    def file(self, instance_id: str) -> bytes:
+        return self.get(f"/instances/{instance_id}/file")
+
+    def clear(self) -> None:
+        for patient in self.get("/patients"):
+            request = urllib.request.Request(self.url + f"/patients/{patient}", method="DELETE")
+            urllib.request.urlopen(request, timeout=10).close()
+
+
+@pytest.fixture(scope="module")
+def orthanc(peers, tmp_path_factory):
+    pacs = Orthanc(tmp_path_factory.mktemp("orthanc"))
+    pacs.start()
+    yield pacs
+    pacs.stop()
+
+
+# ------------------------------------------------------------------------------- serve
+
+
+class ServeProcess:
+    """``brainmets serve`` as its own process (it may be killed with SIGKILL)."""
+
+    def __init__(self, run: Path, store: Path, *args: str, stable: float = 1.0):
+        self.run, self.store = run, store
+        self.port = free_port()
+        self.args = [
+            "--port", str(self.port), "--ae-title", SERVE_AE, "--stable-seconds", str(stable),
+            "--device", "cpu", "--top-k", "2", *args,
+        ]  # fmt: skip
+        self.process: subprocess.Popen | None = None
+        self.log = store.parent / f"{store.name}-serve.log"
+
+    def start(self) -> ServeProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        src = str(Path(__file__).resolve().parents[2] / "src")
+        env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "brainmets", "serve", str(self.run), "--store",
+                 str(self.store), *self.args],
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+            )  # fmt: skip
+        wait_for(self._listening, 90, "serve to listen")
+        return self
+
+    def _listening(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"serve exited ({self.process.returncode}): {self.log_text()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1):
+            return True
+        return False
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.is_file() else ""
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, as a crash or an OOM kill would leave it."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+            self.process = None
+
+
+def storescu(port: int, *paths: Path, aet: str = "STORESCU", check: bool = True):
+    """dcmtk's storescu: every file under ``paths`` in one association."""
+    result = subprocess.run(
+        ["storescu", "-v", "-aet", aet, "-aec", SERVE_AE, "+sd", "+r", "-nh", "127.0.0.1", str(port),
+         *map(str, paths)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"storescu failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+def status_rows(store: Path):
+    from brainmets.serve.record import read_status
+
+    return read_status(store)

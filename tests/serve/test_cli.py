@@ -1,0 +1,26 @@
+"""``brainmets serve`` on the command line: what it refuses before listening."""
+
+from __future__ import annotations
+
+from brainmets.cli import main
+
+
+def test_a_run_that_cannot_load_fails_before_anything_is_received(tmp_path, capsys):
+    store = tmp_path / "store"
+    rc = main(["-q", "serve", str(tmp_path / "no-run"), "--store", str(store)])
+    assert rc == 2
+    assert "no trained model here" in capsys.readouterr().err
+    assert not (store / "spool").exists()  # nothing was ever acknowledged
+
+
+def test_serve_needs_a_store_and_a_well_formed_destination(tiny_run, tmp_path, capsys):
+    assert main(["-q", "serve", str(tiny_run)]) == 2
+    assert "--store" in capsys.readouterr().err
+    rc = main(["-q", "serve", str(tiny_run), "--store", str(tmp_path), "--forward", "PACS:104"])
+    assert rc == 2
+    assert "AET@HOST:PORT" in capsys.readouterr().err
+
+
+def test_status_of_a_folder_without_a_record(tmp_path, capsys):
+    assert main(["-q", "serve", "--status", str(tmp_path)]) == 2
+    assert "no serve record" in capsys.readouterr().err

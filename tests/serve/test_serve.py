@@ -1,0 +1,202 @@
+"""``brainmets serve`` between real peers: dcmtk's storescu sends generated head CT studies,
+Orthanc receives the results; what arrives there is read back through its REST API."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from brainmets.predict import predict
+
+from .conftest import (
+    ServeProcess,
+    ct_series_files,
+    status_rows,
+    storescu,
+    wait_for,
+)
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+@pytest.fixture(scope="module")
+def node(peers, orthanc, tiny_run, tmp_path_factory):
+    store = tmp_path_factory.mktemp("node") / "store"
+    serve = ServeProcess(
+        tiny_run, store, "--forward", orthanc.destination, "--allow", "STORESCU", "ECHOSCU"
+    ).start()
+    yield serve
+    serve.stop()
+
+
+def _results_in(orthanc, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
+    """The objects PACS holds for a study, by modality (SR, OT for secondary captures)."""
+    found: dict[str, list[pydicom.Dataset]] = {}
+    for item in orthanc.instances():
+        if item.get("StudyInstanceUID") != study_uid:
+            continue
+        ds = pydicom.dcmread(io.BytesIO(orthanc.file(item["id"])))
+        found.setdefault(str(ds.Modality), []).append(ds)
+    return found
+
+
+def _content(sr: pydicom.Dataset) -> dict[str, pydicom.Dataset]:
+    return {item.ConceptNameCodeSequence[0].CodeValue: item for item in sr.ContentSequence}
+
+
+def test_a_study_goes_in_and_its_results_reach_pacs(
+    node, orthanc, head_ct_studies, tiny_run, tmp_path
+):
+    studies = [head_ct_studies / "SYN0001", head_ct_studies / "SYN0002"]
+    storescu(node.port, *studies)
+    wait_for(
+        lambda: (t := status_rows(node.store)).shape[0] == 2 and set(t["state"]) == {"sent"},
+        90,
+        "both studies scored and sent",
+    )
+    table = status_rows(node.store).set_index("patient_id")
+    expected = predict(tiny_run, studies, out_csv=tmp_path / "p.csv", progress=False, workers=1)
+    expected = expected.table.set_index("patient_id")
+    for pid, study in zip(("SYN0001", "SYN0002"), studies, strict=True):
+        sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in ct_series_files(study)]
+        source = sources[0]
+        row = table.loc[pid]
+        # One scoring path: the record holds exactly what predict reports for the study.
+        assert row["probability"] == pytest.approx(expected.loc[pid, "probability"], abs=1e-9)
+        assert row["decision"] == expected.loc[pid, "decision"]
+        assert row["series_uid"] == expected.loc[pid, "series_uid"] == source.SeriesInstanceUID
+        results = _results_in(orthanc, source.StudyInstanceUID)
+        assert sorted(results) == ["OT", "SR"] and len(results["SR"]) == 1
+        assert len(results["OT"]) == 2  # --top-k 2
+        sr = results["SR"][0]
+        content = _content(sr)
+        assert content["BM001"].MeasuredValueSequence[0].NumericValue == pytest.approx(
+            expected.loc[pid, "probability"], abs=1e-6
+        )
+        assert content["BM002"].MeasuredValueSequence[0].NumericValue == pytest.approx(
+            expected.loc[pid, "threshold"], abs=1e-6
+        )
+        decision = content["94225005"].ConceptCodeSequence[0].CodeValue
+        assert decision == ("373066001" if expected.loc[pid, "decision"] else "373067005")
+        assert expected.loc[pid, "model"] in content["111001"].TextValue
+        # The references name real instances of the scored series.
+        source_uids = {ds.SOPInstanceUID for ds in sources}
+        referenced = [
+            item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for item in sr.ContentSequence
+            if item.ValueType == "IMAGE"
+        ]
+        assert len(referenced) == 2 and set(referenced) <= source_uids
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        assert {s.SeriesInstanceUID for s in evidence} == {source.SeriesInstanceUID}
+        for ds in [sr, *results["OT"]]:
+            assert ds.PatientID == source.PatientID and ds.PatientName == source.PatientName
+            assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+            assert "NOT FOR CLINICAL USE" in ds.SeriesDescription
+        for capture in results["OT"]:
+            pixels = capture.pixel_array
+            assert pixels.shape == (48, 48, 3) and pixels.dtype == np.uint8
+            assert pixels.std() > 1  # a slice with its heatmap, not a blank image
+            assert capture.SourceImageSequence[0].ReferencedSOPInstanceUID in source_uids
+        sr_file = tmp_path / f"{pid}_sr.dcm"
+        sr.save_as(sr_file)
+        dump = subprocess.run(["dsrdump", str(sr_file)], capture_output=True, text=True)
+        assert dump.returncode == 0, dump.stderr
+        assert "Probability of brain metastases" in dump.stdout
+    log = node.log_text()
+    for pid in ("SYN0001", "SYN0002"):  # identifiers yes, names never
+        name = str(pydicom.dcmread(ct_series_files(head_ct_studies / pid)[0]).PatientName)
+        assert name and name not in log
+
+
+def _copy_as(files, out, *, edit) -> None:
+    out.mkdir(parents=True)
+    for i, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        edit(ds, i)
+        ds.save_as(out / path.name)
+
+
+def test_what_cannot_be_scored_is_a_clear_row_without_results(
+    node, orthanc, head_ct_studies, tmp_path
+):
+    # An MR study: refused instance by instance, with a DIMSE status that says why.
+    mr_files = ct_series_files(head_ct_studies / "SYN0003")
+    mr_study = generate_uid()
+
+    def as_mr(ds, i):
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.Modality = mr_study, "MR"
+
+    _copy_as(mr_files, tmp_path / "mr", edit=as_mr)
+    refused = storescu(node.port, tmp_path / "mr", check=False)
+    said = refused.stdout + refused.stderr
+    assert said.count("Refused: SOPClassNotSupported") == len(mr_files), said
+    # A CT study with four slices: nothing a head CT volume can be made of.
+    few = ct_series_files(head_ct_studies / "SYN0004")[:4]
+    shutil.copytree(few[0].parent, tmp_path / "few", ignore=lambda d, names: [
+        n for n in names if d == str(few[0].parent) and (few[0].parent / n) not in few
+    ])  # fmt: skip
+    storescu(node.port, tmp_path / "few")
+    # A malformed instance (its pixel data shorter than its header says) among good ones.
+    good = ct_series_files(head_ct_studies / "SYN0005")
+
+    def truncate_one(ds, i):
+        if i == 3:
+            ds.Rows = ds.Rows * 2
+
+    _copy_as(good, tmp_path / "malformed", edit=truncate_one)
+    sent = storescu(node.port, tmp_path / "malformed", check=False)
+    said = sent.stdout + sent.stderr
+    assert said.count("CannotUnderstand") == 1, said
+
+    few_study = pydicom.dcmread(few[0], stop_before_pixels=True).StudyInstanceUID
+    good_study = pydicom.dcmread(good[0], stop_before_pixels=True).StudyInstanceUID
+
+    def settled():
+        table = status_rows(node.store).set_index("study_uid")
+        wanted = {mr_study, few_study, good_study}
+        if not wanted <= set(table.index):
+            return None
+        states = table.loc[list(wanted), "state"]
+        return set(states) <= {"failed", "sent"}
+
+    wait_for(settled, 90, "the three studies settled")
+    table = status_rows(node.store).set_index("study_uid")
+    assert table.loc[mr_study, "state"] == "failed"
+    assert "MR Image Storage" in table.loc[mr_study, "error"]
+    assert table.loc[few_study, "state"] == "failed"
+    assert "too few slices" in table.loc[few_study, "error"]
+    assert table.loc[good_study, "state"] == "sent"
+    assert table.loc[good_study, "instances"] == len(good) - 1  # all but the malformed one
+    assert _results_in(orthanc, mr_study) == {}
+    assert _results_in(orthanc, few_study) == {}
+    assert sorted(_results_in(orthanc, good_study)) == ["OT", "SR"]
+    assert "refused" in node.log_text()
+
+
+def test_a_calling_ae_title_not_allowed_is_refused(node):
+    ok = subprocess.run(["echoscu", "-aet", "ECHOSCU", "-aec", "BRAINMETS", "127.0.0.1",
+                         str(node.port)], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    refused = subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", "BRAINMETS", "127.0.0.1",
+                              str(node.port)], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert refused.returncode != 0
+    assert "Rejected" in refused.stdout + refused.stderr
+    wait_for(lambda: "INTRUDER" in node.log_text(), 10, "the refusal in the log")
+
+
+def test_status_prints_the_record(node, capsys):
+    from brainmets.cli import main
+
+    wait_for(lambda: not status_rows(node.store).empty, 60, "a study in the record")
+    assert main(["-q", "serve", "--status", str(node.store)]) == 0
+    out = capsys.readouterr().out
+    assert "state" in out and "probability" in out
