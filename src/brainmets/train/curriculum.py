@@ -20,6 +20,7 @@ function of the stage, which is what makes a resumed optimiser state loadable.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -118,3 +119,27 @@ def build_optimizer(
                 if param in previous.state:
                     optimizer.state[param] = previous.state[param]
     return optimizer
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: float, schedule: str) -> float:
+    """Multiplier of every block's learning rate at optimiser step ``step`` (0-based).
+
+    Linear warm-up over ``warmup_steps`` (the first step gets a small, non-zero rate), then
+    ``constant`` (1.0) or ``cosine`` (from 1.0 down to 0 at ``total_steps``). A pure function
+    of the step, so a resumed run continues the same schedule.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"lr_schedule must be constant or cosine, got {schedule!r}")
+    span = max(total_steps - warmup_steps, 1.0)
+    progress = min(max((step - warmup_steps) / span, 0.0), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def scale_learning_rates(optimizer: torch.optim.Optimizer, lr: StageLR, factor: float) -> None:
+    """Set every group's rate to its block's configured rate times ``factor``."""
+    for group in optimizer.param_groups:
+        group["lr"] = _block_lr(group["name"].split("/")[0], lr) * factor

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from brainmets import PER_RANK_LOGGER, rundir
 from brainmets.config import Config, save_config
-from brainmets.data.augment import ClassConditionalAugment
+from brainmets.data.augment import ClassConditionalAugment, class_dependent_warning
 from brainmets.data.cache import PatientCache
 from brainmets.data.dataset import (
     PatientBatch,
@@ -53,9 +53,16 @@ from brainmets.model.pretrained import load_pretrained_backbone, warn_random_ini
 from brainmets.model.probability import Calibration, fit_platt
 from brainmets.model.resnet import BrainMetsNet
 from brainmets.train.batchnorm_stats import calibrate_batchnorm
-from brainmets.train.curriculum import build_optimizer, stage_for_epoch, trainable_blocks
+from brainmets.train.curriculum import (
+    build_optimizer,
+    lr_factor,
+    scale_learning_rates,
+    stage_for_epoch,
+    trainable_blocks,
+)
 from brainmets.train.distributed import gather_with_grad, init_distributed
 from brainmets.train.losses import patient_loss
+from brainmets.train.selection import HEADLINE, improves
 from brainmets.train.state import (
     STATE_FORMAT,
     TrainState,
@@ -83,7 +90,6 @@ METRIC_COLUMNS = [
     "skipped_steps",
     "seconds",
 ]
-_HIGHER_IS_BETTER = {"auc": True, "f1": True, "separation": True, "val_loss": False}
 # Below this, every validation prediction is near 0: the model has collapsed to "negative".
 COLLAPSE_MAX_PROB = 0.05
 
@@ -263,6 +269,8 @@ class Trainer:
         self.augment = (
             ClassConditionalAugment.from_config(cfg.augment) if cfg.augment.enabled else None
         )
+        if self.dist.is_main and (leak := class_dependent_warning(cfg.augment)):
+            log.warning(leak)
 
         self.train_set = PatientDataset(
             self.cache,
@@ -512,8 +520,20 @@ class Trainer:
             gather=gather_with_grad if self.dist.enabled else None,
         )
         loss.backward()
+        self._schedule_learning_rate()
         found_inf = clip_and_step(self.optimizer, self.cfg.train.grad_clip)
         return loss.detach(), found_inf
+
+    def _schedule_learning_rate(self) -> None:
+        cfg = self.cfg.train
+        if cfg.lr_warmup_epochs == 0 and cfg.lr_schedule == "constant":
+            return
+        per_epoch = self.sampler.num_batches()
+        factor = lr_factor(
+            self.state.global_step, cfg.epochs * per_epoch, cfg.lr_warmup_epochs * per_epoch,
+            cfg.lr_schedule,
+        )  # fmt: skip
+        scale_learning_rates(self.optimizer, cfg.lr, factor)
 
     def _epoch_loss(self) -> tuple[float, int]:
         """(loss summed over this epoch's finite steps, steps skipped): the device sums plus
@@ -608,9 +628,9 @@ class Trainer:
             "seconds": round(seconds, 3),
         }
         self._health_checks(row, predictions, skipped)
-        improved = self._improved(row[self.best_metric])
+        improved = improves(self.best_metric, row, self._best_row())
         if improved:
-            self.state.best_value = float(row[self.best_metric])
+            self.state.best_value = float(row[HEADLINE[self.best_metric]])
             self.state.best_epoch = epoch
         self.state.history.append(row)
         self.state.skipped_steps += skipped
@@ -659,13 +679,8 @@ class Trainer:
                 return float(group["lr"])
         return math.nan
 
-    def _improved(self, value: float) -> bool:
-        if value is None or not math.isfinite(value):
-            return self.state.best_value is None and self.state.best_epoch < 0
-        best = self.state.best_value
-        if best is None or not math.isfinite(best):
-            return True
-        return value > best if _HIGHER_IS_BETTER[self.best_metric] else value < best
+    def _best_row(self) -> dict[str, Any] | None:
+        return next((r for r in self.state.history if r["epoch"] == self.state.best_epoch), None)
 
     def _health_checks(self, row: dict[str, Any], predictions: pd.DataFrame, skipped: int) -> None:
         probs = predictions["probability"].to_numpy()
