@@ -268,7 +268,19 @@ class TrainConfig(_Section):
         "none = sigmoid of the patient logit",
     )
     zero_sensitivity_patience: int = Field(
-        3, ge=1, description="warn after this many epochs with validation sensitivity 0"
+        3,
+        ge=1,
+        description="warn after this many epochs with validation sensitivity 0 at the "
+        "operating threshold or at 0.5",
+    )
+    oscillation_window: int = Field(
+        6, ge=3, description="epochs of validation loss the oscillation warning looks at"
+    )
+    oscillation_spread: float = Field(
+        0.2,
+        gt=0,
+        description="oscillation warning: the window's validation loss must span at least this "
+        "share of its median (and go up and down, brainmets.train.health)",
     )
     log_every: int = Field(10, ge=1, description="read the loss back every this many steps")
     checkpoint_every: int = Field(

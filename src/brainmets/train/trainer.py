@@ -61,6 +61,7 @@ from brainmets.train.curriculum import (
     trainable_blocks,
 )
 from brainmets.train.distributed import gather_with_grad, init_distributed
+from brainmets.train.health import batch_mix_warning, epoch_warnings
 from brainmets.train.losses import patient_loss
 from brainmets.train.selection import HEADLINE, improves
 from brainmets.train.state import (
@@ -90,8 +91,6 @@ METRIC_COLUMNS = [
     "skipped_steps",
     "seconds",
 ]
-# Below this, every validation prediction is near 0: the model has collapsed to "negative".
-COLLAPSE_MAX_PROB = 0.05
 
 
 class TrainingInterrupted(RuntimeError):
@@ -288,6 +287,9 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
+        mix = batch_mix_warning(self.sampler.n_pos, self.sampler.n_neg, cfg.train.pos_fraction)
+        if mix and self.dist.is_main:
+            log.warning(mix)
         val_local = self.splits["val"][self.dist.rank :: self.dist.world_size]
         self.val_set = PatientDataset(self.cache, val_local, train=False)
         self.train_store = self.val_store = None
@@ -627,11 +629,11 @@ class Trainer:
             "skipped_steps": skipped,
             "seconds": round(seconds, 3),
         }
-        self._health_checks(row, predictions, skipped)
         improved = improves(self.best_metric, row, self._best_row())
         if improved:
             self.state.best_value = float(row[HEADLINE[self.best_metric]])
             self.state.best_epoch = epoch
+        self._health_checks(row, predictions, skipped)
         self.state.history.append(row)
         self.state.skipped_steps += skipped
         if self.dist.is_main:
@@ -683,23 +685,19 @@ class Trainer:
         return next((r for r in self.state.history if r["epoch"] == self.state.best_epoch), None)
 
     def _health_checks(self, row: dict[str, Any], predictions: pd.DataFrame, skipped: int) -> None:
-        probs = predictions["probability"].to_numpy()
-        if probs.size and probs.max() < COLLAPSE_MAX_PROB:
-            log.warning(
-                "epoch %d: validation predictions collapsing toward 0 (max p %.4f, mean p+ "
-                "%.4f); check the learning rate, pos_weight and the class balance",
-                row["epoch"], probs.max(), row["mean_pos"],
-            )  # fmt: skip
-        if row["sensitivity"] == 0:
-            self.state.zero_sensitivity_epochs += 1
-            if self.state.zero_sensitivity_epochs >= self.cfg.train.zero_sensitivity_patience:
-                log.warning(
-                    "validation sensitivity has been 0 for %d epochs: no positive patient is "
-                    "detected at any threshold chosen on the sweep",
-                    self.state.zero_sensitivity_epochs,
-                )
-        else:
-            self.state.zero_sensitivity_epochs = 0
+        """The troubleshooting signals of :mod:`brainmets.train.health`, at the threshold the
+        saved model now carries."""
+        best = row if self.state.best_epoch == row["epoch"] else self._best_row()
+        operating = float(best["threshold"]) if best else float(row["threshold"])
+        for warning in epoch_warnings(
+            row,
+            predictions["label"].to_numpy(),
+            predictions["probability"].to_numpy(),
+            operating,
+            self.state.history,
+            self.cfg.train,
+        ):
+            log.warning(warning)
         if skipped:
             log.warning(
                 "epoch %d: %d step(s) skipped because the loss or gradients were not finite",
