@@ -5,10 +5,17 @@ Frozen blocks are handled by ``BrainMetsNet.set_trainable`` (``requires_grad=Fal
 BatchNorm kept in eval mode, run under ``no_grad``); this module picks the blocks and builds
 AdamW parameter groups for the trainable ones.
 
-Weight decay is applied to weights of rank >= 2 (conv kernels, linear matrices) only. Biases
-and normalisation parameters (BatchNorm gamma/beta, all 1-D) get none: decaying a BN scale
-towards 0 shrinks the activations it normalises, and decaying a bias is a pull towards an
-arbitrary offset rather than a complexity penalty (the convention of timm and torchvision).
+Weight decay, as specified, applies to every trainable parameter of a block: backbone 1e-4,
+head 1e-3, biases and BatchNorm scales and shifts included. Each block gets two groups, its
+weights of rank >= 2 (conv kernels, linear matrices) and its 1-D parameters, so that
+``train.weight_decay.exempt_norm_and_bias: true`` can take the decay off the second (the
+convention of timm and torchvision: decaying a BatchNorm scale towards 0 shrinks the
+activations it normalises, and decaying a bias pulls towards an arbitrary offset rather than
+penalising complexity).
+
+The learning rates of the groups are the configured ones, scaled at every step by
+``lr_factor`` when ``train.lr_warmup_epochs`` or ``train.lr_schedule`` ask for a warm-up or a
+decay (the specification has neither; the CPU demo uses both).
 
 When the stage changes, the optimiser is rebuilt for the new trainable set, carrying the AdamW
 state (moments and step count) of the parameters that keep training. The head's moment

@@ -47,7 +47,7 @@ from brainmets.data.labels import SPLITS
 from brainmets.data.normalize import normalize_slices, uint8_to_unit
 from brainmets.device import resolve_device
 from brainmets.io import atomic_write, atomic_write_csv, atomic_write_text
-from brainmets.metrics import best_f1_threshold, patient_metrics
+from brainmets.metrics import best_f1_threshold, patient_metrics, separation_band
 from brainmets.model.checkpoint import save_checkpoint
 from brainmets.model.pretrained import load_pretrained_backbone, warn_random_init
 from brainmets.model.probability import Calibration, fit_platt
@@ -650,10 +650,11 @@ class Trainer:
             self.writer.flush()
         log.info(
             "epoch %d stage %d: train_loss %.4f val_loss %.4f auc %.3f f1 %.3f (threshold %.2f) "
-            "sens %.3f spec %.3f p+ %.3f p- %.3f%s",
+            "sens %.3f spec %.3f p+ %.3f p- %.3f separation %.3f (%s)%s",
             epoch, self.stage, row["train_loss"], row["val_loss"], row["auc"], row["f1"],
             row["threshold"], row["sensitivity"], row["specificity"], row["mean_pos"],
-            row["mean_neg"], " *best*" if improved else "",
+            row["mean_neg"], row["separation"], separation_band(row["separation"]),
+            " *best*" if improved else "",
         )  # fmt: skip
         return row
 
