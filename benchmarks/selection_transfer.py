@@ -73,7 +73,14 @@ class RecordingTrainer(Trainer):
         return row
 
 
-def record(out: Path, seed: int, setting: str, epochs: int | None) -> Path:
+def record(
+    out: Path,
+    seed: int,
+    setting: str,
+    epochs: int | None,
+    patients: int | None = None,
+    size: int | None = None,
+) -> Path:
     from brainmets.data.labels import read_labels
     from brainmets.data.prepare import prepare_cache
     from brainmets.data.series_index import index_dicom_root
@@ -83,7 +90,11 @@ def record(out: Path, seed: int, setting: str, epochs: int | None) -> Path:
 
     folder = out / f"{setting}-seed{seed}"
     cohort = {**CPU_COHORT, **SETTINGS[setting]}
+    if patients is not None:
+        cohort["num_patients"] = patients
     cfg = demo_config(full=False, epochs=epochs, device="cpu", seed=seed)
+    if size is not None:
+        cfg.preprocess.size = size
     workers = torch.get_num_threads()
     started = time.perf_counter()
     labels_path = write_synthetic_cohort(
@@ -115,6 +126,8 @@ def record(out: Path, seed: int, setting: str, epochs: int | None) -> Path:
         "prepare_seconds": round(prepared - started, 1),
         "train_seconds": round(trained - prepared, 1),
         "threads": torch.get_num_threads(),
+        "size": cfg.preprocess.size,
+        "epochs": cfg.train.epochs,
     }
     (folder / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info), flush=True)
@@ -216,11 +229,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="demo")
     parser.add_argument("--epochs", type=int, default=None, help="default: the demo's")
+    parser.add_argument("--patients", type=int, default=None, help="default: the demo's")
+    parser.add_argument("--size", type=int, default=None, help="default: the demo's")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.command == "record":
         for seed in args.seeds:
-            record(args.out, seed, args.setting, args.epochs)
+            record(args.out, seed, args.setting, args.epochs, args.patients, args.size)
     else:
         analyse(args.out, args.json)
     sys.stdout.flush()

@@ -6,13 +6,15 @@ With a GPU the demo runs the specified configuration (ResNet-50, 256^2, 40 epoch
 one it runs a small configuration sized for two CPU cores that keeps the same three-stage
 curriculum, only shorter: ResNet-18 at 128^2, 16 epochs with stages at 0 / 1 / 2, learning
 rate 1e-3 for every trained block and batches of 5 patients (2 positives, 3 negatives), so
-that the few minutes of training hold ~24 optimiser steps per epoch instead of ~10. There are
+that the few minutes of training hold ~24 optimiser steps per epoch instead of ~10. The
+learning rates warm up linearly over the first epoch (AdamW's first steps on a random network
+are its largest) and then follow a cosine down to 0 at the last epoch, so that the logits, and
+with them the F1 threshold chosen on validation, have settled when the model is saved. There are
 no RadImageNet weights on a fresh machine, so the backbone starts from random initialisation;
 ``train.bn_calibration_patients`` first estimates its BatchNorm statistics from training
 slices (without it the frozen blocks normalise with the initial mean 0 / variance 1, and the
 first stage-3 validation had a loss of 21 from the train/eval BatchNorm mismatch). Both
-classes get the same spatial augmentation (the positives' milder one): a class-dependent pose
-is a label the network reads instead of the lesions.
+classes get the same mild augmentation, the library's default.
 The CPU cohort is 200 patients of 12-14 slabs (the synthetic head is fitted to the scanned
 range, so fewer slabs means fewer slices per patient for the same lesions): the cost of an
 epoch stays at that of 160 patients of 16-20 slices while training on 120 patients instead
