@@ -6,10 +6,7 @@ With a GPU the demo runs the specified configuration (ResNet-50, 256^2, 40 epoch
 one it runs a small configuration sized for two CPU cores that keeps the same three-stage
 curriculum, only shorter: ResNet-18 at 128^2, 16 epochs with stages at 0 / 1 / 2, learning
 rate 1e-3 for every trained block and batches of 5 patients (2 positives, 3 negatives), so
-that the few minutes of training hold ~24 optimiser steps per epoch instead of ~10. The
-learning rates warm up linearly over the first epoch (AdamW's first steps on a random network
-are its largest) and then follow a cosine down to 0 at the last epoch, so that the logits, and
-with them the F1 threshold chosen on validation, have settled when the model is saved. There are
+that the few minutes of training hold ~24 optimiser steps per epoch instead of ~10. There are
 no RadImageNet weights on a fresh machine, so the backbone starts from random initialisation;
 ``train.bn_calibration_patients`` first estimates its BatchNorm statistics from training
 slices (without it the frozen blocks normalise with the initial mean 0 / variance 1, and the
@@ -52,8 +49,6 @@ CPU_OVERRIDES = [
     "train.lr.layer4=1.0e-3",
     "train.lr.layer3=1.0e-3",
     "train.batch_patients=5",
-    "train.lr_warmup_epochs=1",
-    "train.lr_schedule=cosine",
     "train.bn_calibration_patients=48",
     # Loading a uint8 volume is ~1 ms; worker processes would only take cores from the model.
     "data.num_workers=0",
