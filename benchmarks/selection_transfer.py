@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from brainmets.data.dataset import PatientDataset
+from brainmets.io import atomic_write_csv
 from brainmets.train.selection import RULES, replay
 from brainmets.train.trainer import Trainer
 
@@ -46,8 +47,9 @@ class RecordingTrainer(Trainer):
     """A trainer that also scores the test patients after every epoch (not used for any
     decision) and keeps both prediction tables."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, records: Path, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.records_path = records
         self.records: list[pd.DataFrame] = []
         self._last_val: pd.DataFrame | None = None
         self.test_ids = self.splits["test"]
@@ -70,6 +72,8 @@ class RecordingTrainer(Trainer):
             self.val_set, self.val_store, self.splits = held
         for split, table in (("val", val), ("test", test)):
             self.records.append(table.assign(epoch=epoch, split=split))
+        # Every epoch, so that a run stopped early still leaves its trajectory.
+        atomic_write_csv(self.records_path, pd.concat(self.records, ignore_index=True))
         return row
 
 
@@ -86,7 +90,6 @@ def record(
     from brainmets.data.series_index import index_dicom_root
     from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
     from brainmets.demo import CPU_COHORT, assign_splits, demo_config
-    from brainmets.io import atomic_write_csv
 
     folder = out / f"{setting}-seed{seed}"
     cohort = {**CPU_COHORT, **SETTINGS[setting]}
@@ -112,13 +115,12 @@ def record(
     run = folder / "run"
     shutil.rmtree(run, ignore_errors=True)
     prepared = time.perf_counter()
-    trainer = RecordingTrainer(cfg, run, progress=False)
+    trainer = RecordingTrainer(cfg, run, progress=False, records=folder / "epochs.csv")
     try:
         trainer.fit()
     finally:
         trainer.close()
     trained = time.perf_counter()
-    atomic_write_csv(folder / "epochs.csv", pd.concat(trainer.records, ignore_index=True))
     info = {
         "seed": seed,
         "setting": setting,
@@ -148,7 +150,7 @@ def _rates(table: pd.DataFrame, threshold: float) -> tuple[float, float]:
 
 def analyse(out: Path, json_path: Path | None) -> list[dict]:
     rows = []
-    for folder in sorted(p for p in out.iterdir() if (p / "epochs.csv").is_file()):
+    for folder in sorted(p for p in out.iterdir() if (p / "info.json").is_file()):
         info = json.loads((folder / "info.json").read_text())
         table = pd.read_csv(folder / "epochs.csv", dtype={"patient_id": str})
         val = {e: t for e, t in table[table["split"] == "val"].groupby("epoch")}
