@@ -8,6 +8,9 @@ so the rules are compared on identical training trajectories.
     PYTHONPATH=src python benchmarks/selection_transfer.py record --out runs-sel --seeds 0 1 2 3 4
     PYTHONPATH=src python benchmarks/selection_transfer.py record --out runs-sel --seeds 0 1 2 \
         --setting small_bright
+    # a candidate CPU configuration: the demo's with some keys changed
+    PYTHONPATH=src python benchmarks/selection_transfer.py record --out runs-cosine --seeds 0 \
+        --set train.lr_warmup_epochs=1 --set train.lr_schedule=cosine
     # compare the rules on every recorded run: a markdown table and a JSON file
     PYTHONPATH=src python benchmarks/selection_transfer.py analyse --out runs-sel \
         --json benchmarks/results/selection_transfer.json
@@ -84,18 +87,24 @@ def record(
     epochs: int | None,
     patients: int | None = None,
     size: int | None = None,
+    overrides: list[str] | None = None,
 ) -> Path:
+    from brainmets.config import load_config
     from brainmets.data.labels import read_labels
     from brainmets.data.prepare import prepare_cache
     from brainmets.data.series_index import index_dicom_root
     from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
-    from brainmets.demo import CPU_COHORT, assign_splits, demo_config
+    from brainmets.demo import CPU_COHORT, CPU_OVERRIDES, assign_splits, demo_config
 
     folder = out / f"{setting}-seed{seed}"
     cohort = {**CPU_COHORT, **SETTINGS[setting]}
     if patients is not None:
         cohort["num_patients"] = patients
     cfg = demo_config(full=False, epochs=epochs, device="cpu", seed=seed)
+    if overrides:  # a candidate configuration: the demo's with these keys changed
+        cfg = load_config(None, [*CPU_OVERRIDES, f"seed={seed}", "train.device=cpu", *overrides])
+        if epochs is not None:
+            cfg.train.epochs = epochs
     if size is not None:
         cfg.preprocess.size = size
     workers = torch.get_num_threads()
@@ -233,11 +242,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: the demo's")
     parser.add_argument("--patients", type=int, default=None, help="default: the demo's")
     parser.add_argument("--size", type=int, default=None, help="default: the demo's")
+    parser.add_argument(
+        "--set", action="append", default=[], help="KEY=VALUE over the demo's configuration"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.command == "record":
         for seed in args.seeds:
-            record(args.out, seed, args.setting, args.epochs, args.patients, args.size)
+            record(args.out, seed, args.setting, args.epochs, args.patients, args.size, args.set)
     else:
         analyse(args.out, args.json)
     sys.stdout.flush()
