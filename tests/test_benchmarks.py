@@ -194,3 +194,46 @@ def test_serve_benchmark_measures_reception_and_latency(tmp_path):
     assert _finite(report["serve_per_s"]) and _finite(report["orthanc_per_s"])
     assert report["ratio_min"] <= report["ratio"] <= report["ratio_max"]
     assert len(report["latency_s"]) == 1 and math.isfinite(report["latency_median_s"])
+
+
+def test_selection_transfer_replays_every_rule_on_recorded_runs(tmp_path):
+    """The offline half of the epoch-selection benchmark on a recorded run whose validation
+    AUC saturates at epoch 1 with a threshold that misses held-out positives."""
+    import pandas as pd
+
+    from brainmets.train.selection import RULES
+
+    folder = tmp_path / "demo-seed0"
+    (folder / "run").mkdir(parents=True)
+    labels = [1, 1, 0, 0]
+    epochs = {  # epoch: (val probabilities, test probabilities)
+        0: ([0.6, 0.4, 0.5, 0.3], [0.6, 0.4, 0.5, 0.3]),
+        1: ([0.09, 0.2, 0.05, 0.04], [0.07, 0.06, 0.05, 0.04]),
+        2: ([0.7, 0.8, 0.2, 0.1], [0.6, 0.9, 0.3, 0.1]),
+    }
+    rows, history = [], []
+    for epoch, (val, test) in epochs.items():
+        for split, probs in (("val", val), ("test", test)):
+            rows += [
+                {"patient_id": f"{split}{i}", "label": y, "probability": p, "logit": 0.0,
+                 "epoch": epoch, "split": split}
+                for i, (y, p) in enumerate(zip(labels, probs, strict=True))
+            ]  # fmt: skip
+        threshold = {0: 0.5, 1: 0.08, 2: 0.7}[epoch]
+        history.append({"epoch": epoch, "auc": [0.75, 1.0, 1.0][epoch], "f1": [0.5, 0.8, 1.0][epoch],
+                        "val_loss": [0.7, 1.5, 0.3][epoch], "separation": 0.1,
+                        "threshold": threshold})  # fmt: skip
+    pd.DataFrame(rows).to_csv(folder / "epochs.csv", index=False)
+    pd.DataFrame(history).to_csv(folder / "run" / "metrics.csv", index=False)
+    (folder / "info.json").write_text(json.dumps({"seed": 0, "setting": "demo",
+                                                  "train_seconds": 1.0}))  # fmt: skip
+
+    out = tmp_path / "transfer.json"
+    done = _run("selection_transfer.py", "analyse", "--out", str(tmp_path), "--json", str(out))
+    result = {row["rule"]: row for row in json.loads(out.read_text())}
+    assert set(result) == set(RULES)
+    # AUC keeps epoch 1 and its threshold 0.08, which misses a held-out positive (0.07, 0.06).
+    assert result["auc"]["epoch"] == 1 and result["auc"]["test_sensitivity"] == 0.0
+    assert result["auc_then_val_loss"]["epoch"] == 2
+    assert result["auc_then_val_loss"]["test_sensitivity"] == 0.5
+    assert "| `auc` |" in done.stdout

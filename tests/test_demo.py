@@ -28,6 +28,7 @@ def test_cpu_demo_keeps_the_three_stages_on_a_lighter_model():
     assert cfg.model.arch == "resnet18" and cfg.preprocess.size == 128
     assert cfg.train.stage_epochs == (0, 1, 2) and cfg.train.epochs > 2
     assert cfg.seed == 3 and cfg.train.device == "cpu"
+    assert cfg.augment == Config().augment  # the library's leak-free default, not its own
     assert CPU_COHORT["lesion_diameter_mm"][0] >= 18  # conspicuous lesions, see demo.py
 
 

@@ -426,3 +426,27 @@ def test_summary_numbers_never_show_a_negative_zero(value, shown):
     from brainmets.evaluate.evaluation import _three_places
 
     assert _three_places(value) == shown
+
+
+def test_separation_and_its_band_stay_on_the_plain_sigmoid_under_a_calibration():
+    """A steep Platt map pushes calibrated probabilities to 0 and 1, which would turn a
+    "poor" separation of the plain sigmoid into an "excellent" one; the specification's
+    separation is the plain one, and the calibrated class means keep their own names."""
+    from scipy.special import expit, logit
+
+    rng = np.random.default_rng(4)
+    labels = np.repeat([1, 0], 40)
+    plain = expit(-3.0 + 0.4 * labels + rng.normal(0.0, 0.15, labels.size))  # all near 0.05
+    steep = lambda p: expit(12.0 * logit(p) + 34.0)  # noqa: E731
+    result = evaluate_predictions(labels, plain, 0.06, n_boot=0, reported=steep)
+    metrics = result["metrics"]
+
+    expected = plain[labels == 1].mean() - plain[labels == 0].mean()
+    assert metrics["separation"] == pytest.approx(expected)
+    assert result["separation_band"] == separation_band(expected) == "poor"
+    assert metrics["mean_pos"] == pytest.approx(plain[labels == 1].mean())
+    calibrated = steep(plain)
+    assert metrics["calibrated_mean_pos"] == pytest.approx(calibrated[labels == 1].mean())
+    assert metrics["calibrated_mean_neg"] == pytest.approx(calibrated[labels == 0].mean())
+    assert metrics["calibrated_mean_pos"] - metrics["calibrated_mean_neg"] > 0.3
+    assert metrics["brier"] == pytest.approx(np.mean((calibrated - labels) ** 2))

@@ -259,8 +259,11 @@ def test_a_calibrated_run_reports_calibrated_probabilities_and_the_same_decision
 
     assert metrics["calibrated"]["calibration"]["method"] == "platt"
     assert metrics["plain"]["calibration"]["method"] == "none"
-    for key in ("auc", "sensitivity", "specificity", "f1", "n"):
+    for key in ("auc", "sensitivity", "specificity", "f1", "n", "separation"):
         assert metrics["calibrated"]["metrics"][key] == metrics["plain"]["metrics"][key], key
+    # The separation band is the specification's, on the plain sigmoid, calibrated or not.
+    assert metrics["calibrated"]["separation_band"] == metrics["plain"]["separation_band"]
+    assert "calibrated_mean_pos" in metrics["calibrated"]["metrics"]
     assert (
         "Platt-calibrated on 9 validation patients" in (calibrated_run / "report.html").read_text()
     )

@@ -202,6 +202,7 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from brainmets.config import load_config
+    from brainmets.train.selection import HEADLINE
     from brainmets.train.trainer import train
 
     shortcuts = [f"train.{key}={value}" for key, value in
@@ -228,8 +229,10 @@ def cmd_train(args) -> int:
     best = result.get("best") or {}
     metric = result.get("best_metric", cfg.train.best_metric)  # val_loss if val is one class
     threshold = best.get("threshold", float("nan"))
+    column = HEADLINE.get(metric, metric)  # the rule's one-number summary
+    chosen = metric if column == metric else f"by {metric}: {column}"
     print(
-        f"run {run_dir}: best {metric} {best.get(metric, float('nan')):.4f} at epoch "
+        f"run {run_dir}: best {chosen} {best.get(column, float('nan')):.4f} at epoch "
         f"{result.get('best_epoch')} (threshold {threshold:.2f} on the plain sigmoid, as in "
         "metrics.csv and train.log)"
     )

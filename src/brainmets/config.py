@@ -175,31 +175,34 @@ class AugmentSide(_Section):
     contrast: float = Field(ge=0, lt=1, description="contrast factor in [1-c, 1+c]")
 
 
-# Intensity strengths are the same for both classes on purpose. A class-dependent noise
-# level, gamma or contrast is itself a label the network can read: with negatives at
-# noise 0.03 / gamma 0.15 / contrast 0.10 and positives at 0.01 / 0.05 / 0.05, the demo's
-# training loss fell to 0.46 while validation AUC stayed at chance (0.49-0.56); with equal
-# intensity strengths that shortcut is gone. Spatial strength is class-conditional: the
-# rotation, zoom and shift of a head are not evidence a network can see.
-_INTENSITY = {"noise_std": 0.01, "gamma": 0.05, "contrast": 0.05}
-
-
-def _positive_augment() -> AugmentSide:
-    # Mild: a 3 mm metastasis is 3-4 pixels at 256^2; strong zoom or rotation would
-    # interpolate it into its surroundings.
-    return AugmentSide(rotate_deg=7.0, scale=0.05, translate=0.04, flip_prob=0.5, **_INTENSITY)
-
-
-def _negative_augment() -> AugmentSide:
-    # Strong: negatives carry no small target to protect, and wide variation teaches the
-    # model that head size, position and pose are not evidence of disease.
-    return AugmentSide(rotate_deg=15.0, scale=0.10, translate=0.08, flip_prob=0.5, **_INTENSITY)
+def _mild_augment() -> AugmentSide:
+    # Mild, for both classes: a 3 mm metastasis is 3-4 pixels at 256^2 and strong zoom or
+    # rotation would interpolate it into its surroundings; equal strengths because any
+    # difference between the classes' augmentation is a label the network can read.
+    return AugmentSide(
+        rotate_deg=7.0,
+        scale=0.05,
+        translate=0.04,
+        flip_prob=0.5,
+        noise_std=0.01,
+        gamma=0.05,
+        contrast=0.05,
+    )
 
 
 class AugmentConfig(_Section):
-    enabled: bool = Field(True, description="class-conditional augmentation in training")
-    positive: AugmentSide = Field(default_factory=_positive_augment)
-    negative: AugmentSide = Field(default_factory=_negative_augment)
+    """Augmentation strengths per class. The defaults are equal: class-dependent strengths
+    (the specification's "reduce augmentation intensity on positives") stay possible, and
+    ``train`` warns when they differ."""
+
+    enabled: bool = Field(True, description="augmentation of the training slices")
+    positive: AugmentSide = Field(default_factory=_mild_augment)
+    negative: AugmentSide = Field(default_factory=_mild_augment)
+
+    def class_dependent(self) -> list[str]:
+        """The strengths set differently for the two classes ("rotate_deg 7 vs 15", ...)."""
+        pos, neg = self.positive.model_dump(), self.negative.model_dump()
+        return [f"{k} {pos[k]:g} vs {neg[k]:g}" for k in pos if pos[k] != neg[k]]
 
 
 class TrainConfig(_Section):
@@ -210,6 +213,17 @@ class TrainConfig(_Section):
     lr: StageLR = Field(default_factory=StageLR)
     weight_decay: WeightDecay = Field(default_factory=WeightDecay)
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+    lr_warmup_epochs: float = Field(
+        0.0,
+        ge=0,
+        description="ramp every learning rate linearly from 0 over this many epochs (steps "
+        "counted from the start of training)",
+    )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="after the warm-up: constant (specified) or a cosine decay to 0 at the "
+        "last epoch, so that the weights settle before the epoch and threshold are chosen",
+    )
     # With pos_fraction 0.4 a batch of 10 holds 4 positives and 6 negatives: the specified 1:1.5.
     batch_patients: int = Field(
         10,
@@ -243,8 +257,12 @@ class TrainConfig(_Section):
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
     compile: bool = Field(False, description="torch.compile the model")
-    best_metric: Literal["auc", "f1", "separation", "val_loss"] = Field(
-        "auc", description="validation metric that picks model.safetensors"
+    best_metric: Literal["auc", "auc_then_val_loss", "f1", "val_loss", "separation", "last"] = (
+        Field(
+            "auc",
+            description="rule that picks the epoch of model.safetensors from its validation "
+            "metrics (brainmets.train.selection); its F1 threshold is saved with it",
+        )
     )
     calibration: Literal["platt", "none"] = Field(
         "platt",
@@ -253,7 +271,19 @@ class TrainConfig(_Section):
         "none = sigmoid of the patient logit",
     )
     zero_sensitivity_patience: int = Field(
-        3, ge=1, description="warn after this many epochs with validation sensitivity 0"
+        3,
+        ge=1,
+        description="warn after this many epochs with validation sensitivity 0 at the "
+        "operating threshold or at 0.5",
+    )
+    oscillation_window: int = Field(
+        6, ge=3, description="epochs of validation loss the oscillation warning looks at"
+    )
+    oscillation_spread: float = Field(
+        0.2,
+        gt=0,
+        description="oscillation warning: the window's validation loss must span at least this "
+        "share of its median (and go up and down, brainmets.train.health)",
     )
     log_every: int = Field(10, ge=1, description="read the loss back every this many steps")
     checkpoint_every: int = Field(

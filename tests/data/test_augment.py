@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from brainmets.config import AugmentConfig, AugmentSide
-from brainmets.data.augment import ClassConditionalAugment
+from brainmets.data.augment import ClassConditionalAugment, class_dependent_warning
 
 ZERO = AugmentSide(
     rotate_deg=0, scale=0, translate=0, flip_prob=0, noise_std=0, gamma=0, contrast=0
@@ -55,8 +55,20 @@ def _displacement(theta: torch.Tensor) -> torch.Tensor:
     return (moved - corners[:, :2]).norm(dim=-1).mean(dim=1)
 
 
-def test_positives_get_milder_transforms_than_negatives():
+def test_default_strengths_are_equal_for_both_classes():
     cfg = AugmentConfig()
+    assert cfg.positive == cfg.negative and cfg.class_dependent() == []
+    assert cfg.positive.rotate_deg <= 7 and cfg.positive.scale <= 0.05  # mild: small lesions
+
+
+def test_class_dependent_strengths_stay_available():
+    wider = AugmentConfig().negative.model_copy(
+        update={"rotate_deg": 15.0, "scale": 0.10, "translate": 0.08}
+    )
+    cfg = AugmentConfig(negative=wider)
+    assert cfg.class_dependent() == [
+        "rotate_deg 7 vs 15", "scale 0.05 vs 0.1", "translate 0.04 vs 0.08"
+    ]  # fmt: skip
     no_flip = {"flip_prob": 0.0}  # a flip moves the corners by design; compare the rest
     augment = ClassConditionalAugment(
         cfg.positive.model_copy(update=no_flip), cfg.negative.model_copy(update=no_flip)
@@ -70,6 +82,14 @@ def test_positives_get_milder_transforms_than_negatives():
     out = augment(x, torch.arange(400), labels[:400], _gen(2))
     change = (out - x).abs().mean(dim=(1, 2, 3))
     assert change[labels[:400] == 1].mean() < change[labels[:400] == 0].mean()
+
+
+def test_train_warns_when_the_classes_are_augmented_differently():
+    cfg = AugmentConfig(negative=AugmentConfig().negative.model_copy(update={"noise_std": 0.03}))
+    warning = class_dependent_warning(cfg)
+    assert "noise_std 0.01 vs 0.03" in warning and "label" in warning
+    assert class_dependent_warning(AugmentConfig()) is None
+    assert class_dependent_warning(cfg.model_copy(update={"enabled": False})) is None
 
 
 @pytest.mark.parametrize("label", [0.0, 1.0])

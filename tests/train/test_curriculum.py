@@ -135,3 +135,24 @@ def test_one_step_changes_only_the_trainable_blocks(model, stage, may_change, mu
     changed = _changed(model, before)
     assert changed <= may_change
     assert must_change <= changed
+
+
+def test_warm_up_then_cosine_reaches_every_rate_once_and_ends_near_zero():
+    from brainmets.train.curriculum import lr_factor
+
+    factors = [lr_factor(step, 100, 10, "cosine") for step in range(100)]
+    assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)
+    assert max(factors) == pytest.approx(1.0) and factors[10] == 1.0
+    assert all(b <= a for a, b in zip(factors[10:], factors[11:], strict=False))
+    assert factors[-1] < 0.01
+    assert [lr_factor(s, 100, 0, "constant") for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+
+
+def test_scaled_rates_keep_the_ratio_between_blocks(model):
+    from brainmets.train.curriculum import scale_learning_rates
+
+    model.set_trainable(trainable_blocks(3))
+    optimizer = build_optimizer(model, 3, StageLR(), WeightDecay())
+    scale_learning_rates(optimizer, StageLR(), 0.5)
+    rates = {g["name"].split("/")[0]: g["lr"] for g in optimizer.param_groups}
+    assert rates == {"layer3": 2.5e-6, "layer4": 5e-6, "head": 2.5e-5}

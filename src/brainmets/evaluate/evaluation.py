@@ -40,7 +40,11 @@ _SUMMARY_ROWS = [
     ("npv", "NPV"),
     ("accuracy", "accuracy"),
     ("brier", "Brier score"),
+    ("mean_pos", "mean p+"),
+    ("mean_neg", "mean p-"),
     ("separation", "separation"),
+    ("calibrated_mean_pos", "calibrated mean p+"),
+    ("calibrated_mean_neg", "calibrated mean p-"),
 ]
 
 
@@ -66,13 +70,18 @@ class EvaluationSummary:
             f"{self.metrics['threshold']:.3f}; probabilities: {scale}"
         ]
         for key, label in _SUMMARY_ROWS:
+            if key not in m:  # the calibrated means of an uncalibrated run
+                continue
             value = m.get(key)
             lo, hi = ci.get(key, [None, None])
             shown = "n/a" if value is None else _three_places(value)
             if lo is not None and hi is not None:
                 shown += f"  (95% CI {_three_places(lo)} to {_three_places(hi)})"
             lines.append(f"  {label:<18} {shown}")
-        lines.append(f"  separation band    {self.metrics['separation_band']}")
+        lines.append(
+            f"  separation band    {self.metrics['separation_band']}  (mean p+ - mean p- of the "
+            "plain sigmoid of the patient logit, as in training)"
+        )
         for point in self.metrics.get("operating_points", []):
             if point.get("threshold") is None:
                 continue

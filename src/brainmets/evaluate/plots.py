@@ -269,10 +269,17 @@ def plot_score_distributions(
     threshold: float,
     *,
     bins: int = 40,
+    plain: ArrayLike | None = None,
 ) -> Path:
-    """Histograms of patient probabilities by class, class means and the threshold."""
+    """Histograms of patient probabilities by class, class means and the threshold.
+
+    ``plain``: the same patients' plain-sigmoid probabilities when ``probs`` are calibrated;
+    the title's separation and band are then theirs (the specified scale)."""
     y, p = check_patient_arrays(labels, probs)
     m = patient_metrics(y, p, threshold)
+    sep = m["separation"]
+    if plain is not None:
+        sep = patient_metrics(y, check_patient_arrays(y, plain)[1], 0.5)["separation"]
     edges = np.linspace(0.0, 1.0, bins + 1)
     fig, ax = _new_figure(6.0, 4.2)
     for mask, colour, name, mean in (
@@ -283,7 +290,6 @@ def plot_score_distributions(
             ax.hist(p[mask], bins=edges, color=colour, alpha=0.55, label=f"{name} (n={mask.sum()})")
             ax.axvline(mean, color=colour, ls="--", lw=1)
     ax.axvline(threshold, color=_THRESHOLD_COLOUR, lw=1.5, label=_threshold_label(threshold))
-    sep = m["separation"]
     sep_text = "n/a" if np.isnan(sep) else f"{sep:.3f}"
     ax.set(
         xlim=(0, 1),
@@ -400,6 +406,6 @@ def write_evaluation_plots(
         ),
         "calibration": plot_calibration(y, p, files["calibration"]),
         "score_distributions": plot_score_distributions(
-            y, p, files["score_distributions"], threshold
+            y, p, files["score_distributions"], threshold, plain=None if plain is None else ranked
         ),
     }

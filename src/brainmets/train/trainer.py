@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from brainmets import PER_RANK_LOGGER, rundir
 from brainmets.config import Config, save_config
-from brainmets.data.augment import ClassConditionalAugment
+from brainmets.data.augment import ClassConditionalAugment, class_dependent_warning
 from brainmets.data.cache import PatientCache
 from brainmets.data.dataset import (
     PatientBatch,
@@ -48,16 +48,24 @@ from brainmets.data.labels import SPLITS
 from brainmets.data.normalize import normalize_slices, uint8_to_unit
 from brainmets.device import resolve_device
 from brainmets.io import atomic_write, atomic_write_csv, atomic_write_text, exclusive_lock
-from brainmets.metrics import best_f1_threshold, patient_metrics
+from brainmets.metrics import best_f1_threshold, patient_metrics, separation_band
 from brainmets.model.checkpoint import load_weights_only, save_checkpoint
 from brainmets.model.pretrained import load_pretrained_backbone, warn_random_init
 from brainmets.model.probability import Calibration, fit_platt
 from brainmets.model.resnet import BrainMetsNet
 from brainmets.ranking import RankingVerdict, judge_ranking
 from brainmets.train.batchnorm_stats import calibrate_batchnorm
-from brainmets.train.curriculum import build_optimizer, stage_for_epoch, trainable_blocks
+from brainmets.train.curriculum import (
+    build_optimizer,
+    lr_factor,
+    scale_learning_rates,
+    stage_for_epoch,
+    trainable_blocks,
+)
 from brainmets.train.distributed import gather_with_grad, init_distributed
+from brainmets.train.health import batch_mix_warning, epoch_warnings
 from brainmets.train.losses import patient_loss
+from brainmets.train.selection import HEADLINE, improves
 from brainmets.train.state import (
     STATE_FORMAT,
     TrainState,
@@ -85,9 +93,6 @@ METRIC_COLUMNS = [
     "skipped_steps",
     "seconds",
 ]
-_HIGHER_IS_BETTER = {"auc": True, "f1": True, "separation": True, "val_loss": False}
-# Below this, every validation prediction is near 0: the model has collapsed to "negative".
-COLLAPSE_MAX_PROB = 0.05
 
 
 class TrainingInterrupted(RuntimeError):
@@ -280,6 +285,8 @@ class Trainer:
         self.augment = (
             ClassConditionalAugment.from_config(cfg.augment) if cfg.augment.enabled else None
         )
+        if self.dist.is_main and (leak := class_dependent_warning(cfg.augment)):
+            log.warning(leak)
 
         self.train_set = PatientDataset(
             self.cache,
@@ -297,6 +304,9 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
+        mix = batch_mix_warning(self.sampler.n_pos, self.sampler.n_neg, cfg.train.pos_fraction)
+        if mix and self.dist.is_main:
+            log.warning(mix)
         val_local = self.splits["val"][self.dist.rank :: self.dist.world_size]
         self.val_set = PatientDataset(self.cache, val_local, train=False)
         self.train_store = self.val_store = None
@@ -529,8 +539,20 @@ class Trainer:
             gather=gather_with_grad if self.dist.enabled else None,
         )
         loss.backward()
+        self._schedule_learning_rate()
         found_inf = clip_and_step(self.optimizer, self.cfg.train.grad_clip)
         return loss.detach(), found_inf
+
+    def _schedule_learning_rate(self) -> None:
+        cfg = self.cfg.train
+        if cfg.lr_warmup_epochs == 0 and cfg.lr_schedule == "constant":
+            return
+        per_epoch = self.sampler.num_batches()
+        factor = lr_factor(
+            self.state.global_step, cfg.epochs * per_epoch, cfg.lr_warmup_epochs * per_epoch,
+            cfg.lr_schedule,
+        )  # fmt: skip
+        scale_learning_rates(self.optimizer, cfg.lr, factor)
 
     def _epoch_loss(self) -> tuple[float, int]:
         """(loss summed over this epoch's finite steps, steps skipped): the device sums plus
@@ -632,11 +654,11 @@ class Trainer:
             "skipped_steps": skipped,
             "seconds": round(seconds, 3),
         }
-        self._health_checks(row, predictions, skipped)
-        improved = self._improved(row[self.best_metric])
+        improved = improves(self.best_metric, row, self._best_row())
         if improved:
-            self.state.best_value = float(row[self.best_metric])
+            self.state.best_value = float(row[HEADLINE[self.best_metric]])
             self.state.best_epoch = epoch
+        self._health_checks(row, predictions, skipped)
         self.state.history.append(row)
         self.state.skipped_steps += skipped
         if self.dist.is_main:
@@ -653,10 +675,11 @@ class Trainer:
             self.writer.flush()
         log.info(
             "epoch %d stage %d: train_loss %.4f val_loss %.4f auc %.3f f1 %.3f (threshold %.2f) "
-            "sens %.3f spec %.3f p+ %.3f p- %.3f%s",
+            "sens %.3f spec %.3f p+ %.3f p- %.3f separation %.3f (%s)%s",
             epoch, self.stage, row["train_loss"], row["val_loss"], row["auc"], row["f1"],
             row["threshold"], row["sensitivity"], row["specificity"], row["mean_pos"],
-            row["mean_neg"], " *best*" if improved else "",
+            row["mean_neg"], row["separation"], separation_band(row["separation"]),
+            " *best*" if improved else "",
         )  # fmt: skip
         return row
 
@@ -684,32 +707,23 @@ class Trainer:
                 return float(group["lr"])
         return math.nan
 
-    def _improved(self, value: float) -> bool:
-        if value is None or not math.isfinite(value):
-            return self.state.best_value is None and self.state.best_epoch < 0
-        best = self.state.best_value
-        if best is None or not math.isfinite(best):
-            return True
-        return value > best if _HIGHER_IS_BETTER[self.best_metric] else value < best
+    def _best_row(self) -> dict[str, Any] | None:
+        return next((r for r in self.state.history if r["epoch"] == self.state.best_epoch), None)
 
     def _health_checks(self, row: dict[str, Any], predictions: pd.DataFrame, skipped: int) -> None:
-        probs = predictions["probability"].to_numpy()
-        if probs.size and probs.max() < COLLAPSE_MAX_PROB:
-            log.warning(
-                "epoch %d: validation predictions collapsing toward 0 (max p %.4f, mean p+ "
-                "%.4f); check the learning rate, pos_weight and the class balance",
-                row["epoch"], probs.max(), row["mean_pos"],
-            )  # fmt: skip
-        if row["sensitivity"] == 0:
-            self.state.zero_sensitivity_epochs += 1
-            if self.state.zero_sensitivity_epochs >= self.cfg.train.zero_sensitivity_patience:
-                log.warning(
-                    "validation sensitivity has been 0 for %d epochs: no positive patient is "
-                    "detected at any threshold chosen on the sweep",
-                    self.state.zero_sensitivity_epochs,
-                )
-        else:
-            self.state.zero_sensitivity_epochs = 0
+        """The troubleshooting signals of :mod:`brainmets.train.health`, at the threshold the
+        saved model now carries."""
+        best = row if self.state.best_epoch == row["epoch"] else self._best_row()
+        operating = float(best["threshold"]) if best else float(row["threshold"])
+        for warning in epoch_warnings(
+            row,
+            predictions["label"].to_numpy(),
+            predictions["probability"].to_numpy(),
+            operating,
+            self.state.history,
+            self.cfg.train,
+        ):
+            log.warning(warning)
         if skipped:
             log.warning(
                 "epoch %d: %d step(s) skipped because the loss or gradients were not finite",

@@ -1,0 +1,160 @@
+"""Troubleshooting signals read from each epoch's validation predictions and metrics.
+
+Each warning names the state and what to change. The signals:
+
+- **collapse**: every validation probability is below 0.05, the model calls everyone
+  negative.
+- **sensitivity 0**: no validation positive reaches the operating threshold (the one
+  ``model.safetensors`` would be used with) or 0.5, for ``train.zero_sensitivity_patience``
+  epochs in a row. The F1 threshold is swept again every epoch, so the sensitivity in
+  ``metrics.csv`` is 0 only when every positive lies below 0.05; the fixed thresholds are where
+  a model that does not separate the classes shows it.
+- **oscillation** of the validation loss: over the last ``train.oscillation_window`` (k)
+  epochs it changes direction at least ``max(1, (k - 2) // 2)`` times, the path it travels (the
+  sum of its epoch-to-epoch changes) is at least 3 times its net change from the first to the
+  last of them, and its range is at least ``train.oscillation_spread`` times its median. A
+  healthy run's validation loss mostly falls (path close to the net change), or wanders within
+  a few percent; one that goes up and down by large amounts is not converging.
+- **sweep edge**: no validation probability lies inside the specified 0.05-0.95 sweep, so every
+  threshold of it makes the same calls and the chosen threshold is the sweep's edge, not a
+  choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from brainmets.config import TrainConfig
+from brainmets.metrics import THRESHOLDS
+
+# Below this, every validation prediction is near 0: the model has collapsed to "negative".
+COLLAPSE_MAX_PROB = 0.05
+
+COLLAPSE_REMEDY = (
+    "lower the learning rates (train.lr.*), weigh the positives (train.pos_weight, e.g. "
+    "negatives / positives), add the specified confidence term (train.confidence.enabled), "
+    "and check that both classes reach the training batches (train.pos_fraction)"
+)
+ZERO_SENSITIVITY_REMEDY = (
+    "reduce augmentation intensity on positives (augment.positive.*, equal for both classes "
+    "by default), weigh the positives (train.pos_weight), add the specified confidence term "
+    "(train.confidence.enabled), and check the learning rates (train.lr.*): a head that does "
+    "not move leaves every patient at the same score"
+)
+# An oscillating loss travels this many times further than it gets (path / net change).
+_PATH_PER_NET = 3.0
+
+OSCILLATION_REMEDY = (
+    "lower the learning rates (train.lr.*, or train.lr_warmup_epochs), use larger batches "
+    "(train.batch_patients) or a tighter train.grad_clip"
+)
+
+
+def sensitivity_at(labels: np.ndarray, probs: np.ndarray, threshold: float) -> float:
+    """Share of positives with probability >= threshold (nan without positives)."""
+    positives = probs[labels == 1]
+    return float((positives >= threshold).mean()) if positives.size else float("nan")
+
+
+def collapse(probs: np.ndarray) -> str | None:
+    if probs.size and probs.max() < COLLAPSE_MAX_PROB:
+        return (
+            f"validation predictions collapsing toward 0 (max p {probs.max():.4f}, every "
+            f"patient below {COLLAPSE_MAX_PROB}): {COLLAPSE_REMEDY}"
+        )
+    return None
+
+
+def sweep_edge(probs: np.ndarray, threshold: float) -> str | None:
+    low, high = float(THRESHOLDS[0]), float(THRESHOLDS[-1])
+    if probs.size and not ((probs >= low) & (probs <= high)).any():
+        return (
+            f"no validation probability lies inside the F1 sweep {low:.2f}-{high:.2f} (min "
+            f"{probs.min():.4f}, max {probs.max():.4f}): every threshold of the sweep makes the "
+            f"same calls, and {threshold:.2f} is its edge, not a choice"
+        )
+    return None
+
+
+def zero_sensitivity(history: Sequence[Mapping[str, Any]], patience: int) -> str | None:
+    """Whether the last ``patience`` rows all have sensitivity 0 at the operating threshold
+    or at 0.5 (the row keys ``sensitivity_at_operating`` and ``sensitivity_at_half``)."""
+    recent = history[-patience:]
+    if len(recent) < patience:
+        return None
+    blind = [
+        [name for name in ("operating", "half") if row.get(f"sensitivity_at_{name}") == 0.0]
+        for row in recent
+    ]
+    if not all(blind):
+        return None
+    last = history[-1]
+    return (
+        f"validation sensitivity has been 0 for {patience} epochs at the operating threshold "
+        f"{last['operating_threshold']:.2f} (now {last['sensitivity_at_operating']:.2f}) or at "
+        f"0.5 (now {last['sensitivity_at_half']:.2f}): no positive patient is detected there; "
+        f"{ZERO_SENSITIVITY_REMEDY}"
+    )
+
+
+def oscillation(val_losses: Sequence[float], window: int, spread: float) -> str | None:
+    """Direction changes, path and range of the last ``window`` validation losses (see the
+    module text)."""
+    recent = np.asarray(list(val_losses[-window:]), dtype=np.float64)
+    if recent.size < window or not np.isfinite(recent).all():
+        return None
+    steps = np.diff(recent)
+    flips = int((np.sign(steps[1:]) * np.sign(steps[:-1]) < 0).sum())
+    path, net = float(np.abs(steps).sum()), abs(float(recent[-1] - recent[0]))
+    relative = float((recent.max() - recent.min()) / max(float(np.median(recent)), 1e-12))
+    if flips >= max(1, (window - 2) // 2) and path >= _PATH_PER_NET * net and relative >= spread:
+        return (
+            f"validation loss oscillating: over the last {window} epochs it changed direction "
+            f"{flips} times, travelled {path / max(net, 1e-12):.0f}x its net change and spans "
+            f"{relative:.0%} of its median ({recent.min():.3g}-{recent.max():.3g}): "
+            f"{OSCILLATION_REMEDY}"
+        )
+    return None
+
+
+def epoch_warnings(
+    row: dict[str, Any],
+    labels: np.ndarray,
+    probs: np.ndarray,
+    operating_threshold: float,
+    history: Sequence[Mapping[str, Any]],
+    cfg: TrainConfig,
+) -> list[str]:
+    """The warnings of the epoch of ``row`` (appended to ``history`` by the caller after this).
+
+    Adds to ``row`` what later epochs need: the operating threshold and the sensitivity there
+    and at 0.5.
+    """
+    row["operating_threshold"] = float(operating_threshold)
+    row["sensitivity_at_operating"] = sensitivity_at(labels, probs, operating_threshold)
+    row["sensitivity_at_half"] = sensitivity_at(labels, probs, 0.5)
+    rows = [*history, row]
+    found = [
+        collapse(probs),
+        sweep_edge(probs, float(row["threshold"])),
+        zero_sensitivity(rows, cfg.zero_sensitivity_patience),
+        oscillation([r["val_loss"] for r in rows], cfg.oscillation_window, cfg.oscillation_spread),
+    ]
+    return [f"epoch {row['epoch']}: {text}" for text in found if text]
+
+
+def batch_mix_warning(n_pos: int, n_neg: int, pos_fraction: float) -> str | None:
+    """When a batch's whole numbers of positives and negatives miss ``pos_fraction`` (the
+    specified 1 : 1.5 is 0.4, exact only for batches of a multiple of 5 patients)."""
+    if n_pos == 0 or n_neg == 0 or abs(n_pos / (n_pos + n_neg) - pos_fraction) < 1e-9:
+        return None
+    size = n_pos + n_neg
+    return (
+        f"train.batch_patients={size} with train.pos_fraction={pos_fraction:g} gives batches "
+        f"of {n_pos} positives and {n_neg} negatives, 1 : {n_neg / n_pos:.2g} instead of "
+        f"1 : {(1 - pos_fraction) / pos_fraction:.2g}; choose a batch size whose "
+        f"{pos_fraction:g} share is a whole number (a multiple of 5 for 0.4) to keep the ratio"
+    )

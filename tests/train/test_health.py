@@ -1,0 +1,173 @@
+"""Troubleshooting signals: short runs driven into each state, and a healthy run that stays
+silent; then the definitions on hand-made loss curves."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from brainmets.config import Config, PreprocessConfig
+from brainmets.data.cache import build_cache_from_arrays
+from brainmets.train import trainer as trainer_module
+from brainmets.train.health import (
+    batch_mix_warning,
+    oscillation,
+    sweep_edge,
+    zero_sensitivity,
+)
+from brainmets.train.trainer import train
+
+SIZE = 32
+SIGNALS = {
+    "collapse": "collapsing toward 0",
+    "zero_sensitivity": "sensitivity has been 0",
+    "oscillation": "validation loss oscillating",
+    "sweep_edge": "inside the F1 sweep",
+}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """20 patients of 3 slices; positives carry a bright lesion on their middle slice."""
+    root = tmp_path_factory.mktemp("cache")
+    rng = np.random.default_rng(0)
+    patients = []
+    for i in range(20):
+        volume = rng.integers(20, 110, size=(3, SIZE, SIZE)).astype(np.uint8)
+        if i % 2 == 0:
+            volume[1, 12:18, 14:20] = 240
+        patients.append((f"P{i:02d}", int(i % 2 == 0), volume))
+    build_cache_from_arrays(root, patients, PreprocessConfig(size=SIZE))
+    return root
+
+
+def _config(cache: Path, lr: float, **train) -> Config:
+    return Config.model_validate(
+        {
+            "seed": 3,
+            "preprocess": {"size": SIZE},
+            "data": {"cache": str(cache), "num_workers": 0, "val_fraction": 0.3},
+            "model": {"arch": "resnet18", "hidden": 16},
+            "train": {
+                "stage_epochs": [0, 1, 2],
+                "batch_patients": 5,
+                "lr": {"head": lr, "layer4": lr, "layer3": lr},
+                "log_every": 100,
+                "checkpoint_every": 1000,
+                **train,
+            },
+        }
+    )
+
+
+def _signals(caplog) -> set[str]:
+    text = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    return {name for name, phrase in SIGNALS.items() if any(phrase in t for t in text)}
+
+
+def _run(cfg: Config, run: Path, caplog) -> set[str]:
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="brainmets"):
+        train(cfg, run, progress=False)
+    return _signals(caplog)
+
+
+@pytest.mark.slow
+def test_a_healthy_run_stays_silent(cache_dir, tmp_path, caplog):
+    assert _run(_config(cache_dir, 1e-3, epochs=6), tmp_path / "run", caplog) == set()
+
+
+@pytest.mark.slow
+def test_a_learning_rate_far_too_high_oscillates_and_collapses(cache_dir, tmp_path, caplog):
+    cfg = _config(cache_dir, 0.3, epochs=4, oscillation_window=4)
+    signals = _run(cfg, tmp_path / "run", caplog)
+    assert {"oscillation", "collapse", "sweep_edge"} <= signals
+    message = next(
+        r.getMessage() for r in caplog.records if SIGNALS["oscillation"] in r.getMessage()
+    )
+    assert "lower the learning rates" in message
+
+
+def _frozen_head(monkeypatch, bias: float) -> None:
+    """A head that does not learn: its output bias set to ``bias``, every rate ~0."""
+    build = trainer_module.build_model
+
+    def with_bias(cfg, **kwargs):
+        model = build(cfg, **kwargs)
+        with torch.no_grad():
+            model.head[-1].bias.fill_(bias)
+        return model
+
+    monkeypatch.setattr(trainer_module, "build_model", with_bias)
+
+
+def test_a_frozen_head_below_one_half_is_blind_at_one_half(
+    cache_dir, tmp_path, caplog, monkeypatch
+):
+    # Every patient near sigmoid(-2) = 0.12: the swept threshold still finds positives (the
+    # sensitivity in metrics.csv is not 0), but at 0.5 none is ever detected.
+    _frozen_head(monkeypatch, -2.0)
+    cfg = _config(cache_dir, 1e-12, epochs=2, stage_epochs=[0, 5, 5], zero_sensitivity_patience=2)
+    assert _run(cfg, tmp_path / "run", caplog) == {"zero_sensitivity"}
+    message = next(
+        r.getMessage() for r in caplog.records if "sensitivity has been 0" in r.getMessage()
+    )
+    assert "reduce augmentation intensity on positives" in message
+    history = (tmp_path / "run" / "metrics.csv").read_text()
+    assert ",0.0,1.0," not in history.splitlines()[-1]  # the swept sensitivity was not 0
+
+
+def test_a_frozen_head_far_below_collapses_outside_the_sweep(
+    cache_dir, tmp_path, caplog, monkeypatch
+):
+    _frozen_head(monkeypatch, -8.0)
+    cfg = _config(cache_dir, 1e-12, epochs=1, stage_epochs=[0, 5, 5])
+    assert _run(cfg, tmp_path / "run", caplog) == {"collapse", "sweep_edge"}
+
+
+# --- the definitions ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("losses", "warns"),
+    [
+        ([0.69, 0.66, 0.60, 0.52, 0.45, 0.40], False),  # falling
+        ([0.69, 0.67, 0.53, 0.68, 0.84, 0.14], False),  # one bump on the way down
+        ([0.50, 0.51, 0.50, 0.51, 0.50, 0.51], False),  # alternating within 2 %
+        ([0.60, 0.90, 0.55, 0.95, 0.58, 0.92], True),  # up and down by half its level
+        ([10.0, 7.7e3, 8.6e5, 4.1e4, 6.4e5, 1.7e3], True),  # blown up, bouncing
+        ([0.69, float("nan"), 0.5, 0.9, 0.4, 0.95], False),  # an undefined epoch: no verdict
+        ([0.6, 0.9, 0.5], False),  # fewer epochs than the window
+    ],
+)
+def test_oscillation_definition(losses, warns):
+    assert (oscillation(losses, window=6, spread=0.2) is not None) is warns
+
+
+def test_zero_sensitivity_needs_every_epoch_of_the_patience_blind():
+    blind = {"sensitivity_at_operating": 0.0, "sensitivity_at_half": 0.0,
+             "operating_threshold": 0.3}  # fmt: skip
+    seeing = {**blind, "sensitivity_at_operating": 0.5, "sensitivity_at_half": 0.5}
+    half_blind = {**blind, "sensitivity_at_operating": 0.5}
+    assert zero_sensitivity([blind, blind, blind], 3) is not None
+    assert zero_sensitivity([half_blind, half_blind, blind], 3) is not None
+    assert zero_sensitivity([blind, seeing, blind], 3) is None
+    assert zero_sensitivity([blind, blind], 3) is None
+
+
+def test_sweep_edge_only_when_no_probability_is_inside_the_sweep():
+    assert sweep_edge(np.array([0.01, 0.02, 0.97]), 0.05) is not None
+    assert sweep_edge(np.array([0.01, 0.06]), 0.05) is None
+
+
+@pytest.mark.parametrize(
+    ("batch", "fraction", "warns"),
+    [(10, 0.4, False), (5, 0.4, False), (6, 0.4, True), (4, 0.5, False)],
+)
+def test_batch_mix_warns_when_whole_patients_miss_the_ratio(batch, fraction, warns):
+    n_pos = round(batch * fraction)
+    assert (batch_mix_warning(n_pos, batch - n_pos, fraction) is not None) is warns
