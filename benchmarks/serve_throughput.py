@@ -36,6 +36,16 @@ from brainmets.model.checkpoint import save_checkpoint
 from brainmets.model.resnet import BrainMetsNet
 from brainmets.rundir import environment_info
 
+
+def peer(tool: str) -> str | None:
+    """dcmtk's or Orthanc's program, not pynetdicom's same-named app in this environment's bin."""
+    ours = (Path(sys.prefix) / "bin").resolve()
+    dirs = [
+        d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d).resolve() != ours
+    ]
+    return shutil.which(tool, path=os.pathsep.join(dirs))
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -76,7 +86,7 @@ class Orthanc:
         (root / "orthanc.json").write_text(json.dumps(config))
         self.log = (root / "orthanc.log").open("wb")
         self.process = subprocess.Popen(
-            ["Orthanc", str(root / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT
+            [peer("Orthanc"), str(root / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT
         )
         _wait(lambda: _listening(self.dicom) and _listening(self.http), 60, "Orthanc up")
 
@@ -126,7 +136,7 @@ class Serve:
 def storescu(port: int, aec: str, folders: list[Path]) -> float:
     start = time.perf_counter()
     subprocess.run(
-        ["storescu", "-aec", aec, "+sd", "+r", "127.0.0.1", str(port), *map(str, folders)],
+        [peer("storescu"), "-aec", aec, "+sd", "+r", "127.0.0.1", str(port), *map(str, folders)],
         check=True, capture_output=True,
     )  # fmt: skip
     return time.perf_counter() - start
@@ -158,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     for tool in ("storescu", "Orthanc"):
-        if shutil.which(tool) is None:
+        if peer(tool) is None:
             parser.error(f"{tool} not found: apt-get install dcmtk orthanc")
 
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))

@@ -177,9 +177,10 @@ def test_preprocess_benchmark_times_every_step_and_matches_the_reference(tmp_pat
 @pytest.mark.slow
 def test_serve_benchmark_measures_reception_and_latency(tmp_path):
     import os
-    import shutil
 
-    missing = [tool for tool in ("storescu", "Orthanc") if shutil.which(tool) is None]
+    from serve_throughput import peer
+
+    missing = [tool for tool in ("storescu", "Orthanc") if peer(tool) is None]
     if missing:
         message = f"{', '.join(missing)} not installed (apt-get install dcmtk orthanc)"
         if os.environ.get("CI") == "true":

@@ -23,8 +23,19 @@ SERVE_AE = "BRAINMETS"
 ORTHANC_AE = "ORTHANC"
 
 
+def dcmtk(tool: str) -> str | None:
+    """The path of a peer program that is not from this Python environment: pynetdicom installs
+    Python apps named storescu and echoscu, with other options, into the environment's bin,
+    which an activated venv puts first on PATH."""
+    ours = (Path(sys.prefix) / "bin").resolve()
+    for folder in filter(None, os.environ.get("PATH", "").split(os.pathsep)):
+        if Path(folder).resolve() != ours and (found := shutil.which(tool, path=folder)):
+            return found
+    return None
+
+
 def _missing(tools) -> list[str]:
-    return [tool for tool in tools if shutil.which(tool) is None]
+    return [tool for tool in tools if dcmtk(tool) is None]
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +122,7 @@ class Orthanc:
     def start(self) -> None:
         log = (self.root / "orthanc.log").open("ab")
         self.process = subprocess.Popen(
-            ["Orthanc", str(self.config)], stdout=log, stderr=subprocess.STDOUT
+            [dcmtk("Orthanc"), str(self.config)], stdout=log, stderr=subprocess.STDOUT
         )
         wait_for(self._up, 30, "Orthanc to answer")
 
@@ -222,7 +233,7 @@ class ServeProcess:
 def storescu(port: int, *paths: Path, aet: str = "STORESCU", check: bool = True):
     """dcmtk's storescu: every file under ``paths`` in one association."""
     result = subprocess.run(
-        ["storescu", "-v", "-aet", aet, "-aec", SERVE_AE, "+sd", "+r", "-nh", "127.0.0.1", str(port),
+        [dcmtk("storescu"), "-v", "-aet", aet, "-aec", SERVE_AE, "+sd", "+r", "-nh", "127.0.0.1", str(port),
          *map(str, paths)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

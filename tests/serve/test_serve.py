@@ -17,6 +17,7 @@ from brainmets.predict import predict
 from .conftest import (
     ServeProcess,
     ct_series_files,
+    dcmtk,
     status_rows,
     storescu,
     wait_for,
@@ -106,7 +107,7 @@ def test_a_study_goes_in_and_its_results_reach_pacs(
             assert capture.SourceImageSequence[0].ReferencedSOPInstanceUID in source_uids
         sr_file = tmp_path / f"{pid}_sr.dcm"
         sr.save_as(sr_file)
-        dump = subprocess.run(["dsrdump", str(sr_file)], capture_output=True, text=True)
+        dump = subprocess.run([dcmtk("dsrdump"), str(sr_file)], capture_output=True, text=True)
         assert dump.returncode == 0, dump.stderr
         assert "Probability of brain metastases" in dump.stdout
     log = node.log_text()
@@ -183,10 +184,10 @@ def test_what_cannot_be_scored_is_a_clear_row_without_results(
 
 
 def test_a_calling_ae_title_not_allowed_is_refused(node):
-    ok = subprocess.run(["echoscu", "-aet", "ECHOSCU", "-aec", "BRAINMETS", "127.0.0.1",
+    ok = subprocess.run([dcmtk("echoscu"), "-aet", "ECHOSCU", "-aec", "BRAINMETS", "127.0.0.1",
                          str(node.port)], capture_output=True, text=True, timeout=30)  # fmt: skip
     assert ok.returncode == 0, ok.stderr
-    refused = subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", "BRAINMETS", "127.0.0.1",
+    refused = subprocess.run([dcmtk("echoscu"), "-aet", "INTRUDER", "-aec", "BRAINMETS", "127.0.0.1",
                               str(node.port)], capture_output=True, text=True, timeout=30)  # fmt: skip
     assert refused.returncode != 0
     assert "Rejected" in refused.stdout + refused.stderr

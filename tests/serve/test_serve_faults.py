@@ -14,6 +14,7 @@ from .conftest import (
     Orthanc,
     ServeProcess,
     ct_series_files,
+    dcmtk,
     status_rows,
     storescu,
     wait_for,
@@ -67,7 +68,7 @@ def test_twenty_studies_from_four_senders_at_once(
         senders = [
             subprocess.Popen(
                 [
-                    "storescu",
+                    dcmtk("storescu"),
                     "-aec",
                     SERVE_AE,
                     "+sd",
@@ -100,7 +101,7 @@ def test_kill_while_receiving_then_restart(peers, orthanc, tiny_run, head_ct_stu
     studies = sorted(head_ct_studies.iterdir())[:8]
     serve = ServeProcess(tiny_run, store, "--forward", orthanc.destination).start()
     sender = subprocess.Popen(
-        ["storescu", "-aec", SERVE_AE, "+sd", "+r", "127.0.0.1", str(serve.port),
+        [dcmtk("storescu"), "-aec", SERVE_AE, "+sd", "+r", "127.0.0.1", str(serve.port),
          *map(str, studies)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
