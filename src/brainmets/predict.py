@@ -31,6 +31,7 @@ from brainmets.data.prepare import (
     try_preprocess_patient,
 )
 from brainmets.data.workers import map_jobs
+from brainmets.export import BACKENDS, load_exported
 from brainmets.heatmaps import update_heatmap_index, write_heatmaps
 from brainmets.inference import TrainedModel, batch_by_slices, load_trained
 from brainmets.io import atomic_write_csv
@@ -127,6 +128,8 @@ def predict(
     compile: bool = False,
     resume: bool = False,
     save_every_s: float = 60.0,
+    backend: str = "torch",
+    onnx: str | Path | None = None,
 ) -> PredictResult:
     """Predict every patient found in ``inputs``; write ``out_csv`` (atomically) and heatmaps.
 
@@ -134,8 +137,9 @@ def predict(
     never split); ``compile`` compiles the chunked forward (pays off for many patients on a
     GPU). The rows done so far are written every ``save_every_s`` seconds and when the run
     stops early (Ctrl-C, an error); ``resume`` keeps the patients ``out_csv`` already holds
-    without an error and predicts the others."""
-    trained = load_trained(run, device, compile=compile)
+    without an error and predicts the others. ``backend`` ``onnxruntime`` scores with the run's
+    ONNX export (``RUN/export``, or ``onnx``; see ``brainmets.export``)."""
+    trained = _load(run, backend, device=device, compile=compile, onnx=onnx, heatmaps=heatmaps_dir)
     out_csv = Path(out_csv)
     # Saves before the end go to a side file: a stopped rerun must not replace a complete
     # table written earlier to the same --out.
@@ -242,6 +246,16 @@ def predict(
                 partial,
             )
     return PredictResult(table, kept=len(kept))
+
+
+def _load(run, backend: str, *, device: str, compile: bool, onnx, heatmaps) -> TrainedModel:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not supported; choose one of {BACKENDS}")
+    if backend == "torch":
+        return load_trained(run, device, compile=compile)
+    if compile:
+        raise ValueError("--compile applies to the torch backend, not to onnxruntime")
+    return load_exported(run, onnx, device=device, grad_cam=heatmaps is not None)
 
 
 def _prediction_table(rows: list[dict]) -> pd.DataFrame:
