@@ -248,3 +248,87 @@ def test_int8_export_is_quantised_and_labelled(exported, tmp_path):
     expected = load_trained(exported / "run", "cpu").scorer(arrays).slice_logits
     # Approximate by design: the scores follow the fp32 ones, not equal them.
     assert np.corrcoef(got.numpy(), expected.numpy())[0, 1] > 0.9
+
+
+class _TritonStandIn:
+    """No Triton server can run here: this stand-in speaks Triton's gRPC protocol (the service
+    definition tritonclient ships) and runs the repository's model.onnx with onnxruntime."""
+
+    def __init__(self, model_dir: Path, size: int = SIZE) -> None:
+        import onnxruntime
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        session = onnxruntime.InferenceSession(
+            str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+        )
+        self.batches: list[int] = []
+        batches = self.batches
+        metadata = service_pb2.ModelMetadataResponse
+
+        class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
+            def ModelMetadata(self, request, context):
+                return metadata(
+                    name=request.name,
+                    platform="onnxruntime_onnx",
+                    inputs=[metadata.TensorMetadata(name="slices", datatype="FP32",
+                                                    shape=[-1, 1, size, size])],
+                    outputs=[metadata.TensorMetadata(name="slice_logit", datatype="FP32",
+                                                     shape=[-1])],
+                )  # fmt: skip
+
+            def ModelInfer(self, request, context):
+                (given,) = request.inputs
+                raw = request.raw_input_contents[0]
+                slices = np.frombuffer(raw, dtype=np.float32).reshape(list(given.shape))
+                batches.append(len(slices))
+                logits = session.run(["slice_logit"], {"slices": slices})[0].astype(np.float32)
+                output = service_pb2.ModelInferResponse.InferOutputTensor(
+                    name="slice_logit", datatype="FP32", shape=list(logits.shape)
+                )
+                return service_pb2.ModelInferResponse(
+                    model_name=request.model_name,
+                    outputs=[output],
+                    raw_output_contents=[logits.tobytes()],
+                )
+
+        from concurrent import futures
+
+        import grpc
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Service(), self.server)
+        self.url = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+
+    def __enter__(self) -> _TritonStandIn:
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.stop(0)
+
+
+def test_the_triton_backend_scores_as_pytorch_does_over_tritons_protocol(
+    exported, tmp_path, capsys
+):
+    """What runs here: our client (metadata check, one request per chunk of slices) against
+    Triton's gRPC protocol; what does not: a Triton server loading config.pbtxt."""
+    run, cache = str(exported / "run"), str(exported / "cache")
+    assert main(["-q", "predict", run, cache, "--out", str(tmp_path / "torch.csv")]) == 0
+    with _TritonStandIn(exported / "triton" / "brainmets") as server:
+        assert main(["-q", "predict", run, cache, "--backend", "triton", "--url", server.url,
+                     "--out", str(tmp_path / "triton.csv")]) == 0  # fmt: skip
+    assert server.batches and max(server.batches) <= 32  # chunks, within max_batch_size
+    plain, served = (pd.read_csv(tmp_path / f"{name}.csv", dtype={"patient_id": str},
+                                 keep_default_na=False) for name in ("torch", "triton"))  # fmt: skip
+    assert np.allclose(served["probability"], plain["probability"], rtol=0, atol=1e-5)
+    same = [c for c in plain.columns if c != "probability"]
+    pd.testing.assert_frame_equal(served[same], plain[same])
+
+    # A server whose model takes other slices is refused before anything is sent.
+    with _TritonStandIn(exported / "triton" / "brainmets", size=64) as server:
+        rc = main(["-q", "predict", run, cache, "--backend", "triton", "--url", server.url,
+                   "--out", str(tmp_path / "other.csv")])  # fmt: skip
+    assert rc == 2 and not server.batches
+    assert f"Triton model 'brainmets' at {server.url}: not the slice network" in (
+        capsys.readouterr().err
+    )

@@ -221,6 +221,8 @@ def cmd_predict(args) -> int:
         resume=args.resume,
         backend=args.backend,
         onnx=args.onnx,
+        url=args.url,
+        triton_model=args.triton_model,
     )
     kept = f" ({result.kept} of them kept from the earlier run)" if result.kept else ""
     print(f"{result.predicted} patients predicted{kept}, {result.failed} failed -> {args.out}")
@@ -449,12 +451,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--backend",
-        choices=("torch", "onnxruntime"),
+        choices=("torch", "onnxruntime", "triton"),
         default="torch",
-        help="score with PyTorch, or with onnxruntime from the run's export (default %(default)s)",
+        help="score with PyTorch, with onnxruntime from the run's export, or on a Triton "
+        "server serving it (default %(default)s)",
     )
     p.add_argument(
         "--onnx", type=Path, help="the export to score with (default RUN/export, from export)"
+    )
+    p.add_argument("--url", help="triton backend: the server's gRPC host:port, e.g. localhost:8001")
+    p.add_argument(
+        "--triton-model", default="brainmets", help="triton backend: the model's name on the server"
     )
     _add_allow_failures(p, "inputs failed")
     p.set_defaults(func=cmd_predict)

@@ -26,13 +26,14 @@ signature is the one the sidecar names, and refused, naming the file, when it is
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 
 import brainmets
 from brainmets import rundir
-from brainmets.inference import TrainedModel, model_path
+from brainmets.inference import TrainedModel, load_trained, model_path
 from brainmets.io import atomic_write, atomic_write_text
 from brainmets.model.checkpoint import load_checkpoint
 from brainmets.model.pooling import pool_patients
@@ -56,7 +57,7 @@ INPUT = "slices"
 OUTPUT = "slice_logit"
 #: Opset 18 runs on onnxruntime >= 1.14, and so on the onnxruntime of Triton releases since 23.02.
 OPSET = 18
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "triton")
 QUANTIZATIONS = ("none", "int8")
 #: Attention pooling weighs slices by scores computed from the features: it would need a second
 #: output, and is not exported.
@@ -366,7 +367,7 @@ def read_export_sidecar(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def check_signature(session, path: Path, size: int) -> None:
+def check_signature(session, path: Path | str, size: int) -> None:
     """Refuse an ONNX model that is not a slice network for ``size`` x ``size`` slices: one
     float input ``slices`` [batch, 1, size, size] and one float output ``slice_logit`` [batch],
     the batch axis free."""
@@ -422,6 +423,32 @@ def find_export(run: str | Path, onnx: str | Path | None = None) -> Path:
     return path
 
 
+def load_backend(
+    run: str | Path,
+    backend: str = "torch",
+    *,
+    device: str = "auto",
+    compile: bool = False,
+    onnx: str | Path | None = None,
+    url: str | None = None,
+    triton_model: str = "brainmets",
+    grad_cam: bool = False,
+) -> TrainedModel:
+    """The run's model on the chosen backend: PyTorch (``load_trained``), onnxruntime
+    (``load_exported``) or a Triton server (``load_triton``); all three score alike."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not supported; choose one of {BACKENDS}")
+    if compile and backend != "torch":
+        raise ValueError("--compile applies to the torch backend only")
+    if backend == "torch":
+        return load_trained(run, device, compile=compile)
+    if backend == "onnxruntime":
+        return load_exported(run, onnx, device=device, grad_cam=grad_cam)
+    if url is None:
+        raise ValueError("the triton backend needs the server's --url (host:port of its gRPC)")
+    return load_triton(run, url, triton_model, onnx, grad_cam=grad_cam)
+
+
 def load_exported(
     run: str | Path,
     onnx: str | Path | None = None,
@@ -440,27 +467,10 @@ def load_exported(
     own choice, one per physical core); ``optimization``: its graph optimisation level
     (``disable``, ``basic``, ``extended``, ``all``).
     """
-    path = find_export(run, onnx)
-    sidecar = read_export_sidecar(path.parent / rundir.EXPORT_SIDECAR)
-    run = Path(run)
-    model = None
-    run_sidecar = run / rundir.MODEL_SIDECAR
-    if run_sidecar.is_file():
-        run_sha = json.loads(run_sidecar.read_text()).get("weights", {}).get("sha256", "")
-        if run_sha != sidecar["weights"]["sha256"]:
-            raise ValueError(
-                f"{path} was exported from model {sidecar['weights']['sha256'][:12]}, but {run} "
-                f"holds model {run_sha[:12]}: export it again (brainmets export {run})"
-            )
-        if grad_cam:
-            model, _ = load_checkpoint(model_path(run), map_location="cpu")
-    elif grad_cam:
-        raise ValueError(
-            f"{run}: Grad-CAM heatmaps need the run's PyTorch weights ({rundir.MODEL}); an "
-            "export folder alone scores without them"
-        )
-    providers = _providers(device)
-    session = open_session(path, providers=providers, threads=threads, optimization=optimization)
+    path, sidecar, model = _export_of(run, onnx, grad_cam)
+    session = open_session(
+        path, providers=_providers(device), threads=threads, optimization=optimization
+    )
     check_signature(session, path, int(sidecar["preprocess"]["size"]))
     if hashlib.sha256(path.read_bytes()).hexdigest() != sidecar["onnx"]["sha256"]:
         log.warning(
@@ -471,9 +481,109 @@ def load_exported(
         )
     pooling = sidecar["pooling"]
     network = OnnxSliceNetwork(session, pooling["method"], float(pooling["lse_temperature"]))
-    host = torch.device("cpu")  # normalisation on the host; onnxruntime copies to its device
-    scorer = SliceScorer(network, host, sidecar["normalization"], chunk=chunk or 32, amp=False)
+    return _scoring(network, sidecar, model, chunk or 32)
+
+
+def load_triton(
+    run: str | Path,
+    url: str,
+    model_name: str = "brainmets",
+    onnx: str | Path | None = None,
+    *,
+    chunk: int | None = None,
+    grad_cam: bool = False,
+) -> ExportedModel:
+    """Score through a Triton Inference Server serving the run's export as ``model_name``
+    (``brainmets export --triton``): the sidecar is read here, the slices go to the server."""
+    path, sidecar, model = _export_of(run, onnx, grad_cam)
+    network = TritonSliceNetwork(url, model_name, sidecar)
+    return _scoring(network, sidecar, model, chunk or 32)
+
+
+def _export_of(
+    run: str | Path, onnx: str | Path | None, grad_cam: bool
+) -> tuple[Path, dict[str, Any], BrainMetsNet | None]:
+    """The export's ONNX path and sidecar, and the run's network when Grad-CAM needs it."""
+    path = find_export(run, onnx)
+    sidecar = read_export_sidecar(path.parent / rundir.EXPORT_SIDECAR)
+    run = Path(run)
+    run_sidecar = run / rundir.MODEL_SIDECAR
+    if run_sidecar.is_file():
+        run_sha = json.loads(run_sidecar.read_text()).get("weights", {}).get("sha256", "")
+        if run_sha != sidecar["weights"]["sha256"]:
+            raise ValueError(
+                f"{path} was exported from model {sidecar['weights']['sha256'][:12]}, but {run} "
+                f"holds model {run_sha[:12]}: export it again (brainmets export {run})"
+            )
+        if grad_cam:
+            return path, sidecar, load_checkpoint(model_path(run), map_location="cpu")[0]
+    elif grad_cam:
+        raise ValueError(
+            f"{run}: Grad-CAM heatmaps need the run's PyTorch weights ({rundir.MODEL}); an "
+            "export folder alone scores without them"
+        )
+    return path, sidecar, None
+
+
+def _scoring(network, sidecar: dict[str, Any], model, chunk: int) -> ExportedModel:
+    host = torch.device("cpu")  # normalisation on the host; the backend copies to its device
+    scorer = SliceScorer(network, host, sidecar["normalization"], chunk=chunk, amp=False)
     return ExportedModel(model, sidecar, host, scorer)
+
+
+class TritonSliceNetwork(OnnxSliceNetwork):
+    """The slice network on a Triton server (gRPC): one request per chunk of slices."""
+
+    def __init__(self, url: str, model_name: str, sidecar: dict[str, Any]) -> None:
+        grpc = _require("tritonclient.grpc", "the triton backend")  # pip install tritonclient[grpc]
+        pooling = sidecar["pooling"]
+        super().__init__(None, pooling["method"], float(pooling["lse_temperature"]))
+        self._grpc = grpc
+        self.client = grpc.InferenceServerClient(url)
+        self.model_name = model_name
+        where = f"Triton model {model_name!r} at {url}"
+        try:
+            metadata = self.client.get_model_metadata(model_name)
+        except Exception as error:  # InferenceServerException: unreachable, no such model
+            raise ValueError(f"{where}: {error}") from error
+        check_signature(_TritonSignature(metadata), where, int(sidecar["preprocess"]["size"]))
+
+    def slice_outputs(self, x: Tensor) -> tuple[Tensor, None]:
+        slices = x.detach().cpu().numpy()
+        given = self._grpc.InferInput(INPUT, list(slices.shape), "FP32")
+        given.set_data_from_numpy(slices)
+        wanted = [self._grpc.InferRequestedOutput(OUTPUT)]
+        result = self.client.infer(self.model_name, [given], outputs=wanted)
+        logits = result.as_numpy(OUTPUT).reshape(-1).astype(np.float32)
+        return torch.from_numpy(logits), None
+
+
+class _TritonSignature:
+    """Triton's model metadata in the shape of an onnxruntime session's signature."""
+
+    class _Arg(NamedTuple):
+        name: str
+        type: str
+        shape: list
+
+    def __init__(self, metadata) -> None:
+        def args(tensors):
+            return [
+                self._Arg(
+                    t.name,
+                    "tensor(float)" if t.datatype == "FP32" else t.datatype,
+                    [int(d) if d >= 0 else "batch" for d in t.shape],
+                )
+                for t in tensors
+            ]
+
+        self._inputs, self._outputs = args(metadata.inputs), args(metadata.outputs)
+
+    def get_inputs(self):
+        return self._inputs
+
+    def get_outputs(self):
+        return self._outputs
 
 
 def open_session(
@@ -531,7 +641,7 @@ def _providers(device: str) -> list[str]:
 
 def _require(package: str, what: str):
     try:
-        return __import__(package)
+        return importlib.import_module(package)
     except ImportError as error:
         raise ImportError(
             f"{what} needs the {package} package: pip install 'brainmets[onnx]'"

@@ -31,9 +31,9 @@ from brainmets.data.prepare import (
     try_preprocess_patient,
 )
 from brainmets.data.workers import map_jobs
-from brainmets.export import BACKENDS, load_exported
+from brainmets.export import load_backend
 from brainmets.heatmaps import update_heatmap_index, write_heatmaps
-from brainmets.inference import TrainedModel, batch_by_slices, load_trained
+from brainmets.inference import TrainedModel, batch_by_slices
 from brainmets.io import atomic_write_csv
 from brainmets.model.scoring import PatientScore
 
@@ -130,6 +130,8 @@ def predict(
     save_every_s: float = 60.0,
     backend: str = "torch",
     onnx: str | Path | None = None,
+    url: str | None = None,
+    triton_model: str = "brainmets",
 ) -> PredictResult:
     """Predict every patient found in ``inputs``; write ``out_csv`` (atomically) and heatmaps.
 
@@ -138,8 +140,18 @@ def predict(
     GPU). The rows done so far are written every ``save_every_s`` seconds and when the run
     stops early (Ctrl-C, an error); ``resume`` keeps the patients ``out_csv`` already holds
     without an error and predicts the others. ``backend`` ``onnxruntime`` scores with the run's
-    ONNX export (``RUN/export``, or ``onnx``; see ``brainmets.export``)."""
-    trained = _load(run, backend, device=device, compile=compile, onnx=onnx, heatmaps=heatmaps_dir)
+    ONNX export (``RUN/export``, or ``onnx``; see ``brainmets.export``), ``triton`` with the
+    Triton server at ``url`` serving it as ``triton_model``."""
+    trained = load_backend(
+        run,
+        backend,
+        device=device,
+        compile=compile,
+        onnx=onnx,
+        url=url,
+        triton_model=triton_model,
+        grad_cam=heatmaps_dir is not None,
+    )
     out_csv = Path(out_csv)
     # Saves before the end go to a side file: a stopped rerun must not replace a complete
     # table written earlier to the same --out.
@@ -246,16 +258,6 @@ def predict(
                 partial,
             )
     return PredictResult(table, kept=len(kept))
-
-
-def _load(run, backend: str, *, device: str, compile: bool, onnx, heatmaps) -> TrainedModel:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not supported; choose one of {BACKENDS}")
-    if backend == "torch":
-        return load_trained(run, device, compile=compile)
-    if compile:
-        raise ValueError("--compile applies to the torch backend, not to onnxruntime")
-    return load_exported(run, onnx, device=device, grad_cam=heatmaps is not None)
 
 
 def _prediction_table(rows: list[dict]) -> pd.DataFrame:
