@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--run", type=Path, help="a trained run, for the AUC comparison")
     parser.add_argument("--cache", type=Path, help="held-out cache, for the AUC comparison")
     parser.add_argument("--split", default="test", help="patients of this split ('' for all)")
+    parser.add_argument("--no-throughput", dest="throughput", action="store_false",
+                        help="only the AUC comparison of --run on --cache")  # fmt: skip
     parser.add_argument("--json", type=Path, help="add the results to this file (by --arch/size)")
     args = parser.parse_args(argv)
 
@@ -207,22 +209,35 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": args.rounds,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        report.update(throughput(args, Path(tmp)))
+        if args.throughput:
+            report.update(throughput(args, Path(tmp)))
         if args.run and args.cache:
             report["quality"] = quality(args, Path(tmp))
-    for name, row in report["results"].items():
+    for name, row in report.get("results", {}).items():
         ratio = (
             f"  x{row['ratio']:.2f} ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})"
             if "ratio" in row
             else ""
         )
         print(f"{name:45s} {row['slices_per_s']:8.1f} slices/s{ratio}")
-    print("max |slice logit - PyTorch|:", report["max_abs_diff_slice_logit"])
+    if "max_abs_diff_slice_logit" in report:
+        print("max |slice logit - PyTorch|:", report["max_abs_diff_slice_logit"])
     if "quality" in report:
         print(json.dumps(report["quality"], indent=2))
     if args.json:
         existing = json.loads(args.json.read_text()) if args.json.is_file() else {}
-        existing[f"{args.arch}@{args.size}"] = report
+        if args.throughput:
+            existing[f"{args.arch}@{args.size}"] = {
+                k: v for k, v in report.items() if k != "quality"
+            }
+        if "quality" in report:
+            keep = ("date", "device", "versions")
+            existing["int8_quality"] = {
+                **{k: report[k] for k in keep},
+                "run": str(args.run),
+                "cache": str(args.cache),
+                **report["quality"],
+            }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(existing, indent=2) + "\n")
     return report

@@ -120,6 +120,26 @@ def test_predict_rows_are_the_same_with_either_backend(exported, tmp_path):
     assert sorted(heat["patient_id"]) == sorted(plain["patient_id"])
 
 
+def test_an_export_folder_alone_predicts_without_the_run(exported, tmp_path, capsys):
+    """The folder copied to a CPU server is all it needs: the sidecar carries the threshold,
+    calibration and preprocessing check. Heatmaps are the one thing that needs the run."""
+    alone = tmp_path / "copied"
+    shutil.copytree(exported / "run" / "export", alone)
+    cache = str(exported / "cache")
+    assert main(["-q", "predict", str(exported / "run"), cache, "--out",
+                 str(tmp_path / "torch.csv")]) == 0  # fmt: skip
+    assert main(["-q", "predict", str(alone), cache, "--backend", "onnxruntime", "--out",
+                 str(tmp_path / "alone.csv")]) == 0  # fmt: skip
+    plain, served = (pd.read_csv(tmp_path / f"{name}.csv", dtype={"patient_id": str},
+                                 keep_default_na=False) for name in ("torch", "alone"))  # fmt: skip
+    assert np.allclose(served["probability"], plain["probability"], rtol=0, atol=1e-5)
+    assert served["decision"].tolist() == plain["decision"].tolist()
+    assert served["threshold"].tolist() == plain["threshold"].tolist()
+    rc = main(["-q", "predict", str(alone), cache, "--backend", "onnxruntime", "--heatmaps",
+               str(tmp_path / "heat"), "--out", str(tmp_path / "heat.csv")])  # fmt: skip
+    assert rc == 2 and "Grad-CAM heatmaps need the run's PyTorch weights" in capsys.readouterr().err
+
+
 def _graph(inputs, outputs) -> onnx.ModelProto:
     """A small ONNX model: mean of the first input's pixels -> each output's shape."""
     nodes = [helper.make_node("ReduceMean", [inputs[0].name], ["mean"], keepdims=0, axes=[1, 2, 3])]
