@@ -274,15 +274,19 @@ class _TritonStandIn:
     """No Triton server can run here: this stand-in speaks Triton's gRPC protocol (the service
     definition tritonclient ships) and runs the repository's model.onnx with onnxruntime."""
 
-    def __init__(self, model_dir: Path, size: int = SIZE) -> None:
+    def __init__(self, model_dir: Path, size: int = SIZE, max_batch: int | None = None) -> None:
         import onnxruntime
-        from tritonclient.grpc import service_pb2, service_pb2_grpc
+        from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
         session = onnxruntime.InferenceSession(
             str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
         )
         self.batches: list[int] = []
         batches = self.batches
+        config = text_format.Parse(
+            (model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+        )
+        config.max_batch_size = max_batch or config.max_batch_size
         metadata = service_pb2.ModelMetadataResponse
 
         class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -295,6 +299,9 @@ class _TritonStandIn:
                     outputs=[metadata.TensorMetadata(name="slice_logit", datatype="FP32",
                                                      shape=[-1])],
                 )  # fmt: skip
+
+            def ModelConfig(self, request, context):
+                return service_pb2.ModelConfigResponse(config=config)
 
             def ModelInfer(self, request, context):
                 (given,) = request.inputs
@@ -334,10 +341,11 @@ def test_the_triton_backend_scores_as_pytorch_does_over_tritons_protocol(
     Triton's gRPC protocol; what does not: a Triton server loading config.pbtxt."""
     run, cache = str(exported / "run"), str(exported / "cache")
     assert main(["-q", "predict", run, cache, "--out", str(tmp_path / "torch.csv")]) == 0
-    with _TritonStandIn(exported / "triton" / "brainmets") as server:
+    # A server that takes at most 4 slices per request gets chunks of 4 (the last one padded).
+    with _TritonStandIn(exported / "triton" / "brainmets", max_batch=4) as server:
         assert main(["-q", "predict", run, cache, "--backend", "triton", "--url", server.url,
                      "--out", str(tmp_path / "triton.csv")]) == 0  # fmt: skip
-    assert server.batches and max(server.batches) <= 32  # chunks, within max_batch_size
+    assert server.batches and set(server.batches) == {4}
     plain, served = (pd.read_csv(tmp_path / f"{name}.csv", dtype={"patient_id": str},
                                  keep_default_na=False) for name in ("torch", "triton"))  # fmt: skip
     assert np.allclose(served["probability"], plain["probability"], rtol=0, atol=1e-5)

@@ -128,7 +128,7 @@ def export_run(
         )
     sidecar = _sidecar(model, meta, data, quantize, opset, size, max_abs_diff)
 
-    out = Path(out) if out is not None else Path(run) / rundir.EXPORT
+    out = Path(out) if out is not None else weights.parent / rundir.EXPORT
     onnx_path, sidecar_path = _write_export(out, data, sidecar)
     repo_model = None
     if triton is not None:
@@ -497,7 +497,8 @@ def load_triton(
     (``brainmets export --triton``): the sidecar is read here, the slices go to the server."""
     path, sidecar, model = _export_of(run, onnx, grad_cam)
     network = TritonSliceNetwork(url, model_name, sidecar)
-    return _scoring(network, sidecar, model, chunk or 32)
+    # A request larger than the model's max_batch_size is refused by the server.
+    return _scoring(network, sidecar, model, min(chunk or 32, network.max_batch))
 
 
 def _export_of(
@@ -544,9 +545,13 @@ class TritonSliceNetwork(OnnxSliceNetwork):
         where = f"Triton model {model_name!r} at {url}"
         try:
             metadata = self.client.get_model_metadata(model_name)
+            config = self.client.get_model_config(model_name).config
         except Exception as error:  # InferenceServerException: unreachable, no such model
             raise ValueError(f"{where}: {error}") from error
         check_signature(_TritonSignature(metadata), where, int(sidecar["preprocess"]["size"]))
+        if config.max_batch_size < 1:
+            raise ValueError(f"{where}: max_batch_size {config.max_batch_size}, no batching")
+        self.max_batch = int(config.max_batch_size)
 
     def slice_outputs(self, x: Tensor) -> tuple[Tensor, None]:
         slices = x.detach().cpu().numpy()
