@@ -127,7 +127,7 @@ def throughput(args, tmp: Path) -> dict:
     rates["best pytorch"] = [max(r) for r in zip(*(rates[n] for n in torch_names), strict=True)]
     results = {}
     for name in [*candidates, "best pytorch"]:
-        row = {"slices_per_s": median_rate(rates[name]), "rounds": rates[name]}
+        row = {"slices_per_s": median_rate(rates[name]), "rates": rates[name]}
         measured = [r for r in rates[name] if math.isfinite(r)]
         row["min"], row["max"] = (min(measured), max(measured)) if measured else (math.nan,) * 2
         if not name.endswith("pytorch") and not name.startswith("pytorch"):

@@ -186,12 +186,12 @@ def test_onnx_benchmark_times_every_backend_against_pytorch(tmp_path):
                             "onnxruntime opt=all threads=default",
                             "onnxruntime int8 opt=all threads=default"}  # fmt: skip
     for name, row in results.items():
-        assert _finite(row["slices_per_s"]) and len(row["rounds"]) == 3, (name, done.stdout)
+        assert _finite(row["slices_per_s"]) and len(row["rates"]) == 3, (name, done.stdout)
         if name.startswith("onnxruntime"):
             assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"] and row["rounds"] == 3
     # Per round, the reference is the faster PyTorch thread count.
-    assert results["best pytorch"]["rounds"] == [
-        max(pair) for pair in zip(results["pytorch threads=default"]["rounds"],
-                                  results["pytorch threads=1"]["rounds"], strict=True)
+    assert results["best pytorch"]["rates"] == [
+        max(pair) for pair in zip(results["pytorch threads=default"]["rates"],
+                                  results["pytorch threads=1"]["rates"], strict=True)
     ]  # fmt: skip
     assert report["max_abs_diff_slice_logit"]["fp32"] <= 1e-4
