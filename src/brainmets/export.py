@@ -536,7 +536,7 @@ class TritonSliceNetwork(OnnxSliceNetwork):
     """The slice network on a Triton server (gRPC): one request per chunk of slices."""
 
     def __init__(self, url: str, model_name: str, sidecar: dict[str, Any]) -> None:
-        grpc = _require("tritonclient.grpc", "the triton backend")  # pip install tritonclient[grpc]
+        grpc = _require("tritonclient.grpc", "the triton backend", extra="triton")
         pooling = sidecar["pooling"]
         super().__init__(None, pooling["method"], float(pooling["lse_temperature"]))
         self._grpc = grpc
@@ -644,10 +644,10 @@ def _providers(device: str) -> list[str]:
     raise ValueError(f"--device {device}: choose auto, cpu, cuda or cuda:N")
 
 
-def _require(package: str, what: str):
+def _require(package: str, what: str, extra: str = "onnx"):
     try:
         return importlib.import_module(package)
     except ImportError as error:
         raise ImportError(
-            f"{what} needs the {package} package: pip install 'brainmets[onnx]'"
+            f"{what} needs the {package} package: pip install 'brainmets[{extra}]'"
         ) from error

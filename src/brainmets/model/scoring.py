@@ -62,8 +62,8 @@ class SliceScorer:
     """Patient outputs of an eval-mode network from uint8 cache slices.
 
     Args:
-        model: a ``BrainMetsNet`` (or another :class:`SliceNetwork`), already on ``device`` (channels_last on CUDA is the caller's
-            choice; inputs follow the model's format).
+        model: a ``BrainMetsNet`` (or another :class:`SliceNetwork`), already on ``device``
+            (channels_last on CUDA is the caller's choice; inputs follow the model's format).
         normalization: the run's input normalisation (``zscore`` or ``minus_one_to_one``).
         chunk: slices per forward; the last chunk is padded up to it.
         compile: ``torch.compile`` the chunk forward (worth it for many patients on a GPU; the
