@@ -102,6 +102,7 @@ def test_onnxruntime_scores_cached_slices_as_pytorch_does(exported):
     )
 
 
+@pytest.mark.slow  # two predicts and Grad-CAM: ~25 s on two busy cores
 def test_predict_rows_are_the_same_with_either_backend(exported, tmp_path):
     tables = {}
     for backend in ("torch", "onnxruntime"):
