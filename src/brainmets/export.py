@@ -144,6 +144,8 @@ def export_run(
 def _onnx_model(model: BrainMetsNet, size: int, opset: int):
     """The slice network as an ONNX ModelProto with a free batch axis (torch.export based)."""
     _require("onnxscript", "export")  # the exporter's own dependency: name it, not its traceback
+    # The exporter's graph passes log each step at INFO: noise in a command's output.
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
     # Batch 2 as the example: a batch of 1 is a size torch.export may specialise on.
     example = torch.zeros(2, 1, size, size)
     program = torch.onnx.export(
