@@ -238,3 +238,25 @@ def test_selection_transfer_replays_every_rule_on_recorded_runs(tmp_path):
     assert result["auc_then_val_loss"]["epoch"] == 2
     assert result["auc_then_val_loss"]["test_sensitivity"] == 0.5
     assert "| `auc` |" in done.stdout
+
+
+def test_onnx_benchmark_times_every_backend_against_pytorch(tmp_path):
+    out = tmp_path / "onnx.json"
+    done = _run("onnx_throughput.py", "--arch", "resnet18", "--size", "32", "--slices", "4",
+                "--chunk", "2", "--rounds", "3", "--levels", "all", "--threads", "0",
+                "--torch-threads", "0", "1", "--json", str(out))  # fmt: skip
+    report = json.loads(out.read_text())["resnet18@32"]
+    results = report["results"]
+    assert set(results) == {"pytorch threads=default", "pytorch threads=1", "best pytorch",
+                            "onnxruntime opt=all threads=default",
+                            "onnxruntime int8 opt=all threads=default"}  # fmt: skip
+    for name, row in results.items():
+        assert _finite(row["slices_per_s"]) and len(row["rates"]) == 3, (name, done.stdout)
+        if name.startswith("onnxruntime"):
+            assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"] and row["rounds"] == 3
+    # Per round, the reference is the faster PyTorch thread count.
+    assert results["best pytorch"]["rates"] == [
+        max(pair) for pair in zip(results["pytorch threads=default"]["rates"],
+                                  results["pytorch threads=1"]["rates"], strict=True)
+    ]  # fmt: skip
+    assert report["max_abs_diff_slice_logit"]["fp32"] <= 1e-4

@@ -304,6 +304,10 @@ def cmd_predict(args) -> int:
         progress=not args.quiet,
         compile=args.compile,
         resume=args.resume,
+        backend=args.backend,
+        onnx=args.onnx,
+        url=args.url,
+        triton_model=args.triton_model,
     )
     kept = f" ({result.kept} of them kept from the earlier run)" if result.kept else ""
     print(f"{result.predicted} patients predicted{kept}, {result.failed} failed -> {args.out}")
@@ -337,6 +341,27 @@ def cmd_serve(args) -> int:
         device=args.device,
     )
     return serve_forever(args.run, args.store, config)
+
+
+def cmd_export(args) -> int:
+    from brainmets.export import export_run
+
+    result = export_run(
+        args.run,
+        args.out,
+        triton=args.triton,
+        name=args.name,
+        max_batch=args.max_batch,
+        quantize=args.quantize,
+        opset=args.opset,
+    )
+    print(
+        f"exported {result.onnx} + {result.sidecar.name} (largest slice-logit difference from "
+        f"PyTorch on probe slices {result.max_abs_diff:.2g})"
+    )
+    if result.triton:
+        print(f"Triton model repository: {result.triton} (config.pbtxt, 1/model.onnx)")
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -556,6 +581,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the patients --out already holds (predicted without an error) and predict "
         "the others",
     )
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime", "triton"),
+        default="torch",
+        help="score with PyTorch, with onnxruntime from the run's export, or on a Triton "
+        "server serving it (default %(default)s)",
+    )
+    p.add_argument(
+        "--onnx", type=Path, help="the export to score with (default RUN/export, from export)"
+    )
+    p.add_argument("--url", help="triton backend: the server's gRPC host:port, e.g. localhost:8001")
+    p.add_argument(
+        "--triton-model", default="brainmets", help="triton backend: the model's name on the server"
+    )
     _add_allow_failures(p, "inputs failed")
     p.set_defaults(func=cmd_predict)
 
@@ -586,6 +625,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3, help="Grad-CAM captures per study (default 3)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_serve)
+
+    p = command("export", help="the slice network as ONNX + JSON sidecar (onnxruntime, Triton)")
+    p.add_argument("run", type=Path, help="a run folder written by train")
+    p.add_argument("--out", type=Path, help="export folder (default RUN/export)")
+    p.add_argument(
+        "--triton",
+        type=Path,
+        metavar="REPO",
+        help="also write a Triton model repository: REPO/NAME/config.pbtxt, REPO/NAME/1/model.onnx",
+    )
+    p.add_argument("--name", default="brainmets", help="Triton model name (default %(default)s)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=128,
+        help="Triton max_batch_size: most slices per request (default %(default)s)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="dynamic int8 quantisation for CPUs (changes the scores: see README)",
+    )
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default %(default)s)")
+    p.set_defaults(func=cmd_export)
 
     p = command("report", help="(re)write RUN/report.html")
     p.add_argument("run", type=Path, help="a run folder written by train")

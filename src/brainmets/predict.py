@@ -35,8 +35,9 @@ from brainmets.data.prepare import (
 )
 from brainmets.data.workers import map_jobs
 from brainmets.dicom_results import write_dicom_results
+from brainmets.export import load_backend
 from brainmets.heatmaps import update_heatmap_index, write_heatmaps
-from brainmets.inference import TrainedModel, batch_by_slices, load_trained
+from brainmets.inference import TrainedModel, batch_by_slices
 from brainmets.io import atomic_write_csv, exclusive_lock
 from brainmets.model.scoring import PatientScore
 from brainmets.ranking import RankingVerdict
@@ -203,6 +204,10 @@ def predict(
     compile: bool = False,
     resume: bool = False,
     save_every_s: float = 60.0,
+    backend: str = "torch",
+    onnx: str | Path | None = None,
+    url: str | None = None,
+    triton_model: str = "brainmets",
 ) -> PredictResult:
     """Predict every patient found in ``inputs``; write ``out_csv`` (atomically) and heatmaps.
 
@@ -211,8 +216,19 @@ def predict(
     GPU). The rows done so far are written every ``save_every_s`` seconds and when the run
     stops early (Ctrl-C, an error); ``resume`` keeps the patients ``out_csv`` already holds
     without an error and predicts the others. A second process writing the same ``out_csv``
-    is refused (:func:`_one_writer`)."""
-    trained = load_trained(run, device, compile=compile)
+    is refused (:func:`_one_writer`). ``backend`` ``onnxruntime`` scores with the run's ONNX
+    export (``RUN/export``, or ``onnx``; see ``brainmets.export``), ``triton`` with the Triton
+    server at ``url`` serving it as ``triton_model``."""
+    trained = load_backend(
+        run,
+        backend,
+        device=device,
+        compile=compile,
+        onnx=onnx,
+        url=url,
+        triton_model=triton_model,
+        grad_cam=heatmaps_dir is not None,
+    )
     verdict = RankingVerdict.from_sidecar(trained.sidecar)
     if verdict is not None and not verdict.ranks:
         log.warning("%s: %s", run, verdict.warning())

@@ -15,6 +15,7 @@ A run folder is self-contained for inference and review::
     RUN/evaluation/            metrics.json, predictions.csv, plots (``brainmets evaluate``)
     RUN/heatmaps/              Grad-CAM PNGs + heatmaps.csv (``predict --heatmaps``)
     RUN/report.html            the self-contained report
+    RUN/export/                model.onnx + brainmets.json (``brainmets export``)
 
 Every module names these files through here, so a file renamed is renamed once.
 """
@@ -41,10 +42,16 @@ RESUME_STATE = "last_state.pt"
 EVALUATION = "evaluation"
 EVALUATION_METRICS = "metrics.json"
 EVALUATION_PREDICTIONS = "predictions.csv"
+EXPORT = "export"
+EXPORT_ONNX = "model.onnx"
+EXPORT_SIDECAR = "brainmets.json"
 HEATMAPS = "heatmaps"
 HEATMAP_INDEX = "heatmaps.csv"
 REPORT = "report.html"
 PREDICTIONS = "predictions.csv"
+EXPORT = "export"
+EXPORT_ONNX = "model.onnx"
+EXPORT_SIDECAR = "brainmets.json"
 LOCK = ".lock"
 
 RUN_FILES = (LOG, CONFIG, METRICS, MODEL_SIDECAR, EVALUATION)

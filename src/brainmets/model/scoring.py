@@ -9,13 +9,17 @@ pools per patient afterwards. In eval mode every slice is scored independently (
 its running statistics, normalisation is per slice), so the padding changes nothing: the
 patient logits equal those of the plain ``BrainMetsNet.forward`` (a test holds them equal in
 fp32 on the CPU). One chunk shape means one compiled graph and one cuDNN plan per run.
+
+The network is a seam (:class:`SliceNetwork`): ``BrainMetsNet`` under PyTorch, or the exported
+ONNX graph under onnxruntime (``brainmets.export``). Chunking, normalisation and the patient
+pooling stay here, so both backends pool the same slice logits the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Hashable, Iterable, Iterator, Sequence
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -38,12 +42,28 @@ class PatientScore(NamedTuple):
     """Index of the slice that decided the patient (within the patient)."""
 
 
+class SliceNetwork(Protocol):
+    """What the scorer needs of a network: ``BrainMetsNet`` has it, so does an ONNX export."""
+
+    def eval(self) -> SliceNetwork: ...
+
+    def slice_outputs(self, x: Tensor) -> tuple[Tensor, Tensor | None]: ...
+
+    def pool(
+        self,
+        slice_logits: Tensor,
+        patient_index: Tensor,
+        num_patients: int,
+        scores: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]: ...
+
+
 class SliceScorer:
-    """Patient outputs of an eval-mode ``BrainMetsNet`` from uint8 cache slices.
+    """Patient outputs of an eval-mode network from uint8 cache slices.
 
     Args:
-        model: the network, already on ``device`` (channels_last on CUDA is the caller's
-            choice; inputs follow the model's format).
+        model: a ``BrainMetsNet`` (or another :class:`SliceNetwork`), already on ``device``
+            (channels_last on CUDA is the caller's choice; inputs follow the model's format).
         normalization: the run's input normalisation (``zscore`` or ``minus_one_to_one``).
         chunk: slices per forward; the last chunk is padded up to it.
         compile: ``torch.compile`` the chunk forward (worth it for many patients on a GPU; the
@@ -53,7 +73,7 @@ class SliceScorer:
 
     def __init__(
         self,
-        model: BrainMetsNet,
+        model: BrainMetsNet | SliceNetwork,
         device: torch.device,
         normalization: str,
         *,
