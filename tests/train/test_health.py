@@ -93,16 +93,17 @@ def test_a_learning_rate_far_too_high_oscillates_and_collapses(cache_dir, tmp_pa
 
 
 def _frozen_head(monkeypatch, bias: float) -> None:
-    """A head that does not learn: its output bias set to ``bias``, every rate ~0."""
-    build = trainer_module.build_model
+    """A head that does not learn: its output bias set to ``bias``, every rate ~0 (the runs
+    keep the initial BatchNorm statistics, so that the bias alone sets the probabilities)."""
+    build = trainer_module._built_model  # the trainer's seam: the network and its weights' origin
 
-    def with_bias(cfg, **kwargs):
-        model = build(cfg, **kwargs)
+    def with_bias(cfg, pretrained):
+        model, origin = build(cfg, pretrained)
         with torch.no_grad():
             model.head[-1].bias.fill_(bias)
-        return model
+        return model, origin
 
-    monkeypatch.setattr(trainer_module, "build_model", with_bias)
+    monkeypatch.setattr(trainer_module, "_built_model", with_bias)
 
 
 def test_a_frozen_head_below_one_half_is_blind_at_one_half(
@@ -111,7 +112,8 @@ def test_a_frozen_head_below_one_half_is_blind_at_one_half(
     # Every patient near sigmoid(-2) = 0.12: the swept threshold still finds positives (the
     # sensitivity in metrics.csv is not 0), but at 0.5 none is ever detected.
     _frozen_head(monkeypatch, -2.0)
-    cfg = _config(cache_dir, 1e-12, epochs=2, stage_epochs=[0, 5, 5], zero_sensitivity_patience=2)
+    cfg = _config(cache_dir, 1e-12, epochs=2, stage_epochs=[0, 5, 5], zero_sensitivity_patience=2,
+                  bn_calibration_patients=0)  # fmt: skip
     assert _run(cfg, tmp_path / "run", caplog) == {"zero_sensitivity"}
     message = next(
         r.getMessage() for r in caplog.records if "sensitivity has been 0" in r.getMessage()
@@ -125,7 +127,7 @@ def test_a_frozen_head_far_below_collapses_outside_the_sweep(
     cache_dir, tmp_path, caplog, monkeypatch
 ):
     _frozen_head(monkeypatch, -8.0)
-    cfg = _config(cache_dir, 1e-12, epochs=1, stage_epochs=[0, 5, 5])
+    cfg = _config(cache_dir, 1e-12, epochs=1, stage_epochs=[0, 5, 5], bn_calibration_patients=0)
     assert _run(cfg, tmp_path / "run", caplog) == {"collapse", "sweep_edge"}
 
 
