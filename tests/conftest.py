@@ -81,3 +81,14 @@ def head_ct_studies(tmp_path_factory) -> Path:
     cfg = SynthConfig(num_patients=24, matrix=64, slices=(10, 12), seed=5)
     write_synthetic_cohort(root, cfg, progress=False)
     return root / "dicom"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions run faster on one thread than on two contended ones."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
