@@ -58,6 +58,9 @@ def _config(cache: Path, lr: float, **train) -> Config:
                 "lr": {"head": lr, "layer4": lr, "layer3": lr},
                 "log_every": 100,
                 "checkpoint_every": 1000,
+                # The runs keep the initial BatchNorm statistics: the states below were tuned
+                # on that trajectory, and the frozen heads' bias alone sets their probabilities.
+                "bn_calibration_patients": 0,
                 **train,
             },
         }
@@ -93,8 +96,7 @@ def test_a_learning_rate_far_too_high_oscillates_and_collapses(cache_dir, tmp_pa
 
 
 def _frozen_head(monkeypatch, bias: float) -> None:
-    """A head that does not learn: its output bias set to ``bias``, every rate ~0 (the runs
-    keep the initial BatchNorm statistics, so that the bias alone sets the probabilities)."""
+    """A head that does not learn: its output bias set to ``bias``, every rate ~0."""
     build = trainer_module._built_model  # the trainer's seam: the network and its weights' origin
 
     def with_bias(cfg, pretrained):
@@ -112,8 +114,7 @@ def test_a_frozen_head_below_one_half_is_blind_at_one_half(
     # Every patient near sigmoid(-2) = 0.12: the swept threshold still finds positives (the
     # sensitivity in metrics.csv is not 0), but at 0.5 none is ever detected.
     _frozen_head(monkeypatch, -2.0)
-    cfg = _config(cache_dir, 1e-12, epochs=2, stage_epochs=[0, 5, 5], zero_sensitivity_patience=2,
-                  bn_calibration_patients=0)  # fmt: skip
+    cfg = _config(cache_dir, 1e-12, epochs=2, stage_epochs=[0, 5, 5], zero_sensitivity_patience=2)
     assert _run(cfg, tmp_path / "run", caplog) == {"zero_sensitivity"}
     message = next(
         r.getMessage() for r in caplog.records if "sensitivity has been 0" in r.getMessage()
@@ -127,7 +128,7 @@ def test_a_frozen_head_far_below_collapses_outside_the_sweep(
     cache_dir, tmp_path, caplog, monkeypatch
 ):
     _frozen_head(monkeypatch, -8.0)
-    cfg = _config(cache_dir, 1e-12, epochs=1, stage_epochs=[0, 5, 5], bn_calibration_patients=0)
+    cfg = _config(cache_dir, 1e-12, epochs=1, stage_epochs=[0, 5, 5])
     assert _run(cfg, tmp_path / "run", caplog) == {"collapse", "sweep_edge"}
 
 
