@@ -42,7 +42,7 @@ from torch import Tensor, nn
 import brainmets
 from brainmets import rundir
 from brainmets.inference import TrainedModel, load_trained, model_path
-from brainmets.io import atomic_write, atomic_write_text
+from brainmets.io import atomic_write, atomic_write_text, file_sha256
 from brainmets.model.checkpoint import load_checkpoint
 from brainmets.model.pooling import pool_patients
 from brainmets.model.probability import Calibration
@@ -474,7 +474,7 @@ def load_exported(
         path, providers=_providers(device), threads=threads, optimization=optimization
     )
     check_signature(session, path, int(sidecar["preprocess"]["size"]))
-    if hashlib.sha256(path.read_bytes()).hexdigest() != sidecar["onnx"]["sha256"]:
+    if file_sha256(path) != sidecar["onnx"]["sha256"]:
         log.warning(
             "%s is not the file brainmets exported (its checksum differs); its signature fits, "
             "so it scores, as model %s",

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import brainmets
-from brainmets.io import atomic_write, atomic_write_text, safe_reason
+from brainmets.io import atomic_write, atomic_write_text, file_sha256, safe_reason
 from brainmets.model.resnet import BrainMetsNet
 
 # Bump when the sidecar or the state dict keys change incompatibly.
@@ -133,12 +133,12 @@ def load_checkpoint(
         )
     expected = meta.get("weights", {}).get("sha256")
     pending = _pending(weights)
-    if expected is not None and pending.is_file() and _sha256(pending) == expected:
+    if expected is not None and pending.is_file() and file_sha256(pending) == expected:
         # A save stopped between its last two renames: finish it.
         os.replace(pending, weights)
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {weights}")
-    if expected is not None and expected != _sha256(weights):
+    if expected is not None and expected != file_sha256(weights):
         raise ValueError(
             f"{weights}: checksum does not match its sidecar {json_path.name}; the pair was "
             "mixed up or the weights file is damaged"
@@ -170,14 +170,6 @@ def _versions() -> dict[str, str]:
         "torchvision": torchvision.__version__,
         "safetensors": safetensors.__version__,
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

@@ -28,7 +28,6 @@ under ``state_dict`` or ``model``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Mapping
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from brainmets.io import safe_reason
+from brainmets.io import file_sha256, safe_reason
 from brainmets.model.resnet import CONV1_REDUCTIONS, BrainMetsNet
 
 log = logging.getLogger(__name__)
@@ -211,15 +210,6 @@ def load_pretrained_backbone(
     model.load_state_dict(accepted, strict=False)
     log.info("%s", report)
     return report
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks (a ResNet-50 file is ~100 MB)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def adapt_conv1_weight(weight: Tensor, reduce: str = "mean") -> Tensor:
