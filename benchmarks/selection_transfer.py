@@ -14,6 +14,10 @@ so the rules are compared on identical training trajectories.
     # compare the rules on every recorded run: a markdown table and a JSON file
     PYTHONPATH=src python benchmarks/selection_transfer.py analyse --out runs-sel \
         --json benchmarks/results/selection_transfer.json
+    # add runs recorded since to an earlier analysis (its rows for other runs are kept)
+    PYTHONPATH=src python benchmarks/selection_transfer.py analyse --out runs-more \
+        --merge benchmarks/results/selection_transfer.json \
+        --json benchmarks/results/selection_transfer.json
 
 For a rule, "validation" is sensitivity / specificity of the chosen epoch's validation patients
 at the chosen threshold, "held-out" the same on the test patients; the gap is held-out minus
@@ -157,7 +161,7 @@ def _rates(table: pd.DataFrame, threshold: float) -> tuple[float, float]:
     return float(hit[y == 1].mean()), float((~hit[y == 0]).mean())
 
 
-def analyse(out: Path, json_path: Path | None) -> list[dict]:
+def analyse(out: Path, json_path: Path | None, merge: Path | None = None) -> list[dict]:
     rows = []
     for folder in sorted(p for p in out.iterdir() if (p / "info.json").is_file()):
         info = json.loads((folder / "info.json").read_text())
@@ -189,6 +193,10 @@ def analyse(out: Path, json_path: Path | None) -> list[dict]:
                     "train_seconds": info["train_seconds"],
                 }
             )
+    if merge is not None:  # an earlier analysis: its rows for runs not recorded here stay
+        here = {row["run"] for row in rows}
+        earlier = [row for row in json.loads(merge.read_text()) if row["run"] not in here]
+        rows = sorted(earlier + rows, key=lambda row: (row["setting"] != "demo", row["run"]))
     frame = pd.DataFrame(rows)
     print(markdown(frame))
     if json_path is not None:
@@ -246,12 +254,15 @@ def main() -> None:
         "--set", action="append", default=[], help="KEY=VALUE over the demo's configuration"
     )
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--merge", type=Path, default=None, help="an earlier analyse --json to extend"
+    )
     args = parser.parse_args()
     if args.command == "record":
         for seed in args.seeds:
             record(args.out, seed, args.setting, args.epochs, args.patients, args.size, args.set)
     else:
-        analyse(args.out, args.json)
+        analyse(args.out, args.json, args.merge)
     sys.stdout.flush()
 
 

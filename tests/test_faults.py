@@ -581,11 +581,16 @@ def test_workers_end_when_the_parent_is_killed(trained, cohort, tmp_path, comman
     )  # fmt: skip
     workers: set[int] = set()
     try:
+        # predict reads the inputs' headers in one short-lived pool before it starts the
+        # preprocessing pool: wait for two workers seen alive 3 s apart (the steady pool, at
+        # work and blocked on their pipes between patients), not the handover between pools.
         deadline = time.monotonic() + 120
-        while len(_children(parent.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(3)  # the workers at work, blocked on their pipes between patients
-        workers = _children(parent.pid)
+        while time.monotonic() < deadline and parent.poll() is None:
+            seen = _children(parent.pid)
+            time.sleep(3)
+            workers = seen & _children(parent.pid)
+            if len(workers) >= 2:
+                break
         assert len(workers) >= 2 and parent.poll() is None
         parent.send_signal(signal.SIGKILL)
         parent.wait()
