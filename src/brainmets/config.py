@@ -259,9 +259,11 @@ class TrainConfig(_Section):
     compile: bool = Field(False, description="torch.compile the model")
     best_metric: Literal["auc", "auc_then_val_loss", "f1", "val_loss", "separation", "last"] = (
         Field(
-            "auc",
+            "auc_then_val_loss",
             description="rule that picks the epoch of model.safetensors from its validation "
-            "metrics (brainmets.train.selection); its F1 threshold is saved with it",
+            "metrics (brainmets.train.selection): highest AUC, ties to the lowest validation "
+            "loss (auc alone keeps the first epoch to saturate AUC, while the logits and the "
+            "threshold still move); its F1 threshold is saved with it",
         )
     )
     calibration: Literal["platt", "none"] = Field(
