@@ -339,6 +339,10 @@ def cmd_serve(args) -> int:
         forward=Destination.parse(args.forward) if args.forward else None,
         top_k=args.top_k,
         device=args.device,
+        backend=args.backend,
+        onnx=args.onnx,
+        url=args.url,
+        triton_model=args.triton_model,
     )
     return serve_forever(args.run, args.store, config)
 
@@ -397,6 +401,23 @@ def _add_allow_failures(p: argparse.ArgumentParser, what: str) -> None:
         "--allow-failures",
         action="store_true",
         help=f"exit 0 even when some {what} (they are still listed)",
+    )
+
+
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime", "triton"),
+        default="torch",
+        help="score with PyTorch, with onnxruntime from the run's export, or on a Triton "
+        "server serving it (default %(default)s)",
+    )
+    p.add_argument(
+        "--onnx", type=Path, help="the export to score with (default RUN/export, from export)"
+    )
+    p.add_argument("--url", help="triton backend: the server's gRPC host:port, e.g. localhost:8001")
+    p.add_argument(
+        "--triton-model", default="brainmets", help="triton backend: the model's name on the server"
     )
 
 
@@ -581,20 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the patients --out already holds (predicted without an error) and predict "
         "the others",
     )
-    p.add_argument(
-        "--backend",
-        choices=("torch", "onnxruntime", "triton"),
-        default="torch",
-        help="score with PyTorch, with onnxruntime from the run's export, or on a Triton "
-        "server serving it (default %(default)s)",
-    )
-    p.add_argument(
-        "--onnx", type=Path, help="the export to score with (default RUN/export, from export)"
-    )
-    p.add_argument("--url", help="triton backend: the server's gRPC host:port, e.g. localhost:8001")
-    p.add_argument(
-        "--triton-model", default="brainmets", help="triton backend: the model's name on the server"
-    )
+    _add_backend(p)
     _add_allow_failures(p, "inputs failed")
     p.set_defaults(func=cmd_predict)
 
@@ -624,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top-k", type=int, default=3, help="Grad-CAM captures per study (default 3)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _add_backend(p)
     p.set_defaults(func=cmd_serve)
 
     p = command("export", help="the slice network as ONNX + JSON sidecar (onnxruntime, Triton)")

@@ -201,3 +201,37 @@ def test_status_prints_the_record(node, capsys):
     assert main(["-q", "serve", "--status", str(node.store)]) == 0
     out = capsys.readouterr().out
     assert "state" in out and "probability" in out
+
+
+@pytest.mark.slow  # a second serve process, an export and Grad-CAM: ~40 s on two busy cores
+def test_serve_scores_with_onnxruntime_as_predict_does_with_pytorch(
+    peers, tiny_run, head_ct_studies, tmp_path
+):
+    pytest.importorskip("onnxruntime")
+    from brainmets.export import export_run
+
+    export = export_run(tiny_run, tmp_path / "export").onnx.parent
+    # A study whose headers carry a name and a birth date: neither may reach the log.
+    files = ct_series_files(head_ct_studies / "SYN0006")
+    study = tmp_path / "study"
+
+    def identified(ds, i):
+        ds.PatientName, ds.PatientBirthDate = "Doe^Jane", "19470312"
+
+    _copy_as(files, study, edit=identified)
+    store = tmp_path / "store"
+    serve = ServeProcess(tiny_run, store, "--backend", "onnxruntime", "--onnx", str(export))
+    serve.start()
+    try:
+        storescu(serve.port, study)
+        wait_for(lambda: set(status_rows(store)["state"]) == {"done"}, 90, "the study scored")
+    finally:
+        serve.stop()
+    row = status_rows(store).iloc[0]
+    expected = predict(tiny_run, [study], out_csv=tmp_path / "p.csv", progress=False, workers=1)
+    expected = expected.table.iloc[0]
+    assert row["probability"] == pytest.approx(expected["probability"], abs=1e-5)
+    assert row["decision"] == expected["decision"] and row["model"] == expected["model"]
+    log = serve.log_text()
+    assert "on onnxruntime" in log
+    assert "Doe" not in log and "19470312" not in log

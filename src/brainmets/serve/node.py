@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from brainmets.inference import TrainedModel, load_trained
+from brainmets.export import load_backend
+from brainmets.inference import TrainedModel
 from brainmets.predict import predict_study
 from brainmets.serve import DEFAULT_STABLE_SECONDS
 from brainmets.serve.forward import Destination, SendError, backoff, send_files
@@ -39,6 +40,12 @@ class NodeConfig:
     top_k: int = 3
     poll_seconds: float = 0.5
     device: str = "auto"
+    # Scoring backend, as predict's --backend: torch, onnxruntime (the run's export, or
+    # ``onnx``) or triton (the server at ``url``). Grad-CAM captures stay in PyTorch.
+    backend: str = "torch"
+    onnx: Path | None = None
+    url: str | None = None
+    triton_model: str = "brainmets"
 
 
 def _short(uid: str) -> str:
@@ -63,7 +70,15 @@ class Node:
     def start(self) -> int:
         cfg = self.config
         # The model first: a run that cannot load must fail before anything is acknowledged.
-        self.trained = load_trained(self.run, cfg.device)
+        self.trained = load_backend(
+            self.run,
+            cfg.backend,
+            device=cfg.device,
+            onnx=cfg.onnx,
+            url=cfg.url,
+            triton_model=cfg.triton_model,
+            grad_cam=cfg.top_k > 0,
+        )
         self.store.mkdir(parents=True, exist_ok=True)
         self.record = Record(self.store)
         spool = Spool(self.store)
@@ -81,11 +96,12 @@ class Node:
         if cfg.forward is not None:
             self._spawn("brainmets-forward", self._forward_loop)
         log.info(
-            "serve: %s listening on %s:%d (model %s, stable after %gs%s)",
+            "serve: %s listening on %s:%d (model %s on %s, stable after %gs%s)",
             cfg.ae_title,
             cfg.host,
             self.port,
             self.trained.model_id,
+            cfg.backend,
             cfg.stable_seconds,
             f", forwarding to {cfg.forward}" if cfg.forward else "",
         )
