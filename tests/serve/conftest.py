@@ -92,10 +92,16 @@ class Orthanc:
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.process: subprocess.Popen | None = None
+        # Where the "brainmets" modality listens, and Lua scripts: set before start().
+        self.serve_port = 104
+        self.lua_scripts: list[Path] = []
+        self.config = root / "orthanc.json"
+
+    def _write_config(self) -> None:
         config = {
             "Name": "brainmets-test-pacs",
-            "StorageDirectory": str(root / "storage"),
-            "IndexDirectory": str(root / "index"),
+            "StorageDirectory": str(self.root / "storage"),
+            "IndexDirectory": str(self.root / "index"),
             "HttpPort": self.http_port,
             "DicomPort": self.dicom_port,
             "DicomAet": ORTHANC_AE,
@@ -106,9 +112,9 @@ class Orthanc:
             "DicomAlwaysAllowEcho": True,
             "SaveJobs": False,
             "Plugins": [],
-            "DicomModalities": {"brainmets": [SERVE_AE, "127.0.0.1", 104]},
+            "DicomModalities": {"brainmets": [SERVE_AE, "127.0.0.1", self.serve_port]},
+            "LuaScripts": [str(path) for path in self.lua_scripts],
         }
-        self.config = root / "orthanc.json"
         self.config.write_text(json.dumps(config))
 
     @property
@@ -120,6 +126,7 @@ class Orthanc:
         return f"{ORTHANC_AE}@127.0.0.1:{self.dicom_port}"
 
     def start(self) -> None:
+        self._write_config()
         log = (self.root / "orthanc.log").open("ab")
         self.process = subprocess.Popen(
             [dcmtk("Orthanc"), str(self.config)], stdout=log, stderr=subprocess.STDOUT

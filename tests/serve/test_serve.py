@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -15,6 +17,8 @@ from pydicom.uid import generate_uid
 from brainmets.predict import predict
 
 from .conftest import (
+    ORTHANC_AE,
+    Orthanc,
     ServeProcess,
     ct_series_files,
     dcmtk,
@@ -24,6 +28,7 @@ from .conftest import (
 )
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+ROUTING_LUA = Path(__file__).resolve().parents[2] / "docs" / "orthanc" / "route-ct-to-brainmets.lua"
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +240,41 @@ def test_serve_scores_with_onnxruntime_as_predict_does_with_pytorch(
     log = serve.log_text()
     assert "on onnxruntime" in log
     assert "Doe" not in log and "19470312" not in log
+
+
+@pytest.mark.slow  # its own Orthanc and serve: ~30 s
+def test_orthanc_routes_ct_to_serve_with_the_documented_lua_and_keeps_the_results(
+    peers, tiny_run, head_ct_studies, tmp_path
+):
+    """The deployment the README describes: a modality sends to Orthanc, the Lua script in
+    docs/orthanc routes the CT to serve, serve sends its results back to Orthanc; the results
+    are not routed again."""
+    pacs = Orthanc(tmp_path / "orthanc")
+    store = tmp_path / "store"
+    serve = ServeProcess(tiny_run, store, "--forward", pacs.destination, "--allow", ORTHANC_AE)
+    pacs.serve_port, pacs.lua_scripts = serve.port, [ROUTING_LUA]
+    study = head_ct_studies / "SYN0007"
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in study.rglob("*.dcm")]
+    study_uid = headers[0].StudyInstanceUID
+    serve.start()
+    pacs.start()
+    try:
+        storescu(pacs.dicom_port, study)  # the scanner sends to PACS only
+        wait_for(
+            lambda: (
+                sorted(_results_in(pacs, study_uid)) == ["CT", "OT", "SR"]
+                and set(status_rows(store)["state"]) == {"sent"}
+            ),
+            90,
+            "the results back in Orthanc",
+        )
+        time.sleep(2)  # time for a wrongly routed result to reach serve
+        records = status_rows(store)
+        log = serve.log_text()
+    finally:
+        serve.stop()
+        pacs.stop()
+    assert len(records) == 1 and records.iloc[0]["study_uid"] == study_uid
+    # Every CT instance of the study (the localizer too) was routed, and nothing else.
+    assert records.iloc[0]["instances"] == sum(ds.Modality == "CT" for ds in headers)
+    assert "refused" not in log  # no SR or capture came back to serve
