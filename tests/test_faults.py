@@ -396,11 +396,13 @@ def test_predict_refuses_an_unwritable_out_before_any_work(trained, tmp_path, ca
     assert str(folder) in line and ("read-only" in line or "permission denied" in line)
 
 
-@pytest.mark.parametrize("command", ["prepare", "evaluate", "predict --heatmaps"])
+@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "predict --heatmaps"])
 def test_a_read_only_output_folder_is_one_line(trained, cohort, tmp_path, capsys, command):
     run, cache = trained
     with read_only_folder(tmp_path / "ro") as folder:
-        if command == "prepare":
+        if command == "train":
+            argv = ["train", "--data", str(cache), "--out", str(folder / "run"), *TINY_TRAIN]
+        elif command == "prepare":
             argv = ["prepare", "--labels", str(cohort / "labels.csv"), "--index",
                     str(run.parent / "index"), "--out", str(folder / "cache"), *TINY]  # fmt: skip
         elif command == "evaluate":
@@ -497,6 +499,35 @@ def test_prepare_warns_early_when_the_cache_will_not_fit(cohort, tmp_path, caplo
     assert rc == 1 and 0 < len(errors) < 6
     [warning] = [r.getMessage() for r in caplog.records if "GB more are needed" in r.getMessage()]
     assert warning.startswith(f"{disk / 'cache'}: about") and "for 5 more patients" in warning
+
+
+def test_evaluate_on_a_full_disk_is_one_line(trained, tmp_path, capsys):
+    run, cache = trained
+    with tmpfs(tmp_path / "disk", "40k") as disk:
+        rc = main(["-q", "evaluate", str(run), "--data", str(cache), "--out", str(disk / "ev")])
+        line = error_line(capsys.readouterr().err)
+        assert not list(disk.rglob("*.tmp"))
+    assert rc == 1 and str(disk / "ev") in line and "no space left" in line
+
+
+def test_predict_heatmaps_on_a_full_disk_keep_the_patients_done(trained, tmp_path, capsys):
+    """Room for the heatmaps of one or two patients of six: the patients whose heatmaps were
+    written are kept for --resume, with their heatmaps listed; the line says how to go on."""
+    run, cache = trained
+    out = tmp_path / "p.csv"
+    with tmpfs(tmp_path / "disk", "100k") as disk:
+        heat = disk / "heat"
+        rc = main(["-q", "predict", str(run), str(cache), "--out", str(out), "--heatmaps",
+                   str(heat)])  # fmt: skip
+        line = error_line(capsys.readouterr().err)
+        index = pd.read_csv(heat / "heatmaps.csv", dtype={"patient_id": str})
+        drawn = {path.name for path in heat.glob("*.png")}
+    assert rc == 1 and str(heat) in line and "no space left" in line and "--resume" in line
+    assert not out.exists()
+    done = pd.read_csv(out.with_name("p.csv.partial"), dtype={"patient_id": str})
+    assert 1 <= len(done) < 6 and (done["error"].isna()).all()
+    assert set(index["patient_id"]) == set(done["patient_id"])
+    assert {Path(f).name for f in index["file"]} <= drawn
 
 
 def _index(cohort: Path, tmp_path: Path) -> Path:
