@@ -250,6 +250,44 @@ def test_a_second_predict_to_one_table_is_refused_until_the_first_dies(
     assert len(read_predictions(out)) == 6
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["train", "predict"])
+def test_a_real_second_run_is_refused_while_the_first_runs(trained, cohort, tmp_path, capsys,
+                                                            command):  # fmt: skip
+    """Two real processes, not a stand-in: the first runs (long enough), the second is refused
+    naming the first's PID, and the first goes on undisturbed."""
+    run, cache = trained
+    if command == "train":
+        target = tmp_path / "run"
+        lock = target / ".lock"
+        argv = ["train", "--data", str(cache), "--out", str(target), *TINY,
+                "--set", "train.epochs=200", "--allow-chance"]  # fmt: skip
+    else:
+        target = tmp_path / "p.csv"
+        lock = tmp_path / ".p.csv.lock"
+        (tmp_path / "in").mkdir()
+        inputs = [str(copy_tree(f, tmp_path / "in" / f"P{i:03d}"))
+                  for i, f in enumerate(patient_folders(cohort) * 10)]  # fmt: skip
+        argv = ["predict", str(run), *inputs, "--out", str(target)]
+    first = subprocess.Popen([sys.executable, "-m", "brainmets", "-q", *argv],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and first.poll() is None:
+            if lock.is_file() and lock.read_text().strip() == str(first.pid):
+                break
+            time.sleep(0.2)
+        assert first.poll() is None, first.stderr.read()
+        rc = main(["-q", *argv])
+        line = error_line(capsys.readouterr().err)
+        assert rc == 2 and f"PID {first.pid}" in line and str(target) in line
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+        first.stderr.close()
+
+
 # --------------------------------------------------------------------------- 4. lost rows
 
 
