@@ -222,7 +222,7 @@ class TrainConfig(_Section):
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant",
         description="after the warm-up: constant (specified) or a cosine decay to 0 at the "
-        "last epoch, so that the weights settle before the epoch and threshold are chosen",
+        "last epoch, so that the weights settle; pair cosine with best_metric: last",
     )
     # With pos_fraction 0.4 a batch of 10 holds 4 positives and 6 negatives: the specified 1:1.5.
     batch_patients: int = Field(
