@@ -86,4 +86,18 @@ def environment_info(device: Any, world_size: int) -> dict[str, Any]:
         else [],
         "world_size": world_size,
         "cpu_threads": torch.get_num_threads(),
+        # The CPU kernels' instruction set (AVX2, AVX512, ...): runs on CPUs of another one
+        # round differently, and a long run at a high learning rate may end elsewhere.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": _cpu_model(),
     }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

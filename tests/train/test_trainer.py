@@ -108,6 +108,8 @@ def test_run_directory_is_complete(full_run):
     assert "preprocess settings of the config differ" in (run / "train.log").read_text()
     env = json.loads((run / "environment.json").read_text())
     assert socket.gethostname() not in json.dumps(env)
+    # The CPU's kernel instruction set: runs on another one may end elsewhere.
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def _assert_same_run(expected: Path, got: Path) -> None:
