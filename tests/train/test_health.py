@@ -81,7 +81,9 @@ def _run(cfg: Config, run: Path, caplog) -> set[str]:
 
 @pytest.mark.slow
 def test_a_healthy_run_stays_silent(cache_dir, tmp_path, caplog):
-    assert _run(_config(cache_dir, 1e-3, epochs=6), tmp_path / "run", caplog) == set()
+    # 3e-4: the validation loss falls steadily (0.69 -> 0.32 over 6 epochs). At 1e-3 it already
+    # swings on some CPUs and thread counts (0.53, 0.67, 0.91, 0.25): on the warning's edge.
+    assert _run(_config(cache_dir, 3e-4, epochs=6), tmp_path / "run", caplog) == set()
 
 
 @pytest.mark.slow
