@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -366,3 +367,42 @@ def test_the_triton_backend_scores_as_pytorch_does_over_tritons_protocol(
     assert f"Triton model 'brainmets' at {server.url}: not the slice network" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    ("missing", "argv"),
+    [
+        ("onnx", ["export", "{run}"]),
+        (
+            "onnxruntime",
+            ["predict", "{run}", "{cache}", "--out", "{out}", "--backend", "onnxruntime"],
+        ),  # fmt: skip
+        (
+            "tritonclient",
+            [
+                "predict",
+                "{run}",
+                "{cache}",
+                "--out",
+                "{out}",
+                "--backend",
+                "triton",
+                "--url",
+                "localhost:8001",
+            ],
+        ),  # fmt: skip
+    ],
+)
+def test_a_missing_optional_package_is_one_line_naming_the_extra(
+    exported, tmp_path, capsys, monkeypatch, missing, argv
+):
+    for name in list(sys.modules):  # as if the extra were not installed: importing it fails
+        if name == missing or name.startswith(missing + "."):
+            monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, missing, None)
+    paths = {"run": exported / "run", "cache": exported / "cache", "out": tmp_path / "p.csv"}
+    rc = main(["-q", *(a.format(**paths) for a in argv)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    extra = "triton" if missing == "tritonclient" else "onnx"
+    assert f"pip install 'brainmets[{extra}]'" in err.strip().splitlines()[-1]

@@ -692,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     from brainmets.config import ConfigError
     from brainmets.data.cache import CacheError
-    from brainmets.io import InUseError, os_error_line
+    from brainmets.io import InUseError, MissingPackageError, os_error_line
 
     try:
         return args.func(args)
@@ -704,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         NotADirectoryError,
         ValueError,
         InUseError,
+        MissingPackageError,
     ) as err:
         # Bad input from the user: one clear line (the traceback only with --verbose).
         if args.verbose:

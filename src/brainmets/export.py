@@ -42,7 +42,7 @@ from torch import Tensor, nn
 import brainmets
 from brainmets import rundir
 from brainmets.inference import TrainedModel, load_trained, model_path
-from brainmets.io import atomic_write, atomic_write_text, file_sha256
+from brainmets.io import MissingPackageError, atomic_write, atomic_write_text, file_sha256
 from brainmets.model.checkpoint import load_checkpoint
 from brainmets.model.pooling import pool_patients
 from brainmets.model.probability import Calibration
@@ -650,6 +650,6 @@ def _require(package: str, what: str, extra: str = "onnx"):
     try:
         return importlib.import_module(package)
     except ImportError as error:
-        raise ImportError(
+        raise MissingPackageError(
             f"{what} needs the {package} package: pip install 'brainmets[{extra}]'"
         ) from error

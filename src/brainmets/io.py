@@ -109,6 +109,11 @@ class InUseError(RuntimeError):
     """A run folder or an output file that another process holds (:func:`exclusive_lock`)."""
 
 
+class MissingPackageError(ImportError):
+    """An optional dependency a command needs is not installed; the message names the extra
+    that installs it (``pip install 'brainmets[onnx]'``)."""
+
+
 @contextlib.contextmanager
 def exclusive_lock(lock_path: str | Path, what: str) -> Iterator[Path]:
     """Hold an advisory lock on ``lock_path`` (``what`` names the thing it guards) meanwhile.
