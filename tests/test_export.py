@@ -372,36 +372,19 @@ def test_the_triton_backend_scores_as_pytorch_does_over_tritons_protocol(
 @pytest.mark.parametrize(
     ("missing", "argv"),
     [
-        ("onnx", ["export", "{run}"]),
-        (
-            "onnxruntime",
-            ["predict", "{run}", "{cache}", "--out", "{out}", "--backend", "onnxruntime"],
-        ),  # fmt: skip
-        (
-            "tritonclient",
-            [
-                "predict",
-                "{run}",
-                "{cache}",
-                "--out",
-                "{out}",
-                "--backend",
-                "triton",
-                "--url",
-                "localhost:8001",
-            ],
-        ),  # fmt: skip
+        ("onnx", "export {run}"),
+        ("onnxruntime", "predict {run} {cache} --out {out} --backend onnxruntime"),
+        ("tritonclient", "predict {run} {cache} --out {out} --backend triton --url localhost:8001"),
     ],
 )
 def test_a_missing_optional_package_is_one_line_naming_the_extra(
     exported, tmp_path, capsys, monkeypatch, missing, argv
 ):
-    for name in list(sys.modules):  # as if the extra were not installed: importing it fails
-        if name == missing or name.startswith(missing + "."):
-            monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.setitem(sys.modules, missing, None)
+    # As if the extra were not installed: importing it, or any of its modules, fails.
+    for name in [missing, *(n for n in sys.modules if n.startswith(missing + "."))]:
+        monkeypatch.setitem(sys.modules, name, None)
     paths = {"run": exported / "run", "cache": exported / "cache", "out": tmp_path / "p.csv"}
-    rc = main(["-q", *(a.format(**paths) for a in argv)])
+    rc = main(["-q", *(a.format(**paths) for a in argv.split())])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     extra = "triton" if missing == "tritonclient" else "onnx"
