@@ -102,6 +102,18 @@ def copy_tree(src: Path, dst: Path) -> Path:
     return dst
 
 
+def copy_patient(src: Path, dst: Path) -> Path:
+    """A copy of a patient's folder as another patient: PatientID is the folder's name (a
+    plain copy would be the same patient, which predict reads once)."""
+    for path in dicom_files(src):
+        ds = pydicom.dcmread(path)
+        ds.PatientID = dst.name
+        target = dst / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(target)
+    return dst
+
+
 def error_line(err: str) -> str:
     """The CLI's one line for the fault; no traceback around it."""
     assert "Traceback" not in err, err
@@ -632,7 +644,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("command", ["prepare", "predict"])
 def test_workers_end_when_the_parent_is_killed(trained, cohort, tmp_path, command):
     run, _ = trained
-    # Many patients (the six folders, each under many ids) keep the workers busy for minutes;
+    # Many patients (the six folders, each under many ids) keep the workers busy for a while;
     # predict starts one per core (two or more here: the test needs two cores).
     folders = patient_folders(cohort)
     if command == "prepare":
@@ -642,7 +654,7 @@ def test_workers_end_when_the_parent_is_killed(trained, cohort, tmp_path, comman
         argv = ["prepare", "--labels", str(labels), "--out", str(tmp_path / "cache"),
                 "--workers", "2"]  # fmt: skip
     else:
-        inputs = [str(copy_tree(folders[i % 6], tmp_path / f"P{i:04d}")) for i in range(60)]
+        inputs = [str(copy_patient(folders[i % 6], tmp_path / f"P{i:04d}")) for i in range(240)]
         argv = ["predict", str(run), *inputs, "--out", str(tmp_path / "p.csv")]
     parent = subprocess.Popen(
         [sys.executable, "-m", "brainmets", "-q", *argv],
