@@ -278,7 +278,7 @@ def test_a_real_second_run_is_refused_while_the_first_runs(trained, cohort, tmp_
         target = tmp_path / "p.csv"
         lock = tmp_path / ".p.csv.lock"
         (tmp_path / "in").mkdir()
-        inputs = [str(copy_tree(f, tmp_path / "in" / f"P{i:03d}"))
+        inputs = [str(copy_patient(f, tmp_path / "in" / f"P{i:03d}"))
                   for i, f in enumerate(patient_folders(cohort) * 10)]  # fmt: skip
         argv = ["predict", str(run), *inputs, "--out", str(target)]
     first = subprocess.Popen([sys.executable, "-m", "brainmets", "-q", *argv],
