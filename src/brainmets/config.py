@@ -275,8 +275,8 @@ class TrainConfig(_Section):
     zero_sensitivity_patience: int = Field(
         3,
         ge=1,
-        description="warn after this many epochs with validation sensitivity 0 at the "
-        "operating threshold or at 0.5",
+        description="warn after this many epochs in a row with validation sensitivity 0 at "
+        "the operating threshold, or at 0.5 (and again every as many epochs while it lasts)",
     )
     oscillation_window: int = Field(
         6, ge=3, description="epochs of validation loss the oscillation warning looks at"

@@ -162,6 +162,20 @@ def test_zero_sensitivity_needs_every_epoch_of_the_patience_blind():
     assert zero_sensitivity([half_blind, half_blind, blind], 3) is not None
     assert zero_sensitivity([blind, seeing, blind], 3) is None
     assert zero_sensitivity([blind, blind], 3) is None
+    # Blind at one threshold, then at the other: no threshold was blind for 3 epochs.
+    op_blind = {**blind, "sensitivity_at_half": 0.5}
+    assert zero_sensitivity([op_blind, half_blind, op_blind], 3) is None
+
+
+def test_zero_sensitivity_names_the_blind_threshold_once_per_patience():
+    half_blind = {"sensitivity_at_operating": 0.94, "sensitivity_at_half": 0.0,
+                  "operating_threshold": 0.24}  # fmt: skip
+    said = [zero_sensitivity([half_blind] * n, 3) for n in range(1, 8)]
+    assert [text is not None for text in said] == [False, False, True, False, False, True, False]
+    assert "at 0.5 for 3 epochs" in said[2] and "for 6 epochs" in said[5]
+    # The operating threshold still finds positives, and the line says so rather than "blind".
+    assert "operating threshold 0.24 it is 0.94" in said[2]
+    assert "operating threshold 0.24 for" not in said[2]
 
 
 def test_sweep_edge_only_when_no_probability_is_inside_the_sweep():

@@ -5,8 +5,9 @@ Each warning names the state and what to change. The signals:
 - **collapse**: every validation probability is below 0.05, the model calls everyone
   negative.
 - **sensitivity 0**: no validation positive reaches the operating threshold (the one
-  ``model.safetensors`` would be used with) or 0.5, for ``train.zero_sensitivity_patience``
-  epochs in a row. The F1 threshold is swept again every epoch, so the sensitivity in
+  ``model.safetensors`` would be used with), or none reaches 0.5, for
+  ``train.zero_sensitivity_patience`` epochs in a row (said then, and again every as many
+  epochs while it lasts). The F1 threshold is swept again every epoch, so the sensitivity in
   ``metrics.csv`` is 0 only when every positive lies below 0.05; the fixed thresholds are where
   a model that does not separate the classes shows it.
 - **oscillation** of the validation loss: over the last ``train.oscillation_window`` (k)
@@ -79,24 +80,46 @@ def sweep_edge(probs: np.ndarray, threshold: float) -> str | None:
     return None
 
 
+def _blind_streak(history: Sequence[Mapping[str, Any]], key: str) -> int:
+    """Epochs in a row, up to the last, with sensitivity 0 under ``key``."""
+    streak = 0
+    for row in reversed(history):
+        if row.get(key) != 0.0:
+            break
+        streak += 1
+    return streak
+
+
 def zero_sensitivity(history: Sequence[Mapping[str, Any]], patience: int) -> str | None:
-    """Whether the last ``patience`` rows all have sensitivity 0 at the operating threshold
-    or at 0.5 (the row keys ``sensitivity_at_operating`` and ``sensitivity_at_half``)."""
-    recent = history[-patience:]
-    if len(recent) < patience:
-        return None
-    blind = [
-        [name for name in ("operating", "half") if row.get(f"sensitivity_at_{name}") == 0.0]
-        for row in recent
-    ]
-    if not all(blind):
+    """Whether the last ``patience`` rows all have sensitivity 0 at the operating threshold,
+    or all at 0.5 (the row keys ``sensitivity_at_operating`` and ``sensitivity_at_half``).
+
+    Said when a streak reaches ``patience`` epochs and again every ``patience`` epochs while it
+    lasts: the first epochs of a model trained from random weights often sit below 0.5 for a
+    while, and one line then says it, not one line per epoch.
+    """
+    if not history:
         return None
     last = history[-1]
+    thresholds = {
+        "operating": f"the operating threshold {last['operating_threshold']:.2f}",
+        "half": "0.5",
+    }
+    streaks = {name: _blind_streak(history, f"sensitivity_at_{name}") for name in thresholds}
+    blind = [name for name, streak in streaks.items() if streak >= patience]
+    if not blind or not any(streaks[name] % patience == 0 for name in blind):
+        return None
+    where = " and ".join(f"{thresholds[name]} for {streaks[name]} epochs" for name in blind)
+    seeing = [
+        f"at {thresholds[name]} it is {last[f'sensitivity_at_{name}']:.2f}"
+        for name in thresholds
+        if name not in blind
+    ]
     return (
-        f"validation sensitivity has been 0 for {patience} epochs at the operating threshold "
-        f"{last['operating_threshold']:.2f} (now {last['sensitivity_at_operating']:.2f}) or at "
-        f"0.5 (now {last['sensitivity_at_half']:.2f}): no positive patient is detected there; "
-        f"{ZERO_SENSITIVITY_REMEDY}"
+        f"validation sensitivity has been 0 at {where}: no validation positive reaches "
+        + ("either" if len(blind) > 1 else "it")
+        + (f" ({seeing[0]})" if seeing else "")
+        + f"; {ZERO_SENSITIVITY_REMEDY}"
     )
 
 
