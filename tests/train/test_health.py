@@ -16,6 +16,7 @@ from brainmets.train import trainer as trainer_module
 from brainmets.train.health import (
     batch_mix_warning,
     oscillation,
+    oscillation_news,
     sweep_edge,
     zero_sensitivity,
 )
@@ -151,6 +152,19 @@ def test_a_frozen_head_far_below_collapses_outside_the_sweep(
 )
 def test_oscillation_definition(losses, warns):
     assert (oscillation(losses, window=6, spread=0.2) is not None) is warns
+
+
+def test_an_oscillation_is_said_when_it_begins_and_again_after_a_window():
+    swinging = [0.6, 0.9] * 8
+    assert all(oscillation(swinging[:n], 6, 0.2) for n in range(6, 17))  # every epoch from 6
+    said = [n for n in range(1, 17) if oscillation_news(swinging[:n], 6, 0.2)]
+    assert said == [6, 12]
+    # Falling epochs end the streak (the windows still reaching back to the swing say nothing
+    # new); a new swing is news again.
+    falling = [0.5, 0.49, 0.48, 0.47, 0.46, 0.45, 0.44]
+    losses = [0.6, 0.9] * 3 + falling + [0.9, 0.4] * 3
+    said = [n for n in range(1, len(losses) + 1) if oscillation_news(losses[:n], 6, 0.2)]
+    assert said == [6, 15]
 
 
 def test_zero_sensitivity_needs_every_epoch_of_the_patience_blind():

@@ -15,7 +15,8 @@ Each warning names the state and what to change. The signals:
   sum of its epoch-to-epoch changes) is at least 3 times its net change from the first to the
   last of them, and its range is at least ``train.oscillation_spread`` times its median. A
   healthy run's validation loss mostly falls (path close to the net change), or wanders within
-  a few percent; one that goes up and down by large amounts is not converging.
+  a few percent; one that goes up and down by large amounts is not converging. Said when it
+  begins and again every ``train.oscillation_window`` epochs while it lasts.
 - **sweep edge**: no validation probability lies inside the specified 0.05-0.95 sweep, so every
   threshold of it makes the same calls and the chosen threshold is the sweep's edge, not a
   choice.
@@ -164,9 +165,24 @@ def epoch_warnings(
         collapse(probs),
         sweep_edge(probs, float(row["threshold"])),
         zero_sensitivity(rows, cfg.zero_sensitivity_patience),
-        oscillation([r["val_loss"] for r in rows], cfg.oscillation_window, cfg.oscillation_spread),
+        oscillation_news(
+            [r["val_loss"] for r in rows], cfg.oscillation_window, cfg.oscillation_spread
+        ),
     ]
     return [f"epoch {row['epoch']}: {text}" for text in found if text]
+
+
+def oscillation_news(val_losses: Sequence[float], window: int, spread: float) -> str | None:
+    """:func:`oscillation` of the last epoch, said when it begins and again every ``window``
+    epochs while it lasts: a window that oscillates goes on doing so for the next few epochs,
+    and one line per epoch would repeat one finding."""
+    said = oscillation(val_losses, window, spread)
+    if said is None:
+        return None
+    streak = 1
+    while streak < len(val_losses) and oscillation(val_losses[:-streak], window, spread):
+        streak += 1
+    return said if (streak - 1) % window == 0 else None
 
 
 def batch_mix_warning(n_pos: int, n_neg: int, pos_fraction: float) -> str | None:
