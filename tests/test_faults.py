@@ -105,12 +105,8 @@ def copy_tree(src: Path, dst: Path) -> Path:
 def copy_patient(src: Path, dst: Path) -> Path:
     """A copy of a patient's folder as another patient: PatientID is the folder's name (a
     plain copy would be the same patient, which predict reads once)."""
-    for path in dicom_files(src):
-        ds = pydicom.dcmread(path)
-        ds.PatientID = dst.name
-        target = dst / path.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(target)
+    for path in dicom_files(copy_tree(src, dst)):
+        rewrite(path, PatientID=dst.name)
     return dst
 
 
