@@ -141,7 +141,7 @@ class Node:
         try:
             return self._start()
         except BaseException:
-            self._held.close()
+            self.stop()  # whatever was started, and the lock
             raise
 
     def _start(self) -> int:

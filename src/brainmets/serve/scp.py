@@ -287,17 +287,13 @@ class StorageSCP:
     def _store(self, event) -> tuple[Receipt | None, str, str]:
         calling = str(event.assoc.requestor.ae_title).strip()
         sop_class = str(event.request.AffectedSOPClassUID)
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        study_uid = _raw_text(ds, STUDY_UID)
         if sop_class not in CT_STORAGE:
-            name = UID(sop_class).name
-            log.warning("refused a %s instance from %s: only head CT is scored", name, calling)
-            if uid_problem("StudyInstanceUID", study_uid) is None:
-                self.record.refuse(study_uid, f"refused: {name} (only CT is accepted)")
-            raise _Refusal(SOP_CLASS_NOT_SUPPORTED, f"{name} not accepted: CT only")
-        sop_uid = _raw_text(ds, SOP_UID)
+            self._refuse_class(event, UID(sop_class).name, calling)
+        sop_uid = str(event.request.AffectedSOPInstanceUID or "")
         try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            sop_uid = _raw_text(ds, SOP_UID) or sop_uid
             for keyword, tag in (("StudyInstanceUID", STUDY_UID), ("SeriesInstanceUID",
                                  SERIES_UID), ("SOPInstanceUID", SOP_UID)):  # fmt: skip
                 problem = uid_problem(keyword, _raw_text(ds, tag))
@@ -312,7 +308,19 @@ class StorageSCP:
             self._say(logging.WARNING, f"refused {reason[:24]}",
                       "refused instance %s from %s: %s", shown, calling, reason)  # fmt: skip
             raise _Refusal(CANNOT_UNDERSTAND, reason) from None
-        return self._keep(event, ds, study_uid, sop_uid)
+        return self._keep(event, ds, _raw_text(ds, STUDY_UID), sop_uid)
+
+    def _refuse_class(self, event, name: str, calling: str) -> None:
+        """Another SOP class: refused, and its study gets a failed row saying why (when
+        nothing else of it was accepted), so that it does not vanish from the record."""
+        log.warning("refused a %s instance from %s: only head CT is scored", name, calling)
+        try:
+            study_uid = _raw_text(event.dataset, STUDY_UID)
+            if uid_problem("StudyInstanceUID", study_uid) is None:
+                self.record.refuse(study_uid, f"refused: {name} (only CT is accepted)")
+        except Exception:  # noqa: BLE001 - the refusal stands whatever the dataset or record
+            log.debug("could not record the refusal", exc_info=True)
+        raise _Refusal(SOP_CLASS_NOT_SUPPORTED, f"{name} not accepted: CT only")
 
     def _keep(self, event, ds, study_uid: str, sop_uid: str) -> tuple[Receipt | None, str, str]:
         """Spool and record a valid instance (None: the same content was held already)."""
