@@ -36,6 +36,10 @@ def _deidentified(ds: pydicom.Dataset) -> None:
     ds.PatientName = ds.PatientID  # a pseudonym
 
 
+def _files(study):
+    return sorted(p for p in study.rglob("*") if p.is_file())
+
+
 def _hospital_cohort(head_ct_studies, root):
     """Eleven scorable CT studies (soft-tissue and bone series, localizers, stray files), an
     MR study and a CT study with nothing a volume can be made of."""
@@ -43,7 +47,7 @@ def _hospital_cohort(head_ct_studies, root):
     for n in range(1, 12):
         source = head_ct_studies / f"SYN{n:04d}"
         study = root / source.name
-        copy_study(sorted(source.rglob("*.dcm")), study / "as-sent",
+        copy_study(_files(source), study / "as-sent",
                    lambda ds, i: _deidentified(ds))  # fmt: skip
         bone_series = generate_uid()
 
@@ -66,7 +70,7 @@ def _hospital_cohort(head_ct_studies, root):
         ds.StudyInstanceUID, ds.Modality = mr_study, "MR"
 
     copy_study(ct_series_files(head_ct_studies / "SYN0012"), root / "MR", as_mr)
-    few = sorted((head_ct_studies / "SYN0013").rglob("*.dcm"))[:3]
+    few = _files(head_ct_studies / "SYN0013")[:3]
     copy_study(few, root / "FEW", lambda ds, i: _deidentified(ds))
     return scorable, mr_study, pydicom.dcmread(few[0]).StudyInstanceUID
 
@@ -82,7 +86,9 @@ def test_thirteen_studies_with_real_headers_reach_pacs_with_predicts_probability
     try:
         storescu(serve.port, tmp_path / "sent", check=False)  # MR and stray files refused
         uids = {
-            pydicom.dcmread(ct_series_files(s)[0], stop_before_pixels=True).StudyInstanceUID: s
+            pydicom.dcmread(
+                ct_series_files(s / "as-sent")[0], stop_before_pixels=True
+            ).StudyInstanceUID: s
             for s in scorable
         }
 
