@@ -105,11 +105,16 @@ class _Trouble:
         self.meanwhile = meanwhile
         self.failures = 0
 
-    def failed(self, err: BaseException, where: Path) -> None:
+    def failed(self, err: BaseException, record: Path) -> None:
         self.failures += 1
-        if self.failures == 1:
-            line = os_error_line(err) if isinstance(err, OSError) else f"{where}: {err}"
-            log.error("%s: %s; %s", self.what, line, self.meanwhile)
+        if self.failures > 1:
+            return
+        if isinstance(err, OSError):
+            log.error("%s: %s; %s", self.what, os_error_line(err), self.meanwhile)
+        elif isinstance(err, sqlite3.Error):
+            log.error("%s: %s: %s; %s", self.what, record, err, self.meanwhile)
+        else:  # a fault of ours: its traceback, once
+            log.exception("%s: unexpected %s; %s", self.what, type(err).__name__, self.meanwhile)
 
     def ok(self) -> None:
         if self.failures:
@@ -280,11 +285,8 @@ class Node:
                 self.process(study)
                 stranded = False
                 trouble.ok()
-            except (sqlite3.Error, OSError) as err:
+            except Exception as err:  # noqa: BLE001 - the worker outlives any one failure
                 trouble.failed(err, self.record.path)
-                self._stop.wait(max(cfg.poll_seconds, 1.0))
-            except Exception:  # noqa: BLE001 - the worker outlives any one failure
-                log.exception("scoring: unexpected error; the worker goes on")
                 self._stop.wait(max(cfg.poll_seconds, 1.0))
 
     def process(self, study: Study) -> None:
@@ -311,6 +313,8 @@ class Node:
                 if self.record.hold(study.id, until, partial):
                     log.info("%s: %d instances, looks incomplete (%s); waiting up to %.0f s for "
                              "the rest", name, study.instances, partial, until - time.time())  # fmt: skip
+                else:
+                    log.info("%s: superseded by a newer revision (more instances came)", name)
                 return
             if partial:
                 log.warning("%s: still incomplete after %g s (%s): scored, and its result marked "
@@ -387,10 +391,8 @@ class Node:
             try:
                 self._forward_due()
                 trouble.ok()
-            except (sqlite3.Error, OSError) as err:
+            except Exception as err:  # noqa: BLE001 - the forwarder outlives any one failure
                 trouble.failed(err, self.record.path)
-            except Exception:  # noqa: BLE001 - the forwarder outlives any one failure
-                log.exception("forwarding: unexpected error; the forwarder goes on")
             self._stop.wait(self.config.poll_seconds)
 
     def _forward_due(self) -> None:
