@@ -45,6 +45,11 @@ def test_the_package_keeps_its_layers():
         ("metrics.py", "from brainmets.evaluate import report"),  # metrics below evaluate
         ("inference.py", "import brainmets.predict"),  # the shared loader below its commands
         ("data/dicom.py", "import brainmets.data.prepare"),  # a reader below its user
+        ("backends/__init__.py", "import brainmets.predict"),  # model loading below commands
+        ("inference.py", "import brainmets.backends"),  # torch scoring below the backends
+        ("backends/exported.py", "import brainmets.export"),  # reading below writing
+        ("export.py", "import brainmets.train"),  # the exporter beside the trainer ...
+        ("train/trainer.py", "import brainmets.export"),  # ... and the trainer beside it
     ],
 )
 def test_an_import_against_the_flow_breaks_the_contract(tmp_path, module, against_the_flow):

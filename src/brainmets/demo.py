@@ -88,6 +88,7 @@ def run_demo(
     full: bool = False,
     seed: int = 0,
 ) -> dict:
+    from brainmets.backends import BackendSpec
     from brainmets.data.labels import read_labels
     from brainmets.data.prepare import prepare_cache
     from brainmets.data.series_index import index_dicom_root, write_index
@@ -143,10 +144,10 @@ def run_demo(
         out_csv=out / rundir.PREDICTIONS,
         heatmaps_dir=run / rundir.HEATMAPS,
         top_k=1,
-        device=device,
+        backend=BackendSpec(device=device),
     )
     # Evaluation last: it writes report.html, which then already holds the heatmap gallery.
-    summary = evaluate_run(run, cache, split="test", device=device)
+    summary = evaluate_run(run, cache, split="test", backend=BackendSpec(device=device))
     report = run / rundir.REPORT
     minutes = (time.perf_counter() - started) / 60
     auc = summary.metrics["metrics"]["auc"]
