@@ -62,3 +62,20 @@ def test_an_import_against_the_flow_breaks_the_contract(tmp_path, module, agains
     done = _lint_imports(config, src)
     assert done.returncode != 0
     assert "BROKEN" in done.stdout
+
+
+LONGEST_FUNCTION = 100
+
+
+def test_no_function_is_longer_than_a_screen_or_two():
+    """A function that does one step reads top to bottom; past ~100 lines it does several."""
+    import ast
+
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > LONGEST_FUNCTION:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} {lines}")
+    assert not long, long
