@@ -135,18 +135,23 @@ def test_a_limitation_beyond_latin1_switches_a_latin1_study_to_utf8(
     assert f"Limitation: {limitation}" in read_result(result.sr).notes
 
 
-def test_a_source_without_character_set_and_latin_bytes_is_written_as_utf8(
-    trained, scored, edited, dciodvfy, tmp_path
+@pytest.mark.parametrize("charset", [None, "UTF-8"], ids=["absent", "not-a-defined-term"])
+def test_a_source_without_a_valid_character_set_is_written_as_utf8(
+    charset, trained, scored, edited, dciodvfy, tmp_path
 ):
-    # Invalid but common: non-ASCII bytes with no SpecificCharacterSet. pydicom decodes them
-    # as it can; the results say which character set they are in.
+    # Invalid but met: non-ASCII text with no SpecificCharacterSet, or with a name DICOM does
+    # not define. pydicom decodes it as it can; the results say which character set they use.
     def edit(ds, _):
-        del ds.SpecificCharacterSet
+        if charset is None:
+            del ds.SpecificCharacterSet
+        else:
+            ds.SpecificCharacterSet = charset
         ds.PatientName = "Gómez^José"
 
     result = _write(trained, scored, edited(edit), tmp_path / "out")
     for ds in _check_all(result, dciodvfy):
         assert ds.SpecificCharacterSet == "ISO_IR 192"
+        assert ds.PatientName == "Gómez^José"
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import config
+from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VM, dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -173,6 +174,7 @@ def study_header(
             value = _copyable(ds, keyword)
             if value is not None:
                 setattr(header, keyword, value)
+        charset = ds.get("SpecificCharacterSet")
     if header.get("PatientIdentityRemoved") == "YES" and "DeidentificationMethod" not in header:
         # "YES" requires the method (type 1C); a source that does not say how cannot be
         # repeated validly, and the attribute is optional.
@@ -185,7 +187,11 @@ def study_header(
             ", ".join(invalid),
             "its" if len(invalid) == 1 else "their",
         )
-    charset = ds.get("SpecificCharacterSet")
+    terms = list(charset) if isinstance(charset, MultiValue) else [charset]
+    if charset is not None and not all(t in python_encoding for t in terms):
+        # Not a DICOM defined term ("UTF-8", "latin1"): pydicom decoded the values as best it
+        # could; the results state a character set a reader knows.
+        charset = None
     copied = [str(header[k].value) for k in (*TYPE2, *OPTIONAL) if k in header]
     own = list(own_text)
     if (charset is None and _needs_unicode(copied + own)) or (
