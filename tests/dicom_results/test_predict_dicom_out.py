@@ -12,6 +12,7 @@ import pandas as pd
 import pydicom
 import pytest
 
+from brainmets.backends import BackendSpec
 from brainmets.cli import main
 from brainmets.data.dicom import slice_normal
 from brainmets.dicom_results import read_result
@@ -176,7 +177,7 @@ def test_predict_writes_results_for_a_study_without_the_type2_attributes(
         ds.save_as(path)
     result = predict(tiny_run, [study], out_csv=tmp_path / "p.csv",
                      dicom_out=tmp_path / "dicom", top_k=2, progress=False, workers=1,
-                     device="cpu")  # fmt: skip
+                     backend=BackendSpec(device="cpu"))  # fmt: skip
     [row] = result.table.to_dict("records")
     assert row["error"] == "", row["error"]
     files = sorted((tmp_path / "dicom" / "SYN0004").glob("*.dcm"))

@@ -13,10 +13,10 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from brainmets.export import load_backend
+from brainmets.backends import BackendSpec, load_backend
 from brainmets.inference import TrainedModel
 from brainmets.predict import predict_study
 from brainmets.serve import DEFAULT_STABLE_SECONDS
@@ -39,13 +39,8 @@ class NodeConfig:
     forward: Destination | None = None
     top_k: int = 3
     poll_seconds: float = 0.5
-    device: str = "auto"
-    # Scoring backend, as predict's --backend: torch, onnxruntime (the run's export, or
-    # ``onnx``) or triton (the server at ``url``). Grad-CAM captures stay in PyTorch.
-    backend: str = "torch"
-    onnx: Path | None = None
-    url: str | None = None
-    triton_model: str = "brainmets"
+    # Scoring backend, as predict's --backend; Grad-CAM captures stay in PyTorch.
+    backend: BackendSpec = field(default_factory=BackendSpec)
 
 
 def _short(uid: str) -> str:
@@ -70,15 +65,7 @@ class Node:
     def start(self) -> int:
         cfg = self.config
         # The model first: a run that cannot load must fail before anything is acknowledged.
-        self.trained = load_backend(
-            self.run,
-            cfg.backend,
-            device=cfg.device,
-            onnx=cfg.onnx,
-            url=cfg.url,
-            triton_model=cfg.triton_model,
-            grad_cam=cfg.top_k > 0,
-        )
+        self.trained = load_backend(self.run, cfg.backend, grad_cam=cfg.top_k > 0)
         self.store.mkdir(parents=True, exist_ok=True)
         self.record = Record(self.store)
         spool = Spool(self.store)
