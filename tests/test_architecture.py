@@ -45,6 +45,11 @@ def test_the_package_keeps_its_layers():
         ("metrics.py", "from brainmets.evaluate import report"),  # metrics below evaluate
         ("inference.py", "import brainmets.predict"),  # the shared loader below its commands
         ("data/dicom.py", "import brainmets.data.prepare"),  # a reader below its user
+        ("backends/__init__.py", "import brainmets.predict"),  # model loading below commands
+        ("inference.py", "import brainmets.backends"),  # torch scoring below the backends
+        ("backends/exported.py", "import brainmets.export"),  # reading below writing
+        ("export.py", "import brainmets.train"),  # the exporter beside the trainer ...
+        ("train/trainer.py", "import brainmets.export"),  # ... and the trainer beside it
     ],
 )
 def test_an_import_against_the_flow_breaks_the_contract(tmp_path, module, against_the_flow):
@@ -57,3 +62,20 @@ def test_an_import_against_the_flow_breaks_the_contract(tmp_path, module, agains
     done = _lint_imports(config, src)
     assert done.returncode != 0
     assert "BROKEN" in done.stdout
+
+
+LONGEST_FUNCTION = 100
+
+
+def test_no_function_is_longer_than_a_screen_or_two():
+    """A function that does one step reads top to bottom; past ~100 lines it does several."""
+    import ast
+
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > LONGEST_FUNCTION:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} {lines}")
+    assert not long, long

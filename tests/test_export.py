@@ -4,7 +4,6 @@ on a generated DICOM cohort (synth -> index -> prepare -> train -> export)."""
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import sys
 from pathlib import Path
@@ -17,10 +16,14 @@ import torch
 from google.protobuf import text_format
 from onnx import TensorProto, helper
 
+from brainmets.backends.exported import export_digest
+from brainmets.backends.onnx_runtime import load_exported
 from brainmets.cli import main
 from brainmets.data.cache import PatientCache
-from brainmets.export import load_exported, triton_config
+from brainmets.export import triton_config
 from brainmets.inference import load_trained
+from brainmets.io import file_sha256
+from brainmets.model.identity import model_id
 
 SIZE = 48
 TINY_TRAIN = [
@@ -58,6 +61,19 @@ def _sidecar(folder: Path) -> dict:
     return json.loads((folder / "brainmets.json").read_text())
 
 
+def _rebind(folder: Path, *, new_id: bool = False, **changes) -> dict:
+    """Edit an export's sidecar and recompute its graph checksum and digest, as someone
+    deliberately changing the export would; ``new_id`` also gives it the model id its new
+    content makes."""
+    sidecar = {**_sidecar(folder), **changes}
+    sidecar["onnx"] = {**sidecar["onnx"], "sha256": file_sha256(folder / "model.onnx")}
+    if new_id:
+        sidecar["model_id"] = model_id(sidecar)
+    sidecar["digest"] = export_digest(sidecar)
+    (folder / "brainmets.json").write_text(json.dumps(sidecar))
+    return sidecar
+
+
 def test_export_is_a_checked_onnx_graph_with_a_free_batch_axis_and_a_json_sidecar(exported):
     export = exported / "run" / "export"
     onnx.checker.check_model(str(export / "model.onnx"), full_check=True)
@@ -74,7 +90,8 @@ def test_export_is_a_checked_onnx_graph_with_a_free_batch_axis_and_a_json_sideca
 
     run = json.loads((exported / "run" / "model.json").read_text())
     sidecar = _sidecar(export)
-    assert sidecar["model_id"] == run["weights"]["sha256"][:12]
+    assert sidecar["model_id"] == run["model_id"] == model_id(run)
+    assert sidecar["ranking"] == run["ranking"]  # serve says it of an export too
     for key in ("threshold", "calibration", "preprocess", "normalization", "architecture"):
         assert sidecar[key] == run[key], key
     assert sidecar["pooling"] == {"method": "max", "lse_temperature": 1.0}
@@ -180,6 +197,7 @@ def test_an_onnx_file_with_another_signature_is_refused(exported, tmp_path, case
     folder = tmp_path / "export"
     shutil.copytree(exported / "run" / "export", folder)
     onnx.save(_graph(*REFUSED[case]), folder / "model.onnx")
+    _rebind(folder)  # a sidecar forged to match: the signature is checked all the same
     with pytest.raises(ValueError, match="not the slice network") as error:
         load_exported(folder, device="cpu")
     assert str(folder / "model.onnx") in str(error.value)
@@ -190,37 +208,55 @@ def test_an_onnx_file_with_another_signature_is_refused(exported, tmp_path, case
     assert not (tmp_path / "p.csv").exists()
 
 
-def test_an_onnx_file_from_elsewhere_with_the_signature_is_used_and_said(
-    exported, tmp_path, caplog
-):
-    """Not the exported bytes (an optimised variant, say): the signature decides, and the log
-    says that the file is not the one exported."""
+def test_an_edited_export_is_refused_naming_the_file(exported, tmp_path, capsys):
+    """Another graph (even one with the right signature), or a sidecar given another threshold,
+    with or without its checksum brought up to date: each refused, naming the file."""
     folder = tmp_path / "export"
     shutil.copytree(exported / "run" / "export", folder)
+    original = (folder / "brainmets.json").read_text()
     onnx.save(_graph([_value("slices", ["b", 1, SIZE, SIZE])], [_value("slice_logit", ["b"])]),
               folder / "model.onnx")  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="brainmets.export"):
-        trained = load_exported(folder, device="cpu")
-    assert "is not the file brainmets exported" in caplog.text
-    slices = np.full((2, SIZE, SIZE), 7, dtype=np.uint8)
-    # Flat slices z-score to zeros, so this graph's mean is 0 exactly.
-    assert trained.scorer([slices]).slice_logits.tolist() == [0.0, 0.0]
-
-
-def test_an_export_of_other_weights_or_a_broken_sidecar_is_refused(exported, tmp_path):
-    folder = tmp_path / "export"
-    shutil.copytree(exported / "run" / "export", folder)
+    with pytest.raises(ValueError, match="not the graph brainmets exported") as error:
+        load_exported(folder, device="cpu")
+    assert str(folder / "model.onnx") in str(error.value)
+    # The sidecar's checksum updated to the new graph: the digest no longer matches.
     sidecar = _sidecar(folder)
-    sidecar["weights"]["sha256"] = "0" * 64  # exported before the run was trained further
+    sidecar["onnx"]["sha256"] = file_sha256(folder / "model.onnx")
     (folder / "brainmets.json").write_text(json.dumps(sidecar))
-    with pytest.raises(ValueError, match="export it again"):
-        load_exported(exported / "run", folder, device="cpu")
-    (folder / "brainmets.json").write_bytes(b"\x80\x04not json")  # e.g. a pickle: never loaded
-    with pytest.raises(ValueError, match="not a brainmets export sidecar") as error:
+    with pytest.raises(ValueError, match="edited after export") as error:
         load_exported(folder, device="cpu")
     assert str(folder / "brainmets.json") in str(error.value)
-    with pytest.raises(FileNotFoundError, match="brainmets export"):
-        load_exported(tmp_path / "no-run", device="cpu")
+
+    shutil.copy(exported / "run" / "export" / "model.onnx", folder / "model.onnx")
+    for key, value in (("threshold", 0.01), ("normalization", "minus_one_to_one"),
+                       ("pooling", {"method": "mean", "lse_temperature": 1.0})):  # fmt: skip
+        (folder / "brainmets.json").write_text(original)
+        sidecar = _sidecar(folder)
+        sidecar[key] = value
+        (folder / "brainmets.json").write_text(json.dumps(sidecar))
+        rc = main(["-q", "predict", str(folder), str(exported / "cache"), "--backend",
+                   "onnxruntime", "--out", str(tmp_path / "p.csv")])  # fmt: skip
+        err = capsys.readouterr().err
+        assert rc == 2 and "edited after export" in err and str(folder / "brainmets.json") in err
+        assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_deliberately_rethresholded_export_is_a_new_model(exported, tmp_path):
+    """The digest recomputed but the model id kept: refused (the id would name another
+    model's decisions). With the id its content gives, it scores as a new model, and only
+    without the run, whose model it no longer is."""
+    folder = tmp_path / "export"
+    shutil.copytree(exported / "run" / "export", folder)
+    original = _sidecar(folder)
+    _rebind(folder, threshold=0.01)
+    with pytest.raises(ValueError, match="edited after export"):
+        load_exported(folder, device="cpu")
+    rebound = _rebind(folder, threshold=0.01, new_id=True)
+    assert rebound["model_id"] != original["model_id"]
+    trained = load_exported(folder, device="cpu")
+    assert trained.model_id == rebound["model_id"] and trained.plain_threshold == 0.01
+    with pytest.raises(ValueError, match="export it again"):
+        load_exported(exported / "run", folder, device="cpu")
 
 
 def test_triton_config_is_a_valid_triton_model_config(exported):

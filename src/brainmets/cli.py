@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from brainmets import PER_RANK_LOGGER, __version__, rundir
@@ -279,9 +280,8 @@ def cmd_evaluate(args) -> int:
         split=args.split,
         out_dir=args.out,
         n_boot=args.n_boot,
-        device=args.device,
+        backend=_backend_spec(args),
         progress=not args.quiet,
-        compile=args.compile,
     )
     print(summary.text)
     return 0
@@ -299,15 +299,10 @@ def cmd_predict(args) -> int:
         heatmaps_dir=args.heatmaps,
         dicom_out=args.dicom_out,
         top_k=args.top_k,
-        device=args.device,
         batch_slices=args.batch_slices,
         progress=not args.quiet,
-        compile=args.compile,
         resume=args.resume,
-        backend=args.backend,
-        onnx=args.onnx,
-        url=args.url,
-        triton_model=args.triton_model,
+        backend=_backend_spec(args),
     )
     kept = f" ({result.kept} of them kept from the earlier run)" if result.kept else ""
     print(f"{result.predicted} patients predicted{kept}, {result.failed} failed -> {args.out}")
@@ -340,11 +335,7 @@ def cmd_serve(args) -> int:
         incomplete_seconds=args.incomplete_seconds,
         forward=Destination.parse(args.forward) if args.forward else None,
         top_k=args.top_k,
-        device=args.device,
-        backend=args.backend,
-        onnx=args.onnx,
-        url=args.url,
-        triton_model=args.triton_model,
+        backend=_backend_spec(args),
         allow_chance=args.allow_chance,
         limits=Limits(
             max_associations=args.max_associations,
@@ -413,20 +404,45 @@ def _add_allow_failures(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def _add_backend(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+def _add_backend(p: argparse.ArgumentParser, *, compile: bool = True) -> None:
+    """The options of ``brainmets.backends.BackendSpec``: one block for every command that
+    scores (``_backend_spec`` reads it back)."""
+    from brainmets.backends import BACKENDS
+
+    g = p.add_argument_group("scoring backend")
+    g.add_argument(
         "--backend",
-        choices=("torch", "onnxruntime", "triton"),
+        choices=BACKENDS,
         default="torch",
         help="score with PyTorch, with onnxruntime from the run's export, or on a Triton "
         "server serving it (default %(default)s)",
     )
-    p.add_argument(
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    if compile:
+        g.add_argument(
+            "--compile",
+            action="store_true",
+            help="torch.compile the scoring forward (faster for many patients on a GPU)",
+        )
+    g.add_argument(
         "--onnx", type=Path, help="the export to score with (default RUN/export, from export)"
     )
-    p.add_argument("--url", help="triton backend: the server's gRPC host:port, e.g. localhost:8001")
-    p.add_argument(
+    g.add_argument("--url", help="triton backend: the server's gRPC host:port, e.g. localhost:8001")
+    g.add_argument(
         "--triton-model", default="brainmets", help="triton backend: the model's name on the server"
+    )
+
+
+def _backend_spec(args):
+    from brainmets.backends import BackendSpec
+
+    return BackendSpec(
+        name=args.backend,
+        device=args.device,
+        compile=getattr(args, "compile", False),
+        onnx=args.onnx,
+        url=args.url,
+        triton_model=args.triton_model,
     )
 
 
@@ -441,25 +457,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="brainmets", description="Patient-level brain metastasis detection on head CT."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug log, tracebacks")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--version", action="version", version=f"brainmets {__version__}")
-    # The same two flags after the subcommand (brainmets train ... -q); SUPPRESS keeps a flag
-    # given before the subcommand from being reset by the subcommand's default.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="debug log, tracebacks")  # fmt: skip
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                        help="no progress bars")  # fmt: skip
-    sub = parser.add_subparsers(dest="command", required=True)
+# One builder per subcommand: ``command(name, help=...)`` makes its parser.
+Command = Callable[..., argparse.ArgumentParser]
 
-    def command(name: str, **kwargs) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], **kwargs)
 
+def _synth_parser(command: Command) -> None:
     p = command("synth", help="write a synthetic head-CT cohort as DICOM + labels.csv")
     p.add_argument("out", type=Path, help="folder for dicom/, labels.csv and synth.json")
     p.add_argument("--patients", type=int, default=40, help="number of patients (default 40)")
@@ -489,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workers(p, "rendering processes (default: every core)")
     p.set_defaults(func=cmd_synth)
 
+
+def _config_parser(command: Command) -> None:
     p = command(
         "config",
         help="print the resolved config as commented YAML (brainmets config > my.yaml)",
@@ -496,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
 
+
+def _index_parser(command: Command) -> None:
     p = command("index", help="find the series under a DICOM root; choose one per patient")
     p.add_argument("dicom_root", type=Path, help="folder searched for DICOM files (recursively)")
     p.add_argument("--out", type=Path, required=True, help="folder for series.csv / files.csv")
@@ -506,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_index)
 
+
+def _prepare_parser(command: Command) -> None:
     p = command("prepare", help="HU -> slabs -> brain window -> 256^2, cached per patient")
     p.add_argument(
         "--labels",
@@ -534,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_prepare)
 
+
+def _train_parser(command: Command) -> None:
     p = command("train", help="three-stage curriculum training on a prepared cache")
     _add_config_args(p)
     p.add_argument("--data", type=Path, help="prepared cache (same as --set data.cache=...)")
@@ -549,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+
+def _evaluate_parser(command: Command) -> None:
     p = command("evaluate", help="patient-level metrics with 95%% CIs and plots")
     p.add_argument("run", type=Path, help="a run folder written by train")
     p.add_argument("--data", type=Path, required=True, help="prepared cache to evaluate on")
@@ -564,14 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="bootstrap resamples (default: evaluate.n_boot of the run; 0: none)",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the scoring forward (faster for many patients on a GPU)",
-    )
+    _add_backend(p)
     p.set_defaults(func=cmd_evaluate)
 
+
+def _predict_parser(command: Command) -> None:
     p = command("predict", help="score new studies: DICOM folders, NIfTI files or a cache")
     p.add_argument("run", type=Path, help="a run folder written by train")
     p.add_argument(
@@ -592,18 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dicom-out",
         type=Path,
-        help="write each DICOM patient's result as DICOM here (a Comprehensive SR and Grad-CAM "
+        help="write each DICOM patient's result as DICOM here (a TID 1500 SR and Grad-CAM "
         "secondary captures in the source study, marked for research use), one folder each",
     )
     p.add_argument("--top-k", type=int, default=3, help="heatmaps per patient (default 3)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--batch-slices", type=int, default=512, help="score patients together up to this many"
-    )
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the scoring forward (faster for many patients on a GPU)",
     )
     p.add_argument(
         "--resume",
@@ -615,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_allow_failures(p, "inputs failed")
     p.set_defaults(func=cmd_predict)
 
+
+def _serve_parser(command: Command) -> None:
     from brainmets import serve
 
     p = command(
@@ -647,7 +652,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--forward", metavar="AET@HOST:PORT", help="send the result objects there (C-STORE)"
     )
     p.add_argument("--top-k", type=int, default=3, help="Grad-CAM captures per study (default 3)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--allow-chance",
         action="store_true",
@@ -679,9 +683,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="abort an association idle this long; a connection that sends no association "
         "request is closed after at most 10 s (default %(default)g)",
     )
-    _add_backend(p)
+    _add_backend(p, compile=False)
     p.set_defaults(func=cmd_serve)
 
+
+def _export_parser(command: Command) -> None:
     p = command("export", help="the slice network as ONNX + JSON sidecar (onnxruntime, Triton)")
     p.add_argument("run", type=Path, help="a run folder written by train")
     p.add_argument("--out", type=Path, help="export folder (default RUN/export)")
@@ -707,10 +713,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default %(default)s)")
     p.set_defaults(func=cmd_export)
 
+
+def _report_parser(command: Command) -> None:
     p = command("report", help="(re)write RUN/report.html")
     p.add_argument("run", type=Path, help="a run folder written by train")
     p.set_defaults(func=cmd_report)
 
+
+def _demo_parser(command: Command) -> None:
     p = command("demo", help="synth -> index -> prepare -> train -> evaluate -> predict")
     p.add_argument(
         "--out",
@@ -731,6 +741,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="cohort and training seed (default 0)")
     p.set_defaults(func=cmd_demo)
+
+
+SUBCOMMANDS = (
+    _synth_parser,
+    _config_parser,
+    _index_parser,
+    _prepare_parser,
+    _train_parser,
+    _evaluate_parser,
+    _predict_parser,
+    _serve_parser,
+    _export_parser,
+    _report_parser,
+    _demo_parser,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="brainmets", description="Patient-level brain metastasis detection on head CT."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug log, tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--version", action="version", version=f"brainmets {__version__}")
+    # The same two flags after the subcommand (brainmets train ... -q); SUPPRESS keeps a flag
+    # given before the subcommand from being reset by the subcommand's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug log, tracebacks")  # fmt: skip
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars")  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    for add in SUBCOMMANDS:
+        add(command)
     return parser
 
 

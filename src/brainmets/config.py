@@ -1,8 +1,9 @@
 """One typed configuration for every step, loaded from YAML and validated.
 
 Every section is a pydantic model with ``extra="forbid"``, so an unknown or ill-typed key is
-an error that names it. Defaults are the values of the specification (docs/architecture.md); the few
-keys the specification leaves open carry a comment saying what we chose and why.
+an error that names it. Defaults are the specification's values where it states one
+(docs/architecture.md), except for the departures listed there with their reasons; a key the
+specification leaves open says in its description what we chose and why.
 
 ``load_config(path, overrides)`` applies ``key.sub=value`` overrides (values parsed as YAML,
 so ``train.epochs=3`` is an int and ``model.pretrained=none`` is the string "none").
@@ -60,7 +61,9 @@ class PreprocessConfig(_Section):
     """Steps 1, 2 and 4 of the preprocessing, done once by ``prepare`` and cached."""
 
     slice_mm: float | Literal["native"] = Field(
-        5.0, description='slab thickness along the slice normal (mm); "native" keeps the slices'
+        5.0,
+        description="slab thickness along the slice normal (mm), one for every scanner's "
+        'series; "native" keeps the slices',
     )
     window_center: float = Field(40.0, description="brain window centre (HU)")
     window_width: float = Field(80.0, description="brain window width (HU): clip to [0, 80]")
@@ -153,7 +156,7 @@ class WeightDecay(_Section):
     exempt_norm_and_bias: bool = Field(
         False,
         description="no decay on biases and BatchNorm parameters (common practice; the "
-        "specification decays every parameter)",
+        "specification gives each block one decay and exempts nothing)",
     )
 
 
@@ -191,9 +194,12 @@ def _mild_augment() -> AugmentSide:
 
 
 class AugmentConfig(_Section):
-    """Augmentation strengths per class. The defaults are equal: class-dependent strengths
-    (the specification's "reduce augmentation intensity on positives") stay possible, and
-    ``train`` warns when they differ."""
+    """Augmentation strengths per class, the same for both by default.
+
+    The specification asks for milder augmentation on positives; equal defaults are a
+    departure (docs/architecture.md): any difference between the classes is a label the
+    network can read. Class-dependent strengths stay possible, and ``train`` warns when they
+    differ."""
 
     enabled: bool = Field(True, description="augmentation of the training slices")
     positive: AugmentSide = Field(default_factory=_mild_augment)
@@ -221,8 +227,9 @@ class TrainConfig(_Section):
     )
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant",
-        description="after the warm-up: constant (specified) or a cosine decay to 0 at the "
-        "last epoch, so that the weights settle; pair cosine with best_metric: last",
+        description="after the warm-up: constant (the specification's one rate per stage) or "
+        "a cosine decay to 0 at the last epoch, so that the weights settle; pair cosine with "
+        "best_metric: last",
     )
     # With pos_fraction 0.4 a batch of 10 holds 4 positives and 6 negatives: the specified 1:1.5.
     batch_patients: int = Field(
@@ -241,8 +248,10 @@ class TrainConfig(_Section):
         "max pooling only",
     )
     pos_weight: float | None = Field(None, gt=0, description="BCE weight of positives")
-    # On by default: frozen blocks of a random backbone would otherwise normalise with the
-    # initial mean 0 / variance 1 (the CPU demo's first stage-3 validation loss was 21).
+    # On by default: the BatchNorm layers of a random backbone hold the initial mean 0 /
+    # variance 1, not the statistics of their inputs. Frozen blocks would normalise with them,
+    # and a block unfrozen later would be validated (eval mode, running statistics) with
+    # statistics far from the batch statistics it trained with.
     bn_calibration_patients: int = Field(
         48,
         ge=0,
@@ -355,7 +364,6 @@ class Config(_Section):
 
 # Values the specification states; every other key is ours to choose (its meaning says why).
 SPECIFIED = {
-    "preprocess.slice_mm": "5 mm slabs",
     "preprocess.window_center": "40",
     "preprocess.window_width": "80",
     "preprocess.size": "256",
@@ -375,11 +383,10 @@ SPECIFIED = {
     "train.weight_decay.head": "1e-3",
     "train.grad_clip": "1.0",
     "train.pos_fraction": "pos:neg 1:1.5",
+    "train.pos_weight": "optional",
     "train.confidence.enabled": "optional",
     "train.confidence.target": "0.30",
     "train.confidence.weight": "0.15",
-    "train.amp": "bf16 on GPU",
-    "train.channels_last": "on GPU",
 }
 
 
@@ -540,11 +547,13 @@ One YAML file configures every step: `prepare` reads `preprocess.*`, `train` rea
   as YAML, so `--set train.epochs=3` is a number and `--set 'train.stage_epochs=[0,5,12]'` a list.
 - Every run writes its resolved config to `RUN/config.yaml`; `brainmets train --resume RUN`
   reads it back.
-- [`default.yaml`](../src/brainmets/configs/default.yaml) is the specified system: the keys a
-  user usually sets, with their defaults.
+- [`default.yaml`](../src/brainmets/configs/default.yaml) holds the keys a user usually sets,
+  with their defaults.
 
 **specified** is the value the [specification](architecture.md#specification) states; an empty
-cell is a choice of ours, explained in its meaning.
+cell is a choice of ours, explained in its meaning. Where a default departs from the
+specification, [the architecture page](architecture.md#departures-from-the-specification) says
+how and why.
 """
 
 

@@ -9,8 +9,8 @@ rate 1e-3 for every trained block and batches of 5 patients (2 positives, 3 nega
 that the few minutes of training hold ~24 optimiser steps per epoch instead of ~10. There are
 no RadImageNet weights on a fresh machine, so the backbone starts from random initialisation;
 ``train.bn_calibration_patients`` first estimates its BatchNorm statistics from training
-slices (without it the frozen blocks normalise with the initial mean 0 / variance 1, and the
-first stage-3 validation had a loss of 21 from the train/eval BatchNorm mismatch). Both
+slices (without it the frozen blocks normalise with the initial mean 0 / variance 1, which
+describe no data, and evaluation-mode BatchNorm then differs wildly from training). Both
 classes get the same mild augmentation, the library's default.
 The CPU cohort is 200 patients of 12-14 slabs (the synthetic head is fitted to the scanned
 range, so fewer slabs means fewer slices per patient for the same lesions): the cost of an
@@ -88,6 +88,7 @@ def run_demo(
     full: bool = False,
     seed: int = 0,
 ) -> dict:
+    from brainmets.backends import BackendSpec
     from brainmets.data.labels import read_labels
     from brainmets.data.prepare import prepare_cache
     from brainmets.data.series_index import index_dicom_root, write_index
@@ -143,10 +144,10 @@ def run_demo(
         out_csv=out / rundir.PREDICTIONS,
         heatmaps_dir=run / rundir.HEATMAPS,
         top_k=1,
-        device=device,
+        backend=BackendSpec(device=device),
     )
     # Evaluation last: it writes report.html, which then already holds the heatmap gallery.
-    summary = evaluate_run(run, cache, split="test", device=device)
+    summary = evaluate_run(run, cache, split="test", backend=BackendSpec(device=device))
     report = run / rundir.REPORT
     minutes = (time.perf_counter() - started) / 60
     auc = summary.metrics["metrics"]["auc"]

@@ -1,6 +1,6 @@
-"""A trained run, ready to score: load it, batch patients, score a cache.
+"""A trained run on PyTorch, ready to score: load it, batch patients, score a cache.
 
-Shared by ``evaluate``, ``predict`` and ``serve``, so that every command scores with the same
+Shared (through ``brainmets.backends``) by ``evaluate``, ``predict`` and ``serve``, so that every command scores with the same
 model, preprocessing check, threshold and calibration. A run folder is self-contained:
 ``model.safetensors`` and its JSON sidecar carry the architecture, the preprocessing, the input
 normalisation, the operating threshold and the probability calibration.
@@ -25,6 +25,7 @@ from brainmets.config import PreprocessConfig
 from brainmets.data.cache import PatientCache
 from brainmets.device import resolve_device
 from brainmets.model.checkpoint import load_checkpoint
+from brainmets.model.identity import model_id
 from brainmets.model.probability import Calibration
 from brainmets.model.resnet import BrainMetsNet
 from brainmets.model.scoring import SliceScorer
@@ -43,8 +44,9 @@ class TrainedModel:
 
     @property
     def model_id(self) -> str:
-        """The first 12 hex digits of the weights' SHA-256: which model scored a row."""
-        return str(self.sidecar.get("weights", {}).get("sha256", ""))[:12]
+        """Which model scored a row: a digest of the weights and of everything in the sidecar
+        that decides (``brainmets.model.identity``)."""
+        return str(self.sidecar.get("model_id") or model_id(self.sidecar))
 
     @property
     def plain_threshold(self) -> float:

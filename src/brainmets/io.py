@@ -114,6 +114,19 @@ class MissingPackageError(ImportError):
     that installs it (``pip install 'brainmets[onnx]'``)."""
 
 
+def require_package(package: str, what: str, extra: str = "onnx"):
+    """Import an optional dependency where it is used; its absence is one line naming the
+    extra that installs it, not a traceback."""
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError as error:
+        raise MissingPackageError(
+            f"{what} needs the {package} package: pip install 'brainmets[{extra}]'"
+        ) from error
+
+
 @contextlib.contextmanager
 def exclusive_lock(lock_path: str | Path, what: str) -> Iterator[Path]:
     """Hold an advisory lock on ``lock_path`` (``what`` names the thing it guards) meanwhile.

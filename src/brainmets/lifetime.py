@@ -1,9 +1,9 @@
 """Worker processes end when their parent does.
 
 A worker of ``prepare`` or ``predict`` blocks on its pipe to the parent; after a ``kill -9``
-of the parent nothing tells it to go, so it lived on for minutes holding the command's stdout,
-and a pipeline or scheduler waiting on that output hung. Linux sends a signal of our choice
-when the parent dies (``PR_SET_PDEATHSIG``); elsewhere, and as a second line, a thread
+of the parent nothing would tell it to go, and while it lives on it holds the command's stdout,
+so a pipeline or scheduler waiting on that output would hang. Linux sends a signal of our
+choice when the parent dies (``PR_SET_PDEATHSIG``); elsewhere, and as a second line, a thread
 watches the parent's PID.
 """
 

@@ -8,21 +8,21 @@ cannot be read gets a row with its error and the others go on.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from brainmets import rundir
+from brainmets.backends import BackendSpec, load_backend
 from brainmets.data.cache import CacheError, PatientCache, patient_stem
 from brainmets.data.prepare import (
     PatientJob,
@@ -35,7 +35,6 @@ from brainmets.data.prepare import (
 )
 from brainmets.data.workers import map_jobs
 from brainmets.dicom_results import write_dicom_results
-from brainmets.export import load_backend
 from brainmets.heatmaps import update_heatmap_index, write_heatmaps
 from brainmets.inference import TrainedModel, batch_by_slices
 from brainmets.io import atomic_write_csv, exclusive_lock
@@ -43,8 +42,6 @@ from brainmets.model.scoring import PatientScore
 from brainmets.ranking import RankingVerdict
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 PREDICTION_COLUMNS = [
     "patient_id",
@@ -161,22 +158,86 @@ def predict_study(trained: TrainedModel, folder: str | Path) -> tuple[list[Predi
     return list(score_items(trained, items)), errors
 
 
-def _one_writer(predict_fn: Callable[..., PredictResult]) -> Callable[..., PredictResult]:
-    """``predict`` owning its table: one process at a time writes it, a second is refused at
-    once (two runs would each write their rows over the other's). The lock file beside the
-    table is the first thing written, so an unwritable folder is reported before any work, as
-    is an unwritable heatmaps folder."""
+class PredictionsTable:
+    """``predictions.csv`` while predict fills it: one writer at a time, the rows of a stopped
+    run kept in ``OUT.partial`` (saved every ``save_every_s`` seconds and when the run stops),
+    ``--resume`` from them, and the heatmap index beside the rows it belongs to."""
 
-    @functools.wraps(predict_fn)
-    def owning(run, inputs, *, out_csv=rundir.PREDICTIONS, heatmaps_dir=None, **options):
-        out_csv = Path(out_csv)
-        lock = out_csv.with_name(f".{out_csv.name}.lock")
-        with exclusive_lock(lock, f"predictions table {out_csv}"):
-            if heatmaps_dir:
-                _check_writable(Path(heatmaps_dir))
-            return predict_fn(run, inputs, out_csv=out_csv, heatmaps_dir=heatmaps_dir, **options)
+    def __init__(
+        self,
+        out_csv: str | Path,
+        heatmaps_dir: str | Path | None = None,
+        save_every_s: float = 60.0,
+    ) -> None:
+        self.path = Path(out_csv)
+        # Saves before the end go to a side file: a stopped rerun must not replace a complete
+        # table written earlier to the same --out.
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.heat_dir = Path(heatmaps_dir) if heatmaps_dir else None
+        self.save_every_s = save_every_s
+        self.rows: list[dict] = []
+        self.heat_rows: list[dict] = []
+        self.kept = 0
+        self._last_save = time.monotonic()
 
-    return owning
+    @contextlib.contextmanager
+    def owned(self) -> Iterator[PredictionsTable]:
+        """One process at a time writes the table; a second is refused at once (two runs would
+        each write their rows over the other's). The lock file is the first thing written, so
+        an unwritable folder is reported before any work, as is an unwritable heatmaps
+        folder."""
+        lock = self.path.with_name(f".{self.path.name}.lock")
+        with exclusive_lock(lock, f"predictions table {self.path}"):
+            if self.heat_dir:
+                _check_writable(self.heat_dir)
+            yield self
+
+    def open(self, resume: bool, model_id: str) -> set[str]:
+        """Start the table; with ``resume``, keep the rows of the earlier run (its side file of
+        a stopped run, else its finished table) and return their patients."""
+        _check_out(self.path, self.partial, resume)
+        source = self.partial if self.partial.is_file() else self.path
+        kept = _rows_to_keep(source, model_id) if resume else []
+        self.rows = list(kept)
+        self.kept = len(kept)
+        done = {str(row["patient_id"]) for row in kept}
+        if done:
+            log.info("%d patients already in %s; predicting the others", len(done), source)
+        return done
+
+    def add(self, row: dict, heat_rows: Sequence[dict] = ()) -> None:
+        """One patient done; a long run saves what it has every ``save_every_s`` seconds, so
+        a crash or a kill keeps it."""
+        self.rows.append(row)
+        self.heat_rows += heat_rows
+        if time.monotonic() - self._last_save >= self.save_every_s:
+            self._save(self.partial)
+            self._last_save = time.monotonic()
+
+    def close(self, finished: bool) -> pd.DataFrame:
+        """The final table, or, for a run stopped early, the side file to resume from (none
+        when no patient was done)."""
+        if finished:
+            table = self._save(self.path)
+            self.partial.unlink(missing_ok=True)
+            return table
+        table = _prediction_table(self.rows)
+        if self.rows:
+            self._save(self.partial)
+            log.warning(
+                "predict stopped early: the %d patients done are in %s; run the same command "
+                "with --resume to predict the rest",
+                len(table),
+                self.partial,
+            )
+        return table
+
+    def _save(self, path: Path) -> pd.DataFrame:
+        table = _prediction_table(self.rows)
+        atomic_write_csv(path, table)
+        if self.heat_dir and self.heat_rows:
+            update_heatmap_index(self.heat_dir, self.heat_rows)
+        return table
 
 
 def _check_writable(folder: Path) -> None:
@@ -188,113 +249,52 @@ def _check_writable(folder: Path) -> None:
         raise OSError(err.errno, err.strerror, str(folder)) from err
 
 
-@_one_writer
-def predict(
-    run: str | Path,
-    inputs: Sequence[str | Path],
-    *,
-    out_csv: str | Path = rundir.PREDICTIONS,
-    heatmaps_dir: str | Path | None = None,
-    dicom_out: str | Path | None = None,
-    top_k: int = 3,
-    device: str = "auto",
-    batch_slices: int = 512,
-    workers: int | None = None,
-    progress: bool = True,
-    compile: bool = False,
-    resume: bool = False,
-    save_every_s: float = 60.0,
-    backend: str = "torch",
-    onnx: str | Path | None = None,
-    url: str | None = None,
-    triton_model: str = "brainmets",
-) -> PredictResult:
-    """Predict every patient found in ``inputs``; write ``out_csv`` (atomically) and heatmaps.
+class _PatientStream:
+    """The patients to score, in order: decoded by the worker pool from DICOM or NIfTI, then
+    read from caches; what cannot be read becomes an error row of ``table``. ``bar`` counts
+    patients finished, and until the first batch is scored (tens of seconds: worker start, a
+    batch of decoding) shows the patients read so far."""
 
-    Patients are scored together once ``batch_slices`` slices are waiting (a patient is
-    never split); ``compile`` compiles the chunked forward (pays off for many patients on a
-    GPU). The rows done so far are written every ``save_every_s`` seconds and when the run
-    stops early (Ctrl-C, an error); ``resume`` keeps the patients ``out_csv`` already holds
-    without an error and predicts the others. A second process writing the same ``out_csv``
-    is refused (:func:`_one_writer`). ``backend`` ``onnxruntime`` scores with the run's ONNX
-    export (``RUN/export``, or ``onnx``; see ``brainmets.export``), ``triton`` with the Triton
-    server at ``url`` serving it as ``triton_model``."""
-    trained = load_backend(
-        run,
-        backend,
-        device=device,
-        compile=compile,
-        onnx=onnx,
-        url=url,
-        triton_model=triton_model,
-        grad_cam=heatmaps_dir is not None,
-    )
-    verdict = RankingVerdict.from_sidecar(trained.sidecar)
-    if verdict is not None and not verdict.ranks:
-        log.warning("%s: %s", run, verdict.warning())
-    out_csv = Path(out_csv)
-    # Saves before the end go to a side file: a stopped rerun must not replace a complete
-    # table written earlier to the same --out.
-    partial = out_csv.with_name(out_csv.name + ".partial")
-    _check_out(out_csv, partial, resume)
-    source = partial if partial.is_file() else out_csv
-    kept = _rows_to_keep(source, trained) if resume else []
-    done = {str(row["patient_id"]) for row in kept}
-    cores = os.cpu_count() or 1
-    # An index bar for one DICOM root; for many patient folders, one bar each would scroll by.
-    jobs, caches, rows = jobs_for_inputs(
-        inputs, trained.preprocess, workers=workers or cores, progress=progress and len(inputs) == 1
-    )
-    if done:
-        log.info("%d patients already in %s; predicting the others", len(done), source)
-        jobs = [job for job in jobs if job.patient_id not in done]
-        # Rows of inputs that failed before any scoring are made afresh and all kept: one may
-        # be a second study of a patient done earlier, reported as such.
-    for cache_root in caches:  # a cache the model cannot read fails now, before any work
-        trained.check_cache(PatientCache(cache_root))
-    rows = kept + rows
-    workers = workers if workers is not None else max(min(len(jobs), cores), 1)
-    heat_dir = Path(heatmaps_dir) if heatmaps_dir else None
-    if heat_dir:
-        heat_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, trained, jobs, caches, done, table, workers: int, progress: bool):
+        self.trained, self.jobs, self.caches, self.done = trained, jobs, caches, done
+        self.table = table
+        self.workers = workers
+        from_caches = sum(len(set(PatientCache(c).patient_ids) - set(done)) for c in caches)
+        self.bar = tqdm(
+            total=len(jobs) + from_caches, desc="predict", unit="patient", disable=not progress
+        )
+        self.read = 0
 
-    # The bar counts patients finished (scored, heatmaps written, or failed), not patients
-    # preprocessed: the workers run a batch or more ahead of the scoring.
-    from_caches = sum(len(set(PatientCache(c).patient_ids) - set(done)) for c in caches)
-    bar = tqdm(total=len(jobs) + from_caches, desc="predict", unit="patient", disable=not progress)
-    # Until the first batch is scored (tens of seconds: worker start, a batch of decoding) the
-    # bar shows the patients read so far.
-    read = 0
+    def _count_read(self) -> None:
+        self.read += 1
+        self.bar.set_postfix_str(f"{self.read} read", refresh=True)
 
-    def count_read() -> None:
-        nonlocal read
-        read += 1
-        bar.set_postfix_str(f"{read} read", refresh=True)
+    def _failed(self, row: dict) -> None:
+        self.table.rows.append(row)
+        self.bar.update()
 
-    def items() -> Iterator[PreprocessedPatient]:
+    def __iter__(self) -> Iterator[PreprocessedPatient]:
         for result in map_jobs(
             try_preprocess_patient,
-            jobs,
-            trained.preprocess,
-            workers=workers,
+            self.jobs,
+            self.trained.preprocess,
+            workers=self.workers,
             progress=False,
             on_crash=failure_row,
         ):
-            count_read()
+            self._count_read()
             if isinstance(result, dict):
-                rows.append(error_row(result["patient_id"], result["file"], result["reason"]))
-                bar.update()
+                self._failed(error_row(result["patient_id"], result["file"], result["reason"]))
             else:
                 yield result
-        seen = {job.patient_id for job in jobs}
-        for cache_root in caches:
-            for item in _cache_items(cache_root, trained, skip=done):
+        seen = {job.patient_id for job in self.jobs}
+        for cache_root in self.caches:
+            for item in _cache_items(cache_root, self.trained, skip=self.done):
                 if isinstance(item, dict):
-                    rows.append(item)
-                    bar.update()
+                    self._failed(item)
                     continue
                 if item.job.patient_id in seen:
-                    bar.total -= 1  # counted in the total, never finished
+                    self.bar.total -= 1  # counted in the total, never finished
                     log.warning(
                         "patient %s of %s was already predicted; skipped",
                         item.job.patient_id,
@@ -302,63 +302,95 @@ def predict(
                     )
                     continue
                 seen.add(item.job.patient_id)
-                count_read()
+                self._count_read()
                 yield item
 
-    dicom_dir = Path(dicom_out) if dicom_out else None
+
+def predict(
+    run: str | Path,
+    inputs: Sequence[str | Path],
+    *,
+    backend: BackendSpec | None = None,
+    out_csv: str | Path = rundir.PREDICTIONS,
+    heatmaps_dir: str | Path | None = None,
+    dicom_out: str | Path | None = None,
+    top_k: int = 3,
+    batch_slices: int = 512,
+    workers: int | None = None,
+    progress: bool = True,
+    resume: bool = False,
+    save_every_s: float = 60.0,
+) -> PredictResult:
+    """Predict every patient found in ``inputs``; write ``out_csv`` (atomically) and heatmaps.
+
+    ``backend`` says how to score (default PyTorch on the best device; see
+    ``brainmets.backends``). Patients are scored together once ``batch_slices`` slices are
+    waiting (a patient is never split). The rows done so far are written every
+    ``save_every_s`` seconds and when the run stops early (Ctrl-C, an error); ``resume`` keeps
+    the patients ``out_csv`` already holds without an error and predicts the others. A second
+    process writing the same ``out_csv`` is refused (:class:`PredictionsTable`)."""
+    table = PredictionsTable(out_csv, heatmaps_dir, save_every_s)
+    with table.owned():
+        # Grad-CAM comes from the run's PyTorch weights: heatmaps and DICOM captures need them.
+        wants_maps = heatmaps_dir is not None or dicom_out is not None
+        trained = load_backend(run, backend, grad_cam=wants_maps)
+        verdict = RankingVerdict.from_sidecar(trained.sidecar)
+        if verdict is not None and not verdict.ranks:
+            log.warning("%s: %s", run, verdict.warning())
+        done = table.open(resume, trained.model_id)
+        cores = os.cpu_count() or 1
+        # An index bar for one DICOM root; for many patient folders, one bar each would scroll.
+        jobs, caches, failed = jobs_for_inputs(
+            inputs, trained.preprocess, workers=workers or cores,
+            progress=progress and len(inputs) == 1,
+        )  # fmt: skip
+        # Rows of inputs that failed before any scoring are made afresh and all kept: one may
+        # be a second study of a patient done earlier, reported as such.
+        jobs = [job for job in jobs if job.patient_id not in done]
+        for cache_root in caches:  # a cache the model cannot read fails now, before any work
+            trained.check_cache(PatientCache(cache_root))
+        table.rows += failed
+        workers = workers if workers is not None else max(min(len(jobs), cores), 1)
+        stream = _PatientStream(trained, jobs, caches, done, table, workers, progress)
+        finished = False
+        try:
+            for prediction in score_items(trained, stream, batch_slices):
+                row, heat_rows = _outputs(trained, prediction, table.heat_dir, dicom_out, top_k)
+                # Only now is the patient done: a stop during its heatmaps (seconds each) must
+                # leave it for --resume, not saved without them.
+                table.add(row, heat_rows)
+                stream.bar.update()
+            finished = True
+        finally:
+            stream.bar.close()
+            frame = table.close(finished)
+        return PredictResult(frame, kept=table.kept)
+
+
+def _outputs(
+    trained: TrainedModel,
+    prediction: Prediction,
+    heat_dir: Path | None,
+    dicom_out: str | Path | None,
+    top_k: int,
+) -> tuple[dict, list[dict]]:
+    """A scored patient's heatmaps and DICOM results, as asked; its row, with the error when
+    the DICOM results could not be written (the patient is then failed, so --resume tries it
+    again), and its heatmap index rows."""
+    item, score, row = prediction.item, prediction.score, prediction.row
     heat_rows: list[dict] = []
-
-    def save(path: Path) -> pd.DataFrame:
-        table = _prediction_table(rows)
-        atomic_write_csv(path, table)
-        if heat_dir and heat_rows:
-            update_heatmap_index(heat_dir, heat_rows)
-        return table
-
-    last_save = time.monotonic()
-    finished = False
-    try:
-        for prediction in score_items(trained, items(), batch_slices):
-            item, score, row = prediction.item, prediction.score, prediction.row
-            if heat_dir:
-                maps = write_heatmaps(
-                    trained,
-                    item.job.patient_id,
-                    item.array,
-                    score.slice_logits,
-                    heat_dir,
-                    top_k,
-                )
-                heat_rows += [{**m, "probability": row["probability"]} for m in maps]
-            if dicom_dir:
-                try:
-                    _write_dicom(trained, item, score, dicom_dir, top_k)
-                except Exception as err:  # noqa: BLE001 - a batch job records it and goes on
-                    # The patient lacks an output asked for: failed, so --resume tries again.
-                    row = {**row, "error": f"DICOM results: {type(err).__name__}: {err}"}
-                    log.warning("patient %s: %s", item.job.patient_id, row["error"])
-            # Only now is the patient done: a stop during its heatmaps (seconds each) must
-            # leave it for --resume, not saved without them.
-            rows.append(row)
-            bar.update()
-            if time.monotonic() - last_save >= save_every_s:
-                save(partial)  # a long run stopped by a crash or a kill keeps what it did
-                last_save = time.monotonic()
-        finished = True
-    finally:
-        bar.close()
-        # Stopped before any patient was done: nothing to keep, so no side file to resume from.
-        table = save(out_csv if finished else partial) if finished or rows else None
-        if finished:
-            partial.unlink(missing_ok=True)
-        elif table is not None:
-            log.warning(
-                "predict stopped early: the %d patients done are in %s; run the same command "
-                "with --resume to predict the rest",
-                len(table),
-                partial,
-            )
-    return PredictResult(table, kept=len(kept))
+    if heat_dir:
+        maps = write_heatmaps(
+            trained, item.job.patient_id, item.array, score.slice_logits, heat_dir, top_k
+        )
+        heat_rows = [{**m, "probability": row["probability"]} for m in maps]
+    if dicom_out:
+        try:
+            _write_dicom(trained, item, score, Path(dicom_out), top_k)
+        except Exception as err:  # noqa: BLE001 - a batch job records it and goes on
+            row = {**row, "error": f"DICOM results: {type(err).__name__}: {err}"}
+            log.warning("patient %s: %s", item.job.patient_id, row["error"])
+    return row, heat_rows
 
 
 def _write_dicom(
@@ -406,7 +438,7 @@ def _check_out(out_csv: Path, partial: Path, resume: bool) -> None:
             )
 
 
-def _rows_to_keep(out_csv: Path, trained: TrainedModel) -> list[dict]:
+def _rows_to_keep(out_csv: Path, model_id: str) -> list[dict]:
     """``--resume``: the rows of an earlier run (its side file of a stopped run, else its
     finished table) that were predicted without an error (failed patients are tried again).
     They must come from the same model."""
@@ -417,9 +449,9 @@ def _rows_to_keep(out_csv: Path, trained: TrainedModel) -> list[dict]:
     old[list(text)] = old[list(text)].fillna("")
     ok = old[old["error"] == ""]
     models = sorted(set(ok["model"]))
-    if models and models != [trained.model_id]:
+    if models and models != [model_id]:
         raise ValueError(
             f"{out_csv}: its rows were predicted by model {', '.join(models)}, this run's is "
-            f"{trained.model_id} (the weights' checksum): write to a new --out instead"
+            f"{model_id}: write to a new --out instead"
         )
     return ok.to_dict("records")

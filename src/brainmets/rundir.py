@@ -49,9 +49,6 @@ HEATMAPS = "heatmaps"
 HEATMAP_INDEX = "heatmaps.csv"
 REPORT = "report.html"
 PREDICTIONS = "predictions.csv"
-EXPORT = "export"
-EXPORT_ONNX = "model.onnx"
-EXPORT_SIDECAR = "brainmets.json"
 LOCK = ".lock"
 
 RUN_FILES = (LOG, CONFIG, METRICS, MODEL_SIDECAR, EVALUATION)
@@ -62,22 +59,28 @@ def resume_state(run: Path) -> Path:
     return Path(run) / CHECKPOINTS / RESUME_STATE
 
 
-def environment_info(device: Any, world_size: int) -> dict[str, Any]:
-    """Versions and devices of this run (deliberately without the host name)."""
-    import numpy as np
-    import torch
-    import torchvision
+def versions(*packages: str) -> dict[str, str]:
+    """The versions of brainmets, torch, torchvision and ``packages``: the one record that
+    checkpoints, exports and ``environment.json`` carry."""
+    import importlib
 
     import brainmets
 
+    found = {"brainmets": brainmets.__version__}
+    for name in ("torch", "torchvision", *packages):
+        found[name] = str(importlib.import_module(name).__version__)
+    return found
+
+
+def environment_info(device: Any, world_size: int) -> dict[str, Any]:
+    """Versions and devices of this run (deliberately without the host name)."""
+    import torch
+
     cuda = torch.cuda.is_available()
     return {
-        "brainmets": brainmets.__version__,
+        **versions("numpy"),
         "python": sys.version.split()[0],
         "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": np.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "device": str(device),

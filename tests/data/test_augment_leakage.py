@@ -19,7 +19,7 @@ from brainmets.config import AugmentConfig, AugmentSide
 from brainmets.data.augment import ClassConditionalAugment
 
 SIZE = 40
-# The class-dependent strengths that were the default before: negatives rotated, zoomed and
+# Class-dependent strengths (the milder-positives option of the specification): negatives rotated, zoomed and
 # shifted twice as far as positives.
 CLASS_DEPENDENT = AugmentConfig(
     negative=AugmentSide(

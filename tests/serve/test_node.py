@@ -10,6 +10,7 @@ import threading
 import pydicom
 import pytest
 
+from brainmets.backends import BackendSpec
 from brainmets.serve.node import ModelRefused, Node, NodeConfig
 from brainmets.serve.record import status_text
 
@@ -23,8 +24,8 @@ def start_node(peers, tmp_path, caplog, one_thread):
     started = []
 
     def start(run, store=None, **options) -> Node:
-        config = {"port": 0, "stable_seconds": 0.3, "poll_seconds": 0.1, "device": "cpu",
-                  "top_k": 1, **options}  # fmt: skip
+        config = {"port": 0, "stable_seconds": 0.3, "poll_seconds": 0.1, "top_k": 1,
+                  "backend": BackendSpec(device="cpu"), **options}  # fmt: skip
         node = Node(run, store or tmp_path / "store", NodeConfig(**config))
         node.start()
         started.append(node)

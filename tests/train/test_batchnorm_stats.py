@@ -11,7 +11,11 @@ from brainmets.data.cache import build_cache_from_arrays
 from brainmets.data.dataset import collate_patients
 from brainmets.data.normalize import normalize_slices, uint8_to_unit
 from brainmets.model.resnet import BrainMetsNet
-from brainmets.train.batchnorm_stats import calibrate_batchnorm
+from brainmets.train.batchnorm_stats import (
+    calibrate_batchnorm,
+    norm_statistics,
+    restore_non_finite_norm_statistics,
+)
 from brainmets.train.trainer import train
 
 SIZE = 32
@@ -110,3 +114,33 @@ def test_trainer_calibrates_only_when_asked(tmp_path, calibration, calibrated):
     assert moved == calibrated
     log = (tmp_path / "run/train.log").read_text()
     assert ("calibrated on 9 slices of 3 training patients" in log) == calibrated
+
+
+def test_statistics_poisoned_by_a_skipped_step_are_restored():
+    """A non-finite forward pass is skipped by the optimiser, but the BatchNorm layers that
+    train have already folded it into their running statistics: evaluation would then give
+    NaN for every patient. The epoch's end puts back the last finite values."""
+    torch.manual_seed(0)
+    model = BrainMetsNet(arch="resnet18", hidden=8)
+    model.set_trainable(("layer4", "head"))
+    model.train()
+    x = torch.rand(2, 1, 32, 32)
+    model.forward_features(x)  # a finite step moves the statistics
+    snapshot = norm_statistics(model)
+    model.forward_features(x * 2)  # another finite step: these values must stay
+    kept = norm_statistics(model)
+    bad = x.clone()
+    bad[0, 0, 3, 3] = float("nan")
+    model.forward_features(bad)
+    assert not torch.isfinite(model.layer4[0].bn1.running_var).all()
+
+    poisoned = restore_non_finite_norm_statistics(model, snapshot)
+    assert "layer4.0.bn1.running_var" in poisoned
+    after = norm_statistics(model)
+    for name, value in after.items():
+        expected = snapshot[name] if name in poisoned else kept[name]
+        assert torch.equal(value, expected), name
+    assert not any(name.startswith(("bn1.", "layer1.")) for name in poisoned)  # frozen: untouched
+    model.eval()
+    assert torch.isfinite(model.forward_head(model.forward_features(x))).all()
+    assert restore_non_finite_norm_statistics(model, snapshot) == []

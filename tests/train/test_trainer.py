@@ -24,8 +24,6 @@ from brainmets.train.trainer import (
     METRIC_COLUMNS,
     TrainingInterrupted,
     clip_and_step,
-    norm_statistics,
-    restore_non_finite_norm_statistics,
     train,
 )
 
@@ -337,36 +335,6 @@ def test_one_class_validation_ranks_epochs_by_validation_loss(tmp_path, caplog):
     assert (
         json.loads((tmp_path / "run" / "model.json").read_text())["epoch"] == summary["best_epoch"]
     )
-
-
-def test_statistics_poisoned_by_a_skipped_step_are_restored():
-    """A non-finite forward pass is skipped by the optimiser, but the BatchNorm layers that
-    train have already folded it into their running statistics: evaluation would then give
-    NaN for every patient. The epoch's end puts back the last finite values."""
-    torch.manual_seed(0)
-    model = BrainMetsNet(arch="resnet18", hidden=8)
-    model.set_trainable(("layer4", "head"))
-    model.train()
-    x = torch.rand(2, 1, 32, 32)
-    model.forward_features(x)  # a finite step moves the statistics
-    snapshot = norm_statistics(model)
-    model.forward_features(x * 2)  # another finite step: these values must stay
-    kept = norm_statistics(model)
-    bad = x.clone()
-    bad[0, 0, 3, 3] = float("nan")
-    model.forward_features(bad)
-    assert not torch.isfinite(model.layer4[0].bn1.running_var).all()
-
-    poisoned = restore_non_finite_norm_statistics(model, snapshot)
-    assert "layer4.0.bn1.running_var" in poisoned
-    after = norm_statistics(model)
-    for name, value in after.items():
-        expected = snapshot[name] if name in poisoned else kept[name]
-        assert torch.equal(value, expected), name
-    assert not any(name.startswith(("bn1.", "layer1.")) for name in poisoned)  # frozen: untouched
-    model.eval()
-    assert torch.isfinite(model.forward_head(model.forward_features(x))).all()
-    assert restore_non_finite_norm_statistics(model, snapshot) == []
 
 
 def test_resume_needs_no_pretrained_weights_file(cache_dir, tmp_path):

@@ -19,9 +19,10 @@ import pandas as pd
 from scipy.special import expit
 
 from brainmets import rundir
+from brainmets.backends import BackendSpec, load_backend
 from brainmets.config import EvaluateConfig, load_config
 from brainmets.data.cache import PatientCache
-from brainmets.inference import load_trained, score_cache
+from brainmets.inference import score_cache
 from brainmets.io import atomic_write_csv, atomic_write_text
 from brainmets.metrics import evaluate_predictions
 from brainmets.model.probability import Calibration
@@ -120,10 +121,9 @@ def evaluate_run(
     split: str | None = None,
     out_dir: str | Path | None = None,
     n_boot: int | None = None,
-    device: str = "auto",
+    backend: BackendSpec | None = None,
     seed: int = 0,
     progress: bool = True,
-    compile: bool = False,
 ) -> EvaluationSummary:
     from brainmets.evaluate.plots import write_evaluation_plots
     from brainmets.evaluate.report import write_report
@@ -138,7 +138,7 @@ def evaluate_run(
     n_boot = n_boot if n_boot is not None else settings.n_boot
     targets = settings.sensitivity_targets
 
-    trained = load_trained(run, device, compile=compile)
+    trained = load_backend(run, backend)
     cache = PatientCache(data)
     ids = cache.patient_ids
     if split is not None:

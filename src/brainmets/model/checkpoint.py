@@ -21,12 +21,14 @@ import torch
 from torch import nn
 
 import brainmets
+from brainmets import rundir
 from brainmets.io import atomic_write, atomic_write_text, file_sha256, safe_reason
+from brainmets.model.identity import checked_model_id, model_id
 from brainmets.model.resnet import BrainMetsNet
 
 # Bump when the sidecar or the state dict keys change incompatibly.
 FORMAT_VERSION = 1
-_RESERVED_KEYS = ("format_version", "architecture", "versions", "weights")
+_RESERVED_KEYS = ("format_version", "architecture", "versions", "weights", "model_id")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -81,9 +83,10 @@ def save_checkpoint(model: nn.Module, path: Path, sidecar: dict[str, Any]) -> Pa
         "format_version": FORMAT_VERSION,
         "architecture": network.architecture(),
         "weights": {"file": path.name, "sha256": hashlib.sha256(data).hexdigest()},
-        "versions": _versions(),
+        "versions": rundir.versions("safetensors"),
         **sidecar,
     }
+    meta["model_id"] = model_id(meta)
     try:
         text = json.dumps(meta, indent=2, sort_keys=True)
     except TypeError as error:
@@ -111,7 +114,8 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: the weights or the sidecar is missing.
-        ValueError: an incompatible ``format_version``, a weights file that does not match its
+        ValueError: an incompatible ``format_version``, a sidecar edited after it was written
+            (its content no longer gives its model id), a weights file that does not match its
             sidecar, or weights that do not fit the recorded architecture.
     """
     from safetensors.torch import load_file
@@ -131,6 +135,7 @@ def load_checkpoint(
             f"format_version {FORMAT_VERSION}; load it with the brainmets version that wrote it "
             "or retrain"
         )
+    checked_model_id(meta, json_path)
     expected = meta.get("weights", {}).get("sha256")
     pending = _pending(weights)
     if expected is not None and pending.is_file() and file_sha256(pending) == expected:
@@ -158,18 +163,6 @@ def load_checkpoint(
             f"{weights}: weights do not fit the recorded architecture: {error}"
         ) from error
     return model.to(map_location).eval(), meta
-
-
-def _versions() -> dict[str, str]:
-    import safetensors
-    import torchvision
-
-    return {
-        "brainmets": brainmets.__version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "safetensors": safetensors.__version__,
-    }
 
 
 def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

@@ -1,10 +1,10 @@
 """From the patient logit to the probability ``predict`` and ``evaluate`` report.
 
 The patient logit is the maximum over a patient's slice logits, so its sigmoid is biased
-upward: a negative patient with 40 slices gets the highest of 40 noisy scores. The demo's
-negatives averaged p = 0.44 at an F1 threshold of 0.94. Platt scaling (Platt 1999) maps the
-logit through ``sigmoid(slope * logit + intercept)``, fitted on the validation patients of the
-best epoch, so that among patients given p = 0.3, about 30 % have metastases.
+upward: a negative patient with 40 slices gets the highest of 40 noisy scores, and the
+expected maximum grows with the number of slices. Platt scaling (Platt 1999) maps the logit
+through ``sigmoid(slope * logit + intercept)``, fitted on the validation patients of the best
+epoch, so that among patients given p = 0.3, about 30 % have metastases.
 
 The fit uses Platt's smoothed targets ((N+ + 1) / (N+ + 2) for positives, 1 / (N- + 2) for
 negatives) rather than 0/1: a validation set the model separates perfectly then still has a

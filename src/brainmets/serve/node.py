@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from brainmets.export import load_backend
+from brainmets.backends import BackendSpec, load_backend
 from brainmets.inference import TrainedModel, model_path
 from brainmets.io import exclusive_lock, os_error_line
 from brainmets.ranking import RankingVerdict
@@ -62,13 +62,8 @@ class NodeConfig:
     forward: Destination | None = None
     top_k: int = 3
     poll_seconds: float = 0.5
-    device: str = "auto"
-    # Scoring backend, as predict's --backend: torch, onnxruntime (the run's export, or
-    # ``onnx``) or triton (the server at ``url``). Grad-CAM captures stay in PyTorch.
-    backend: str = "torch"
-    onnx: Path | None = None
-    url: str | None = None
-    triton_model: str = "brainmets"
+    # Scoring backend, as predict's --backend; Grad-CAM captures stay in PyTorch.
+    backend: BackendSpec = field(default_factory=BackendSpec)
     allow_chance: bool = False
     limits: Limits = field(default_factory=Limits)
     keep_days: float = DEFAULT_KEEP_DAYS
@@ -155,15 +150,7 @@ class Node:
         if found:  # said before a backend loads (and onnxruntime prints its own lines)
             self._judge(self.verdict)
         # The model first: a run that cannot load must fail before anything is acknowledged.
-        self.trained = load_backend(
-            self.run,
-            cfg.backend,
-            device=cfg.device,
-            onnx=cfg.onnx,
-            url=cfg.url,
-            triton_model=cfg.triton_model,
-            grad_cam=cfg.top_k > 0,
-        )
+        self.trained = load_backend(self.run, cfg.backend, grad_cam=cfg.top_k > 0)
         if not found:
             self.verdict = RankingVerdict.from_sidecar(self.trained.sidecar)
             self._judge(self.verdict)

@@ -69,3 +69,34 @@ def calibrate_batchnorm(
             m.momentum = momentum
         model.train(was_training)
     return slices
+
+
+def norm_statistics(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every BatchNorm running mean and variance of ``model`` (a few MB at most)."""
+    return {
+        name: buffer.detach().clone()
+        for name, buffer in model.named_buffers()
+        if name.endswith(("running_mean", "running_var"))
+    }
+
+
+def restore_non_finite_norm_statistics(
+    model: torch.nn.Module, snapshot: dict[str, torch.Tensor]
+) -> list[str]:
+    """Put back the snapshot's value of every running statistic that is no longer finite;
+    returns their names.
+
+    A skipped step leaves the weights alone, but its forward pass has already folded the
+    non-finite activations into the running statistics of the BatchNorm layers that train.
+    Evaluation uses those, so every validation logit would become NaN and training end.
+    One host sync per call: it runs once per epoch.
+    """
+    buffers = dict(model.named_buffers())
+    names = list(snapshot)
+    finite = (
+        torch.stack([torch.isfinite(buffers[n]).all() for n in names]).tolist() if names else []
+    )
+    poisoned = [n for n, ok in zip(names, finite, strict=True) if not ok]
+    for name in poisoned:
+        buffers[name].copy_(snapshot[name])
+    return poisoned

@@ -15,7 +15,8 @@ penalising complexity).
 
 The learning rates of the groups are the configured ones, scaled at every step by
 ``lr_factor`` when ``train.lr_warmup_epochs`` or ``train.lr_schedule`` ask for a warm-up or a
-decay (the specification has neither; the CPU demo uses both).
+decay (the specification has neither, and neither is on by default; see docs/benchmarks.md
+for the warm-up and cosine candidate measured against the constant rate).
 
 When the stage changes, the optimiser is rebuilt for the new trainable set, carrying the AdamW
 state (moments and step count) of the parameters that keep training. The head's moment

@@ -1,4 +1,5 @@
-"""torchrun (DDP): joining the process group, and the one collective with gradients.
+"""torchrun (DDP): joining the process group, the collectives the trainer uses, and the one
+collective with gradients.
 
 Each rank takes a disjoint share of every global batch; the trainer rebuilds its DDP wrapper
 whenever the curriculum changes the trainable set, so frozen parameters are never registered.
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -27,6 +30,21 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order (``[obj]`` in a single process)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def reduce_mean(self, value: float) -> float:
+        return float(np.mean(self.all_gather(value)))
 
 
 def init_distributed(device_spec: str) -> DistInfo:

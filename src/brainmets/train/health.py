@@ -41,10 +41,12 @@ COLLAPSE_REMEDY = (
     "and check that both classes reach the training batches (train.pos_fraction)"
 )
 ZERO_SENSITIVITY_REMEDY = (
-    "reduce augmentation intensity on positives (augment.positive.*, equal for both classes "
-    "by default), weigh the positives (train.pos_weight), add the specified confidence term "
-    "(train.confidence.enabled), and check the learning rates (train.lr.*): a head that does "
-    "not move leaves every patient at the same score"
+    "reduce augmentation intensity on positives (augment.positive.*; the trade-off: strengths "
+    "that differ between the classes are a label the network can read instead of the lesions, "
+    "and train warns of it, so lower augment.negative.* alike unless you have measured that "
+    "the difference carries no label), weigh the positives (train.pos_weight), add the "
+    "specified confidence term (train.confidence.enabled), and check the learning rates "
+    "(train.lr.*): a head that does not move leaves every patient at the same score"
 )
 # An oscillating loss travels this many times further than it gets (path / net change).
 _PATH_PER_NET = 3.0

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -47,14 +46,18 @@ from brainmets.data.device_cache import DeviceSliceStore, use_device_cache
 from brainmets.data.labels import SPLITS
 from brainmets.data.normalize import normalize_slices, uint8_to_unit
 from brainmets.device import resolve_device
-from brainmets.io import atomic_write, atomic_write_csv, atomic_write_text, exclusive_lock
+from brainmets.io import atomic_write_csv, atomic_write_text
 from brainmets.metrics import best_f1_threshold, patient_metrics, separation_band
-from brainmets.model.checkpoint import load_weights_only, save_checkpoint
+from brainmets.model.checkpoint import save_checkpoint
 from brainmets.model.pretrained import load_pretrained_backbone, warn_random_init
 from brainmets.model.probability import Calibration, fit_platt
 from brainmets.model.resnet import BrainMetsNet
 from brainmets.ranking import RankingVerdict, judge_ranking
-from brainmets.train.batchnorm_stats import calibrate_batchnorm
+from brainmets.train.batchnorm_stats import (
+    calibrate_batchnorm,
+    norm_statistics,
+    restore_non_finite_norm_statistics,
+)
 from brainmets.train.curriculum import (
     build_optimizer,
     lr_factor,
@@ -65,13 +68,14 @@ from brainmets.train.curriculum import (
 from brainmets.train.distributed import gather_with_grad, init_distributed
 from brainmets.train.health import batch_mix_warning, epoch_warnings
 from brainmets.train.losses import patient_loss
+from brainmets.train.run_folder import RunFolder
 from brainmets.train.selection import HEADLINE, improves
 from brainmets.train.state import (
-    STATE_FORMAT,
     TrainState,
-    numpy_rng_state,
-    python_rng_state,
-    set_numpy_rng_state,
+    capture_rng,
+    read_resume_state,
+    restore_rng,
+    save_resume_state,
 )
 
 log = logging.getLogger(__name__)
@@ -148,37 +152,6 @@ def clip_and_step(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Te
     return found_inf
 
 
-def norm_statistics(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of every BatchNorm running mean and variance of ``model`` (a few MB at most)."""
-    return {
-        name: buffer.detach().clone()
-        for name, buffer in model.named_buffers()
-        if name.endswith(("running_mean", "running_var"))
-    }
-
-
-def restore_non_finite_norm_statistics(
-    model: torch.nn.Module, snapshot: dict[str, torch.Tensor]
-) -> list[str]:
-    """Put back the snapshot's value of every running statistic that is no longer finite;
-    returns their names.
-
-    A skipped step leaves the weights alone, but its forward pass has already folded the
-    non-finite activations into the running statistics of the BatchNorm layers that train.
-    Evaluation uses those, so every validation logit would become NaN and training end.
-    One host sync per call: it runs once per epoch.
-    """
-    buffers = dict(model.named_buffers())
-    names = list(snapshot)
-    finite = (
-        torch.stack([torch.isfinite(buffers[n]).all() for n in names]).tolist() if names else []
-    )
-    poisoned = [n for n, ok in zip(names, finite, strict=True) if not ok]
-    for name in poisoned:
-        buffers[name].copy_(snapshot[name])
-    return poisoned
-
-
 # --------------------------------------------------------------------------- trainer
 
 
@@ -197,61 +170,35 @@ class Trainer:
         if cfg.data.cache is None:
             raise ValueError("data.cache is not set: point it at a `brainmets prepare` output")
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / rundir.CHECKPOINTS
-        self.state_path = self.ckpt_dir / rundir.RESUME_STATE
         self.stop_after_steps = stop_after_steps
         self.progress = progress
         self.writer = None
-        self._log_handler: logging.Handler | None = None
-        self._owned = contextlib.ExitStack()  # the run folder's lock, until close()
         self.dist = init_distributed(cfg.train.device)
-        before = _entries(self.run_dir)
+        self.folder = RunFolder(run_dir, is_main=self.dist.is_main)
+        self.run_dir = self.folder.path
+        self.ckpt_dir = self.folder.checkpoints
+        self.state_path = self.folder.state_path
         try:
-            if self.dist.is_main:  # one run per folder: a second is refused before it writes
-                self._owned.enter_context(
-                    exclusive_lock(self.run_dir / rundir.LOCK, f"run folder {self.run_dir}")
-                )
+            self.folder.claim()  # one run per folder: a second is refused before it writes
             self._check_world(cfg)
             self.device = resolve_device(cfg.train.device, self.dist.local_rank)
             self.cuda = self.device.type == "cuda"
-            self._check_run_dir(resume)
-            self._log_handler = self._open_log()
+            self.folder.check(resume)
+            self.dist.barrier()
+            self.folder.open_log()
             self._build(resume)
         except BaseException as err:
-            if self._log_handler is not None:
-                # Into train.log only, which would end without a word: the caller shows the
-                # error on the console (the CLI as its one-line message).
-                self._log_handler.handle(
-                    log.makeRecord(
-                        log.name, logging.ERROR, __file__, 0,
-                        "training could not start: %s: %s", (type(err).__name__, err), None,
-                    )
-                )  # fmt: skip
-            # Detach the log (later runs of this process must not write into this run's file)
-            # and leave the process group this run joined, so that the caller can start again.
+            self.folder.log_failed_start(err)
+            # Leave the process group this run joined, so that the caller can start again.
             self.close()
-            if not resume and self.dist.is_main:
-                _remove_new_entries(self.run_dir, before)
+            if not resume:
+                self.folder.undo_start()
             raise
 
     def _build(self, resume: bool) -> None:
         """Everything after the run directory and its log: data, model, state, writers."""
-        cfg = self.cfg
-        self.cache = PatientCache(cfg.data.cache)
-        if cfg.preprocess != self.cache.preprocess:
-            # The cache is what the model will see; the saved config must say so.
-            ours, cached = cfg.preprocess.model_dump(), self.cache.preprocess.model_dump()
-            changed = {k: f"{ours[k]} -> {cached[k]}" for k in ours if ours[k] != cached[k]}
-            log.warning(
-                "preprocess settings of the config differ from those %s was prepared with (%s); "
-                "training uses the cache as prepared, and config.yaml records that. To change "
-                "them, run `brainmets prepare --config` with this config into a new cache.",
-                cfg.data.cache,
-                ", ".join(f"{k}: {v}" for k, v in changed.items()),
-            )
-            cfg = cfg.model_copy(update={"preprocess": self.cache.preprocess})
-            self.cfg = cfg
+        self.cache = PatientCache(self.cfg.data.cache)
+        cfg = self.cfg = self._config_as_cached(self.cfg)
         self.splits = self._make_splits(resume)
         self.best_metric = self._choose_best_metric()
         unreached = [
@@ -288,6 +235,47 @@ class Trainer:
         if self.dist.is_main and (leak := class_dependent_warning(cfg.augment)):
             log.warning(leak)
 
+        self._build_data()
+
+        self.state = TrainState()
+        self.stage: int | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.forward_model: torch.nn.Module = self.model
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._skipped = torch.zeros((), device=self.device)
+        # BatchNorm running statistics at the start of the epoch in progress (see fit).
+        self._norm_snapshot: dict[str, torch.Tensor] | None = None
+        if resume:
+            self._load_state()
+        self.writer = self._open_tensorboard()
+        if self.dist.is_main:
+            save_config(cfg, self.run_dir / rundir.CONFIG)
+            atomic_write_text(
+                self.run_dir / rundir.ENVIRONMENT,
+                json.dumps(rundir.environment_info(self.device, self.dist.world_size), indent=2)
+                + "\n",
+            )
+
+    def _config_as_cached(self, cfg: Config) -> Config:
+        """The config with the cache's preprocessing: the cache is what the model will see, and
+        the saved config must say so."""
+        if cfg.preprocess == self.cache.preprocess:
+            return cfg
+        ours, cached = cfg.preprocess.model_dump(), self.cache.preprocess.model_dump()
+        changed = {k: f"{ours[k]} -> {cached[k]}" for k in ours if ours[k] != cached[k]}
+        log.warning(
+            "preprocess settings of the config differ from those %s was prepared with (%s); "
+            "training uses the cache as prepared, and config.yaml records that. To change "
+            "them, run `brainmets prepare --config` with this config into a new cache.",
+            cfg.data.cache,
+            ", ".join(f"{k}: {v}" for k, v in changed.items()),
+        )
+        return cfg.model_copy(update={"preprocess": self.cache.preprocess})
+
+    def _build_data(self) -> None:
+        """The training patients with their sampler, this rank's validation patients, and the
+        device copies of both when they fit."""
+        cfg = self.cfg
         self.train_set = PatientDataset(
             self.cache,
             self.splits["train"],
@@ -321,25 +309,6 @@ class Trainer:
                 (self.train_store.images.numel() + self.val_store.images.numel()) / 1e9,
             )
 
-        self.state = TrainState()
-        self.stage: int | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.forward_model: torch.nn.Module = self.model
-        self._loss_sum = torch.zeros((), device=self.device)
-        self._skipped = torch.zeros((), device=self.device)
-        # BatchNorm running statistics at the start of the epoch in progress (see fit).
-        self._norm_snapshot: dict[str, torch.Tensor] | None = None
-        if resume:
-            self._load_state()
-        self.writer = self._open_tensorboard()
-        if self.dist.is_main:
-            save_config(cfg, self.run_dir / rundir.CONFIG)
-            atomic_write_text(
-                self.run_dir / rundir.ENVIRONMENT,
-                json.dumps(rundir.environment_info(self.device, self.dist.world_size), indent=2)
-                + "\n",
-            )
-
     def _check_world(self, cfg: Config) -> None:
         """Settings that cannot work with this many torchrun processes, said before any work."""
         world = self.dist.world_size
@@ -362,39 +331,6 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------ run directory
-    def _check_run_dir(self, resume: bool) -> None:
-        if resume and not self.state_path.is_file():
-            raise FileNotFoundError(
-                f"cannot resume {self.run_dir}: {self.state_path} does not exist "
-                "(the run never saved a checkpoint)"
-            )
-        if not resume and self.state_path.is_file():
-            raise FileExistsError(
-                f"{self.run_dir} already holds a run ({self.state_path}); resume it with "
-                "--resume or choose another run directory"
-            )
-        if self.dist.is_main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self._barrier()
-
-    def _close_log(self) -> None:
-        if self._log_handler is not None:
-            logging.getLogger("brainmets").removeHandler(self._log_handler)
-            self._log_handler.close()
-            self._log_handler = None
-
-    def _open_log(self) -> logging.Handler | None:
-        if not self.dist.is_main:
-            return None
-        handler = logging.FileHandler(self.run_dir / rundir.LOG, mode="a", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler.setLevel(logging.INFO)
-        root = logging.getLogger("brainmets")
-        root.addHandler(handler)
-        if root.level == logging.NOTSET or root.level > logging.INFO:
-            root.setLevel(logging.INFO)
-        return handler
-
     def _open_tensorboard(self):
         """Every scalar is logged at the optimiser step. On resume, events written after the
         saved state (by the run that was stopped) are purged from the view: the resumed run
@@ -605,7 +541,7 @@ class Trainer:
             torch.cat(labels) if labels else torch.zeros(0),
             ids,
         )
-        parts = self._all_gather(local)
+        parts = self.dist.all_gather(local)
         by_id = {
             pid: (float(lg), float(lb))
             for part_logits, part_labels, part_ids in parts
@@ -640,7 +576,7 @@ class Trainer:
     # ------------------------------------------------------------------ epoch end
     def _end_epoch(self, epoch: int, seconds: float) -> dict[str, Any]:
         loss_sum, skipped = self._epoch_loss()
-        loss_sum = self._reduce_mean(loss_sum)
+        loss_sum = self.dist.reduce_mean(loss_sum)
         steps = self.state.epoch_steps
         train_loss = loss_sum / max(steps - skipped, 1) if steps - skipped > 0 else math.nan
         metrics, predictions = self.validate()
@@ -768,20 +704,9 @@ class Trainer:
         save_checkpoint(self.model, self.run_dir / rundir.MODEL, sidecar)
         atomic_write_csv(self.run_dir / rundir.VAL_PREDICTIONS, predictions)
 
-    def _rng_state(self) -> dict[str, Any]:
-        state = {
-            "python": python_rng_state(),
-            "numpy": numpy_rng_state(),
-            "torch": torch.get_rng_state(),
-            "augment": self.aug_generator.get_state(),
-        }
-        if self.cuda:
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
     def _save_last(self) -> None:
         """Everything needed to resume, written atomically (rank 0; RNG states of all ranks)."""
-        rng = self._all_gather(self._rng_state())
+        rng = self.dist.all_gather(capture_rng(self.aug_generator, self.device))
         self.state.epoch_loss_sum += self._loss_sum.item()
         self.state.epoch_skipped += int(self._skipped.item())
         self._loss_sum.zero_()
@@ -791,7 +716,6 @@ class Trainer:
         last_row = self.state.history[-1] if self.state.history else None
         save_checkpoint(self.model, self.ckpt_dir / rundir.LAST_WEIGHTS, self._sidecar(last_row))
         payload = {
-            "format": STATE_FORMAT,
             "train_state": asdict(self.state),
             "stage": self.stage,
             "model": self.model.state_dict(),
@@ -801,14 +725,10 @@ class Trainer:
             "config_hash": self.cfg.config_hash(),
             "norm_snapshot": self._norm_snapshot,
         }
-        atomic_write(self.state_path, lambda fh: torch.save(payload, fh))
+        save_resume_state(self.state_path, payload)
 
     def _load_state(self) -> None:
-        payload = load_weights_only(self.state_path, self.device)
-        if payload.get("format") != STATE_FORMAT:
-            raise ValueError(
-                f"{self.state_path}: unsupported resume state format {payload.get('format')!r}"
-            )
+        payload = read_resume_state(self.state_path, self.device)
         if payload["config_hash"] != self.cfg.config_hash():
             log.warning("resuming %s with a changed config", self.run_dir)
         self.state = TrainState(**payload["train_state"])
@@ -827,34 +747,11 @@ class Trainer:
                 payload["world_size"], self.dist.world_size,
             )  # fmt: skip
         else:
-            self._set_rng_state(rng[self.dist.rank])
+            restore_rng(rng[self.dist.rank], self.aug_generator, self.device)
         log.info(
             "resumed %s at epoch %d, batch %d (step %d), saved in stage %d",
             self.run_dir, self.state.epoch, self.state.batch, self.state.global_step, self.stage,
         )  # fmt: skip
-
-    def _set_rng_state(self, state: dict[str, Any]) -> None:
-        random.setstate(state["python"])
-        set_numpy_rng_state(state["numpy"])
-        torch.set_rng_state(state["torch"].cpu())
-        self.aug_generator.set_state(state["augment"].cpu())
-        if self.cuda and "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"].cpu(), self.device)
-
-    # ------------------------------------------------------------------ collectives
-    def _barrier(self) -> None:
-        if self.dist.enabled:
-            dist.barrier()
-
-    def _all_gather(self, obj: Any) -> list[Any]:
-        if not self.dist.enabled:
-            return [obj]
-        out: list[Any] = [None] * self.dist.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def _reduce_mean(self, value: float) -> float:
-        return float(np.mean(self._all_gather(value)))
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> dict[str, Any]:
@@ -961,26 +858,9 @@ class Trainer:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        self._close_log()
+        self.folder.close()
         if self.dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()
-        self._owned.close()
-
-
-def _entries(folder: Path) -> set[str] | None:
-    """The names in ``folder``; None when it does not exist."""
-    return {p.name for p in folder.iterdir()} if folder.is_dir() else None
-
-
-def _remove_new_entries(folder: Path, before: set[str] | None) -> None:
-    """Undo what a run that could not start wrote (checkpoints/, splits.csv, config.yaml ...),
-    keeping what the folder held before and the log, which says why the start failed."""
-    for name in (_entries(folder) or set()) - (before or set()):
-        if name != rundir.LOG:
-            path = folder / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(True)
-    if before is None and folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()  # failed before its log was opened: no trace at all
 
 
 def train(
