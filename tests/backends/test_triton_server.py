@@ -10,6 +10,7 @@ run; a failure under CI=true.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -231,3 +232,25 @@ def test_serve_scores_a_received_study_through_the_real_server(
     assert row["decision"] == expected["decision"] and row["model"] == expected["model"]
     uid = pydicom.dcmread(next(p for p in study.rglob("*") if p.is_file())).StudyInstanceUID
     assert row["study_uid"] == uid
+
+
+# ------------------------------------------------------------------------------- benchmark
+
+
+@pytest.mark.slow  # its own export and server: ~20 s
+def test_the_triton_benchmark_times_both_backends_and_they_agree(tmp_path):
+    _require(missing())
+    out = tmp_path / "triton.json"
+    benchmark = Path(__file__).resolve().parents[2] / "benchmarks" / "triton_throughput.py"
+    done = subprocess.run(
+        [sys.executable, str(benchmark), "--arch", "resnet18", "--size", "32", "--patients", "2",
+         "--slices", "3", "--max-batch", "2", "--rounds", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())["resnet18@32"]
+    served = report["results"]["triton (gRPC, loopback)"]
+    for row in report["results"].values():
+        assert len(row["rates"]) == 2 and all(r > 0 for r in row["rates"]), done.stdout
+    assert served["ratio_min"] <= served["ratio"] <= served["ratio_max"]
+    assert max(report["max_abs_diff_slice_logit"].values()) <= 1e-4
