@@ -5,7 +5,8 @@ logit ``[B]`` out, ``B`` free) as ``model.onnx``, checked by ``onnx.checker``, b
 ``brainmets.json``: everything else a scorer needs, as JSON (preprocessing, input
 normalisation, pooling, the operating threshold on the plain sigmoid, the Platt calibration,
 the model id, the tensor names, the opset and the versions). ``--triton REPO`` also writes a
-Triton Inference Server model repository holding the same graph.
+Triton Inference Server model repository holding the same graph, for Triton's ONNX Runtime
+backend (a stock server) or, with ``--triton-backend python``, for its Python backend.
 
 Outside the graph, on purpose:
 

@@ -12,9 +12,11 @@ are off, so nothing else listens.
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -61,6 +63,13 @@ def missing() -> str | None:
         if importlib.util.find_spec(package.split(".")[0]) is None:
             return f"{package} is not installed (the served model and the client need it)"
     return None
+
+
+def _end_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies, so that a test
+    run killed outright leaves no server behind (Linux's PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:
@@ -149,7 +158,12 @@ class TritonServer:
         ]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env=self._env(), cwd=self._work
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._env(),
+                cwd=self._work,
+                preexec_fn=_end_with_parent,
             )
 
     def _wait_ready(self, port: int) -> bool:
