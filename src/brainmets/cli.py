@@ -356,6 +356,7 @@ def cmd_export(args) -> int:
         triton=args.triton,
         name=args.name,
         max_batch=args.max_batch,
+        triton_backend=args.triton_backend,
         quantize=args.quantize,
         opset=args.opset,
     )
@@ -364,7 +365,8 @@ def cmd_export(args) -> int:
         f"PyTorch on probe slices {result.max_abs_diff:.2g})"
     )
     if result.triton:
-        print(f"Triton model repository: {result.triton} (config.pbtxt, 1/model.onnx)")
+        files = "1/model.py, 1/model.onnx" if args.triton_backend == "python" else "1/model.onnx"
+        print(f"Triton model repository: {result.triton} (config.pbtxt, {files})")
     return 0
 
 
@@ -703,6 +705,14 @@ def _export_parser(command: Command) -> None:
         type=int,
         default=128,
         help="Triton max_batch_size: most slices per request (default %(default)s)",
+    )
+    p.add_argument(
+        "--triton-backend",
+        choices=("onnxruntime", "python"),
+        default="onnxruntime",
+        help="the Triton backend that runs the model: onnxruntime (a stock Triton server) or "
+        "python (model.py runs model.onnx with onnxruntime in the server's Python: for servers "
+        "without the ONNX Runtime backend, such as nvidia-pytriton's) (default %(default)s)",
     )
     p.add_argument(
         "--quantize",
