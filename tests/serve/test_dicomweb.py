@@ -18,7 +18,7 @@ from brainmets.dicom_results import read_result
 from brainmets.serve.forward import SendError, StowDestination, parse_destination
 from brainmets.serve.node import Node, NodeConfig
 from brainmets.serve.pull import Puller, PullSource
-from brainmets.serve.record import Record
+from brainmets.serve.record import Record, status_text
 from brainmets.serve.spool import Spool
 
 from .conftest import (
@@ -206,6 +206,7 @@ def test_the_archive_is_pulled_a_page_at_a_time_each_instance_once(
     assert damaged_uid in spy.fetched and damaged_uid not in spooled
     assert len(spy.fetched) == len(first) + len(second) + 1
     assert record.pull_mark(orthanc.dicomweb) == "20200101"
+    assert f"pulling from {orthanc.dicomweb}: studies dated from 20200101 on" in status_text(store)
     # Polled again, and after a restart: nothing is fetched again, the damaged one included.
     assert puller.poll() == 0
     record.close()

@@ -174,7 +174,8 @@ class Node:
         if cfg.pull is not None:
             self.puller = Puller(cfg.pull, self.spool, self.record,
                                  min_free_bytes=cfg.limits.min_free_bytes,
-                                 on_received=self._arrived)  # fmt: skip
+                                 on_received=self._arrived,
+                                 stopping=self._stop.is_set)  # fmt: skip
             self._spawn("brainmets-pull", self._pull_loop)
         where = [f"{cfg.ae_title} listening on {cfg.host}:{self.port}"] if cfg.listen else []
         if cfg.pull is not None:

@@ -123,6 +123,7 @@ class Puller:
         min_free_bytes: int = 0,
         on_received: Callable[[str, Receipt, str], None] | None = None,
         today: Callable[[], dt.date] = dt.date.today,
+        stopping: Callable[[], bool] = lambda: False,
     ):
         self.source = source
         self.spool = spool
@@ -130,6 +131,7 @@ class Puller:
         self.min_free_bytes = min_free_bytes
         self.on_received = on_received
         self.today = today
+        self.stopping = stopping  # the node stops: a poll ends between two instances
         self.kept = 0  # instances kept by the current poll
         self.session = client(source.url)
         self._say = Throttle(log)
@@ -151,6 +153,8 @@ class Puller:
             raise PullFailed(f"listing studies: {describe(err)}") from None
         self.kept, pending = 0, []
         for study in listed:
+            if self.stopping():
+                return self.kept  # the mark stays: the next start lists the same again
             if study.modalities and "CT" not in study.modalities:
                 continue
             if study.instances is not None and study.instances == self.record.listed(
@@ -160,6 +164,8 @@ class Puller:
             try:
                 self._pull_study(study)
             except StudyNotPulled as err:
+                if self.stopping():
+                    return self.kept
                 pending.append(study.date or mark)
                 self._say(logging.WARNING, f"study {study.study_uid}", "study %s: not pulled "
                           "from %s now (%s); tried again at the next poll",
@@ -225,6 +231,8 @@ class Puller:
         known = self.record.fetched_instances(uid)
         ct = [i for i in instances if _value(i, SOP_CLASS) in CT_STORAGE]
         for item in ct:
+            if self.stopping():
+                raise StudyNotPulled("the node stops")
             if _value(item, SOP) not in known:
                 self._fetch(uid, str(_value(item, SERIES) or ""), str(_value(item, SOP)))
         if instances and not ct:

@@ -716,6 +716,28 @@ def format_status(table: pd.DataFrame) -> str:
     return shown.to_string(index=False)
 
 
+def read_pulls(store: str | Path) -> list[tuple[str, str, float | None]]:
+    """(url, mark, last poll) of each DICOMweb server the node pulls from."""
+    db = _read_only(store)
+    try:
+        return db.execute("SELECT url, mark, polled_at FROM pull_sources ORDER BY url").fetchall()
+    except sqlite3.OperationalError:  # a record written before pulling was known
+        return []
+    finally:
+        db.close()
+
+
+def format_pulls(pulls: list[tuple[str, str, float | None]]) -> list[str]:
+    lines = []
+    for url, mark, polled in pulls:
+        when = (
+            "never" if polled is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(polled))
+        )
+        lines.append(f"pulling from {url}: studies dated from {mark} on, last poll {when} UTC")
+    return lines
+
+
 def status_text(store: str | Path) -> str:
-    """What ``serve --status`` prints: the model line, then the record."""
-    return f"{format_node(read_node(store))}\n{format_status(read_status(store))}"
+    """What ``serve --status`` prints: the model line, the servers pulled from, the record."""
+    lines = [format_node(read_node(store)), *format_pulls(read_pulls(store))]
+    return "\n".join([*lines, format_status(read_status(store))])
