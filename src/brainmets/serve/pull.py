@@ -103,6 +103,16 @@ class Listed:
         )
 
 
+def _part10(ds) -> tuple[bytes, str | None]:
+    """The instance as a DICOM file (what the spool keeps), or why it cannot be one."""
+    encoded = io.BytesIO()
+    try:
+        ds.save_as(encoded, enforce_file_format=True)
+    except Exception as err:  # noqa: BLE001 - pydicom's errors for a data set it cannot write
+        return b"", f"cannot be written as a DICOM file ({type(err).__name__}: {err})"[:200]
+    return encoded.getvalue(), None
+
+
 class PullFailed(Exception):
     """The server could not be listed: the whole poll is tried again."""
 
@@ -256,14 +266,13 @@ class Puller:
             except Exception as err:  # noqa: BLE001 - a network or server failure: later
                 raise StudyNotPulled(describe(err)) from None
             problem = self._problem(ds, study_uid, sop_uid)
+        if problem is None:
+            data, problem = _part10(ds)
         if problem:
             self._say(logging.WARNING, f"refused {problem[:24]}",
                       "refused instance %s pulled from %s: %s", sop_uid, url, problem)  # fmt: skip
             self.record.fetch_refused(url, study_uid, sop_uid, problem)
             return
-        encoded = io.BytesIO()
-        ds.save_as(encoded, enforce_file_format=True)
-        data = encoded.getvalue()
         receipt = keep_instance(
             self.spool,
             self.record,
