@@ -152,24 +152,41 @@ def test_predict_posts_its_dicom_results_to_a_stow_url(
 
 
 class _Counting:
-    """Counts the WADO-RS retrievals a puller makes (the real requests go through)."""
+    """Counts the instances a puller fetches by WADO-RS, one by one or by series (the real
+    requests go through); ``fail_after`` drops the connection after that many, once."""
 
-    def __init__(self, puller: Puller):
+    def __init__(self, puller: Puller, fail_after: int | None = None):
+        import requests
+
         self.fetched: list[str] = []
-        real = puller.session.retrieve_instance
+        self.one_by_one: list[str] = []
+        session = puller.session
+        one, series = session.retrieve_instance, session.iter_series
 
-        def retrieve(study, series, sop, **kw):
+        def count(sop):
+            if fail_after is not None and len(self.fetched) == fail_after:
+                self.fetched.append("dropped")
+                raise requests.ConnectionError("connection reset by peer")
             self.fetched.append(sop)
-            return real(study, series, sop, **kw)
 
-        puller.session.retrieve_instance = retrieve
+        def retrieve(study, series_uid, sop, **kw):
+            count(sop)
+            self.one_by_one.append(sop)
+            return one(study, series_uid, sop, **kw)
+
+        def stream(study, series_uid, **kw):
+            for ds in series(study, series_uid, **kw):
+                count(ds.SOPInstanceUID)
+                yield ds
+
+        session.retrieve_instance, session.iter_series = retrieve, stream
 
 
-def _puller(store, orthanc, **options) -> tuple[Puller, Record, _Counting]:
+def _puller(store, orthanc, fail_after=None, **options) -> tuple[Puller, Record, _Counting]:
     record = Record(store)
     source = PullSource(orthanc.dicomweb, page=options.pop("page", 2), since="20200101")
     puller = Puller(source, Spool(store), record, **options)
-    return puller, record, _Counting(puller)
+    return puller, record, _Counting(puller, fail_after)
 
 
 def test_the_archive_is_pulled_a_page_at_a_time_each_instance_once(
@@ -180,10 +197,12 @@ def test_the_archive_is_pulled_a_page_at_a_time_each_instance_once(
     second = ct_series_files(head_ct_studies / "SYN0016")
     mr_study = generate_uid()
 
+    mr_series = generate_uid()
+
     def as_mr(ds, i):
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.Modality = mr_study, "MR"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = mr_study, mr_series, "MR"
 
     mr = sorted(copy_study(second[:3], tmp_path / "mr", as_mr).iterdir())
 
@@ -244,27 +263,38 @@ def test_the_mark_never_passes_today(peers, orthanc, head_ct_studies, tmp_path):
 def test_a_server_that_fails_mid_study_is_asked_again_at_the_next_poll(
     peers, orthanc, head_ct_studies, tmp_path
 ):
-    import requests
-
     orthanc.clear()
     files = ct_series_files(head_ct_studies / "SYN0018")
     orthanc.upload(*files)
-    puller, record, spy = _puller(tmp_path / "store", orthanc)
-    real = puller.session.retrieve_instance
-    calls = []
-
-    def flaky(study, series, sop, **kw):  # the connection drops after four instances
-        calls.append(sop)
-        if len(calls) == 5:
-            raise requests.ConnectionError("connection reset by peer")
-        return real(study, series, sop, **kw)
-
-    puller.session.retrieve_instance = flaky
-    assert puller.poll() == 4
+    puller, record, spy = _puller(tmp_path / "store", orthanc, fail_after=4)
+    assert puller.poll() == 4  # the series stream breaks after four instances
     assert record.listed(orthanc.dicomweb, _study_uid(files)) is None  # not pulled in full
-    assert puller.poll() == len(files) - 4
-    assert len(calls) == len(files) + 1  # each instance once, and the one that failed again
+    assert puller.poll() == len(files) - 4  # the rest, one by one
+    assert spy.fetched[4] == "dropped" and len(spy.fetched) == len(files) + 1
+    assert len(set(spy.fetched)) == len(files) + 1  # none fetched twice
     assert status_rows(tmp_path / "store")["instances"].tolist() == [len(files)]
+    record.close()
+
+
+def test_a_series_the_server_will_not_send_whole_is_fetched_one_by_one(
+    peers, orthanc, head_ct_studies, tmp_path
+):
+    orthanc.clear()
+    files = ct_series_files(head_ct_studies / "SYN0020")
+    other_study = generate_uid()
+
+    def same_series_elsewhere(ds, i):  # as an anonymiser that keeps series UIDs leaves it
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID = other_study
+
+    copies = sorted(copy_study(files[:3], tmp_path / "copy", same_series_elsewhere).iterdir())
+    orthanc.upload(*files, *copies)
+    puller, record, spy = _puller(tmp_path / "store", orthanc)
+    # Orthanc answers the series of one of the two studies with 404 ("inexistent series"),
+    # and sends its instances one at a time.
+    assert puller.poll() == len(files) + 3
+    assert spy.one_by_one and len(spy.fetched) == len(set(spy.fetched)) == len(files) + 3
+    assert sorted(status_rows(tmp_path / "store")["instances"]) == [3, len(files)]
     record.close()
 
 
