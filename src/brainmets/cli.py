@@ -318,12 +318,14 @@ def cmd_predict(args) -> int:
 
 def _dicom_outputs(values: list[str]) -> tuple[Path | None, str | None]:
     """``--dicom-out`` given as a folder, a STOW-RS URL, or one of each (both are written)."""
-    from brainmets.dicomweb import check_url, is_url
+    from brainmets.dicomweb import check_url, is_url, require
 
     urls = [check_url(v, "--dicom-out") for v in values if is_url(v)]
     folders = [Path(v) for v in values if not is_url(v)]
     if len(urls) > 1 or len(folders) > 1:
         raise ValueError("--dicom-out: at most one folder and one STOW-RS URL")
+    if urls:
+        require()
     return (folders[0] if folders else None), (urls[0] if urls else None)
 
 

@@ -50,6 +50,11 @@ def check_url(url: str, option: str) -> str:
     return url.rstrip("/")
 
 
+def require() -> None:
+    """Fail at the start, naming the extra, rather than at the first result to post."""
+    require_package("dicomweb_client", "DICOMweb", extra="dicomweb")
+
+
 def client(url: str, *, retry_attempts: int = 1, timeout: tuple[float, float] = TIMEOUT):
     """A dicomweb-client session for the service root ``url`` (e.g. Orthanc's
     ``http://host:8042/dicom-web``), with bounded timeouts."""

@@ -38,3 +38,13 @@ def test_dicomweb_options_are_checked_before_anything_starts(tiny_run, tmp_path,
     rc = main(["-q", "predict", str(tiny_run), str(tmp_path), "--dicom-out", "http://a/dicom-web",
                "--dicom-out", "https://b/dicom-web"])  # fmt: skip
     assert rc == 2 and "at most one folder and one STOW-RS URL" in capsys.readouterr().err
+
+
+def test_dicomweb_without_its_package_names_the_extra(tiny_run, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "dicomweb_client", None)  # as if not installed
+    rc = main(["-q", "serve", str(tiny_run), "--store", str(tmp_path / "store"), "--forward",
+               "http://pacs:8042/dicom-web"])  # fmt: skip
+    assert rc == 2 and "pip install 'brainmets[dicomweb]'" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()  # refused before the node started

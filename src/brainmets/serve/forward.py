@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from pydicom import dcmread
 
-from brainmets.dicomweb import DicomwebError, check_url, client, is_url, store
+from brainmets.dicomweb import DicomwebError, check_url, client, is_url, require, store
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,9 @@ class StowDestination:
 
     @classmethod
     def parse(cls, text: str) -> StowDestination:
-        return cls(check_url(text.strip(), "--forward"))
+        destination = cls(check_url(text.strip(), "--forward"))
+        require()
+        return destination
 
     def __str__(self) -> str:
         return self.url
