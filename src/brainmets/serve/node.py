@@ -264,12 +264,11 @@ class Node:
             pass
 
     def _arrived(self, study_uid: str, receipt: Receipt, sender: str) -> None:
-        """``sender``: the calling AE title, or ``DICOMweb URL`` for a pulled instance."""
+        """``sender``: ``AE 'TITLE'``, or ``DICOMweb URL`` for a pulled instance."""
         if receipt.opened:
-            who = sender if sender.startswith("DICOMweb ") else f"AE {sender!r}"
             log.info(
                 "study %s: receiving from %s (revision %d)",
-                short_uid(study_uid), who, receipt.revision,
+                short_uid(study_uid), sender, receipt.revision,
             )  # fmt: skip
 
     # ----------------------------------------------------------------------- scoring

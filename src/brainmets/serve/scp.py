@@ -72,8 +72,8 @@ class _Refusal(Exception):
 class StorageSCP:
     """The listening node: C-ECHO, and C-STORE of head CT into the spool and the record.
 
-    ``on_received`` is called with the receipt of each instance recorded (the node logs a
-    study's arrival); the handler never does more than decode, write and record, so reception
+    ``on_received`` is called with the receipt of each instance recorded and its sender
+    (``AE 'TITLE'``; the node logs a study's arrival); the handler never does more than decode, write and record, so reception
     is never held up by scoring or forwarding."""
 
     def __init__(
@@ -230,7 +230,7 @@ class StorageSCP:
             return SUCCESS
         self._count(visit, "stored")
         if self.on_received:
-            self.on_received(study_uid, receipt, visit.calling_ae)
+            self.on_received(study_uid, receipt, f"AE {visit.calling_ae!r}")
         return SUCCESS
 
     def _store(self, event) -> tuple[Receipt | None, str, str]:
