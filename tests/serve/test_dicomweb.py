@@ -190,14 +190,12 @@ def _puller(store, orthanc, fail_after=None, **options) -> tuple[Puller, Record,
 
 
 def test_the_archive_is_pulled_a_page_at_a_time_each_instance_once(
-    peers, orthanc, head_ct_studies, tmp_path
+    peers, orthanc, head_ct_studies, tmp_path, caplog
 ):
     orthanc.clear()
     first = sorted(p for p in (head_ct_studies / "SYN0015").rglob("*") if p.is_file())
     second = ct_series_files(head_ct_studies / "SYN0016")
-    mr_study = generate_uid()
-
-    mr_series = generate_uid()
+    mr_study, mr_series = generate_uid(), generate_uid()
 
     def as_mr(ds, i):
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
@@ -223,6 +221,9 @@ def test_the_archive_is_pulled_a_page_at_a_time_each_instance_once(
     assert spooled == _sop_uids(first) | _sop_uids(second)
     damaged_uid = pydicom.dcmread(damaged, stop_before_pixels=True).SOPInstanceUID
     assert damaged_uid in spy.fetched and damaged_uid not in spooled
+    assert damaged_uid in record.fetched_instances(_study_uid(second))  # refused for good
+    assert f"refused instance {damaged_uid} pulled from" in caplog.text
+    assert "pixel data has" in caplog.text
     assert len(spy.fetched) == len(first) + len(second) + 1
     assert record.pull_mark(orthanc.dicomweb) == "20200101"
     assert f"pulling from {orthanc.dicomweb}: studies dated from 20200101 on" in status_text(store)
