@@ -292,12 +292,14 @@ def cmd_predict(args) -> int:
     from brainmets.predict import predict
 
     keep_freed_memory()  # one patient's arrays after another, also in this process
+    dicom_dir, stow_url = _dicom_outputs(args.dicom_out or [])
     result = predict(
         args.run,
         args.inputs,
         out_csv=args.out,
         heatmaps_dir=args.heatmaps,
-        dicom_out=args.dicom_out,
+        dicom_out=dicom_dir,
+        stow_url=stow_url,
         top_k=args.top_k,
         batch_slices=args.batch_slices,
         progress=not args.quiet,
@@ -314,6 +316,27 @@ def cmd_predict(args) -> int:
     return 1 if result.failed and not args.allow_failures else 0
 
 
+def _dicom_outputs(values: list[str]) -> tuple[Path | None, str | None]:
+    """``--dicom-out`` given as a folder, a STOW-RS URL, or one of each (both are written)."""
+    from brainmets.dicomweb import check_url, is_url, require
+
+    urls = [check_url(v, "--dicom-out") for v in values if is_url(v)]
+    folders = [Path(v) for v in values if not is_url(v)]
+    if len(urls) > 1 or len(folders) > 1:
+        raise ValueError("--dicom-out: at most one folder and one STOW-RS URL")
+    if urls:
+        require()
+    return (folders[0] if folders else None), (urls[0] if urls else None)
+
+
+def _pull_source(args):
+    from brainmets.serve.pull import PullSource
+
+    if not args.pull:
+        return None
+    return PullSource(args.pull, every=args.pull_every, page=args.pull_page, since=args.pull_since)
+
+
 def cmd_serve(args) -> int:
     from brainmets.serve.record import status_text
 
@@ -323,7 +346,7 @@ def cmd_serve(args) -> int:
     if args.run is None or args.store is None:
         raise ValueError("serve needs a RUN and --store DIR (or --status DIR)")
     from brainmets.serve.admission import Limits
-    from brainmets.serve.forward import Destination
+    from brainmets.serve.forward import parse_destination
     from brainmets.serve.node import NodeConfig, serve_forever
 
     config = NodeConfig(
@@ -333,7 +356,9 @@ def cmd_serve(args) -> int:
         allow=args.allow or (),
         stable_seconds=args.stable_seconds,
         incomplete_seconds=args.incomplete_seconds,
-        forward=Destination.parse(args.forward) if args.forward else None,
+        forward=parse_destination(args.forward) if args.forward else None,
+        pull=_pull_source(args),
+        listen=not args.no_listen,
         top_k=args.top_k,
         backend=_backend_spec(args),
         allow_chance=args.allow_chance,
@@ -602,9 +627,11 @@ def _predict_parser(command: Command) -> None:
     )
     p.add_argument(
         "--dicom-out",
-        type=Path,
+        action="append",
+        metavar="DIR|URL",
         help="write each DICOM patient's result as DICOM here (a TID 1500 SR and Grad-CAM "
-        "secondary captures in the source study, marked for research use), one folder each",
+        "secondary captures in the source study, marked for research use), one folder each; "
+        "or post them to a STOW-RS URL (http://pacs:8042/dicom-web); give both to do both",
     )
     p.add_argument("--top-k", type=int, default=3, help="heatmaps per patient (default 3)")
     p.add_argument(
@@ -651,7 +678,39 @@ def _serve_parser(command: Command) -> None:
         "result marked partial (default %(default)g)",
     )
     p.add_argument(
-        "--forward", metavar="AET@HOST:PORT", help="send the result objects there (C-STORE)"
+        "--forward",
+        metavar="AET@HOST:PORT|URL",
+        help="send the result objects there: C-STORE to an AE, or STOW-RS to a DICOMweb URL "
+        "(http://pacs:8042/dicom-web)",
+    )
+    p.add_argument(
+        "--pull",
+        metavar="URL",
+        help="also fetch new head CT studies from this DICOMweb server (QIDO-RS, WADO-RS); "
+        "results go where --forward says, e.g. the same URL",
+    )
+    p.add_argument(
+        "--pull-every",
+        type=float,
+        default=serve.DEFAULT_PULL_SECONDS,
+        help="seconds between two polls of --pull (default %(default)g)",
+    )
+    p.add_argument(
+        "--pull-page",
+        type=int,
+        default=100,
+        help="studies or instances per QIDO-RS request (default %(default)s)",
+    )
+    p.add_argument(
+        "--pull-since",
+        metavar="YYYYMMDD",
+        help="first start: pull studies dated from then on (default today; later starts go on "
+        "from the mark the record keeps)",
+    )
+    p.add_argument(
+        "--no-listen",
+        action="store_true",
+        help="with --pull: open no DICOM port (a site without a DIMSE route)",
     )
     p.add_argument("--top-k", type=int, default=3, help="Grad-CAM captures per study (default 3)")
     p.add_argument(

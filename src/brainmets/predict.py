@@ -35,6 +35,7 @@ from brainmets.data.prepare import (
 )
 from brainmets.data.workers import map_jobs
 from brainmets.dicom_results import write_dicom_results
+from brainmets.dicomweb import post_results
 from brainmets.heatmaps import update_heatmap_index, write_heatmaps
 from brainmets.inference import TrainedModel, batch_by_slices
 from brainmets.io import atomic_write_csv, exclusive_lock
@@ -314,6 +315,7 @@ def predict(
     out_csv: str | Path = rundir.PREDICTIONS,
     heatmaps_dir: str | Path | None = None,
     dicom_out: str | Path | None = None,
+    stow_url: str | None = None,
     top_k: int = 3,
     batch_slices: int = 512,
     workers: int | None = None,
@@ -328,11 +330,12 @@ def predict(
     waiting (a patient is never split). The rows done so far are written every
     ``save_every_s`` seconds and when the run stops early (Ctrl-C, an error); ``resume`` keeps
     the patients ``out_csv`` already holds without an error and predicts the others. A second
-    process writing the same ``out_csv`` is refused (:class:`PredictionsTable`)."""
+    process writing the same ``out_csv`` is refused (:class:`PredictionsTable`). DICOM results
+    go to ``dicom_out``, and are posted to ``stow_url`` (STOW-RS) when given."""
     table = PredictionsTable(out_csv, heatmaps_dir, save_every_s)
     with table.owned():
         # Grad-CAM comes from the run's PyTorch weights: heatmaps and DICOM captures need them.
-        wants_maps = heatmaps_dir is not None or dicom_out is not None
+        wants_maps = heatmaps_dir is not None or dicom_out is not None or stow_url is not None
         trained = load_backend(run, backend, grad_cam=wants_maps)
         verdict = RankingVerdict.from_sidecar(trained.sidecar)
         if verdict is not None and not verdict.ranks:
@@ -355,7 +358,9 @@ def predict(
         finished = False
         try:
             for prediction in score_items(trained, stream, batch_slices):
-                row, heat_rows = _outputs(trained, prediction, table.heat_dir, dicom_out, top_k)
+                row, heat_rows = _outputs(
+                    trained, prediction, table.heat_dir, dicom_out, top_k, stow_url
+                )
                 # Only now is the patient done: a stop during its heatmaps (seconds each) must
                 # leave it for --resume, not saved without them.
                 table.add(row, heat_rows)
@@ -373,6 +378,7 @@ def _outputs(
     heat_dir: Path | None,
     dicom_out: str | Path | None,
     top_k: int,
+    stow_url: str | None = None,
 ) -> tuple[dict, list[dict]]:
     """A scored patient's heatmaps and DICOM results, as asked; its row, with the error when
     the DICOM results could not be written (the patient is then failed, so --resume tries it
@@ -384,9 +390,9 @@ def _outputs(
             trained, item.job.patient_id, item.array, score.slice_logits, heat_dir, top_k
         )
         heat_rows = [{**m, "probability": row["probability"]} for m in maps]
-    if dicom_out:
+    if dicom_out or stow_url:
         try:
-            _write_dicom(trained, item, score, Path(dicom_out), top_k)
+            _write_dicom(trained, item, score, dicom_out and Path(dicom_out), top_k, stow_url)
         except Exception as err:  # noqa: BLE001 - a batch job records it and goes on
             row = {**row, "error": f"DICOM results: {type(err).__name__}: {err}"}
             log.warning("patient %s: %s", item.job.patient_id, row["error"])
@@ -394,10 +400,17 @@ def _outputs(
 
 
 def _write_dicom(
-    trained: TrainedModel, item: PreprocessedPatient, score: PatientScore, out: Path, top_k: int
+    trained: TrainedModel,
+    item: PreprocessedPatient,
+    score: PatientScore,
+    out: Path | None,
+    top_k: int,
+    stow_url: str | None = None,
 ) -> None:
-    """``--dicom-out``: the patient's SR and Grad-CAM captures in ``out/<patient>/``. A NIfTI
-    file or a cache has no source study to put them in: said once per patient."""
+    """``--dicom-out``: the patient's SR and Grad-CAM captures in ``out/<patient>/``, and
+    posted to ``stow_url`` in one STOW-RS request (from a temporary folder when there is no
+    ``out``). A NIfTI file or a cache has no source study to put them in: said once per
+    patient."""
     if not item.job.files:
         log.warning(
             "patient %s: no DICOM results (its input is %s, not DICOM)",
@@ -405,7 +418,13 @@ def _write_dicom(
             item.job.kind if item.job.kind == "nifti" else "a cache",
         )
         return
-    write_dicom_results(trained, item, score, out / patient_stem(item.job.patient_id), top_k=top_k)
+    with contextlib.ExitStack() as stack:
+        if out is None:
+            out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="brainmets-dicom-")))
+        folder = out / patient_stem(item.job.patient_id)
+        written = write_dicom_results(trained, item, score, folder, top_k=top_k)
+        if stow_url:
+            post_results(stow_url, written.files)
 
 
 def _prediction_table(rows: list[dict]) -> pd.DataFrame:

@@ -1,5 +1,6 @@
 """Fixtures of the serve tests: a small trained-looking run, generated head CT studies, and the
-real peers: dcmtk (storescu, echoscu, dsrdump) as the scanner and Orthanc as PACS."""
+real peers: dcmtk (storescu, echoscu, dsrdump) as the scanner and Orthanc as PACS, by DIMSE
+and by DICOMweb (its plugin is loaded into every Orthanc started here)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,16 @@ import pytest
 PEERS = ("storescu", "echoscu", "dsrdump", "Orthanc")
 SERVE_AE = "BRAINMETS"
 ORTHANC_AE = "ORTHANC"
+# Where Debian's orthanc-dicomweb package puts the plugin (and other distributions' builds).
+DICOMWEB_PLUGINS = (
+    "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+    "/usr/lib/orthanc/plugins/libOrthancDicomWeb.so",
+    "/usr/local/share/orthanc/plugins/libOrthancDicomWeb.so",
+)
+
+
+def dicomweb_plugin() -> str | None:
+    return next((p for p in DICOMWEB_PLUGINS if Path(p).is_file()), None)
 
 
 def dcmtk(tool: str) -> str | None:
@@ -41,11 +52,11 @@ def _missing(tools) -> list[str]:
 @pytest.fixture(scope="session")
 def peers() -> None:
     """dcmtk and Orthanc on PATH: skipped locally without them, a failure under CI."""
-    missing = _missing(PEERS)
+    missing = _missing(PEERS) + ([] if dicomweb_plugin() else ["Orthanc's DICOMweb plugin"])
     if missing:
         message = (
-            f"{', '.join(missing)} not installed (apt-get install dcmtk orthanc): "
-            "serve tests with real DICOM peers skipped"
+            f"{', '.join(missing)} not installed (apt-get install dcmtk orthanc "
+            "orthanc-dicomweb): serve tests with real DICOM peers skipped"
         )
         if os.environ.get("CI") == "true":
             pytest.fail(message)
@@ -158,7 +169,8 @@ class Orthanc:
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True,
             "SaveJobs": False,
-            "Plugins": [],
+            "Plugins": [dicomweb_plugin()],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "DicomModalities": {"brainmets": [SERVE_AE, "127.0.0.1", self.serve_port]},
             "LuaScripts": [str(path) for path in self.lua_scripts],
         }
@@ -171,6 +183,11 @@ class Orthanc:
     @property
     def destination(self) -> str:
         return f"{ORTHANC_AE}@127.0.0.1:{self.dicom_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        """The DICOMweb service root (QIDO-RS, WADO-RS, STOW-RS)."""
+        return f"{self.url}/dicom-web"
 
     def start(self) -> None:
         self._write_config()
@@ -213,6 +230,31 @@ class Orthanc:
     def file(self, instance_id: str) -> bytes:
         return self.get(f"/instances/{instance_id}/file")
 
+    def upload(self, *paths: Path) -> list[str]:
+        """Store files through Orthanc's own REST API (as a modality or an import would), not
+        through the DICOMweb code under test; returns Orthanc's instance ids."""
+        ids = []
+        for path in paths:
+            request = urllib.request.Request(
+                self.url + "/instances", data=Path(path).read_bytes(), method="POST"
+            )
+            with urllib.request.urlopen(request, timeout=30) as response:
+                ids.append(json.loads(response.read())["ID"])
+        return ids
+
+    def results(self, study_uid: str) -> dict[str, list]:
+        """The objects Orthanc holds for a study, by modality (CT, SR, OT), as datasets."""
+        import io
+
+        import pydicom
+
+        found: dict[str, list] = {}
+        for item in self.instances():
+            if item.get("StudyInstanceUID") == study_uid:
+                ds = pydicom.dcmread(io.BytesIO(self.file(item["id"])))
+                found.setdefault(str(ds.Modality), []).append(ds)
+        return found
+
     def clear(self) -> None:
         for patient in self.get("/patients"):
             request = urllib.request.Request(self.url + f"/patients/{patient}", method="DELETE")
@@ -242,6 +284,7 @@ class ServeProcess:
         ]  # fmt: skip
         self.process: subprocess.Popen | None = None
         self.log = store.parent / f"{store.name}-serve.log"
+        self.starts = 0
 
     def start(self) -> ServeProcess:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -254,11 +297,14 @@ class ServeProcess:
                 stdout=log, stderr=subprocess.STDOUT, env=env,
             )  # fmt: skip
         wait_for(self._listening, 90, "serve to listen")
+        self.starts += 1
         return self
 
     def _listening(self) -> bool:
         if self.process.poll() is not None:
             raise AssertionError(f"serve exited ({self.process.returncode}): {self.log_text()}")
+        if "--no-listen" in self.args:  # a node that only pulls says so when it has started
+            return self.log_text().count("serve: pulling from") > self.starts
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1):
             return True
         return False

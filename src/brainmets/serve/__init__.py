@@ -1,11 +1,12 @@
 """``brainmets serve``: a DICOM node beside PACS for a silent (shadow) deployment.
 
-Scanners or PACS send head CT studies by C-STORE (``scp``, admitted by ``admission``); every
-acknowledged instance is in the ``spool`` on disk first. A study is scored once no instance
+Scanners or PACS send head CT studies by C-STORE (``scp``, admitted by ``admission``), or the
+node pulls them from a DICOMweb server (``pull``); both pass the same checks (``receipt``) and
+every instance kept is in the ``spool`` on disk first. A study is scored once no instance
 arrived for the stability window and its series looks complete (``completeness``), by the
 same path as ``predict`` (``scoring``, through ``brainmets.predict.score_items``); its result
 is a DICOM SR and Grad-CAM secondary captures (``brainmets.dicom_results``), sent on to PACS
-(``forward``). The SQLite record (``record``) holds each study's state, so that a restart
+by C-STORE or STOW-RS (``forward``). The SQLite record (``record``) holds each study's state, so that a restart
 finishes what a crash left, and scores each study once; ``node`` runs the threads.
 """
 
@@ -20,3 +21,7 @@ anyway (its result marked partial): longer than a PACS usually takes to retry a 
 DEFAULT_KEEP_DAYS = 7.0
 """The spool of a finished study is deleted this long after its last instance arrived: late
 instances within a week still join the study they belong to."""
+
+DEFAULT_PULL_SECONDS = 30.0
+"""How often ``--pull`` asks its server for new studies: no more often than a study is
+declared stable, so that a study still being archived is fetched whole before it is scored."""

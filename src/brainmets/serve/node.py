@@ -1,5 +1,5 @@
-"""The serve node: reception, the scoring worker, and forwarding, each in its own thread
-around one record.
+"""The serve node: reception (C-STORE, and pulling from DICOMweb servers), the scoring worker,
+and forwarding, each in its own thread around one record.
 
 A study is scored when no instance of it arrived for ``stable_seconds`` (Orthanc's
 ``StableAge`` rule) and its series looks complete, or has waited ``incomplete_seconds`` for the
@@ -31,7 +31,9 @@ from brainmets.serve import (
     DEFAULT_STABLE_SECONDS,
 )
 from brainmets.serve.admission import Limits
-from brainmets.serve.forward import Destination, backoff, send_files
+from brainmets.serve.forward import Destination, StowDestination, backoff
+from brainmets.serve.pull import Puller, PullFailed, PullSource
+from brainmets.serve.receipt import NotKept, short_uid
 from brainmets.serve.record import Receipt, Record, Study
 from brainmets.serve.scoring import (
     NoResult,
@@ -43,7 +45,7 @@ from brainmets.serve.scoring import (
     scores_json,
     write_results,
 )
-from brainmets.serve.scp import StorageSCP, short_uid
+from brainmets.serve.scp import StorageSCP
 from brainmets.serve.spool import RESULTS, Spool, apply_retention, register_spooled
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,10 @@ class NodeConfig:
     allow: Sequence[str] = ()
     stable_seconds: float = DEFAULT_STABLE_SECONDS
     incomplete_seconds: float = DEFAULT_INCOMPLETE_SECONDS
-    forward: Destination | None = None
+    forward: Destination | StowDestination | None = None
+    pull: PullSource | None = None
+    # Without a DIMSE route (pull only), no port is opened.
+    listen: bool = True
     top_k: int = 3
     poll_seconds: float = 0.5
     # Scoring backend, as predict's --backend; Grad-CAM captures stay in PyTorch.
@@ -95,9 +100,10 @@ class _Trouble:
     """An error that repeats while its cause lasts (a full disk): said once, with what
     happens meanwhile, and once more when it is over."""
 
-    def __init__(self, what: str, meanwhile: str):
+    def __init__(self, what: str, meanwhile: str, expected: tuple[type[Exception], ...] = ()):
         self.what = what
         self.meanwhile = meanwhile
+        self.expected = expected  # said in one line, as OS and database errors are
         self.failures = 0
 
     def failed(self, err: BaseException, record: Path) -> None:
@@ -108,6 +114,8 @@ class _Trouble:
             log.error("%s: %s; %s", self.what, os_error_line(err), self.meanwhile)
         elif isinstance(err, sqlite3.Error):
             log.error("%s: %s: %s; %s", self.what, record, err, self.meanwhile)
+        elif isinstance(err, self.expected):
+            log.error("%s: %s; %s", self.what, err, self.meanwhile)
         else:  # a fault of ours: its traceback, once
             log.exception("%s: unexpected %s; %s", self.what, type(err).__name__, self.meanwhile)
 
@@ -131,10 +139,13 @@ class Node:
         self.verdict: RankingVerdict | None = None
         self.limitations: list[str] = []
         self.record: Record | None = None
+        self.spool: Spool | None = None
         self.scp: StorageSCP | None = None
+        self.puller: Puller | None = None
         self.port: int | None = None
 
-    def start(self) -> int:
+    def start(self) -> int | None:
+        """Start the threads; returns the DICOM port (None when the node only pulls)."""
         # One node per store, refused before anything is loaded (the second would score and
         # send every study again, and share the spool with the first).
         self._held.enter_context(exclusive_lock(self.store / LOCK, f"serve store {self.store}"))
@@ -144,8 +155,10 @@ class Node:
             self.stop()  # whatever was started, and the lock
             raise
 
-    def _start(self) -> int:
+    def _start(self) -> int | None:
         cfg = self.config
+        if not cfg.listen and cfg.pull is None:
+            raise ValueError("a node that does not listen must pull (--pull URL)")
         found, self.verdict = _recorded_verdict(self.run)
         if found:  # said before a backend loads (and onnxruntime prints its own lines)
             self._judge(self.verdict)
@@ -158,11 +171,18 @@ class Node:
         self._spawn("brainmets-score", self._score_loop)
         if cfg.forward is not None:
             self._spawn("brainmets-forward", self._forward_loop)
+        if cfg.pull is not None:
+            self.puller = Puller(cfg.pull, self.spool, self.record,
+                                 min_free_bytes=cfg.limits.min_free_bytes,
+                                 on_received=self._arrived,
+                                 stopping=self._stop.is_set)  # fmt: skip
+            self._spawn("brainmets-pull", self._pull_loop)
+        where = [f"{cfg.ae_title} listening on {cfg.host}:{self.port}"] if cfg.listen else []
+        if cfg.pull is not None:
+            where.append(f"pulling from {cfg.pull.url} every {cfg.pull.every:g}s")
         log.info(
-            "serve: %s listening on %s:%d (model %s on %s, stable after %gs%s)",
-            cfg.ae_title,
-            cfg.host,
-            self.port,
+            "serve: %s (model %s on %s, stable after %gs%s)",
+            ", ".join(where),
             self.trained.model_id,
             cfg.backend,
             cfg.stable_seconds,
@@ -189,7 +209,7 @@ class Node:
     def _open_record(self) -> None:
         cfg = self.config
         self.record = Record(self.store)
-        spool = Spool(self.store)
+        self.spool = spool = Spool(self.store)
         recovered = self.record.recover(cfg.stable_seconds)
         registered = register_spooled(spool, self.record)
         if recovered or registered:
@@ -207,6 +227,8 @@ class Node:
             allow_chance="yes" if self.limitations else "no",
             started=time.time(),
         )
+        if not cfg.listen:
+            return
         self.scp = StorageSCP(
             spool,
             self.record,
@@ -241,11 +263,12 @@ class Node:
         while not self._stop.wait(1.0):
             pass
 
-    def _arrived(self, study_uid: str, receipt: Receipt, calling_ae: str) -> None:
+    def _arrived(self, study_uid: str, receipt: Receipt, sender: str) -> None:
+        """``sender``: ``AE 'TITLE'``, or ``DICOMweb URL`` for a pulled instance."""
         if receipt.opened:
             log.info(
-                "study %s: receiving from AE %r (revision %d)",
-                short_uid(study_uid), calling_ae, receipt.revision,
+                "study %s: receiving from %s (revision %d)",
+                short_uid(study_uid), sender, receipt.revision,
             )  # fmt: skip
 
     # ----------------------------------------------------------------------- scoring
@@ -264,7 +287,7 @@ class Node:
                 if study is None:
                     if time.monotonic() - swept >= cfg.retention_every:
                         swept = time.monotonic()
-                        apply_retention(self.scp.spool, self.record, cfg.keep_days * 86400.0,
+                        apply_retention(self.spool, self.record, cfg.keep_days * 86400.0,
                                         forwarding=cfg.forward is not None, now=time.time())  # fmt: skip
                     self._stop.wait(cfg.poll_seconds)
                     continue
@@ -291,7 +314,7 @@ class Node:
     def _score(self, study: Study, name: str) -> None:
         cfg, trained = self.config, self.trained
         start = time.monotonic()
-        folder = self.scp.spool.study_dir(study.study_uid)
+        folder = self.spool.study_dir(study.study_uid)
         try:
             jobs = choose_series(trained, folder)
             partial = incompleteness(jobs)
@@ -346,7 +369,7 @@ class Node:
         partial = study.partial if partial is None else partial
         try:
             if scored is None:
-                scored = recorded(trained, self.scp.spool.study_dir(study.study_uid), study.scores)
+                scored = recorded(trained, self.spool.study_dir(study.study_uid), study.scores)
             files = write_results(
                 trained,
                 scored,
@@ -388,7 +411,7 @@ class Node:
             if self._stop.is_set():
                 return
             try:
-                send_files(destination, study.results, calling_ae=self.config.ae_title)
+                destination.send(study.results, calling_ae=self.config.ae_title)
             except sqlite3.Error:
                 raise
             except Exception as err:  # noqa: BLE001 - a PACS down, a result file gone
@@ -402,6 +425,22 @@ class Node:
                 continue
             self.record.sent(study.id)
             log.info("study %s: results sent to %s", short_uid(study.study_uid), destination)
+
+    # ----------------------------------------------------------------------- pulling
+
+    def _pull_loop(self) -> None:
+        every = self.config.pull.every
+        trouble = _Trouble(f"pulling from {self.config.pull.url}",
+                           f"polled again every {every:g}s", (PullFailed, NotKept))  # fmt: skip
+        while not self._stop.is_set():
+            try:
+                kept = self.puller.poll()
+                trouble.ok()
+                if kept:
+                    log.info("pulled %d instances from %s", kept, self.config.pull.url)
+            except Exception as err:  # noqa: BLE001 - the puller outlives any one failure
+                trouble.failed(err, self.record.path)
+            self._stop.wait(every)
 
 
 def serve_forever(run: str | Path, store: str | Path, config: NodeConfig) -> int:

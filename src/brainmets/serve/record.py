@@ -18,6 +18,11 @@ Instances that arrive after a study was taken for scoring open a new row for the
 instance re-sent with other content under a SOP instance UID already held. The spool on disk
 is the truth about instances: the record is rebuilt from it for anything a crash kept out of
 the database.
+
+A node that pulls from DICOMweb servers also keeps, per server, its high-water mark (the study
+date its queries start from) and the instance count each study was listed with, and for good
+every instance it fetched (``fetched``, with the outcome), so that none is fetched twice, also
+after a restart or after retention deleted the spool.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 import pandas as pd
 
 DATABASE = "serve.sqlite"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 STATES = ("received", "processing", "scored", "done", "failed", "sent")
 WAITING = ("received", "processing", "scored")
@@ -89,6 +94,25 @@ CREATE TABLE IF NOT EXISTS instances (
     study_row INTEGER NOT NULL REFERENCES studies (id)
 );
 CREATE TABLE IF NOT EXISTS node (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pull_sources (
+    url TEXT PRIMARY KEY,
+    mark TEXT NOT NULL,
+    polled_at REAL
+);
+CREATE TABLE IF NOT EXISTS pulled_studies (
+    url TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    listed INTEGER NOT NULL,
+    PRIMARY KEY (url, study_uid)
+);
+CREATE TABLE IF NOT EXISTS fetched (
+    sop_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    url TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS fetched_study ON fetched (study_uid);
 CREATE INDEX IF NOT EXISTS studies_state ON studies (state);
 CREATE INDEX IF NOT EXISTS studies_uid ON studies (study_uid);
 CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid);
@@ -149,6 +173,14 @@ def _study(row: sqlite3.Row) -> Study:
         scores=row["scores"],
         partial=row["partial"],
         write_attempts=row["write_attempts"],
+    )
+
+
+def _fetched(db, sop_uid: str, study_uid: str, url: str, outcome: str, now: float) -> None:
+    db.execute(
+        "INSERT INTO fetched (sop_uid, study_uid, url, outcome, at) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (sop_uid) DO UPDATE SET outcome = excluded.outcome, at = excluded.at",
+        (sop_uid, study_uid, url, outcome, now),
     )
 
 
@@ -247,15 +279,19 @@ class Record:
         *,
         digest: str = "",
         patient_id: str = "",
+        source: str = "",
     ) -> Receipt:
         """Record one instance already safe in the spool.
 
         An instance received again with the same content (a sender retrying after a lost
         acknowledgement) changes nothing that was scored; a new instance of a study taken
         for scoring, or a known one with other content (``digest`` differs), opens the
-        study's next revision."""
+        study's next revision. ``source``: the DICOMweb server it was pulled from, recorded
+        as fetched in the same transaction."""
         now = self._clock() if now is None else now
         with self._transaction() as db:
+            if source:
+                _fetched(db, sop_uid, study_uid, source, "kept", now)
             known = db.execute(
                 "SELECT study_row, sha256 FROM instances WHERE sop_uid = ?", (sop_uid,)
             ).fetchone()
@@ -554,6 +590,55 @@ class Record:
                 (self._clock(), study_uid),
             )
 
+    # ----------------------------------------------------------------------- pulling
+
+    def pull_mark(self, url: str) -> str | None:
+        """The study date (YYYYMMDD) the queries of ``url`` start from, less the look-back."""
+        with self._lock:
+            row = self._db.execute("SELECT mark FROM pull_sources WHERE url = ?", (url,)).fetchone()
+        return row[0] if row else None
+
+    def set_pull_mark(self, url: str, mark: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO pull_sources (url, mark, polled_at) VALUES (?, ?, ?) ON CONFLICT "
+                "(url) DO UPDATE SET mark = excluded.mark, polled_at = excluded.polled_at",
+                (url, mark, self._clock()),
+            )
+
+    def listed(self, url: str, study_uid: str) -> int | None:
+        """How many instances ``url`` listed for the study when it was last pulled in full."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT listed FROM pulled_studies WHERE url = ? AND study_uid = ?",
+                (url, study_uid),
+            ).fetchone()
+        return row[0] if row else None
+
+    def pulled(self, url: str, study_uid: str, listed: int) -> None:
+        """Every instance ``url`` listed for the study is fetched, or refused for good."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO pulled_studies (url, study_uid, listed) VALUES (?, ?, ?) ON "
+                "CONFLICT (url, study_uid) DO UPDATE SET listed = excluded.listed",
+                (url, study_uid, listed),
+            )
+
+    def fetched_instances(self, study_uid: str) -> set[str]:
+        """The study's instances not to fetch: fetched (kept or refused) or received."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_uid FROM fetched WHERE study_uid = ? UNION "
+                "SELECT sop_uid FROM instances WHERE study_uid = ?",
+                (study_uid, study_uid),
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def fetch_refused(self, url: str, study_uid: str, sop_uid: str, reason: str) -> None:
+        """An instance fetched and refused (its UIDs, its pixel data): never fetched again."""
+        with self._transaction() as db:
+            _fetched(db, sop_uid, study_uid, url, f"refused: {reason}", self._clock())
+
     # ----------------------------------------------------------------------- the node
 
     def describe_node(self, **values: str) -> None:
@@ -631,6 +716,28 @@ def format_status(table: pd.DataFrame) -> str:
     return shown.to_string(index=False)
 
 
+def read_pulls(store: str | Path) -> list[tuple[str, str, float | None]]:
+    """(url, mark, last poll) of each DICOMweb server the node pulls from."""
+    db = _read_only(store)
+    try:
+        return db.execute("SELECT url, mark, polled_at FROM pull_sources ORDER BY url").fetchall()
+    except sqlite3.OperationalError:  # a record written before pulling was known
+        return []
+    finally:
+        db.close()
+
+
+def format_pulls(pulls: list[tuple[str, str, float | None]]) -> list[str]:
+    lines = []
+    for url, mark, polled in pulls:
+        when = (
+            "never" if polled is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(polled))
+        )
+        lines.append(f"pulling from {url}: studies dated from {mark} on, last poll {when} UTC")
+    return lines
+
+
 def status_text(store: str | Path) -> str:
-    """What ``serve --status`` prints: the model line, then the record."""
-    return f"{format_node(read_node(store))}\n{format_status(read_status(store))}"
+    """What ``serve --status`` prints: the model line, the servers pulled from, the record."""
+    lines = [format_node(read_node(store)), *format_pulls(read_pulls(store))]
+    return "\n".join([*lines, format_status(read_status(store))])

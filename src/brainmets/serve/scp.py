@@ -4,18 +4,16 @@ Head CT arrives as CT Image Storage, Enhanced CT or Legacy Converted Enhanced CT
 storage SOP class is negotiated, so that its sender gets a DIMSE status that says why it was
 refused (0x0122) instead of a bare association failure. An instance is acknowledged only after
 it is durably in the spool (temporary name, fsync, rename, fsync of the folder) and recorded.
-What cannot be scored is refused at once, instance by instance (0xC210, the reason in the
-error comment): a UID that is not one (over 64 characters, or not digits and dots without
-leading zeros), pixel data shorter than its header describes, or compressed pixel data that
-does not decode. A temporary failure (a full disk, the free-space floor) is 0xA700, which
-senders retry; an instance already held with the same content is acknowledged without
-writing anything, so a retry succeeds even then.
+What cannot be scored (``receipt``: a UID that is not one, pixel data cut short or that does
+not decode) is refused at once, instance by instance (0xC210, the reason in the error
+comment). A temporary failure (a full disk, the free-space floor) is 0xA700, which senders
+retry; an instance already held with the same content is acknowledged without writing
+anything, so a retry succeeds even then.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,17 +30,22 @@ from brainmets.serve.admission import (
     Visit,
     quiet_pynetdicom,
 )
+from brainmets.serve.receipt import (
+    CT_STORAGE,
+    PATIENT_ID,
+    SOP_UID,
+    STUDY_UID,
+    NotKept,
+    instance_problem,
+    keep_instance,
+    raw_text,
+    uid_problem,
+)
 from brainmets.serve.record import Receipt, Record
 from brainmets.serve.spool import Spool, instance_digest
 
 log = logging.getLogger(__name__)
 quiet_pynetdicom()
-
-CT_STORAGE = {
-    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
-}
 
 # DIMSE C-STORE statuses (PS3.4 B.2.3, PS3.7 C.4.2.1.4).
 SUCCESS = 0x0000
@@ -50,66 +53,12 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 CANNOT_UNDERSTAND = 0xC210
 OUT_OF_RESOURCES = 0xA700
 
-STUDY_UID, SERIES_UID, SOP_UID, PATIENT_ID = 0x0020000D, 0x0020000E, 0x00080018, 0x00100020
-
 
 def _status(code: int, comment: str) -> Dataset:
     status = Dataset()
     status.Status = code
     status.ErrorComment = comment[:64]  # an LO element
     return status
-
-
-def _raw_text(ds: Dataset, tag: int) -> str:
-    """An element's text as sent, without pydicom converting (and warning about) it."""
-    if tag not in ds:
-        return ""
-    value = ds.get_item(tag).value
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    return str(value or "").strip(" \0")
-
-
-def uid_problem(keyword: str, value: str) -> str | None:
-    """Why ``value`` is not a valid UID (PS3.5 9.1: at most 64 characters, components of
-    digits without a leading zero, separated by dots), or None."""
-    if not value:
-        return f"{keyword} is missing"
-    if len(value) > 64:
-        return f"{keyword} has {len(value)} characters (at most 64)"
-    if not UID(value).is_valid:
-        return f"{keyword} {value!r} is not a valid UID"
-    return None
-
-
-def pixel_data_problem(ds: Dataset) -> str | None:
-    """Why the pixel data cannot be read: uncompressed data shorter than Rows x Columns x
-    samples x frames describe (a transfer cut short), or compressed data that does not
-    decode. Refused now rather than failing the whole study when it is scored."""
-    if "PixelData" not in ds:
-        return None
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        try:
-            ds.pixel_array  # noqa: B018 - decoding is the check
-        except Exception as err:  # noqa: BLE001 - any decoder failure is the instance's
-            return f"pixel data cannot be decoded ({type(err).__name__})"
-        return None
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        expected = (
-            int(ds.Rows)
-            * int(ds.Columns)
-            * int(ds.get("SamplesPerPixel", 1))
-            * frames
-            * int(ds.BitsAllocated)
-            + 7
-        ) // 8
-    except (AttributeError, TypeError, ValueError) as err:
-        return f"image header incomplete ({err})"
-    actual = len(ds.PixelData)
-    if actual < expected:
-        return f"pixel data has {actual} bytes, its header describes {expected}"
-    return None
 
 
 class _Refusal(Exception):
@@ -123,8 +72,8 @@ class _Refusal(Exception):
 class StorageSCP:
     """The listening node: C-ECHO, and C-STORE of head CT into the spool and the record.
 
-    ``on_received`` is called with the receipt of each instance recorded (the node logs a
-    study's arrival); the handler never does more than decode, write and record, so reception
+    ``on_received`` is called with the receipt of each instance recorded and its sender
+    (``AE 'TITLE'``; the node logs a study's arrival); the handler never does more than decode, write and record, so reception
     is never held up by scoring or forwarding."""
 
     def __init__(
@@ -281,7 +230,7 @@ class StorageSCP:
             return SUCCESS
         self._count(visit, "stored")
         if self.on_received:
-            self.on_received(study_uid, receipt, visit.calling_ae)
+            self.on_received(study_uid, receipt, f"AE {visit.calling_ae!r}")
         return SUCCESS
 
     def _store(self, event) -> tuple[Receipt | None, str, str]:
@@ -293,13 +242,8 @@ class StorageSCP:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
-            sop_uid = _raw_text(ds, SOP_UID) or sop_uid
-            for keyword, tag in (("StudyInstanceUID", STUDY_UID), ("SeriesInstanceUID",
-                                 SERIES_UID), ("SOPInstanceUID", SOP_UID)):  # fmt: skip
-                problem = uid_problem(keyword, _raw_text(ds, tag))
-                if problem:
-                    raise ValueError(problem)
-            problem = pixel_data_problem(ds)
+            sop_uid = raw_text(ds, SOP_UID) or sop_uid
+            problem = instance_problem(ds)
             if problem:
                 raise ValueError(problem)
         except Exception as err:  # noqa: BLE001 - whatever the peer sent, it gets a status
@@ -308,14 +252,14 @@ class StorageSCP:
             self._say(logging.WARNING, f"refused {reason[:24]}",
                       "refused instance %s from %s: %s", shown, calling, reason)  # fmt: skip
             raise _Refusal(CANNOT_UNDERSTAND, reason) from None
-        return self._keep(event, ds, _raw_text(ds, STUDY_UID), sop_uid)
+        return self._keep(event, ds, raw_text(ds, STUDY_UID), sop_uid)
 
     def _refuse_class(self, event, name: str, calling: str) -> None:
         """Another SOP class: refused, and its study gets a failed row saying why (when
         nothing else of it was accepted), so that it does not vanish from the record."""
         log.warning("refused a %s instance from %s: only head CT is scored", name, calling)
         try:
-            study_uid = _raw_text(event.dataset, STUDY_UID)
+            study_uid = raw_text(event.dataset, STUDY_UID)
             if uid_problem("StudyInstanceUID", study_uid) is None:
                 self.record.refuse(study_uid, f"refused: {name} (only CT is accepted)")
         except Exception:  # noqa: BLE001 - the refusal stands whatever the dataset or record
@@ -324,29 +268,24 @@ class StorageSCP:
 
     def _keep(self, event, ds, study_uid: str, sop_uid: str) -> tuple[Receipt | None, str, str]:
         """Spool and record a valid instance (None: the same content was held already)."""
-        digest = instance_digest(ds.file_meta.TransferSyntaxUID, event.encoded_dataset(False))
+        patient_id = raw_text(ds, PATIENT_ID)
         try:
-            if self.record.held(sop_uid, digest):
-                return None, study_uid, ""
-            free = self.spool.free_bytes()
-            if free < self.limits.min_free_bytes:
-                raise _Refusal(OUT_OF_RESOURCES, f"{free >> 20} MB free, below the floor")
-            path = self.spool.write(study_uid, sop_uid, event.encoded_dataset())
-            patient_id = _raw_text(ds, PATIENT_ID)
-            receipt = self.record.receive(
-                study_uid, sop_uid, str(path), digest=digest, patient_id=patient_id
+            receipt = keep_instance(
+                self.spool,
+                self.record,
+                study_uid=study_uid,
+                sop_uid=sop_uid,
+                patient_id=patient_id,
+                digest=instance_digest(
+                    ds.file_meta.TransferSyntaxUID, event.encoded_dataset(False)
+                ),
+                encoded=event.encoded_dataset(),
+                min_free_bytes=self.limits.min_free_bytes,
             )
-        except (OSError, sqlite3.Error) as err:
-            reason = getattr(err, "strerror", None) or str(err)
+        except NotKept as err:
             self._say(logging.ERROR, "store", "could not store instance %s: %s (answered "
-                      "0xA700, which senders retry)", sop_uid, reason)  # fmt: skip
-            raise _Refusal(OUT_OF_RESOURCES, f"cannot store: {reason}") from None
-        if receipt.changed:
-            log.warning(
-                "instance %s of study %s sent again with other content: kept, and the study "
-                "is scored again (revision %d)",
-                sop_uid, short_uid(study_uid), receipt.revision,
-            )  # fmt: skip
+                      "0xA700, which senders retry)", sop_uid, err)  # fmt: skip
+            raise _Refusal(OUT_OF_RESOURCES, str(err)) from None
         return receipt, study_uid, patient_id
 
     # ----------------------------------------------------------------------- life
@@ -375,8 +314,3 @@ class StorageSCP:
             self._server = None
             for assoc in self._ae.active_associations:  # a sender mid-study retries later
                 assoc.abort()
-
-
-def short_uid(uid: str) -> str:
-    """A UID's tail: enough to find its row, short enough for a log line."""
-    return uid if len(uid) <= 16 else "…" + uid[-15:]

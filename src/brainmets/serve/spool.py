@@ -32,13 +32,21 @@ def instance_digest(transfer_syntax: str, dataset: bytes) -> str:
     return digest.hexdigest()
 
 
-def spooled_digest(path: Path) -> str:
-    """:func:`instance_digest` of a spool file (the data set follows the file meta)."""
-    from pydicom.filereader import read_file_meta_info
+def part10_digest(data: bytes) -> str:
+    """:func:`instance_digest` of a DICOM file's bytes (the data set follows the file meta)."""
+    import io
 
-    meta = read_file_meta_info(path)
+    from pydicom import dcmread
+
+    # Only the file meta is parsed: the data set is skipped as raw bytes.
+    meta = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=[]).file_meta
     start = 132 + 12 + int(meta.FileMetaInformationGroupLength)  # preamble, DICM, group length
-    return instance_digest(meta.TransferSyntaxUID, path.read_bytes()[start:])
+    return instance_digest(meta.TransferSyntaxUID, data[start:])
+
+
+def spooled_digest(path: Path) -> str:
+    """:func:`instance_digest` of a spool file."""
+    return part10_digest(Path(path).read_bytes())
 
 
 def _fsync_dir(path: Path) -> None:
