@@ -64,25 +64,22 @@ def _preprocess_from_args(args):
 
 
 def cmd_synth(args) -> int:
-    from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
-
-    lesions = {}
-    if "lesion_mm" in args:  # absent unless given: the SynthConfig default applies
-        lesions["lesion_diameter_mm"] = tuple(args.lesion_mm)
-    if "lesion_hu" in args:
-        lesions["lesion_hu"] = tuple(args.lesion_hu)
     from pydantic import ValidationError
 
+    from brainmets.data.synth_settings import LESION_SETTINGS
+    from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
+
+    # Only the options given: every other field keeps SynthConfig's default.
+    given = {field: getattr(args, dest) for dest, field in _SYNTH_FIELDS.items() if dest in args}
+    if "min_slices" in args or "max_slices" in args:
+        low, high = SynthConfig.model_fields["slices"].default
+        given["slices"] = (getattr(args, "min_slices", low), getattr(args, "max_slices", high))
+    lesions = dict(LESION_SETTINGS[args.lesions])
+    for dest, field in (("lesion_mm", "lesion_diameter_mm"), ("lesion_hu", "lesion_hu")):
+        if dest in args:
+            lesions[field] = tuple(getattr(args, dest))
     try:
-        cfg = SynthConfig(
-            num_patients=args.patients,
-            positive_fraction=args.positive_fraction,
-            slices=(args.min_slices, args.max_slices),
-            matrix=args.matrix,
-            slice_thickness_mm=args.thickness,
-            seed=args.seed,
-            **lesions,
-        )
+        cfg = SynthConfig(**given, **lesions)
     except ValidationError as err:  # in the options' names, without pydantic's links
         raise ValueError("synth: " + "; ".join(_synth_problem(e) for e in err.errors())) from None
     fractions = tuple(args.split) if args.split else None
@@ -106,6 +103,14 @@ def cmd_synth(args) -> int:
     return 0
 
 
+# synth's options (argparse dest) that are SynthConfig fields of the same meaning.
+_SYNTH_FIELDS = {
+    "patients": "num_patients",
+    "positive_fraction": "positive_fraction",
+    "matrix": "matrix",
+    "thickness": "slice_thickness_mm",
+    "seed": "seed",
+}
 _SYNTH_OPTIONS = {
     "num_patients": "--patients",
     "positive_fraction": "--positive-fraction",
@@ -127,7 +132,8 @@ def cmd_config(args) -> int:
     from brainmets.config import load_config
     from brainmets.config_yaml import annotated_yaml
 
-    sys.stdout.write(annotated_yaml(load_config(args.config, args.set)))
+    cfg = load_config(args.config, args.set, preset=args.preset)
+    sys.stdout.write(annotated_yaml(cfg, preset=args.preset))
     return 0
 
 
@@ -453,26 +459,36 @@ Command = Callable[..., argparse.ArgumentParser]
 
 
 def _synth_parser(command: Command) -> None:
+    from brainmets.data import synth_settings as synth
+
     p = command("synth", help="write a synthetic head-CT cohort as DICOM + labels.csv")
     p.add_argument("out", type=Path, help="folder for dicom/, labels.csv and synth.json")
-    p.add_argument("--patients", type=int, default=40, help="number of patients (default 40)")
-    p.add_argument("--positive-fraction", type=float, default=0.4,
-                   help="share of patients with metastases (default 0.4)")  # fmt: skip
-    p.add_argument(
-        "--min-slices", type=int, default=24, help="fewest slices per series (default 24)"
-    )
-    p.add_argument("--max-slices", type=int, default=32, help="most slices per series (default 32)")
-    p.add_argument(
-        "--matrix", type=int, default=256, help="rows = columns of each slice (default 256)"
-    )
-    p.add_argument("--thickness", type=float, default=5.0, help="slice thickness in mm (default 5)")
-    p.add_argument("--lesion-mm", type=float, nargs=2, metavar=("LOW", "HIGH"), default=argparse.SUPPRESS,
-                   help="metastasis diameter range in mm (default 3-20; the demo uses 18 30, "
-                        "which a network trained from scratch on CPU can learn)")  # fmt: skip
-    p.add_argument("--lesion-hu", type=float, nargs=2, metavar=("LOW", "HIGH"), default=argparse.SUPPRESS,
-                   help="metastasis enhancement range in HU (default 45-90; the demo: 75 90)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0,
-                   help="the same seed writes the same bytes (default 0)")  # fmt: skip
+    # Defaults are SynthConfig's (brainmets.data.synth_settings): an option not given is not
+    # passed, and the help reads the same values.
+    given = {"default": argparse.SUPPRESS}
+    p.add_argument("--patients", type=int, **given,
+                   help=f"number of patients (default {synth.NUM_PATIENTS})")  # fmt: skip
+    p.add_argument("--positive-fraction", type=float, **given,
+                   help=f"share of patients with metastases (default {synth.POSITIVE_FRACTION:g})")  # fmt: skip
+    p.add_argument("--min-slices", type=int, **given,
+                   help=f"fewest slices per series (default {synth.SLICES[0]})")  # fmt: skip
+    p.add_argument("--max-slices", type=int, **given,
+                   help=f"most slices per series (default {synth.SLICES[1]})")  # fmt: skip
+    p.add_argument("--matrix", type=int, **given,
+                   help=f"rows = columns of each slice (default {synth.MATRIX})")  # fmt: skip
+    p.add_argument("--thickness", type=float, **given,
+                   help=f"slice thickness in mm (default {synth.SLICE_THICKNESS_MM:g})")  # fmt: skip
+    p.add_argument("--lesions", choices=tuple(synth.LESION_SETTINGS), default=synth.DEFAULT_LESIONS,
+                   help=f"metastases: default ({synth.lesion_ranges('default')}, what a pretrained "
+                        f"model is for) or conspicuous ({synth.lesion_ranges('conspicuous')}, "
+                        "what a network trained from random weights on a CPU learns; the CPU "
+                        "demo's)")  # fmt: skip
+    p.add_argument("--lesion-mm", type=float, nargs=2, metavar=("LOW", "HIGH"), **given,
+                   help="metastasis diameter range in mm (instead of the --lesions setting's)")  # fmt: skip
+    p.add_argument("--lesion-hu", type=float, nargs=2, metavar=("LOW", "HIGH"), **given,
+                   help="metastasis enhancement range in HU (instead of the --lesions setting's)")  # fmt: skip
+    p.add_argument("--seed", type=int, **given,
+                   help=f"the same seed writes the same bytes (default {synth.SEED})")  # fmt: skip
     p.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                    default=[0.6, 0.2, 0.2],
                    help="shares of labels.csv's split column, stratified by label and seeded "
@@ -487,6 +503,15 @@ def _config_parser(command: Command) -> None:
     p = command(
         "config",
         help="print the resolved config as commented YAML (brainmets config > my.yaml)",
+    )
+    from brainmets.config import PRESET_SUMMARIES
+
+    p.add_argument(
+        "--preset",
+        choices=tuple(PRESET_SUMMARIES),
+        help="start from a named configuration: "
+        + "; ".join(f"{name}: {text}" for name, text in PRESET_SUMMARIES.items())
+        + " (default: the defaults, which are spec)",
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_config)

@@ -16,7 +16,7 @@ import yaml
 
 from brainmets import __version__
 from brainmets.cli import EXIT_DOES_NOT_RANK, main
-from brainmets.config import PreprocessConfig, load_config
+from brainmets.config import ConfigError, PreprocessConfig, load_config
 from brainmets.data.cache import build_cache_from_arrays
 
 SIZE = 32
@@ -185,6 +185,74 @@ def test_config_prints_commented_yaml_that_loads_back(tmp_path, capsys):
     assert keyed and all("  # " in line for line in keyed if not line.endswith(":"))
     assert "bn_calibration_patients: 48  # with model.pretrained none" in text
     assert yaml.safe_load(text)["train"]["epochs"] == 7
+
+
+def test_the_cpu_small_preset_is_the_cpu_demo_in_one_file(tmp_path, capsys):
+    """`brainmets config --preset cpu-small > my.yaml` gives the CPU demo's configuration,
+    each key it sets marked; the file alone then configures prepare and train."""
+    from brainmets.demo import demo_config
+
+    assert main(["config", "--preset", "cpu-small"]) == 0
+    text = capsys.readouterr().out
+    my = tmp_path / "my.yaml"
+    my.write_text(text)
+    demo = demo_config(full=False, epochs=None, device="auto", seed=0)
+    assert load_config(my) == demo.model_copy(update={"name": "run"})
+    marked = [line for line in text.splitlines() if line.endswith(" [preset cpu-small]")]
+    assert len(marked) == 10 and any(line.startswith("  size: 128") for line in marked)
+    assert load_config(None, preset="spec") == load_config(None)
+
+
+def test_a_preset_lies_under_the_file_and_the_overrides(tmp_path, capsys):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train:\n  epochs: 3\n")
+    cfg = load_config(mine, ["train.batch_patients=10"], preset="cpu-small")
+    assert (cfg.model.arch, cfg.train.epochs, cfg.train.batch_patients) == ("resnet18", 3, 10)
+    with pytest.raises(SystemExit):
+        main(["config", "--preset", "cpu-smal"])
+    assert "invalid choice: 'cpu-smal'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="did you mean cpu-small"):
+        load_config(None, preset="cpu-smal")
+
+
+def test_synth_options_default_to_synthconfig(tmp_path):
+    """An option not given is SynthConfig's default (one place), and --lesions names a setting
+    that --lesion-mm / --lesion-hu adjust."""
+    from brainmets.data.synth_settings import LESION_SETTINGS
+    from brainmets.data.synthetic import SynthConfig
+
+    def written(folder: str, *options: str) -> SynthConfig:
+        argv = ["-q", "synth", str(tmp_path / folder), "--patients", "2", "--matrix", "64",
+                "--workers", "1", "--min-slices", "10", *options]  # fmt: skip
+        assert main(argv) == 0
+        return SynthConfig.model_validate_json((tmp_path / folder / "synth.json").read_text())
+
+    plain = written("plain", "--max-slices", "10")
+    assert plain == SynthConfig(num_patients=2, matrix=64, slices=(10, 10))
+    bright = written("bright", "--max-slices", "11", "--lesions", "conspicuous")
+    assert bright.lesion_diameter_mm == (18.0, 30.0) and bright.lesion_hu == (75.0, 90.0)
+    assert bright.slices == (10, 11)
+    tuned = written("tuned", "--max-slices", "10", "--lesions", "conspicuous",
+                    "--lesion-mm", "20", "25")  # fmt: skip
+    assert (tuned.lesion_diameter_mm, tuned.lesion_hu) == ((20.0, 25.0), (75.0, 90.0))
+    assert LESION_SETTINGS["default"] == {
+        "lesion_diameter_mm": SynthConfig().lesion_diameter_mm,
+        "lesion_hu": SynthConfig().lesion_hu,
+    }
+
+
+def test_synth_help_shows_synthconfig_defaults(capsys):
+    from brainmets.data.synthetic import SynthConfig
+
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    spec = SynthConfig()
+    for shown in (f"number of patients (default {spec.num_patients})",
+                  f"fewest slices per series (default {spec.slices[0]})",
+                  f"most slices per series (default {spec.slices[1]})",
+                  f"(default {spec.matrix})", "conspicuous (18-30 mm at 75-90 HU"):  # fmt: skip
+        assert shown in out
 
 
 def test_synth_writes_a_stratified_seeded_split(tmp_path, capsys):
