@@ -296,6 +296,12 @@ class TrainConfig(_Section):
         description="oscillation warning: the window's validation loss must span at least this "
         "share of its median (and go up and down, brainmets.train.health)",
     )
+    allow_chance: bool = Field(
+        False,
+        description="brainmets train exits 0 even when the model is not shown to rank its "
+        "validation patients (otherwise exit 3, after the warning); train --allow-chance sets "
+        "it, and train --resume keeps it",
+    )
     log_every: int = Field(10, ge=1, description="read the loss back every this many steps")
     checkpoint_every: int = Field(
         200, ge=1, description="also save the resume state every this many steps"
