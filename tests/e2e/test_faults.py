@@ -256,6 +256,7 @@ def test_a_second_predict_to_one_table_is_refused_until_the_first_dies(
         rc = main(["-q", "predict", str(run), str(cache), "--out", str(out)])
     assert rc == 0
     assert len(read_predictions(out)) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.csv"]  # no lock left
 
 
 @pytest.mark.slow
@@ -718,3 +719,8 @@ def test_a_lock_names_its_holder_and_is_free_again_after_it(tmp_path):
             pass
     with exclusive_lock(lock, "the thing"):
         assert lock.read_text().strip() == str(os.getpid())
+    # A lock that removes its file: refused meanwhile as any other, gone after.
+    with exclusive_lock(lock, "the thing", remove=True):
+        with pytest.raises(InUseError), exclusive_lock(lock, "the thing"):
+            pass
+    assert not lock.exists()
