@@ -720,7 +720,10 @@ def test_a_lock_names_its_holder_and_is_free_again_after_it(tmp_path):
     with exclusive_lock(lock, "the thing"):
         assert lock.read_text().strip() == str(os.getpid())
     # A lock that removes its file: refused meanwhile as any other, gone after.
-    with exclusive_lock(lock, "the thing", remove=True):
-        with pytest.raises(InUseError), exclusive_lock(lock, "the thing"):
-            pass
+    with (
+        exclusive_lock(lock, "the thing", remove=True),
+        pytest.raises(InUseError),
+        exclusive_lock(lock, "the thing"),
+    ):
+        pass
     assert not lock.exists()
