@@ -656,7 +656,7 @@ def _predict_parser(command: Command) -> None:
     p.add_argument(
         "--dicom-out",
         type=Path,
-        help="write each DICOM patient's result as DICOM here (a Comprehensive SR and Grad-CAM "
+        help="write each DICOM patient's result as DICOM here (a TID 1500 SR and Grad-CAM "
         "secondary captures in the source study, marked for research use), one folder each",
     )
     p.add_argument("--top-k", type=int, default=3, help="heatmaps per patient (default 3)")
