@@ -116,7 +116,7 @@ def _json_value(value: Any) -> Any:
 
 
 # How train.log names each row's probability scale (metrics.csv: probability_scale).
-_SCALE_WORDS = {"platt": "Platt-calibrated", "sigmoid": "sigmoid"}
+_SCALE_WORDS = {"platt": "Platt-calibrated", "sigmoid": "the sigmoid, not calibrated"}
 
 
 class TrainingInterrupted(RuntimeError):
@@ -636,7 +636,7 @@ class Trainer:
             self.writer.flush()
         log.info(
             "epoch %d stage %d: train_loss %.4f val_loss %.4f auc %.3f f1 %.3f sens %.3f spec "
-            "%.3f at threshold %.2f; p+ %.3f p- %.3f separation %.3f (%s) [%s probability]%s",
+            "%.3f at threshold %.2f; p+ %.3f p- %.3f separation %.3f (%s) [probabilities: %s]%s",
             epoch, self.stage, row["train_loss"], row["val_loss"], row["auc"], row["f1"],
             row["sensitivity"], row["specificity"], row["threshold"], row["mean_pos"],
             row["mean_neg"], row["separation"], separation_band(row["separation"]),
@@ -685,8 +685,9 @@ class Trainer:
                 sigmoid=predictions["probability"].to_numpy(),
                 reported=scale.calibration.probability(predictions["logit"].to_numpy()),
             ),
-            OperatingThreshold(
-                sigmoid=float(best["sigmoid_threshold"]), shown=float(best["threshold"])
+            OperatingThreshold(  # a resume state's rows from before the column: one scale
+                sigmoid=float(best.get("sigmoid_threshold", best["threshold"])),
+                shown=float(best["threshold"]),
             ),
             self.state.history,
             self.cfg.train,
