@@ -121,8 +121,9 @@ def test_predict_agrees_across_dicom_nifti_and_cache(workflow, tmp_path, capsys)
     failed = table[table["error"] != ""].set_index("source")
     assert sorted(failed.index) == sorted([str(broken), str(missing)])
     # The reason names the file that could not be read, and the terminal shows it too.
-    assert "IM0001.dcm (not a DICOM file)" in failed.loc[str(broken), "error"]
-    assert "IM0001.dcm (not a DICOM file)" in capsys.readouterr().err
+    reason = "IM0001.dcm (not a DICOM file, although named as one (.dcm))"
+    assert reason in failed.loc[str(broken), "error"]
+    assert reason in capsys.readouterr().err
     assert failed.loc[str(missing), "error"] == "does not exist"
     # Whole-number columns stay whole beside the failed rows' empty cells.
     written = pd.read_csv(out, dtype=str, keep_default_na=False)
