@@ -784,7 +784,7 @@ SUBCOMMANDS = (
 _EXAMPLES = """\
 examples:
   brainmets demo                                  the whole workflow on a synthetic cohort
-  brainmets synth cohort --patients 150 --lesions conspicuous   a cohort to rehearse on
+  brainmets synth cohort --patients 200 --min-slices 12 --max-slices 14 --lesions conspicuous
   brainmets config --preset cpu-small > my.yaml   a config to start from (spec: for a GPU)
   brainmets index DICOM_ROOT --config my.yaml --out work/index
   brainmets prepare --config my.yaml --labels labels.csv --index work/index --out work/cache
