@@ -28,7 +28,15 @@ TEST_COMMAND = (
     "python3 -m venv .venv && . .venv/bin/activate && pip install -q torch==2.14.1 "
     "torchvision==0.29.1 -e '.[test]' && python -m pytest"
 )
-README_MAX_LINES = 300
+# The contract allows 350 lines; 340 keeps room for a fix without a cut.
+README_MAX_LINES = 340
+# Without a GPU: the same pins from PyTorch's CPU index (about 1 GB instead of the CUDA build's
+# 6), right after the first command. CI cannot run it: that index is out of its reach.
+CPU_DEMO_COMMAND = (
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -q torch==2.14.1 "
+    "torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu && pip install -q -e . "
+    "&& brainmets demo"
+)
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 _CODE_SPAN = re.compile(r"`[^`\n]*`")
@@ -112,6 +120,14 @@ def test_readme_is_short_and_keeps_the_two_commands():
     assert DEMO_COMMAND in text
     assert TEST_COMMAND in text
     assert TEST_COMMAND in (ROOT / ".ci" / "run").read_text()
+
+
+def test_a_cpu_user_learns_at_the_first_command_what_it_pulls_and_the_cpu_line():
+    text = README.read_text()
+    first, cpu = text.index(DEMO_COMMAND), text.index(CPU_DEMO_COMMAND)
+    assert "CUDA build, about 6 GB" in text[text.index("## Install") : first]
+    assert first < cpu < text.index(TEST_COMMAND)
+    assert "Without a GPU" in text[first:cpu]
 
 
 def test_the_augmentation_leak_has_one_figure():

@@ -333,3 +333,11 @@ def test_a_missing_optional_package_is_one_line_naming_the_extra(
     assert rc == 2 and "Traceback" not in err
     extra = "triton" if missing == "tritonclient" else "onnx"
     assert f"pip install 'brainmets[{extra}]'" in err.strip().splitlines()[-1]
+
+
+def test_export_prints_no_exporter_info_lines(tiny_run, tmp_path, caplog):
+    """The exporter's optimiser logs every pass at INFO; an export's output is its one line."""
+    with caplog.at_level("INFO"):
+        assert main(["-q", "export", str(tiny_run), "--out", str(tmp_path / "e")]) == 0
+    noise = [r for r in caplog.records if r.name.startswith(("onnxscript", "onnx_ir"))]
+    assert not noise, noise[0].getMessage()

@@ -428,10 +428,10 @@ def test_summary_numbers_never_show_a_negative_zero(value, shown):
     assert _three_places(value) == shown
 
 
-def test_separation_and_its_band_stay_on_the_plain_sigmoid_under_a_calibration():
-    """A steep Platt map pushes calibrated probabilities to 0 and 1, which would turn a
-    "poor" separation of the plain sigmoid into an "excellent" one; the specification's
-    separation is the plain one, and the calibrated class means keep their own names."""
+def test_every_probability_is_on_the_reported_scale_under_a_calibration():
+    """One scale for the user: under a calibration the class means, the separation, its band
+    and the Brier score are those of the reported probabilities (no second, plain-sigmoid
+    figure under the same name), while AUC and the calls are those of the plain sigmoid."""
     from scipy.special import expit, logit
 
     rng = np.random.default_rng(4)
@@ -441,12 +441,12 @@ def test_separation_and_its_band_stay_on_the_plain_sigmoid_under_a_calibration()
     result = evaluate_predictions(labels, plain, 0.06, n_boot=0, reported=steep)
     metrics = result["metrics"]
 
-    expected = plain[labels == 1].mean() - plain[labels == 0].mean()
-    assert metrics["separation"] == pytest.approx(expected)
-    assert result["separation_band"] == separation_band(expected) == "poor"
-    assert metrics["mean_pos"] == pytest.approx(plain[labels == 1].mean())
     calibrated = steep(plain)
-    assert metrics["calibrated_mean_pos"] == pytest.approx(calibrated[labels == 1].mean())
-    assert metrics["calibrated_mean_neg"] == pytest.approx(calibrated[labels == 0].mean())
-    assert metrics["calibrated_mean_pos"] - metrics["calibrated_mean_neg"] > 0.3
+    expected = calibrated[labels == 1].mean() - calibrated[labels == 0].mean()
+    assert metrics["mean_pos"] == pytest.approx(calibrated[labels == 1].mean())
+    assert metrics["mean_neg"] == pytest.approx(calibrated[labels == 0].mean())
+    assert metrics["separation"] == pytest.approx(expected)
+    assert result["separation_band"] == separation_band(expected)
+    assert not any(key.startswith("calibrated_") for key in metrics)
+    assert metrics["auc"] == pytest.approx(patient_metrics(labels, plain, 0.06)["auc"])
     assert metrics["brier"] == pytest.approx(np.mean((calibrated - labels) ** 2))

@@ -64,25 +64,22 @@ def _preprocess_from_args(args):
 
 
 def cmd_synth(args) -> int:
-    from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
-
-    lesions = {}
-    if "lesion_mm" in args:  # absent unless given: the SynthConfig default applies
-        lesions["lesion_diameter_mm"] = tuple(args.lesion_mm)
-    if "lesion_hu" in args:
-        lesions["lesion_hu"] = tuple(args.lesion_hu)
     from pydantic import ValidationError
 
+    from brainmets.data.synth_settings import LESION_SETTINGS
+    from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
+
+    # Only the options given: every other field keeps SynthConfig's default.
+    given = {field: getattr(args, dest) for dest, field in _SYNTH_FIELDS.items() if dest in args}
+    if "min_slices" in args or "max_slices" in args:
+        low, high = SynthConfig.model_fields["slices"].default
+        given["slices"] = (getattr(args, "min_slices", low), getattr(args, "max_slices", high))
+    lesions = dict(LESION_SETTINGS[args.lesions])
+    for dest, field in (("lesion_mm", "lesion_diameter_mm"), ("lesion_hu", "lesion_hu")):
+        if dest in args:
+            lesions[field] = tuple(getattr(args, dest))
     try:
-        cfg = SynthConfig(
-            num_patients=args.patients,
-            positive_fraction=args.positive_fraction,
-            slices=(args.min_slices, args.max_slices),
-            matrix=args.matrix,
-            slice_thickness_mm=args.thickness,
-            seed=args.seed,
-            **lesions,
-        )
+        cfg = SynthConfig(**given, **lesions)
     except ValidationError as err:  # in the options' names, without pydantic's links
         raise ValueError("synth: " + "; ".join(_synth_problem(e) for e in err.errors())) from None
     fractions = tuple(args.split) if args.split else None
@@ -106,6 +103,14 @@ def cmd_synth(args) -> int:
     return 0
 
 
+# synth's options (argparse dest) that are SynthConfig fields of the same meaning.
+_SYNTH_FIELDS = {
+    "patients": "num_patients",
+    "positive_fraction": "positive_fraction",
+    "matrix": "matrix",
+    "thickness": "slice_thickness_mm",
+    "seed": "seed",
+}
 _SYNTH_OPTIONS = {
     "num_patients": "--patients",
     "positive_fraction": "--positive-fraction",
@@ -127,7 +132,8 @@ def cmd_config(args) -> int:
     from brainmets.config import load_config
     from brainmets.config_yaml import annotated_yaml
 
-    sys.stdout.write(annotated_yaml(load_config(args.config, args.set)))
+    cfg = load_config(args.config, args.set, preset=args.preset)
+    sys.stdout.write(annotated_yaml(cfg, preset=args.preset))
     return 0
 
 
@@ -141,16 +147,21 @@ def cmd_index(args) -> int:
     write_index(index, args.out)
     chosen = int(index.series["chosen"].sum())
     patients = index.series["patient_id"].nunique()
-    # Files that are not DICOM at all (notes, exports beside the images) are listed but are
-    # no failure; a DICOM file that cannot be read (empty, truncated, corrupt) is one.
-    damaged = int((index.errors["reason"] != NOT_DICOM).sum())
+    # A file that is not DICOM at all and does not claim to be (notes, exports beside the
+    # images) is listed but no failure; a DICOM file that cannot be read (empty, truncated,
+    # corrupt), or one named .dcm that is not DICOM, is one.
+    failed = int((index.errors["reason"] != NOT_DICOM).sum())
+    listed = len(index.errors) - failed
     print(
-        f"{len(index.series)} series of {patients} patients; {chosen} chosen; "
-        f"{len(index.errors)} unreadable files ({damaged} damaged DICOM, "
-        f"{len(index.errors) - damaged} not DICOM); table in {args.out}"
+        f"{len(index.series)} series of {patients} patients; {chosen} chosen; {failed} files "
+        f"failed (damaged DICOM, or named as DICOM but not DICOM); {listed} other files are "
+        f"not DICOM (listed only); tables in {args.out}"
     )
-    if damaged:
-        print(f"damaged files are listed in {Path(args.out) / 'index_errors.csv'}", file=sys.stderr)
+    if failed:
+        print(
+            f"the failed files and why are listed in {Path(args.out) / 'index_errors.csv'}",
+            file=sys.stderr,
+        )
         return 0 if args.allow_failures else 1
     if index.series.empty:  # most often a wrong folder: say so rather than succeed quietly
         print(f"no DICOM images under {args.dicom_root}", file=sys.stderr)
@@ -208,6 +219,8 @@ def cmd_train(args) -> int:
 
     shortcuts = [f"train.{key}={value}" for key, value in
                  (("device", args.device), ("epochs", args.epochs)) if value is not None]  # fmt: skip
+    if args.allow_chance:  # a config key, so that the run's config.yaml keeps it for --resume
+        shortcuts.append("train.allow_chance=true")
     args.set = [*args.set, *shortcuts]
     if args.resume:
         run_dir = Path(args.resume)
@@ -229,13 +242,11 @@ def cmd_train(args) -> int:
         return 0  # under torchrun, rank 0 reports the run
     best = result.get("best") or {}
     metric = result.get("best_metric", cfg.train.best_metric)  # val_loss if val is one class
-    threshold = best.get("threshold", float("nan"))
     column = HEADLINE.get(metric, metric)  # the rule's one-number summary
     chosen = metric if column == metric else f"by {metric}: {column}"
     print(
         f"run {run_dir}: best {chosen} {best.get(column, float('nan')):.4f} at epoch "
-        f"{result.get('best_epoch')} (threshold {threshold:.2f} on the plain sigmoid, as in "
-        "metrics.csv and train.log)"
+        f"{result.get('best_epoch')}, threshold {best.get('threshold', float('nan')):.3f}"
     )
     sidecar = run_dir / rundir.MODEL_SIDECAR
     if sidecar.is_file():
@@ -243,10 +254,10 @@ def cmd_train(args) -> int:
 
         calibration = Calibration.from_sidecar(json.loads(sidecar.read_text()))
         print(
-            f"predict and evaluate report probabilities as {calibration.describe()}; "
-            f"there the threshold is {calibration.threshold(threshold):.3f}"
+            "probabilities and thresholds (train.log, metrics.csv, evaluate, predict, the SR): "
+            f"{calibration.describe()}"
         )
-    return _ranking_exit(result.get("ranking"), args.allow_chance)
+    return _ranking_exit(result.get("ranking"), cfg.train.allow_chance)
 
 
 # A trained run whose model does not rank its validation patients (see brainmets.ranking).
@@ -272,8 +283,14 @@ def _ranking_exit(ranking: dict | None, allowed: bool) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from brainmets.config import load_config
     from brainmets.evaluate.evaluation import evaluate_run
 
+    settings = None
+    if args.config is not None or args.set:  # else the run's own evaluate.* keys
+        run_config = Path(args.run) / rundir.CONFIG
+        base = args.config or (run_config if run_config.is_file() else None)
+        settings = load_config(base, args.set).evaluate
     summary = evaluate_run(
         args.run,
         args.data,
@@ -282,9 +299,30 @@ def cmd_evaluate(args) -> int:
         n_boot=args.n_boot,
         backend=_backend_spec(args),
         progress=not args.quiet,
+        settings=settings,
     )
     print(summary.text)
+    failed = _cache_failures(Path(args.data))
+    if failed:
+        print(
+            f"{failed} patients of {args.data} failed to prepare and are in none of these figures "
+            f"(listed in {Path(args.data) / 'errors.csv'})",
+            file=sys.stderr,
+        )
+        return 0 if args.allow_failures else 1
     return 0
+
+
+def _cache_failures(cache: Path) -> int:
+    """Patients a cache's errors.csv (or its shards') lists as failed and that are not in it."""
+    import pandas as pd
+
+    tables = [pd.read_csv(p, dtype=str, keep_default_na=False) for p in cache.glob("errors*.csv")]
+    failed = {pid for t in tables if "patient_id" in t for pid in t["patient_id"]}
+    index = cache / "index.csv"
+    if failed and index.is_file():
+        failed -= set(pd.read_csv(index, dtype=str, keep_default_na=False)["patient_id"])
+    return len(failed)
 
 
 def cmd_predict(args) -> int:
@@ -431,15 +469,18 @@ def _add_allow_failures(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+# brainmets.backends.BACKENDS (a test keeps them equal): importing that package here would load
+# torch at every start-up, --help and `brainmets config` included.
+BACKEND_NAMES = ("torch", "onnxruntime", "triton")
+
+
 def _add_backend(p: argparse.ArgumentParser, *, compile: bool = True) -> None:
     """The options of ``brainmets.backends.BackendSpec``: one block for every command that
     scores (``_backend_spec`` reads it back)."""
-    from brainmets.backends import BACKENDS
-
     g = p.add_argument_group("scoring backend")
     g.add_argument(
         "--backend",
-        choices=BACKENDS,
+        choices=BACKEND_NAMES,
         default="torch",
         help="score with PyTorch, with onnxruntime from the run's export, or on a Triton "
         "server serving it (default %(default)s)",
@@ -473,8 +514,10 @@ def _backend_spec(args):
     )
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="YAML config (defaults: the specification)")
+def _add_config_args(
+    p: argparse.ArgumentParser, what: str = "YAML config (defaults: the specification)"
+) -> None:
+    p.add_argument("--config", type=Path, help=what)
     p.add_argument(
         "--set",
         action="append",
@@ -489,26 +532,36 @@ Command = Callable[..., argparse.ArgumentParser]
 
 
 def _synth_parser(command: Command) -> None:
+    from brainmets.data import synth_settings as synth
+
     p = command("synth", help="write a synthetic head-CT cohort as DICOM + labels.csv")
     p.add_argument("out", type=Path, help="folder for dicom/, labels.csv and synth.json")
-    p.add_argument("--patients", type=int, default=40, help="number of patients (default 40)")
-    p.add_argument("--positive-fraction", type=float, default=0.4,
-                   help="share of patients with metastases (default 0.4)")  # fmt: skip
-    p.add_argument(
-        "--min-slices", type=int, default=24, help="fewest slices per series (default 24)"
-    )
-    p.add_argument("--max-slices", type=int, default=32, help="most slices per series (default 32)")
-    p.add_argument(
-        "--matrix", type=int, default=256, help="rows = columns of each slice (default 256)"
-    )
-    p.add_argument("--thickness", type=float, default=5.0, help="slice thickness in mm (default 5)")
-    p.add_argument("--lesion-mm", type=float, nargs=2, metavar=("LOW", "HIGH"), default=argparse.SUPPRESS,
-                   help="metastasis diameter range in mm (default 3-20; the demo uses 18 30, "
-                        "which a network trained from scratch on CPU can learn)")  # fmt: skip
-    p.add_argument("--lesion-hu", type=float, nargs=2, metavar=("LOW", "HIGH"), default=argparse.SUPPRESS,
-                   help="metastasis enhancement range in HU (default 45-90; the demo: 75 90)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0,
-                   help="the same seed writes the same bytes (default 0)")  # fmt: skip
+    # Defaults are SynthConfig's (brainmets.data.synth_settings): an option not given is not
+    # passed, and the help reads the same values.
+    given = {"default": argparse.SUPPRESS}
+    p.add_argument("--patients", type=int, **given,
+                   help=f"number of patients (default {synth.NUM_PATIENTS})")  # fmt: skip
+    p.add_argument("--positive-fraction", type=float, **given,
+                   help=f"share of patients with metastases (default {synth.POSITIVE_FRACTION:g})")  # fmt: skip
+    p.add_argument("--min-slices", type=int, **given,
+                   help=f"fewest slices per series (default {synth.SLICES[0]})")  # fmt: skip
+    p.add_argument("--max-slices", type=int, **given,
+                   help=f"most slices per series (default {synth.SLICES[1]})")  # fmt: skip
+    p.add_argument("--matrix", type=int, **given,
+                   help=f"rows = columns of each slice (default {synth.MATRIX})")  # fmt: skip
+    p.add_argument("--thickness", type=float, **given,
+                   help=f"slice thickness in mm (default {synth.SLICE_THICKNESS_MM:g})")  # fmt: skip
+    p.add_argument("--lesions", choices=tuple(synth.LESION_SETTINGS), default=synth.DEFAULT_LESIONS,
+                   help=f"metastases: default ({synth.lesion_ranges('default')}, what a pretrained "
+                        f"model is for) or conspicuous ({synth.lesion_ranges('conspicuous')}, "
+                        "what a network trained from random weights on a CPU learns; the CPU "
+                        "demo's)")  # fmt: skip
+    p.add_argument("--lesion-mm", type=float, nargs=2, metavar=("LOW", "HIGH"), **given,
+                   help="metastasis diameter range in mm (instead of the --lesions setting's)")  # fmt: skip
+    p.add_argument("--lesion-hu", type=float, nargs=2, metavar=("LOW", "HIGH"), **given,
+                   help="metastasis enhancement range in HU (instead of the --lesions setting's)")  # fmt: skip
+    p.add_argument("--seed", type=int, **given,
+                   help=f"the same seed writes the same bytes (default {synth.SEED})")  # fmt: skip
     p.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                    default=[0.6, 0.2, 0.2],
                    help="shares of labels.csv's split column, stratified by label and seeded "
@@ -524,6 +577,15 @@ def _config_parser(command: Command) -> None:
         "config",
         help="print the resolved config as commented YAML (brainmets config > my.yaml)",
     )
+    from brainmets.config import PRESET_SUMMARIES
+
+    p.add_argument(
+        "--preset",
+        choices=tuple(PRESET_SUMMARIES),
+        help="start from a named configuration: "
+        + "; ".join(f"{name}: {text}" for name, text in PRESET_SUMMARIES.items())
+        + " (default: the defaults, which are spec)",
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
 
@@ -533,7 +595,7 @@ def _index_parser(command: Command) -> None:
     p.add_argument("dicom_root", type=Path, help="folder searched for DICOM files (recursively)")
     p.add_argument("--out", type=Path, required=True, help="folder for series.csv / files.csv")
     _add_workers(p, "header-reading processes (default: every core)")
-    _add_allow_failures(p, "DICOM files are damaged")
+    _add_allow_failures(p, "files are damaged DICOM or named .dcm but not DICOM")
     # The series are chosen from preprocess.slab_mm and preprocess.min_slices, the keys
     # prepare and predict choose by, so one config gives one choice everywhere.
     _add_config_args(p)
@@ -582,7 +644,7 @@ def _train_parser(command: Command) -> None:
         "--allow-chance",
         action="store_true",
         help="exit 0 even when the model is not shown to rank its validation patients better than "
-        "chance (otherwise exit 3, after the warning)",
+        "chance (otherwise exit 3, after the warning); --resume keeps it",
     )
     p.set_defaults(func=cmd_train)
 
@@ -603,6 +665,8 @@ def _evaluate_parser(command: Command) -> None:
         default=None,
         help="bootstrap resamples (default: evaluate.n_boot of the run; 0: none)",
     )
+    _add_allow_failures(p, "patients of the cache failed to prepare")
+    _add_config_args(p, "the evaluate.* keys (default: the run's config.yaml)")
     _add_backend(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -635,7 +699,10 @@ def _predict_parser(command: Command) -> None:
     )
     p.add_argument("--top-k", type=int, default=3, help="heatmaps per patient (default 3)")
     p.add_argument(
-        "--batch-slices", type=int, default=512, help="score patients together up to this many"
+        "--batch-slices",
+        type=int,
+        default=512,
+        help="score whole patients together up to this many slices (default %(default)s)",
     )
     p.add_argument(
         "--resume",
@@ -660,7 +727,9 @@ def _serve_parser(command: Command) -> None:
     p.add_argument("--status", type=Path, metavar="DIR", help="print the record of a --store")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default %(default)s)")
     p.add_argument("--port", type=int, default=11112, help="DICOM port (default %(default)s)")
-    p.add_argument("--ae-title", default="BRAINMETS", help="this node's AE title")
+    p.add_argument(
+        "--ae-title", default="BRAINMETS", help="this node's AE title (default %(default)s)"
+    )
     p.add_argument(
         "--allow", nargs="+", metavar="AET", help="accept associations from these AE titles only"
     )
@@ -777,7 +846,8 @@ def _export_parser(command: Command) -> None:
         "--quantize",
         choices=("none", "int8"),
         default="none",
-        help="dynamic int8 quantisation for CPUs (changes the scores: see README)",
+        help="int8: dynamic int8 quantisation, faster on CPUs but it changes the scores "
+        "(measured in docs/benchmarks.md: compare the export's decisions before using it)",
     )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default %(default)s)")
     p.set_defaults(func=cmd_export)
@@ -827,9 +897,27 @@ SUBCOMMANDS = (
 )
 
 
+_EXAMPLES = """\
+examples:
+  brainmets demo                                  the whole workflow on a synthetic cohort
+  brainmets synth cohort --patients 200 --min-slices 12 --max-slices 14 --lesions conspicuous
+  brainmets config --preset cpu-small > my.yaml   a config to start from (spec: for a GPU)
+  brainmets index DICOM_ROOT --config my.yaml --out work/index
+  brainmets prepare --config my.yaml --labels labels.csv --index work/index --out work/cache
+  brainmets train --config my.yaml --data work/cache --out runs/mine
+  brainmets evaluate runs/mine --data work/cache --split test
+  brainmets predict runs/mine /new/study1 /new/study2 --out predictions.csv
+
+Every command has --help; the README walks through each step.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="brainmets", description="Patient-level brain metastasis detection on head CT."
+        prog="brainmets",
+        description="Patient-level brain metastasis detection on head CT.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug log, tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

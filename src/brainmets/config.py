@@ -296,6 +296,12 @@ class TrainConfig(_Section):
         description="oscillation warning: the window's validation loss must span at least this "
         "share of its median (and go up and down, brainmets.train.health)",
     )
+    allow_chance: bool = Field(
+        False,
+        description="brainmets train exits 0 even when the model is not shown to rank its "
+        "validation patients (otherwise exit 3, after the warning); train --allow-chance sets "
+        "it, and train --resume keeps it",
+    )
     log_every: int = Field(10, ge=1, description="read the loss back every this many steps")
     checkpoint_every: int = Field(
         200, ge=1, description="also save the resume state every this many steps"
@@ -414,6 +420,47 @@ class ConfigError(ValueError):
     """A config file or override that does not validate; the message names the key."""
 
 
+# Named starting points (``brainmets config --preset NAME > my.yaml``), as overrides of the
+# defaults: every entry is a key of the config reference.
+PRESETS: dict[str, list[str]] = {
+    # The specified configuration: the defaults (ResNet-50 at 256^2, 40 epochs, 0 / 5 / 12).
+    "spec": [],
+    # The CPU demo's configuration (brainmets demo without a GPU): the same three-stage
+    # curriculum, only shorter, sized for a few CPU cores. ResNet-18 at 128^2, 16 epochs with
+    # stages at 0 / 1 / 2, learning rate 1e-3 for every trained block and batches of 5 patients
+    # (2 positives, 3 negatives), so that a few minutes of training hold ~24 optimiser steps per
+    # epoch instead of ~10.
+    "cpu-small": [
+        "model.arch=resnet18",
+        "preprocess.size=128",
+        "train.epochs=16",
+        "train.stage_epochs=[0, 1, 2]",
+        "train.lr.head=1.0e-3",
+        "train.lr.layer4=1.0e-3",
+        "train.lr.layer3=1.0e-3",
+        "train.batch_patients=5",
+        # Loading a uint8 volume is ~1 ms; worker processes would only take cores from the model.
+        "data.num_workers=0",
+        "evaluate.n_boot=500",
+    ],
+}
+PRESET_SUMMARIES = {
+    "spec": "the specified configuration: ResNet-50 at 256^2, 40 epochs, stages at 0 / 5 / 12 "
+    "(a GPU's work)",
+    "cpu-small": "the CPU demo's: ResNet-18 at 128^2, 16 epochs, stages at 0 / 1 / 2, learning "
+    "rate 1e-3, batches of 5 (minutes per epoch on a few CPU cores)",
+}
+
+
+def preset_overrides(name: str) -> list[str]:
+    """The overrides of preset ``name``; an unknown name is an error that lists the presets."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint} (presets: {', '.join(PRESETS)})")
+    return list(PRESETS[name])
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     parts = dotted.split(".")
@@ -494,10 +541,24 @@ def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    preset: str | None = None,
+) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    ``preset``: a name of :data:`PRESETS`, laid under the file (the file's keys win, and the
+    overrides win over both)."""
     tree: dict[str, Any] = {}
     source = "defaults"
+    base: dict[str, Any] = {}
+    if preset is not None:
+        for text in preset_overrides(preset):
+            key, value = parse_override(text)
+            _set_dotted(base, key, value)
+        source = f"preset {preset}"
     if path is not None:
         source = str(path)
         try:
@@ -511,6 +572,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping at the top level")
         tree = loaded
+        if preset is not None:
+            source = f"{source} over preset {preset}"
+    tree = _merged(base, tree)
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
@@ -538,7 +602,9 @@ _REFERENCE_INTRO = """\
 (tests/test_docs.py keeps this file equal to the generated text). -->
 
 One YAML file configures every step: `prepare` reads `preprocess.*`, `train` reads everything,
-`evaluate` reads `evaluate.*`. `brainmets config > my.yaml` prints the defaults to start from.
+`evaluate` reads `evaluate.*`. `brainmets config > my.yaml` prints the defaults to start from;
+`brainmets config --preset cpu-small > my.yaml` the CPU demo's configuration (ResNet-18 at
+128², 16 epochs, stages at 0 / 1 / 2), each key it changes marked `[preset cpu-small]`.
 
 - The file is validated when it is loaded: an unknown key (with the nearest known key as a
   suggestion) or a value of the wrong type is an error that names the key.

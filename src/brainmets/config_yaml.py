@@ -8,11 +8,12 @@ they cannot drift from what the keys do.
 from __future__ import annotations
 
 import inspect
+import textwrap
 
 import yaml
 from pydantic import BaseModel
 
-from brainmets.config import SPECIFIED, Config
+from brainmets.config import PRESET_SUMMARIES, SPECIFIED, Config, preset_overrides
 
 __all__ = ["annotated_yaml"]
 
@@ -31,7 +32,7 @@ def _section_note(section: BaseModel) -> str:
     return " ".join(inspect.cleandoc(doc).split("\n\n", 1)[0].split()).replace("``", "")
 
 
-def _lines(section: BaseModel, indent: str, prefix: str) -> list[str]:
+def _lines(section: BaseModel, indent: str, prefix: str, marked: dict[str, str]) -> list[str]:
     lines: list[str] = []
     for name, info in type(section).model_fields.items():
         value = getattr(section, name)
@@ -39,23 +40,36 @@ def _lines(section: BaseModel, indent: str, prefix: str) -> list[str]:
         if isinstance(value, BaseModel):
             note = info.description or _section_note(value)
             lines.append(f"{indent}{name}:" + (f"  # {note}" if note else ""))
-            lines += _lines(value, indent + "  ", f"{key}.")
+            lines += _lines(value, indent + "  ", f"{key}.", marked)
             continue
         if isinstance(value, tuple):
             value = list(value)
         note = info.description or ""
         if key in SPECIFIED:
             note += f" [specified: {SPECIFIED[key]}]"
+        if key in marked:
+            note += f" [{marked[key]}]"
         lines.append(f"{indent}{name}: {_scalar(value)}" + (f"  # {note.strip()}" if note else ""))
     return lines
 
 
-def annotated_yaml(cfg: Config | None = None) -> str:
-    """``cfg`` (default: the defaults) as commented YAML that ``load_config`` reads back."""
+def annotated_yaml(cfg: Config | None = None, *, preset: str | None = None) -> str:
+    """``cfg`` (default: the defaults) as commented YAML that ``load_config`` reads back;
+    ``preset``: the name of the preset it was made from, said in the header."""
     cfg = Config() if cfg is None else cfg
     header = [
         "# brainmets configuration: every key with its value and what it does.",
-        "# Save as my.yaml, edit, then: brainmets prepare/train --config my.yaml",
+        "# Save as my.yaml, edit, then: brainmets index/prepare/train --config my.yaml",
         "# (keys left out keep their defaults; --set KEY=VALUE overrides one key).",
     ]
-    return "\n".join(header + _lines(cfg, "", "")) + "\n"
+    marked: dict[str, str] = {}
+    if preset is not None:
+        header += textwrap.wrap(
+            f"From the preset {preset}: {PRESET_SUMMARIES[preset]}. Its keys are marked "
+            f"[preset {preset}].",
+            width=94,
+            initial_indent="# ",
+            subsequent_indent="# ",
+        )
+        marked = {text.split("=", 1)[0]: f"preset {preset}" for text in preset_overrides(preset)}
+    return "\n".join(header + _lines(cfg, "", "", marked)) + "\n"

@@ -3,11 +3,9 @@
 synth -> index -> prepare -> train -> evaluate (held-out test patients) -> predict -> report.
 
 With a GPU the demo runs the specified configuration (ResNet-50, 256^2, 40 epochs). Without
-one it runs a small configuration sized for two CPU cores that keeps the same three-stage
-curriculum, only shorter: ResNet-18 at 128^2, 16 epochs with stages at 0 / 1 / 2, learning
-rate 1e-3 for every trained block and batches of 5 patients (2 positives, 3 negatives), so
-that the few minutes of training hold ~24 optimiser steps per epoch instead of ~10. There are
-no RadImageNet weights on a fresh machine, so the backbone starts from random initialisation;
+one it runs the ``cpu-small`` preset of :mod:`brainmets.config` (``brainmets config --preset
+cpu-small``): the same three-stage curriculum, only shorter. There are no RadImageNet weights
+on a fresh machine, so the backbone starts from random initialisation;
 ``train.bn_calibration_patients`` first estimates its BatchNorm statistics from training
 slices (without it the frozen blocks normalise with the initial mean 0 / variance 1, which
 describe no data, and evaluation-mode BatchNorm then differs wildly from training). Both
@@ -31,43 +29,23 @@ from pathlib import Path
 import torch
 
 from brainmets import rundir
-from brainmets.config import Config, load_config
+from brainmets.config import Config, load_config, preset_overrides
 from brainmets.data.labels import assign_splits
+from brainmets.data.synth_settings import LESION_SETTINGS
 from brainmets.io import atomic_write_csv
 
 log = logging.getLogger(__name__)
 
-# The CPU demo: every override is a key of the config reference.
-CPU_OVERRIDES = [
-    "name=demo-cpu",
-    "model.arch=resnet18",
-    "preprocess.size=128",
-    "train.epochs=16",
-    "train.stage_epochs=[0, 1, 2]",
-    "train.lr.head=1.0e-3",
-    "train.lr.layer4=1.0e-3",
-    "train.lr.layer3=1.0e-3",
-    "train.batch_patients=5",
-    "train.bn_calibration_patients=48",
-    # Loading a uint8 volume is ~1 ms; worker processes would only take cores from the model.
-    "data.num_workers=0",
-    "evaluate.n_boot=500",
-]
+# The CPU demo: the cpu-small preset under its own run name.
+CPU_OVERRIDES = ["name=demo-cpu", *preset_overrides("cpu-small")]
 # The specified configuration; from random weights the BatchNorm statistics are estimated first
 # (without it frozen blocks normalise with mean 0 / variance 1).
 GPU_OVERRIDES = ["name=demo-gpu", "train.bn_calibration_patients=48"]
-# The CPU cohort's metastases are larger and brighter than `brainmets synth`'s default (3-20 mm,
-# 45-90 HU): a randomly initialised network given a few hundred optimiser steps learns 18-30 mm
-# lesions (held-out AUC >= 0.9) but not 10-25 mm ones at 70-90 HU (validation AUC <= 0.57
-# after 7 epochs). Calcifications, streaks and oedema stay as in the default cohort. When the
-# network starts to find the lesions varies with the seed (validation AUC passed 0.85 at epoch
-# 2, 7 and 10 for seeds 1, 0 and 2 of 12-epoch runs), hence 16 epochs.
-CPU_COHORT = {
-    "num_patients": 200,
-    "slices": (12, 14),
-    "lesion_diameter_mm": (18.0, 30.0),
-    "lesion_hu": (75.0, 90.0),
-}
+# The CPU cohort's metastases are the conspicuous lesion setting of `brainmets synth --lesions`
+# (brainmets.data.synth_settings), which a randomly initialised network learns in minutes.
+# When it starts to find them varies with the seed (validation AUC passed 0.85 at epoch 2, 7
+# and 10 for seeds 1, 0 and 2 of 12-epoch runs), hence 16 epochs.
+CPU_COHORT = {"num_patients": 200, "slices": (12, 14), **LESION_SETTINGS["conspicuous"]}
 GPU_COHORT = {**CPU_COHORT, "num_patients": 400, "slices": (24, 32)}
 
 

@@ -138,8 +138,10 @@ def _onnx_model(model: BrainMetsNet, size: int, opset: int):
     """The slice network as an ONNX ModelProto with a free batch axis (torch.export based)."""
     # The exporter's own dependency: name it, not its traceback.
     require_package("onnxscript", "export")
-    # The exporter's graph passes log each step at INFO: noise in a command's output.
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+    # The exporter's graph passes and optimiser log each step at INFO: noise in a command's
+    # output.
+    for name in ("onnx_ir", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # Batch 2 as the example: a batch of 1 is a size torch.export may specialise on.
     example = torch.zeros(2, 1, size, size)
     program = torch.onnx.export(

@@ -128,40 +128,64 @@ def require_package(package: str, what: str, extra: str = "onnx"):
 
 
 @contextlib.contextmanager
-def exclusive_lock(lock_path: str | Path, what: str) -> Iterator[Path]:
+def exclusive_lock(lock_path: str | Path, what: str, *, remove: bool = False) -> Iterator[Path]:
     """Hold an advisory lock on ``lock_path`` (``what`` names the thing it guards) meanwhile.
 
     A second process is refused at once with :class:`InUseError`, which names the holder's
     PID; nobody waits on a run that may take days. The lock is ``flock``'s, so the kernel
-    drops it when its holder dies, by ``kill -9`` too: a stale lock file refuses nobody. The
-    file is not removed afterwards: unlinking it would let a third process lock a new file
-    while a second still holds the old one.
+    drops it when its holder dies, by ``kill -9`` too: a stale lock file refuses nobody.
+
+    ``remove``: the holder unlinks the file when done (a lock file beside a user's output is
+    litter). Unlinking alone would let a third process lock a new file while a second still
+    holds the old one, so a lock counts only while the path still names the locked file
+    (checked after locking; else the lock is taken again on the new file).
 
     Creating the lock file is also the first write into the folder: a folder that cannot be
     written is reported here, before any work.
     """
-    import fcntl
-
     lock_path = Path(lock_path)
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
     except OSError as err:
         raise _naming(err, lock_path) from err
+    fd = _locked(lock_path, what)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            raise InUseError(
-                f"{what} is in use by another brainmets process (PID {holder}, lock file "
-                f"{lock_path}); wait for it to finish, or choose another output"
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield lock_path
     finally:
+        if remove:
+            with contextlib.suppress(OSError):
+                lock_path.unlink()  # while held: no one else can have locked this file
         os.close(fd)  # closing the only descriptor releases the flock
+
+
+def _locked(lock_path: Path, what: str) -> int:
+    """A descriptor of ``lock_path`` holding its flock; :class:`InUseError` when another
+    process holds it."""
+    import fcntl
+
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as err:
+            raise _naming(err, lock_path) from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise InUseError(
+                f"{what} is in use by another brainmets process (PID {holder}, lock file "
+                f"{lock_path}); wait for it to finish, or choose another output"
+            ) from None
+        try:
+            current = os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            return fd
+        os.close(fd)  # its holder removed it as we locked it: lock the file there now
 
 
 # --------------------------------------------------------------------------- OS errors

@@ -73,11 +73,6 @@ PROPORTION_NAMES = ("sensitivity", "specificity", "ppv", "npv", "accuracy")
 #: Metrics whose value is a probability: they depend on the scale that is reported (a run's
 #: calibration), where every other metric depends only on the ranking and the calls.
 PROBABILITY_NAMES = ("brier", "mean_pos", "mean_neg", "separation")
-#: Under a calibration, where each probability-valued metric of the reported scale is kept.
-#: The class means and the separation stay on the plain sigmoid, the specification's scale for
-#: the separation and its bands (and training's); the calibrated means get their own names.
-CALIBRATED_NAMES = {"brier": "brier", "mean_pos": "calibrated_mean_pos",
-                    "mean_neg": "calibrated_mean_neg"}  # fmt: skip
 # Resamples scored per block: bounds memory to ~block * n_patients * 8 bytes per array.
 _BOOTSTRAP_BLOCK = 250
 
@@ -394,8 +389,9 @@ def _scored(
         on_scale = patient_metrics(y, q, threshold)
         # The same seed: the same resamples as the intervals above.
         ci_on_scale = confidence_intervals(y, q, threshold, n_boot=n_boot, seed=seed, alpha=alpha)
-        for name, key in CALIBRATED_NAMES.items():
-            metrics[key], ci[key] = on_scale[name], ci_on_scale[name]
+        # One scale for the user: every probability-valued metric on the reported one.
+        for name in PROBABILITY_NAMES:
+            metrics[name], ci[name] = on_scale[name], ci_on_scale[name]
     return {
         "threshold": _json_float(threshold),
         "metrics": _json_metrics(metrics),
@@ -435,11 +431,10 @@ def evaluate_predictions(
 
     ``reported`` maps ``probs`` (and thresholds) increasingly onto the scale the tool reports
     (a run's calibration, :mod:`brainmets.model.probability`). Thresholds are chosen and
-    patients ranked and called on ``probs``; the thresholds and the Brier score are then given
-    on the reported scale, and the class means also as ``calibrated_mean_pos`` and
-    ``calibrated_mean_neg``. ``mean_pos``, ``mean_neg``, ``separation`` and its band stay on
-    ``probs`` (the plain sigmoid: the specification's scale, the one training logs). So a
-    calibrated probability that rounds to 1.0 can tie neither the ranking nor a call.
+    patients ranked and called on ``probs``; the thresholds and the probability-valued metrics
+    (Brier score, class means, separation and its band) are then given on the reported scale,
+    the one every command shows. So a calibrated probability that rounds to 1.0 can tie
+    neither the ranking nor a call.
     """
     y, p = check_patient_arrays(labels, probs)
     if (val_labels is None) != (val_probs is None):

@@ -186,9 +186,9 @@ class PredictionsTable:
         """One process at a time writes the table; a second is refused at once (two runs would
         each write their rows over the other's). The lock file is the first thing written, so
         an unwritable folder is reported before any work, as is an unwritable heatmaps
-        folder."""
+        folder; it is removed when the table is done."""
         lock = self.path.with_name(f".{self.path.name}.lock")
-        with exclusive_lock(lock, f"predictions table {self.path}"):
+        with exclusive_lock(lock, f"predictions table {self.path}", remove=True):
             if self.heat_dir:
                 _check_writable(self.heat_dir)
             yield self

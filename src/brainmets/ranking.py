@@ -60,7 +60,8 @@ class RankingVerdict:
         if self.ranks:
             return (
                 f"the model ranks {who}: AUC {self.auc:.3f} (95% CI {self.auc_ci[0]:.3f} to "
-                f"{self.auc_ci[1]:.3f}), separation {self.separation:.3f} ({self.separation_band})"
+                f"{self.auc_ci[1]:.3f}), separation of the sigmoid {self.separation:.3f} "
+                f"({self.separation_band})"
             )
         if self.verdict == UNDETERMINED:
             return f"whether the model ranks patients is unknown: {'; '.join(self.reasons)}"

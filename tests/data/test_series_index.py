@@ -119,7 +119,7 @@ def test_bad_files_recorded_and_rest_indexed(corpus, tmp_path):
     )
     assert set(reasons) == {"empty.dcm", "notes.dcm", "truncated"}
     assert reasons["empty.dcm"].startswith("empty file")
-    assert reasons["notes.dcm"] == "not a DICOM file"
+    assert reasons["notes.dcm"] == "not a DICOM file, although named as one (.dcm)"
     assert "truncated" in reasons["truncated"]
     assert index.series["chosen"].sum() == 1 and index.series["num_slices"].iloc[0] == 28
 

@@ -256,6 +256,7 @@ def test_a_second_predict_to_one_table_is_refused_until_the_first_dies(
         rc = main(["-q", "predict", str(run), str(cache), "--out", str(out)])
     assert rc == 0
     assert len(read_predictions(out)) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.csv"]  # no lock left
 
 
 @pytest.mark.slow
@@ -316,6 +317,32 @@ def test_predict_on_a_root_gives_a_patient_with_only_damaged_files_a_row(
     assert table.loc[damaged, "source"] == str(root / damaged)
     assert "no DICOM file in this folder could be read" in table.loc[damaged, "error"]
     assert (table.drop(index=damaged)["error"] == "").all()
+
+
+def test_predict_gives_a_dcm_that_is_not_dicom_and_an_empty_patient_folder_a_row(
+    trained, cohort, tmp_path
+):
+    """A file named as a slice that is not DICOM fails its patient, naming the file (a slice may
+    be missing); an empty patient folder and one holding only a PDF get rows of their own."""
+    run, _ = trained
+    root = copy_tree(cohort / "dicom", tmp_path / "dicom")
+    patient = patient_folders(cohort)[1].name
+    series_folder = axial_files(root / patient)[0].parent
+    stray = series_folder / "IM9999.dcm"
+    stray.write_text("Report: no acute findings.\n")
+    (root / "P-empty").mkdir()
+    (root / "P-report").mkdir()
+    (root / "P-report" / "report.pdf").write_bytes(b"%PDF-1.4\n")
+    out = tmp_path / "predictions.csv"
+    result = predict(run, [root], out_csv=out, workers=1, progress=False)
+    table = read_predictions(out).set_index("patient_id")
+    assert result.failed == 3 and len(table) == 8
+    assert str(stray) in table.loc[patient, "error"]
+    assert "not a DICOM file, although named as one (.dcm)" in table.loc[patient, "error"]
+    assert table.loc["P-empty", "error"] == "no DICOM images (empty folder)"
+    assert table.loc["P-empty", "source"] == str(root / "P-empty")
+    assert table.loc["P-report", "error"] == "no DICOM images (1 files, none DICOM: report.pdf)"
+    assert (table.drop(index=[patient, "P-empty", "P-report"])["error"] == "").all()
 
 
 def test_damaged_patients_are_found_as_deep_as_the_readable_ones(cohort, tmp_path):
@@ -692,3 +719,11 @@ def test_a_lock_names_its_holder_and_is_free_again_after_it(tmp_path):
             pass
     with exclusive_lock(lock, "the thing"):
         assert lock.read_text().strip() == str(os.getpid())
+    # A lock that removes its file: refused meanwhile as any other, gone after.
+    with (
+        exclusive_lock(lock, "the thing", remove=True),
+        pytest.raises(InUseError),
+        exclusive_lock(lock, "the thing"),
+    ):
+        pass
+    assert not lock.exists()

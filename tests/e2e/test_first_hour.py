@@ -16,7 +16,7 @@ import yaml
 
 from brainmets import __version__
 from brainmets.cli import EXIT_DOES_NOT_RANK, main
-from brainmets.config import PreprocessConfig, load_config
+from brainmets.config import ConfigError, PreprocessConfig, load_config
 from brainmets.data.cache import build_cache_from_arrays
 
 SIZE = 32
@@ -187,6 +187,74 @@ def test_config_prints_commented_yaml_that_loads_back(tmp_path, capsys):
     assert yaml.safe_load(text)["train"]["epochs"] == 7
 
 
+def test_the_cpu_small_preset_is_the_cpu_demo_in_one_file(tmp_path, capsys):
+    """`brainmets config --preset cpu-small > my.yaml` gives the CPU demo's configuration,
+    each key it sets marked; the file alone then configures prepare and train."""
+    from brainmets.demo import demo_config
+
+    assert main(["config", "--preset", "cpu-small"]) == 0
+    text = capsys.readouterr().out
+    my = tmp_path / "my.yaml"
+    my.write_text(text)
+    demo = demo_config(full=False, epochs=None, device="auto", seed=0)
+    assert load_config(my) == demo.model_copy(update={"name": "run"})
+    marked = [line for line in text.splitlines() if line.endswith(" [preset cpu-small]")]
+    assert len(marked) == 10 and any(line.startswith("  size: 128") for line in marked)
+    assert load_config(None, preset="spec") == load_config(None)
+
+
+def test_a_preset_lies_under_the_file_and_the_overrides(tmp_path, capsys):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train:\n  epochs: 3\n")
+    cfg = load_config(mine, ["train.batch_patients=10"], preset="cpu-small")
+    assert (cfg.model.arch, cfg.train.epochs, cfg.train.batch_patients) == ("resnet18", 3, 10)
+    with pytest.raises(SystemExit):
+        main(["config", "--preset", "cpu-smal"])
+    assert "invalid choice: 'cpu-smal'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="did you mean cpu-small"):
+        load_config(None, preset="cpu-smal")
+
+
+def test_synth_options_default_to_synthconfig(tmp_path):
+    """An option not given is SynthConfig's default (one place), and --lesions names a setting
+    that --lesion-mm / --lesion-hu adjust."""
+    from brainmets.data.synth_settings import LESION_SETTINGS
+    from brainmets.data.synthetic import SynthConfig
+
+    def written(folder: str, *options: str) -> SynthConfig:
+        argv = ["-q", "synth", str(tmp_path / folder), "--patients", "2", "--matrix", "64",
+                "--workers", "1", "--min-slices", "10", *options]  # fmt: skip
+        assert main(argv) == 0
+        return SynthConfig.model_validate_json((tmp_path / folder / "synth.json").read_text())
+
+    plain = written("plain", "--max-slices", "10")
+    assert plain == SynthConfig(num_patients=2, matrix=64, slices=(10, 10))
+    bright = written("bright", "--max-slices", "11", "--lesions", "conspicuous")
+    assert bright.lesion_diameter_mm == (18.0, 30.0) and bright.lesion_hu == (75.0, 90.0)
+    assert bright.slices == (10, 11)
+    tuned = written("tuned", "--max-slices", "10", "--lesions", "conspicuous",
+                    "--lesion-mm", "20", "25")  # fmt: skip
+    assert (tuned.lesion_diameter_mm, tuned.lesion_hu) == ((20.0, 25.0), (75.0, 90.0))
+    assert LESION_SETTINGS["default"] == {
+        "lesion_diameter_mm": SynthConfig().lesion_diameter_mm,
+        "lesion_hu": SynthConfig().lesion_hu,
+    }
+
+
+def test_synth_help_shows_synthconfig_defaults(capsys):
+    from brainmets.data.synthetic import SynthConfig
+
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    spec = SynthConfig()
+    for shown in (f"number of patients (default {spec.num_patients})",
+                  f"fewest slices per series (default {spec.slices[0]})",
+                  f"most slices per series (default {spec.slices[1]})",
+                  f"(default {spec.matrix})", "conspicuous (18-30 mm at 75-90 HU"):  # fmt: skip
+        assert shown in out
+
+
 def test_synth_writes_a_stratified_seeded_split(tmp_path, capsys):
     def synth(folder: str, seed: int) -> pd.DataFrame:
         argv = ["-q", "synth", str(tmp_path / folder), "--patients", "10", "--matrix", "64", "--workers", "1",
@@ -302,3 +370,132 @@ def test_predict_shows_patients_read_before_the_first_score(chance_run, cache, t
     run, _ = chance_run
     main(["predict", str(run), str(cache), "--out", str(tmp_path / "p.csv")])
     assert "1 read" in capfd.readouterr().err
+
+
+# --------------------------------------------------------------------------- small gaps
+
+
+def test_resume_keeps_allow_chance(cache, tmp_path):
+    """A run accepted with --allow-chance and resumed without repeating it stays accepted: the
+    run's config.yaml keeps train.allow_chance."""
+    run = tmp_path / "run"
+    assert main(["-q", "train", "--data", str(cache), "--out", str(run), "--epochs", "1",
+                 *TINY, "--allow-chance"]) == 0  # fmt: skip
+    assert load_config(run / "config.yaml").train.allow_chance
+    assert main(["-q", "train", "--resume", str(run), "--epochs", "2"]) == 0
+    assert len(pd.read_csv(run / "metrics.csv")) == 2
+
+
+def test_the_random_weights_warning_counts_the_training_patients_used(chance_run):
+    run, _ = chance_run
+    log = (run / "train.log").read_text()
+    train_patients = (pd.read_csv(run / "splits.csv")["split"] == "train").sum()
+    assert train_patients < load_config(run / "config.yaml").train.bn_calibration_patients
+    assert f"estimated from {train_patients} training patients first" in log
+
+
+def test_evaluate_takes_config_set_and_allow_failures(chance_run, cache, tmp_path, capsys):
+    """evaluate.* keys from --config/--set; patients that failed to prepare are in none of the
+    figures, so evaluate exits 1 unless --allow-failures."""
+    run, _ = chance_run
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("evaluate:\n  sensitivity_targets: [0.5]\n")
+    out = tmp_path / "e1"
+    argv = ["-q", "evaluate", str(run), "--data", str(cache), "--out", str(out)]
+    assert main([*argv, "--config", str(mine), "--set", "evaluate.n_boot=7"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_boot"] == 7
+    assert [p["target_sensitivity"] for p in metrics["operating_points"]] == [0.5]
+
+    failing = tmp_path / "cache"
+    import shutil
+
+    shutil.copytree(cache, failing)
+    (failing / "errors.csv").write_text("patient_id,file,reason\nP99,/x/1.dcm,damaged\n")
+    capsys.readouterr()
+    argv = ["-q", "evaluate", str(run), "--data", str(failing), "--out", str(tmp_path / "e2"),
+            "--n-boot", "0"]  # fmt: skip
+    assert main(argv) == 1
+    assert "1 patients of" in capsys.readouterr().err
+    assert main([*argv, "--allow-failures"]) == 0
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_examples_and_defaults(capsys):
+    top = _help(capsys)
+    assert "examples: brainmets demo" in top
+    assert "brainmets config --preset cpu-small > my.yaml" in top
+    assert "(default 512)" in _help(capsys, "predict")
+    assert "(default BRAINMETS)" in _help(capsys, "serve")
+    export = _help(capsys, "export")
+    assert "see README" not in export and "docs/benchmarks.md" in export
+    evaluate = _help(capsys, "evaluate")
+    assert "--allow-failures" in evaluate and "--config" in evaluate and "--set" in evaluate
+
+
+def test_the_parser_names_the_backends_without_loading_them():
+    """--help and `brainmets config` start without torch: the backend names are the cli's own
+    copy, kept equal to the package's."""
+    import subprocess
+    import sys
+
+    from brainmets.backends import BACKENDS
+    from brainmets.cli import BACKEND_NAMES
+
+    assert BACKEND_NAMES == BACKENDS
+    code = "import sys; from brainmets.cli import build_parser; build_parser(); " \
+           "print('torch' in sys.modules)"  # fmt: skip
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "False"
+
+
+def test_a_new_users_rehearsal_reads_one_threshold_everywhere(tmp_path, capsys):
+    """The README's own-cohort workflow on its rehearsal cohort, shrunk to seconds: synth with
+    the conspicuous lesions, the cpu-small preset in one file, the labels where synth wrote them,
+    then index, prepare, train, evaluate and predict. train's summary, the best row of
+    metrics.csv, evaluate and predict give one threshold on one named scale."""
+    cohort, my = tmp_path / "cohort", tmp_path / "my.yaml"
+    assert main(["-q", "synth", str(cohort), "--patients", "10", "--matrix", "64", "--workers",
+                 "1", "--min-slices", "10", "--max-slices", "10", "--lesions", "conspicuous"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["config", "--preset", "cpu-small"]) == 0
+    my.write_text(capsys.readouterr().out)
+    small = ["--set", f"preprocess.size={SIZE}"]
+    index, cache, run = tmp_path / "work" / "index", tmp_path / "work" / "cache", tmp_path / "run"
+    assert main(["-q", "index", str(cohort / "dicom"), "--config", str(my), "--out", str(index),
+                 "--workers", "1"]) == 0  # fmt: skip
+    assert main(["-q", "prepare", "--config", str(my), "--labels", str(cohort / "labels.csv"),
+                 "--index", str(index), "--out", str(cache), "--workers", "1", *small]) == 0  # fmt: skip
+    capsys.readouterr()
+    rc = main(["-q", "train", "--config", str(my), "--data", str(cache), "--out", str(run),
+               *small, "--epochs", "2", "--set", "model.hidden=8"])  # fmt: skip
+    assert rc in (0, EXIT_DOES_NOT_RANK)  # 6 training patients for 2 epochs may rank nothing
+    said = capsys.readouterr().out
+    sidecar = json.loads((run / "model.json").read_text())
+    metrics = pd.read_csv(run / "metrics.csv")
+    best = metrics.loc[metrics["epoch"] == sidecar["epoch"]].iloc[0]
+    threshold = float(best["threshold"])
+    assert f"threshold {threshold:.3f}" in said
+    scale = "Platt-calibrated" if best["probability_scale"] == "platt" else "not calibrated"
+    assert "probabilities and thresholds (train.log, metrics.csv, evaluate, predict, the SR): " \
+           in said and scale in said  # fmt: skip
+
+    argv = ["-q", "evaluate", str(run), "--data", str(cache), "--split", "test", "--n-boot", "0"]
+    assert main(argv) == 0
+    assert json.loads((run / "evaluation" / "metrics.json").read_text())["threshold"] == (
+        pytest.approx(threshold)
+    )
+    out = tmp_path / "predictions.csv"
+    assert main(["-q", "predict", str(run), str(cohort / "dicom"), "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert len(table) == 10 and table["threshold"].to_numpy() == pytest.approx(threshold)
+    assert ((table["probability"] >= table["threshold"]).astype(int) == table["decision"]).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort", "my.yaml", "predictions.csv",
+                                                         "run", "work"]  # fmt: skip

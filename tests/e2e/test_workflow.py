@@ -121,8 +121,9 @@ def test_predict_agrees_across_dicom_nifti_and_cache(workflow, tmp_path, capsys)
     failed = table[table["error"] != ""].set_index("source")
     assert sorted(failed.index) == sorted([str(broken), str(missing)])
     # The reason names the file that could not be read, and the terminal shows it too.
-    assert "IM0001.dcm (not a DICOM file)" in failed.loc[str(broken), "error"]
-    assert "IM0001.dcm (not a DICOM file)" in capsys.readouterr().err
+    reason = "IM0001.dcm (not a DICOM file, although named as one (.dcm))"
+    assert reason in failed.loc[str(broken), "error"]
+    assert reason in capsys.readouterr().err
     assert failed.loc[str(missing), "error"] == "does not exist"
     # Whole-number columns stay whole beside the failed rows' empty cells.
     written = pd.read_csv(out, dtype=str, keep_default_na=False)
@@ -262,11 +263,15 @@ def test_a_calibrated_run_reports_calibrated_probabilities_and_the_same_decision
 
     assert metrics["calibrated"]["calibration"]["method"] == "platt"
     assert metrics["plain"]["calibration"]["method"] == "none"
-    for key in ("auc", "sensitivity", "specificity", "f1", "n", "separation"):
+    for key in ("auc", "sensitivity", "specificity", "f1", "n"):
         assert metrics["calibrated"]["metrics"][key] == metrics["plain"]["metrics"][key], key
-    # The separation band is the specification's, on the plain sigmoid, calibrated or not.
-    assert metrics["calibrated"]["separation_band"] == metrics["plain"]["separation_band"]
-    assert "calibrated_mean_pos" in metrics["calibrated"]["metrics"]
+    # The class means are those of the probabilities predict wrote: one scale for the user.
+    manifest = pd.read_csv(root / "labels.csv", dtype=str, keep_default_na=False)
+    manifest = manifest[manifest["split"] == "test"].set_index("patient_id")
+    test = calibrated.join(manifest["label"].astype(int), how="inner")
+    assert metrics["calibrated"]["metrics"]["mean_pos"] == pytest.approx(
+        test.loc[test["label"] == 1, "probability"].mean(), abs=1e-6
+    )
     assert (
         "Platt-calibrated on 9 validation patients" in (calibrated_run / "report.html").read_text()
     )
@@ -310,7 +315,13 @@ def test_index_exit_code_says_whether_dicom_files_were_damaged(tmp_path, capsys)
     (dicom / "README.txt").write_text("exported from PACS on Tuesday\n")
     argv = ["-q", "index", str(dicom), "--out", str(tmp_path / "index"), "--workers", "1"]
     assert main(argv) == 0
-    assert "1 unreadable files (0 damaged DICOM, 1 not DICOM)" in capsys.readouterr().out
+    assert "0 files failed" in (out := capsys.readouterr().out)
+    assert "1 other files are not DICOM (listed only)" in out
+    # Named as a slice but not DICOM: a failure, like a damaged one.
+    (dicom / "scan0001.dcm").write_text("exported from PACS on Tuesday\n")
+    assert main(argv) == 1
+    assert "1 files failed" in capsys.readouterr().out
+    (dicom / "scan0001.dcm").unlink()
 
     images = sorted(p for p in dicom.rglob("*") if p.is_file() and p.suffix != ".txt")
     victim, halved = images[0], images[-1]

@@ -192,12 +192,32 @@ def test_stage_labels_one_epoch_apart_do_not_overlap(tmp_path, monkeypatch):
     assert not first.overlaps(second)
 
 
-def test_the_f1_plot_says_which_threshold_is_on_which_scale(tmp_path, monkeypatch):
+def test_the_f1_plot_shows_thresholds_on_the_reported_scale(tmp_path, monkeypatch):
+    """The sweep runs on the sigmoid, but the axis and the marked threshold are on the scale
+    predict and evaluate report: one number for the threshold."""
+    from scipy.special import expit, logit
+
+    labels, probs = scored_cohort(60)
+    steep = lambda p: expit(3.0 * logit(p) + 6.6)  # noqa: E731
+    fig = _drawn_figure(
+        monkeypatch,
+        lambda: plot_f1_vs_threshold(labels, probs, tmp_path / "f1.png", 0.09, reported=steep),
+    )
+    (text,) = [t.get_text() for t in fig.axes[0].texts]
+    assert text.startswith(f"threshold {float(steep(np.array([0.09]))[0]):.2f}\n")
+    assert "sigmoid" not in text and fig.axes[0].get_xlabel() == "threshold (probability)"
+    (f1_line, *_) = fig.axes[0].get_lines()
+    np.testing.assert_allclose(f1_line.get_xdata()[[0, -1]], steep(np.array([0.05, 0.95])))
+
+
+def test_the_score_plot_title_is_the_separation_of_its_histograms(tmp_path, monkeypatch):
+    from brainmets.evaluate.plots import plot_score_distributions
+    from brainmets.metrics import patient_metrics
+
     labels, probs = scored_cohort(60)
     fig = _drawn_figure(
         monkeypatch,
-        lambda: plot_f1_vs_threshold(labels, probs, tmp_path / "f1.png", 0.09, shown_threshold=0.5),
+        lambda: plot_score_distributions(labels, probs, tmp_path / "s.png", 0.5),
     )
-    (text,) = [t.get_text() for t in fig.axes[0].texts]
-    assert "threshold 0.09 on the plain sigmoid" in text
-    assert "0.50 on the reported (calibrated) probability" in text
+    sep = patient_metrics(labels, probs, 0.5)["separation"]
+    assert fig.axes[0].get_title().startswith(f"Probabilities by class: separation {sep:.3f}")

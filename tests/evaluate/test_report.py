@@ -239,3 +239,12 @@ def test_the_gallery_shows_each_patients_true_label_where_known(run_dir):
         "B p=0.80 (true label: no metastasis), slice 2 (rank 1, slice logit 0.50)",
         "C p=0.70 (label unknown), slice 2 (rank 1, slice logit 0.50)",
     ]
+
+
+def test_heatmap_captions_wrap_between_words(run_dir):
+    """Captions break at spaces; only a word longer than the figure (a long file name) may be
+    broken (break-all split "slice" as "slic / e")."""
+    report = write_report(run_dir).read_text()
+    css = report[report.index("<style>") : report.index("</style>")]
+    caption = css[css.index("figcaption {") :].split("}")[0]
+    assert "break-all" not in caption and "overflow-wrap: anywhere" in caption

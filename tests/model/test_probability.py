@@ -61,23 +61,25 @@ def test_decisions_ranking_and_auc_do_not_change():
 
 
 def test_separated_validation_set_gives_a_finite_fit():
-    labels = np.r_[np.ones(8), np.zeros(12)].astype(int)
-    logits = np.r_[np.linspace(4, 6, 8), np.linspace(0, 2, 12)]
+    labels = np.r_[np.ones(10), np.zeros(12)].astype(int)
+    logits = np.r_[np.linspace(4, 6, 10), np.linspace(0, 2, 12)]
     fitted = fit_platt(labels, logits)
     assert fitted.method == "platt"
     assert np.isfinite([fitted.slope, fitted.intercept]).all() and fitted.slope < 50
     p = fitted.probability(logits)
-    assert (p[:8] > 0.5).all() and (p[8:] < 0.5).all() and p.max() < 1.0
+    assert (p[:10] > 0.5).all() and (p[10:] < 0.5).all() and p.max() < 1.0
 
 
 @pytest.mark.parametrize(
     ("labels", "logits", "reason"),
     [
         ([1, 1, 0, 0, 0, 0, 0, 0], [3, 2, 1, 0, 1, 0, 1, 0], "2 positive and 6 negative"),
+        # A well-ranked handful: two parameters from 9 positives would describe those 9.
+        ([1] * 9 + [0] * 30, [5] * 9 + [0] * 30, "at least 10 of each"),
         (
             # Positives score lower: an increasing map cannot describe that.
-            [1] * 6 + [0] * 6,
-            [0, 0.5, 1, 0.2, 0.4, 0.1, 3, 4, 5, 3.5, 4.5, 6],
+            [1] * 10 + [0] * 10,
+            [0, 0.5, 1, 0.2, 0.4, 0.1, 0.3, 0.6, 0.7, 0.8, 3, 4, 5, 3.5, 4.5, 6, 3, 4, 5, 6],
             "do not rank",
         ),
     ],
@@ -103,7 +105,7 @@ def test_logits_back_from_rounded_probabilities_stay_finite():
 
 
 def test_no_fit_without_ranking_and_no_map_that_turns_around():
-    tied = fit_platt([1] * 6 + [0] * 6, [2.0] * 12)
+    tied = fit_platt([1] * 10 + [0] * 10, [2.0] * 20)
     assert tied.method == "none" and "AUC 0.500" in tied.note
     for bad in (dict(slope=-1.0), dict(slope=float("nan")), dict(intercept=float("inf"))):
         with pytest.raises(ValueError, match="finite slope"):
@@ -139,3 +141,20 @@ def test_evaluation_ranks_on_the_plain_sigmoid_when_calibrated_p_saturates():
     assert result["threshold"] == pytest.approx(steep.threshold(plain_threshold))
     on_scale = patient_metrics(labels, steep.probability(logits), result["threshold"])
     assert result["metrics"]["brier"] == pytest.approx(on_scale["brier"])
+
+
+def test_the_rule_fits_only_a_model_that_ranks():
+    """calibrate: no fit for a run whose ranking verdict fails, or when the config says none;
+    the note says why, and describe() says the probability is not calibrated."""
+    from brainmets.model.probability import calibrate
+
+    labels, logits = max_pooled_cohort(300, seed=4)
+    assert calibrate(labels, logits) == fit_platt(labels, logits)
+    refused = calibrate(labels, logits, ranks=False, why_not="AUC 95% CI includes 0.5")
+    assert refused.method == "none" and refused.patients == 300
+    assert refused.describe() == (
+        "the sigmoid of the patient logit, not calibrated (AUC 95% CI includes 0.5)"
+    )
+    off = calibrate(labels, logits, method="none")
+    assert off.method == "none" and off.note == "train.calibration is none"
+    assert (fit_platt(labels, logits).scale, refused.scale) == ("platt", "sigmoid")

@@ -14,9 +14,14 @@ from brainmets.config import Config, PreprocessConfig
 from brainmets.data.cache import build_cache_from_arrays
 from brainmets.train import trainer as trainer_module
 from brainmets.train.health import (
+    OperatingThreshold,
+    ValidationScores,
     batch_mix_warning,
+    epoch_ranges,
+    epoch_warnings,
     oscillation,
     oscillation_news,
+    run_summary,
     sweep_edge,
     zero_sensitivity,
 )
@@ -186,7 +191,7 @@ def test_zero_sensitivity_names_the_blind_threshold_once_per_patience():
                   "operating_threshold": 0.24}  # fmt: skip
     said = [zero_sensitivity([half_blind] * n, 3) for n in range(1, 8)]
     assert [text is not None for text in said] == [False, False, True, False, False, True, False]
-    assert "at 0.5 for 3 epochs" in said[2] and "for 6 epochs" in said[5]
+    assert "at probability 0.5 for 3 epochs" in said[2] and "for 6 epochs" in said[5]
     # The operating threshold still finds positives, and the line says so rather than "blind".
     assert "operating threshold 0.24 it is 0.94" in said[2]
     assert "operating threshold 0.24 for" not in said[2]
@@ -204,3 +209,57 @@ def test_sweep_edge_only_when_no_probability_is_inside_the_sweep():
 def test_batch_mix_warns_when_whole_patients_miss_the_ratio(batch, fraction, warns):
     n_pos = round(batch * fraction)
     assert (batch_mix_warning(n_pos, batch - n_pos, fraction) is not None) is warns
+
+
+# --- the state of a warning at the end of the run -------------------------------------------
+
+
+def _history(blind_epochs: set[int], epochs: int, losses: list[float] | None = None) -> list:
+    """Rows as the trainer makes them: positives below every threshold in ``blind_epochs``."""
+    cfg = Config().train.model_copy(update={"zero_sensitivity_patience": 2})
+    labels = np.array([1, 1, 0, 0])
+    history: list[dict] = []
+    for epoch in range(epochs):
+        blind = epoch in blind_epochs
+        probs = np.array([0.2, 0.3, 0.4, 0.1]) if blind else np.array([0.8, 0.7, 0.3, 0.1])
+        row = {"epoch": epoch, "sigmoid_threshold": 0.5,
+               "val_loss": (losses or [0.5] * epochs)[epoch]}  # fmt: skip
+        epoch_warnings(row, ValidationScores(labels, probs, probs),
+                       OperatingThreshold(0.5, 0.5), history, cfg)  # fmt: skip
+        history.append(row)
+    return history
+
+
+def test_a_warning_that_no_longer_holds_is_summarised_as_resolved():
+    history = _history({2, 3, 4, 5}, epochs=9)
+    assert run_summary(history) == [
+        (False, "validation sensitivity was 0 at epochs 2-5; recovered from epoch 6")
+    ]
+
+
+def test_a_warning_that_still_holds_stands_with_its_remedy():
+    ((standing, sentence),) = run_summary(_history({1, 2, 5, 6, 7}, epochs=8))
+    assert standing and sentence.startswith(
+        "validation sensitivity was 0 at epochs 1-2 and 5-7, and still at the last epoch; reduce"
+    )
+
+
+def test_a_run_without_warnings_ends_without_a_summary():
+    assert run_summary(_history(set(), epochs=5)) == []
+    assert run_summary(_history({3}, epochs=5)) == []  # one blind epoch: never said
+
+
+def test_an_oscillation_that_settled_is_resolved():
+    losses = [0.6, 0.9, 0.55, 0.95, 0.58, 0.92] + [0.5, 0.45, 0.42, 0.40, 0.39, 0.38, 0.37]
+    cfg_window = Config().train.oscillation_window
+    assert cfg_window == 6
+    summary = run_summary(_history(set(), epochs=len(losses), losses=losses))
+    assert summary and not summary[0][0]
+    assert summary[0][1].startswith("the validation loss oscillated at epochs 5-")
+    assert "settled from epoch" in summary[0][1]
+
+
+def test_epoch_ranges_reads_like_a_sentence():
+    assert epoch_ranges([4]) == "epoch 4"
+    assert epoch_ranges([2, 3, 4, 5, 8]) == "epochs 2-5 and 8"
+    assert epoch_ranges([1, 3, 5]) == "epochs 1, 3 and 5"

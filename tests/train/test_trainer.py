@@ -18,6 +18,7 @@ from torch._dynamo.utils import counters
 from brainmets.config import Config, PreprocessConfig, StageLR, WeightDecay, load_config
 from brainmets.data.cache import build_cache_from_arrays
 from brainmets.model.checkpoint import load_checkpoint
+from brainmets.model.probability import Calibration
 from brainmets.model.resnet import BrainMetsNet
 from brainmets.train.curriculum import build_optimizer
 from brainmets.train.trainer import (
@@ -96,7 +97,15 @@ def test_run_directory_is_complete(full_run):
 
     model, sidecar = load_checkpoint(run / "model.safetensors")
     best = metrics.loc[metrics["epoch"] == summary["best_epoch"]].iloc[0]
-    assert sidecar["threshold"] == pytest.approx(best["threshold"])
+    # model.json keeps the sigmoid's threshold (decisions); metrics.csv shows it on the scale
+    # the run reports, and names that scale.
+    assert sidecar["threshold"] == pytest.approx(best["sigmoid_threshold"])
+    calibration = Calibration.from_sidecar(sidecar)
+    assert best["threshold"] == pytest.approx(calibration.threshold(best["sigmoid_threshold"]))
+    assert best["probability_scale"] == calibration.scale
+    assert sidecar["metrics"]["probability_scale"] == best["probability_scale"]
+    reported = calibration.probability(predictions["logit"])
+    np.testing.assert_allclose(predictions["probability"], reported)
     assert sidecar["preprocess"]["size"] == SIZE and sidecar["normalization"] == "zscore"
     assert isinstance(model, BrainMetsNet) and model.arch == "resnet18"
     # The config asked for 256^2 slices, the cache holds 32^2: the run follows the cache, says
@@ -201,9 +210,9 @@ def test_best_epoch_stores_the_calibration_of_its_validation_predictions(
     trainer = Trainer(_config(cache_dir, calibration=method), tmp_path / "run")
     try:
         rng = np.random.default_rng(0)
-        labels = np.r_[np.ones(8), np.zeros(12)].astype(int)
-        logits = rng.normal(0.0, 1.0, 20) + 2.0 * labels + 3.0  # ranked, biased upward
-        predictions = pd.DataFrame({"patient_id": [f"V{i}" for i in range(20)], "label": labels,
+        labels = np.r_[np.ones(12), np.zeros(18)].astype(int)
+        logits = rng.normal(0.0, 1.0, 30) + 2.5 * labels + 0.5  # ranked, biased upward
+        predictions = pd.DataFrame({"patient_id": [f"V{i}" for i in range(30)], "label": labels,
                                     "probability": 1 / (1 + np.exp(-logits)), "logit": logits})  # fmt: skip
         row = dict.fromkeys(METRIC_COLUMNS, 0.5) | {"epoch": 0, "stage": 1}
         trainer._save_best(row, predictions)
@@ -212,7 +221,7 @@ def test_best_epoch_stores_the_calibration_of_its_validation_predictions(
     stored = Calibration.from_sidecar(json.loads((tmp_path / "run" / "model.json").read_text()))
     if method == "platt":
         assert stored == fit_platt(labels, logits) and stored.method == "platt"
-        assert stored.patients == 20
+        assert stored.patients == 30
     else:
         assert stored.method == "none" and stored.note == "train.calibration is none"
 

@@ -393,10 +393,47 @@ def jobs_for_inputs(
                 reason = f"no DICOM images found{unreadable_files(index.errors)}"
                 errors.append(error_row(path.name, str(path), reason))
             errors += unreadable_patients(index, path.absolute())
+            errors += imageless_patients(index, path.absolute())
         else:
             reason = "not a DICOM folder, NIfTI or cache" if path.exists() else "does not exist"
             errors.append(error_row(path.name, str(path), reason))
     return _unique_patients(jobs, errors), caches, errors
+
+
+def _patient_depth(index: SeriesIndex, root: Path) -> int:
+    """How deep under ``root`` patient folders lie: as deep as the shallowest readable patient's
+    folder (the common folder of its series); 0 when a patient's own files lie at the root."""
+    patient_folders = [
+        os.path.commonpath(rows["directory"].astype(str).tolist())
+        for _, rows in index.series.groupby("patient_id", sort=False)
+    ]
+    return min(len(Path(os.path.relpath(folder, root)).parts) for folder in patient_folders)
+
+
+def imageless_patients(index: SeriesIndex, root: Path) -> list[dict]:
+    """Error rows for the folders directly under a DICOM root of many patients that hold no
+    file at all, or only files that are not DICOM (a failed export, a folder for images still
+    to come): such a patient would otherwise have no row. One holding damaged DICOM files is
+    :func:`unreadable_patients`'s. Only the root's own folders: deeper down, a folder without
+    images beside a patient's series (reports, a viewer) is not a patient."""
+    if index.series.empty or _patient_depth(index, root) == 0:
+        return []
+
+    def top(path: str) -> str:
+        return Path(os.path.relpath(path, root)).parts[0]
+
+    readable = {top(folder) for folder in index.series["directory"].astype(str)}
+    damaged = {top(f) for f in index.errors.loc[index.errors["reason"] != NOT_DICOM, "path"]}
+    rows = []
+    for folder in sorted(root.iterdir()):
+        if not folder.is_dir() or folder.name.startswith(".") or folder.name in readable | damaged:
+            continue
+        files = sorted(os.path.relpath(f, folder) for f in folder.rglob("*") if f.is_file())
+        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+        what = f"{len(files)} files, none DICOM: {', '.join(files[:3])}{more}"
+        reason = f"no DICOM images ({what if files else 'empty folder'})"
+        rows.append(error_row(folder.name, str(folder), reason))
+    return rows
 
 
 def unreadable_patients(index: SeriesIndex, root: Path) -> list[dict]:
@@ -416,11 +453,7 @@ def unreadable_patients(index: SeriesIndex, root: Path) -> list[dict]:
     def under_root(folder: str) -> tuple[str, ...]:
         return Path(os.path.relpath(folder, root)).parts
 
-    patient_folders = [
-        os.path.commonpath(rows["directory"].astype(str).tolist())
-        for _, rows in index.series.groupby("patient_id", sort=False)
-    ]
-    depth = min(len(under_root(folder)) for folder in patient_folders)
+    depth = _patient_depth(index, root)
     if depth == 0:  # a patient's own files at the root: a damaged one is its series' concern
         return []
     readable = {under_root(folder)[:depth] for folder in index.series["directory"].astype(str)}

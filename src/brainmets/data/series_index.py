@@ -6,7 +6,10 @@ headers only, and groups image files by SeriesInstanceUID into a :class:`SeriesI
 - ``series``: one row per series (:data:`SERIES_COLUMNS`), with ``chosen`` and ``reason``;
 - ``files``: one row per image file (series_uid, path, instance_number);
 - ``errors``: files that are not DICOM or cannot be parsed (path, reason). DICOMDIRs and
-  Philips DIRFILEs are directories, not images: they are skipped without an error.
+  Philips DIRFILEs are directories, not images: they are skipped without an error. A file that
+  is not DICOM counts as a failure when its name says DICOM (``.dcm``, ``.dicom``, ``.ima``:
+  :data:`DICOM_SUFFIXES`), like a damaged DICOM file; any other (a README, notes) is listed
+  only.
 
 Choice rule (:func:`choose_series`), per patient:
 
@@ -154,9 +157,19 @@ def _float_or_nan(value: object) -> float:
         return math.nan
 
 
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+"""Names that claim DICOM: such a file that is not DICOM is a failure (a cut or mangled
+transfer of a slice, a report saved under a slice's name), where a README or a notes file
+beside the images is not."""
+
+NAMED_DICOM_NOT_DICOM = "not a DICOM file, although named as one"
+
+
 def header_record(path: str) -> dict[str, object]:
     """Everything the index needs from one file's headers, as plain picklable values."""
     ds, reason = read_header_or_reason(path)
+    if reason == NOT_DICOM and path.lower().endswith(DICOM_SUFFIXES):
+        reason = f"{NAMED_DICOM_NOT_DICOM} ({os.path.splitext(path)[1]})"
     if ds is None:
         # reason None: a directory record (DICOMDIR, DIRFILE), skipped without an error.
         record = {"path": path, "error": reason, "skip": True, "series_uid": "", "sop_class": ""}

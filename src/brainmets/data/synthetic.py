@@ -47,6 +47,7 @@ from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 from scipy import ndimage
 from tqdm import tqdm
 
+from brainmets.data import synth_settings as defaults
 from brainmets.data.dicom import PADDING_HU
 from brainmets.data.labels import assign_splits
 from brainmets.io import atomic_write_text
@@ -124,6 +125,8 @@ _ID_TO_TISSUE = np.array(
 )
 
 
+_DEFAULT_LESIONS = defaults.LESION_SETTINGS[defaults.DEFAULT_LESIONS]
+
 MIN_COVERAGE_MM = 50.0
 """Shortest scan range the head model fills: below it, brain, lesions and vertex overlap."""
 
@@ -133,19 +136,20 @@ class SynthConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    num_patients: int = Field(40, ge=1, le=9999)
-    positive_fraction: float = Field(0.4, ge=0.0, le=1.0)
+    num_patients: int = Field(defaults.NUM_PATIENTS, ge=1, le=9999)
+    positive_fraction: float = Field(defaults.POSITIVE_FRACTION, ge=0.0, le=1.0)
     """Positives = round(num_patients * positive_fraction), exactly (Python rounding)."""
-    slices: tuple[int, int] = (24, 32)
+    slices: tuple[int, int] = defaults.SLICES
     """Inclusive range of the axial series' slice count (brain plus a few slices beyond it)."""
-    matrix: int = Field(256, ge=64, le=1024)
-    slice_thickness_mm: float = Field(5.0, gt=0.0, le=10.0)
-    seed: int = Field(0, ge=0)
+    matrix: int = Field(defaults.MATRIX, ge=64, le=1024)
+    slice_thickness_mm: float = Field(defaults.SLICE_THICKNESS_MM, gt=0.0, le=10.0)
+    seed: int = Field(defaults.SEED, ge=0)
     field_of_view_mm: float = Field(230.0, ge=220.0, le=500.0)
     """Reconstruction diameter: it must hold the head, hence at least 220 mm."""
     lesions_per_positive: tuple[int, int] = (1, 4)
-    lesion_diameter_mm: tuple[float, float] = (3.0, 20.0)
-    lesion_hu: tuple[float, float] = (45.0, 90.0)
+    # The named lesion settings (default, conspicuous): brainmets.data.synth_settings.
+    lesion_diameter_mm: tuple[float, float] = _DEFAULT_LESIONS["lesion_diameter_mm"]
+    lesion_hu: tuple[float, float] = _DEFAULT_LESIONS["lesion_hu"]
     """HU of the enhancing tissue before partial-volume averaging."""
     ring_fraction: float = Field(0.35, ge=0.0, le=1.0)
     """Share of lesions of 8 mm or more that are ring-enhancing (necrotic core)."""

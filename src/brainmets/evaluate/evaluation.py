@@ -44,8 +44,6 @@ _SUMMARY_ROWS = [
     ("mean_pos", "mean p+"),
     ("mean_neg", "mean p-"),
     ("separation", "separation"),
-    ("calibrated_mean_pos", "calibrated mean p+"),
-    ("calibrated_mean_neg", "calibrated mean p-"),
 ]
 
 
@@ -68,10 +66,10 @@ class EvaluationSummary:
         warning = [] if verdict is None or verdict.ranks else [f"WARNING: {verdict.warning()}"]
         lines = warning + [
             f"{m['n']} patients ({m['n_pos']} positive) at threshold "
-            f"{self.metrics['threshold']:.3f}; probabilities: {scale}"
+            f"{self.metrics['threshold']:.3f}; probabilities and thresholds: {scale}"
         ]
         for key, label in _SUMMARY_ROWS:
-            if key not in m:  # the calibrated means of an uncalibrated run
+            if key not in m:
                 continue
             value = m.get(key)
             lo, hi = ci.get(key, [None, None])
@@ -79,10 +77,7 @@ class EvaluationSummary:
             if lo is not None and hi is not None:
                 shown += f"  (95% CI {_three_places(lo)} to {_three_places(hi)})"
             lines.append(f"  {label:<18} {shown}")
-        lines.append(
-            f"  separation band    {self.metrics['separation_band']}  (mean p+ - mean p- of the "
-            "plain sigmoid of the patient logit, as in training)"
-        )
+        lines.append(f"  separation band    {self.metrics['separation_band']}")
         for point in self.metrics.get("operating_points", []):
             if point.get("threshold") is None:
                 continue
@@ -124,17 +119,20 @@ def evaluate_run(
     backend: BackendSpec | None = None,
     seed: int = 0,
     progress: bool = True,
+    settings: EvaluateConfig | None = None,
 ) -> EvaluationSummary:
+    """``settings``: the ``evaluate.*`` keys to use (default: the run's config.yaml)."""
     from brainmets.evaluate.plots import write_evaluation_plots
     from brainmets.evaluate.report import write_report
 
     run = Path(run)
     out = Path(out_dir) if out_dir else run / rundir.EVALUATION
-    settings = (
-        load_config(run / rundir.CONFIG).evaluate
-        if (run / rundir.CONFIG).is_file()
-        else EvaluateConfig()
-    )
+    if settings is None:
+        settings = (
+            load_config(run / rundir.CONFIG).evaluate
+            if (run / rundir.CONFIG).is_file()
+            else EvaluateConfig()
+        )
     n_boot = n_boot if n_boot is not None else settings.n_boot
     targets = settings.sensitivity_targets
 
@@ -165,7 +163,10 @@ def evaluate_run(
     val_path = run / rundir.VAL_PREDICTIONS
     if val_path.is_file():
         val = pd.read_csv(val_path, dtype={"patient_id": str})
-        val_labels, val_plain = val["label"].to_numpy(), val["probability"].to_numpy()
+        # Its probability is on the reported scale; the sigmoid comes back from the logit
+        # (older runs without one stored the sigmoid itself).
+        val_labels = val["label"].to_numpy()
+        val_plain = expit(val["logit"]) if "logit" in val else val["probability"].to_numpy()
     labels = predictions["label"].to_numpy()
     probs = predictions["probability"].to_numpy()
     # Ranked, called and thresholds chosen on the plain sigmoid, where the run chose its own
@@ -199,6 +200,7 @@ def evaluate_run(
         trained.threshold,
         out,
         plain=(plain, trained.plain_threshold) if calibrated else None,
+        reported=trained.calibration.from_plain if calibrated else None,
     )
     if out == run / rundir.EVALUATION:
         write_report(run)

@@ -13,7 +13,7 @@ short note in place of the curve, so that a report never has a hole without expl
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -188,30 +188,26 @@ def plot_f1_vs_threshold(
     threshold: float,
     *,
     thresholds: Sequence[float] | np.ndarray = THRESHOLDS,
-    shown_threshold: float | None = None,
+    reported: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Path:
     """F1, sensitivity and specificity over the threshold sweep; the chosen threshold marked.
 
-    With ``shown_threshold`` (the threshold on a calibrated scale), ``probs`` and the sweep are
-    on the plain sigmoid, where the specification chooses the threshold; the axis says so."""
+    ``probs``, ``threshold`` and the sweep are on the plain sigmoid, where the specification
+    chooses the threshold. With ``reported`` (a run's calibration), the axis shows each
+    threshold of the sweep on the reported scale, the one every command shows."""
     y, p = check_patient_arrays(labels, probs)
     grid = np.asarray(thresholds, dtype=np.float64)
     curves = threshold_sweep(y, p, grid)  # the same definitions as the reported numbers
+    shown = reported or (lambda t: t)
+    x, at = np.asarray(shown(grid), dtype=np.float64), float(shown(np.array([threshold]))[0])
     fig, ax = _new_figure(6.0, 4.2)
     for name, style in (("f1", "-"), ("sensitivity", "--"), ("specificity", "-.")):
-        ax.plot(grid, curves[name], ls=style, lw=2 if name == "f1" else 1.2, label=name)
-    ax.axvline(threshold, color=_THRESHOLD_COLOUR, lw=1)
+        ax.plot(x, curves[name], ls=style, lw=2 if name == "f1" else 1.2, label=name)
+    ax.axvline(at, color=_THRESHOLD_COLOUR, lw=1)
     f1_at = patient_metrics(y, p, threshold)["f1"]
-    label = _threshold_label(threshold)
-    if shown_threshold is not None:
-        # Two scales on one axis: say which is which, so the two numbers need no manual.
-        label += (
-            f" on the plain sigmoid,\n= {shown_threshold:.2f} on the reported (calibrated) "
-            "probability"
-        )
     ax.annotate(
-        f"{label}\nF1 {f1_at:.3f}",
-        (threshold, 0.05),
+        f"{_threshold_label(at)}\nF1 {f1_at:.3f}",
+        (at, 0.05),
         xytext=(5, 0),
         textcoords="offset points",
         fontsize=8,
@@ -219,7 +215,7 @@ def plot_f1_vs_threshold(
     ax.set(
         xlim=(0, 1),
         ylim=(0, 1.02),
-        xlabel="threshold" if shown_threshold is None else "threshold (plain sigmoid)",
+        xlabel="threshold (probability)",
         ylabel="value",
         title="F1 against threshold",
     )
@@ -269,17 +265,12 @@ def plot_score_distributions(
     threshold: float,
     *,
     bins: int = 40,
-    plain: ArrayLike | None = None,
 ) -> Path:
-    """Histograms of patient probabilities by class, class means and the threshold.
-
-    ``plain``: the same patients' plain-sigmoid probabilities when ``probs`` are calibrated;
-    the title's separation and band are then theirs (the specified scale)."""
+    """Histograms of patient probabilities by class, class means and the threshold; the
+    title's separation is that of the same probabilities."""
     y, p = check_patient_arrays(labels, probs)
     m = patient_metrics(y, p, threshold)
     sep = m["separation"]
-    if plain is not None:
-        sep = patient_metrics(y, check_patient_arrays(y, plain)[1], 0.5)["separation"]
     edges = np.linspace(0.0, 1.0, bins + 1)
     fig, ax = _new_figure(6.0, 4.2)
     for mask, colour, name, mean in (
@@ -295,7 +286,7 @@ def plot_score_distributions(
         xlim=(0, 1),
         xlabel="patient probability",
         ylabel="patients",
-        title=f"Scores by class: separation {sep_text} ({separation_band(sep)})",
+        title=f"Probabilities by class: separation {sep_text} ({separation_band(sep)})",
     )
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(loc="best", fontsize=8)
@@ -383,13 +374,15 @@ def write_evaluation_plots(
     out_dir: str | Path,
     *,
     plain: tuple[ArrayLike, float] | None = None,
+    reported: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Path]:
     """All evaluation plots into ``out_dir`` (names in :data:`EVALUATION_PLOTS`).
 
     ``probs`` and ``threshold`` are on the reported scale. ``plain`` = (probabilities,
-    threshold) of the same patients on the plain sigmoid, for a calibrated run: the ROC, PR
-    and F1 curves rank and call patients there (as the metrics do), the calibration and score
-    plots show the reported probabilities.
+    threshold) of the same patients on the plain sigmoid, for a calibrated run, with
+    ``reported`` its map to the reported scale: the ROC, PR and F1 curves rank and call patients
+    there (as the metrics do) and label every threshold on the reported scale; the calibration
+    and score plots show the reported probabilities.
     """
     y, p = check_patient_arrays(labels, probs)
     out_dir = Path(out_dir)
@@ -402,10 +395,14 @@ def write_evaluation_plots(
         "roc": plot_roc(y, ranked, files["roc"], threshold=ranked_at, shown_threshold=shown),
         "pr": plot_pr(y, ranked, files["pr"], threshold=ranked_at, shown_threshold=shown),
         "f1_vs_threshold": plot_f1_vs_threshold(
-            y, ranked, files["f1_vs_threshold"], ranked_at, shown_threshold=shown
-        ),
+            y,
+            ranked,
+            files["f1_vs_threshold"],
+            ranked_at,
+            reported=reported if plain is not None else None,
+        ),  # fmt: skip
         "calibration": plot_calibration(y, p, files["calibration"]),
         "score_distributions": plot_score_distributions(
-            y, p, files["score_distributions"], threshold, plain=None if plain is None else ranked
+            y, p, files["score_distributions"], threshold
         ),
     }

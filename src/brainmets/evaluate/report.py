@@ -54,11 +54,9 @@ _METRIC_LABELS = {
     "npv": "NPV",
     "accuracy": "Accuracy",
     "brier": "Brier score (lower is better)",
-    "mean_pos": "Mean p, metastasis (plain sigmoid)",
-    "mean_neg": "Mean p, no metastasis (plain sigmoid)",
-    "separation": "Separation (mean p+ - mean p-, plain sigmoid)",
-    "calibrated_mean_pos": "Mean calibrated p, metastasis",
-    "calibrated_mean_neg": "Mean calibrated p, no metastasis",
+    "mean_pos": "Mean probability, metastasis",
+    "mean_neg": "Mean probability, no metastasis",
+    "separation": "Separation (mean p+ - mean p-)",
     "n": "Patients",
     "n_pos": "Positive patients",
     "n_neg": "Negative patients",
@@ -96,7 +94,7 @@ td:first-child, th:first-child { text-align: left; }
            gap: 0.8em; }
 figure { margin: 0; border: 1px solid #e2e2e2; padding: 0.4em; background: #fff; }
 figure img { width: 100%; height: auto; display: block; }
-figcaption { font-size: 0.82em; color: #444; margin-top: 0.3em; word-break: break-all; }
+figcaption { font-size: 0.82em; color: #444; margin-top: 0.3em; overflow-wrap: anywhere; }
 img.wide { max-width: 100%; height: auto; }
 """
 
@@ -314,7 +312,7 @@ def _metrics_section(run_dir: Path) -> str:
         f"<p>Threshold <b>{_format(data.get('threshold'))}</b> · separation band "
         f"{_band(data.get('separation_band', 'undefined'))} · "
         f"{_format(100 * level if isinstance(level, float) else level, 0)}% CIs: "
-        f"{_ci_methods(data)}. Probabilities: "
+        f"{_ci_methods(data)}. Probabilities and thresholds: "
         f"{_esc(Calibration.from_sidecar(data).describe())}.</p>",
         _metrics_table(metrics, data.get("ci") or {}),
     ]

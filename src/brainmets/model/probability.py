@@ -1,4 +1,4 @@
-"""From the patient logit to the probability ``predict`` and ``evaluate`` report.
+"""From the patient logit to the probability every command reports.
 
 The patient logit is the maximum over a patient's slice logits, so its sigmoid is biased
 upward: a negative patient with 40 slices gets the highest of 40 noisy scores, and the
@@ -6,15 +6,23 @@ expected maximum grows with the number of slices. Platt scaling (Platt 1999) map
 through ``sigmoid(slope * logit + intercept)``, fitted on the validation patients of the best
 epoch, so that among patients given p = 0.3, about 30 % have metastases.
 
+**The rule** (:func:`calibrate`): a Platt map is fitted only where it means something, that is
+when ``train.calibration`` is ``platt``, the model ranks its validation patients (the ranking
+verdict of :mod:`brainmets.ranking`: the AUC's 95% CI above 0.5 and a separation that is not
+poor) and there are at least :data:`MIN_PATIENTS_PER_CLASS` validation patients of each class.
+Otherwise the reported probability is the plain sigmoid of the patient logit, and the run says
+why (``Calibration.note``): two parameters fitted to a model at chance, or to a handful of
+patients, would describe noise while the name "calibrated" promised more.
+
 The fit uses Platt's smoothed targets ((N+ + 1) / (N+ + 2) for positives, 1 / (N- + 2) for
 negatives) rather than 0/1: a validation set the model separates perfectly then still has a
 finite optimum instead of an infinitely steep step.
 
-The map is increasing (where the validation logits do not rank the patients, AUC <= 0.5, no
-map is fitted and the run keeps the plain sigmoid), so ranking, AUC and every decision stay as
-they were: the operating threshold is chosen on the plain sigmoid, as specified, and reported
-through the same map. Decisions are taken, and ``evaluate`` ranks and calls patients, on the
-plain sigmoid, so that a calibrated probability that rounds to 1.0 ties nothing.
+The map is increasing, so ranking, AUC and every decision stay as they were: the operating
+threshold is chosen on the plain sigmoid, as specified, and reported through the same map.
+Decisions are taken, and ``evaluate`` ranks and calls patients, on the plain sigmoid, so that a
+calibrated probability that rounds to 1.0 ties nothing. What a user reads (the threshold, the
+probabilities, the class means) is on the one reported scale.
 """
 
 from __future__ import annotations
@@ -31,8 +39,9 @@ from scipy.special import logit as inverse_sigmoid
 from sklearn.metrics import roc_auc_score
 
 #: Fewer validation patients of either class than this: no fit (two parameters from a
-#: handful of patients would describe the handful).
-MIN_PATIENTS_PER_CLASS = 5
+#: handful of patients would describe the handful; ten per class is the usual floor of events
+#: per fitted parameter in clinical prediction models).
+MIN_PATIENTS_PER_CLASS = 10
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,14 @@ class Calibration:
                 f"Platt-calibrated on {self.patients} validation patients "
                 f"(sigmoid of {self.slope:.3g} x logit {self.intercept:+.3g})"
             )
-        return "the sigmoid of the patient logit" + (f" ({self.note})" if self.note else "")
+        return "the sigmoid of the patient logit, not calibrated" + (
+            f" ({self.note.removeprefix('not fitted: ')})" if self.note else ""
+        )
+
+    @property
+    def scale(self) -> str:
+        """The scale's short name, for a column or a log line: platt or sigmoid."""
+        return "platt" if self.method == "platt" else "sigmoid"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,3 +151,22 @@ def fit_platt(labels: ArrayLike, logits: ArrayLike) -> Calibration:
     if slope <= 0:  # AUC above 0.5 makes this rare, but the map must stay increasing
         return Calibration(patients=y.size, note=f"not fitted: slope {slope:.3g} <= 0")
     return Calibration("platt", slope, intercept, patients=int(y.size))
+
+
+def calibrate(
+    labels: ArrayLike,
+    logits: ArrayLike,
+    *,
+    method: str = "platt",
+    ranks: bool = True,
+    why_not: str = "",
+) -> Calibration:
+    """The reported probability of a set of validation predictions, by the rule of the module
+    text: ``method`` is ``train.calibration``; ``ranks`` the ranking verdict on the same
+    patients, and ``why_not`` its reason when it is False."""
+    if method == "none":
+        return Calibration(note="train.calibration is none")
+    if not ranks:
+        n = int(np.isfinite(np.asarray(logits, dtype=np.float64)).sum())
+        return Calibration(patients=n, note=f"not fitted: {why_not or 'the model does not rank'}")
+    return fit_platt(labels, logits)

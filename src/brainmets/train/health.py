@@ -2,10 +2,11 @@
 
 Each warning names the state and what to change. The signals:
 
-- **collapse**: every validation probability is below 0.05, the model calls everyone
-  negative.
+- **collapse**: every validation patient's sigmoid output is below 0.05, the model calls
+  everyone negative.
 - **sensitivity 0**: no validation positive reaches the operating threshold (the one
-  ``model.safetensors`` would be used with), or none reaches 0.5, for
+  ``model.safetensors`` would be used with, decided on the sigmoid), or none reaches
+  probability 0.5 (on the epoch's reported scale, ``brainmets.train.scale``), for
   ``train.zero_sensitivity_patience`` epochs in a row (said then, and again every as many
   epochs while it lasts). The F1 threshold is swept again every epoch, so the sensitivity in
   ``metrics.csv`` is 0 only when every positive lies below 0.05; the fixed thresholds are where
@@ -17,14 +18,21 @@ Each warning names the state and what to change. The signals:
   healthy run's validation loss mostly falls (path close to the net change), or wanders within
   a few percent; one that goes up and down by large amounts is not converging. Said when it
   begins and again every ``train.oscillation_window`` epochs while it lasts.
-- **sweep edge**: no validation probability lies inside the specified 0.05-0.95 sweep, so every
-  threshold of it makes the same calls and the chosen threshold is the sweep's edge, not a
-  choice.
+- **sweep edge**: no validation sigmoid output lies inside the specified 0.05-0.95 sweep, so
+  every threshold of it makes the same calls, and the chosen threshold is the sweep's edge, not
+  a choice.
+
+Warnings have a state. Each epoch's row records which signals hold (``health_signals``) and
+which were said (``health_said``); at the end of the run :func:`run_summary` says of every
+signal that was said whether it still holds at the last epoch (then once more, with the
+remedy) or was resolved ("validation sensitivity was 0 at epochs 2-5; recovered from epoch
+6"), so that advice true of the first epochs does not stand over a run that went well.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,6 +65,24 @@ OSCILLATION_REMEDY = (
 )
 
 
+@dataclass(frozen=True)
+class ValidationScores:
+    """One epoch's validation patients: labels, the sigmoid of the patient logit (where the
+    threshold is swept and decisions are taken) and the reported probability."""
+
+    labels: np.ndarray
+    sigmoid: np.ndarray
+    reported: np.ndarray
+
+
+@dataclass(frozen=True)
+class OperatingThreshold:
+    """The threshold the saved model carries: on the sigmoid, and as the user reads it."""
+
+    sigmoid: float
+    shown: float
+
+
 def sensitivity_at(labels: np.ndarray, probs: np.ndarray, threshold: float) -> float:
     """Share of positives with probability >= threshold (nan without positives)."""
     positives = probs[labels == 1]
@@ -64,21 +90,23 @@ def sensitivity_at(labels: np.ndarray, probs: np.ndarray, threshold: float) -> f
 
 
 def collapse(probs: np.ndarray) -> str | None:
+    """``probs``: the sigmoid of the validation patients' logits."""
     if probs.size and probs.max() < COLLAPSE_MAX_PROB:
         return (
-            f"validation predictions collapsing toward 0 (max p {probs.max():.4f}, every "
-            f"patient below {COLLAPSE_MAX_PROB}): {COLLAPSE_REMEDY}"
+            f"validation predictions collapsing toward 0 (the highest patient's sigmoid output "
+            f"is {probs.max():.4f}, every patient below {COLLAPSE_MAX_PROB}): {COLLAPSE_REMEDY}"
         )
     return None
 
 
 def sweep_edge(probs: np.ndarray, threshold: float) -> str | None:
+    """``probs`` and ``threshold``: on the sigmoid, where the F1 sweep runs."""
     low, high = float(THRESHOLDS[0]), float(THRESHOLDS[-1])
     if probs.size and not ((probs >= low) & (probs <= high)).any():
         return (
-            f"no validation probability lies inside the F1 sweep {low:.2f}-{high:.2f} (min "
-            f"{probs.min():.4f}, max {probs.max():.4f}): every threshold of the sweep makes the "
-            f"same calls, and {threshold:.2f} is its edge, not a choice"
+            f"no validation patient's sigmoid output lies inside the F1 sweep {low:.2f}-"
+            f"{high:.2f} (min {probs.min():.4f}, max {probs.max():.4f}): every threshold of the "
+            f"sweep makes the same calls, and the sweep's edge {threshold:.2f} is no choice"
         )
     return None
 
@@ -106,7 +134,7 @@ def zero_sensitivity(history: Sequence[Mapping[str, Any]], patience: int) -> str
     last = history[-1]
     thresholds = {
         "operating": f"the operating threshold {last['operating_threshold']:.2f}",
-        "half": "0.5",
+        "half": "probability 0.5",
     }
     streaks = {name: _blind_streak(history, f"sensitivity_at_{name}") for name in thresholds}
     blind = [name for name, streak in streaks.items() if streak >= patience]
@@ -148,30 +176,91 @@ def oscillation(val_losses: Sequence[float], window: int, spread: float) -> str 
 
 def epoch_warnings(
     row: dict[str, Any],
-    labels: np.ndarray,
-    probs: np.ndarray,
-    operating_threshold: float,
+    scores: ValidationScores,
+    operating: OperatingThreshold,
     history: Sequence[Mapping[str, Any]],
     cfg: TrainConfig,
 ) -> list[str]:
     """The warnings of the epoch of ``row`` (appended to ``history`` by the caller after this).
 
-    Adds to ``row`` what later epochs need: the operating threshold and the sensitivity there
-    and at 0.5.
+    Adds to ``row`` what later epochs and :func:`run_summary` need: the operating threshold, the
+    sensitivity there and at probability 0.5, the signals that hold and those said.
     """
-    row["operating_threshold"] = float(operating_threshold)
-    row["sensitivity_at_operating"] = sensitivity_at(labels, probs, operating_threshold)
-    row["sensitivity_at_half"] = sensitivity_at(labels, probs, 0.5)
+    labels = scores.labels
+    row["operating_threshold"] = float(operating.shown)
+    row["sensitivity_at_operating"] = sensitivity_at(labels, scores.sigmoid, operating.sigmoid)
+    row["sensitivity_at_half"] = sensitivity_at(labels, scores.reported, 0.5)
     rows = [*history, row]
-    found = [
-        collapse(probs),
-        sweep_edge(probs, float(row["threshold"])),
-        zero_sensitivity(rows, cfg.zero_sensitivity_patience),
-        oscillation_news(
-            [r["val_loss"] for r in rows], cfg.oscillation_window, cfg.oscillation_spread
-        ),
-    ]
-    return [f"epoch {row['epoch']}: {text}" for text in found if text]
+    losses = [r["val_loss"] for r in rows]
+    window, spread = cfg.oscillation_window, cfg.oscillation_spread
+    found = {
+        "collapse": collapse(scores.sigmoid),
+        "sweep_edge": sweep_edge(scores.sigmoid, float(row["sigmoid_threshold"])),
+        "zero_sensitivity": zero_sensitivity(rows, cfg.zero_sensitivity_patience),
+        "oscillation": oscillation_news(losses, window, spread),
+    }
+    holds = {
+        "collapse": found["collapse"] is not None,
+        "sweep_edge": found["sweep_edge"] is not None,
+        "zero_sensitivity": _blind(row),
+        "oscillation": oscillation(losses, window, spread) is not None,
+    }
+    row["health_said"] = [name for name, text in found.items() if text]
+    row["health_signals"] = [name for name, held in holds.items() if held]
+    return [f"epoch {row['epoch']}: {text}" for text in found.values() if text]
+
+
+def _blind(row: Mapping[str, Any]) -> bool:
+    return row.get("sensitivity_at_operating") == 0.0 or row.get("sensitivity_at_half") == 0.0
+
+
+# What each signal was, the word for its end, and its remedy, for run_summary.
+_STATES = {
+    "collapse": ("validation predictions collapsed toward 0", "recovered", COLLAPSE_REMEDY),
+    "sweep_edge": ("no validation sigmoid output lay inside the F1 sweep", "recovered", ""),
+    "zero_sensitivity": ("validation sensitivity was 0", "recovered", ZERO_SENSITIVITY_REMEDY),
+    "oscillation": ("the validation loss oscillated", "settled", OSCILLATION_REMEDY),
+}
+
+
+def epoch_ranges(epochs: Sequence[int]) -> str:
+    """``[2, 3, 4, 5, 8]`` -> ``"epochs 2-5 and 8"``."""
+    spans: list[list[int]] = []
+    for epoch in sorted(epochs):
+        if spans and epoch == spans[-1][1] + 1:
+            spans[-1][1] = epoch
+        else:
+            spans.append([epoch, epoch])
+    words = [f"{a}" if a == b else f"{a}-{b}" for a, b in spans]
+    text = ", ".join(words[:-1]) + (" and " if len(words) > 1 else "") + words[-1]
+    return ("epoch " if words == [str(epochs[0])] else "epochs ") + text
+
+
+def run_summary(history: Sequence[Mapping[str, Any]]) -> list[tuple[bool, str]]:
+    """(still holds, sentence) for every signal said during the run: resolved when it no
+    longer holds at the last epoch, standing (with its remedy) when it does. Nothing for a
+    signal never said."""
+    if not history:
+        return []
+    said = {name for row in history for name in row.get("health_said") or ()}
+    lines = []
+    for name, (was, end, remedy) in _STATES.items():
+        if name not in said:
+            continue
+        holding = [name in (row.get("health_signals") or ()) for row in history]
+        held = [int(row["epoch"]) for row, h in zip(history, holding, strict=True) if h]
+        where = f" at {epoch_ranges(held)}" if held else ""
+        if holding[-1]:
+            lines.append((True, f"{was}{where}, and still at the last epoch; {remedy}".strip("; ")))
+            continue
+        # The first epoch of the final stretch in which it no longer holds.
+        since = int(history[-1]["epoch"])
+        for row, h in zip(reversed(history), reversed(holding), strict=True):
+            if h:
+                break
+            since = int(row["epoch"])
+        lines.append((False, f"{was}{where}; {end} from epoch {since}"))
+    return lines
 
 
 def oscillation_news(val_losses: Sequence[float], window: int, spread: float) -> str | None:

@@ -33,7 +33,7 @@ HEADLINE = {
     "auc_then_val_loss": "auc",
     "f1": "f1",
     "val_loss": "val_loss",
-    "separation": "separation",
+    "separation": "sigmoid_separation",
     "last": "epoch",
 }
 
@@ -55,8 +55,10 @@ def rank(rule: str, row: Mapping[str, Any]) -> tuple[float, ...]:
         return _value(row, "f1", 1.0), _value(row, "val_loss", -1.0)
     if rule == "val_loss":
         return (_value(row, "val_loss", -1.0),)
-    if rule == "separation":
-        return (_value(row, "separation", 1.0),)
+    if rule == "separation":  # the sigmoid's (metrics.csv before it had the column: separation)
+        return (
+            _value(row, "sigmoid_separation" if "sigmoid_separation" in row else "separation", 1.0),
+        )
     if rule == "last":
         return (float(row["epoch"]),)
     raise ValueError(f"unknown selection rule {rule!r}; choose one of {', '.join(RULES)}")
@@ -68,11 +70,12 @@ def improves(rule: str, row: Mapping[str, Any], best: Mapping[str, Any] | None) 
 
 
 def replay(rule: str, history: Sequence[Mapping[str, Any]], *_: Any) -> tuple[int, float]:
-    """(epoch, threshold) that ``rule`` would have saved from a run's metrics rows."""
+    """(epoch, threshold on the sigmoid) that ``rule`` would have saved from a run's metrics
+    rows."""
     best = None
     for row in history:
         if improves(rule, row, best):
             best = row
     if best is None:
         raise ValueError("no epochs to choose from")
-    return int(best["epoch"]), float(best["threshold"])
+    return int(best["epoch"]), float(best.get("sigmoid_threshold", best["threshold"]))

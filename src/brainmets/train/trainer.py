@@ -50,9 +50,8 @@ from brainmets.io import atomic_write_csv, atomic_write_text
 from brainmets.metrics import best_f1_threshold, patient_metrics, separation_band
 from brainmets.model.checkpoint import save_checkpoint
 from brainmets.model.pretrained import load_pretrained_backbone, warn_random_init
-from brainmets.model.probability import Calibration, fit_platt
 from brainmets.model.resnet import BrainMetsNet
-from brainmets.ranking import RankingVerdict, judge_ranking
+from brainmets.ranking import RankingVerdict
 from brainmets.train.batchnorm_stats import (
     calibrate_batchnorm,
     norm_statistics,
@@ -66,9 +65,16 @@ from brainmets.train.curriculum import (
     trainable_blocks,
 )
 from brainmets.train.distributed import gather_with_grad, init_distributed
-from brainmets.train.health import batch_mix_warning, epoch_warnings
+from brainmets.train.health import (
+    OperatingThreshold,
+    ValidationScores,
+    batch_mix_warning,
+    epoch_warnings,
+    run_summary,
+)
 from brainmets.train.losses import patient_loss
 from brainmets.train.run_folder import RunFolder
+from brainmets.train.scale import EpochScale, epoch_scale
 from brainmets.train.selection import HEADLINE, improves
 from brainmets.train.state import (
     TrainState,
@@ -93,10 +99,24 @@ METRIC_COLUMNS = [
     "mean_pos",
     "mean_neg",
     "separation",
+    "probability_scale",
+    "sigmoid_threshold",
+    "sigmoid_separation",
     "lr_head",
     "skipped_steps",
     "seconds",
 ]
+
+
+def _json_value(value: Any) -> Any:
+    """A metrics.csv value for model.json: a word as it is, a non-finite number as null."""
+    if isinstance(value, str):
+        return value
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+# How train.log names each row's probability scale (metrics.csv: probability_scale).
+_SCALE_WORDS = {"platt": "Platt-calibrated", "sigmoid": "the sigmoid, not calibrated"}
 
 
 class TrainingInterrupted(RuntimeError):
@@ -128,8 +148,7 @@ def _built_model(cfg: Config, pretrained: bool) -> tuple[BrainMetsNet, dict[str,
     if not pretrained:
         return model, None
     if m.pretrained.lower() == "none":
-        warn_random_init(cfg.train.bn_calibration_patients)
-        return model, None
+        return model, None  # the trainer warns, once it knows its training patients
     report = load_pretrained_backbone(model, m.pretrained)  # logs its own report
     return model, {"file": report.source, "sha256": report.sha256}
 
@@ -218,6 +237,9 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model, self.pretrained_weights = _built_model(cfg, pretrained=not resume)
+        if not resume and cfg.model.pretrained.lower() == "none":
+            # The BatchNorm estimate reads at most the training patients there are.
+            warn_random_init(min(cfg.train.bn_calibration_patients, len(self.splits["train"])))
         self.model = self.model.to(self.device)
         if self.cuda and cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -580,12 +602,15 @@ class Trainer:
         steps = self.state.epoch_steps
         train_loss = loss_sum / max(steps - skipped, 1) if steps - skipped > 0 else math.nan
         metrics, predictions = self.validate()
+        # Thresholds and probabilities on the scale these weights would be reported on.
+        scale = epoch_scale(predictions, method=self.cfg.train.calibration, seed=self.cfg.seed)
         row = {
             "epoch": epoch,
             "stage": self.stage,
             "train_loss": train_loss,
             "val_loss": metrics["val_loss"],
-            **{k: metrics[k] for k in METRIC_COLUMNS[4:12]},
+            **{k: metrics[k] for k in ("auc", "f1", "sensitivity", "specificity")},
+            **scale.row_values(predictions, metrics["threshold"]),
             "lr_head": self._lr_of("head"),
             "skipped_steps": skipped,
             "seconds": round(seconds, 3),
@@ -594,12 +619,12 @@ class Trainer:
         if improved:
             self.state.best_value = float(row[HEADLINE[self.best_metric]])
             self.state.best_epoch = epoch
-        self._health_checks(row, predictions, skipped)
+        self._health_checks(row, predictions, scale, skipped)
         self.state.history.append(row)
         self.state.skipped_steps += skipped
         if self.dist.is_main:
             if improved:
-                self._save_best(row, predictions)
+                self._save_best(row, predictions, scale)
             atomic_write_csv(
                 self.run_dir / rundir.METRICS,
                 pd.DataFrame(self.state.history, columns=METRIC_COLUMNS),
@@ -610,12 +635,12 @@ class Trainer:
                     self.writer.add_scalar(f"epoch/{key}", value, self.state.global_step)
             self.writer.flush()
         log.info(
-            "epoch %d stage %d: train_loss %.4f val_loss %.4f auc %.3f f1 %.3f (threshold %.2f) "
-            "sens %.3f spec %.3f p+ %.3f p- %.3f separation %.3f (%s)%s",
+            "epoch %d stage %d: train_loss %.4f val_loss %.4f auc %.3f f1 %.3f sens %.3f spec "
+            "%.3f at threshold %.2f; p+ %.3f p- %.3f separation %.3f (%s) [probabilities: %s]%s",
             epoch, self.stage, row["train_loss"], row["val_loss"], row["auc"], row["f1"],
-            row["threshold"], row["sensitivity"], row["specificity"], row["mean_pos"],
+            row["sensitivity"], row["specificity"], row["threshold"], row["mean_pos"],
             row["mean_neg"], row["separation"], separation_band(row["separation"]),
-            " *best*" if improved else "",
+            _SCALE_WORDS[row["probability_scale"]], " *best*" if improved else "",
         )  # fmt: skip
         return row
 
@@ -646,16 +671,24 @@ class Trainer:
     def _best_row(self) -> dict[str, Any] | None:
         return next((r for r in self.state.history if r["epoch"] == self.state.best_epoch), None)
 
-    def _health_checks(self, row: dict[str, Any], predictions: pd.DataFrame, skipped: int) -> None:
+    def _health_checks(
+        self, row: dict[str, Any], predictions: pd.DataFrame, scale: EpochScale, skipped: int
+    ) -> None:
         """The troubleshooting signals of :mod:`brainmets.train.health`, at the threshold the
-        saved model now carries."""
+        saved model now carries (decided on the sigmoid, shown on its reported scale)."""
         best = row if self.state.best_epoch == row["epoch"] else self._best_row()
-        operating = float(best["threshold"]) if best else float(row["threshold"])
+        best = best or row
         for warning in epoch_warnings(
             row,
-            predictions["label"].to_numpy(),
-            predictions["probability"].to_numpy(),
-            operating,
+            ValidationScores(
+                labels=predictions["label"].to_numpy(),
+                sigmoid=predictions["probability"].to_numpy(),
+                reported=scale.calibration.probability(predictions["logit"].to_numpy()),
+            ),
+            OperatingThreshold(  # a resume state's rows from before the column: one scale
+                sigmoid=float(best.get("sigmoid_threshold", best["threshold"])),
+                shown=float(best["threshold"]),
+            ),
             self.state.history,
             self.cfg.train,
         ):
@@ -669,14 +702,12 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _sidecar(self, row: dict[str, Any] | None) -> dict[str, Any]:
         return {
-            "threshold": None if row is None else float(row["threshold"]),
+            # The sigmoid's: decisions are taken there (the reported one is the calibration's).
+            "threshold": None if row is None else float(row["sigmoid_threshold"]),
             "epoch": None if row is None else int(row["epoch"]),
             "metrics": None
             if row is None
-            else {
-                k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None)
-                for k, v in row.items()
-            },
+            else {k: _json_value(row.get(k)) for k in METRIC_COLUMNS},
             "preprocess": self.cache.preprocess.model_dump(mode="json"),
             "normalization": self.cfg.model.normalization,
             "config_hash": self.cfg.config_hash(),
@@ -684,25 +715,24 @@ class Trainer:
             "pretrained_weights": self.pretrained_weights,
         }
 
-    def _save_best(self, row: dict[str, Any], predictions: pd.DataFrame) -> None:
-        """The best epoch's weights, with the probability calibration fitted on the same
-        validation predictions (see ``brainmets.model.probability``)."""
-        calibration = Calibration(note="train.calibration is none")
-        if self.cfg.train.calibration == "platt":
-            calibration = fit_platt(predictions["label"], predictions["logit"])
-            if calibration.method == "none":
-                log.info("epoch %d: probabilities not calibrated (%s)", row["epoch"],
-                         calibration.note)  # fmt: skip
-        ranking = judge_ranking(
-            predictions["label"], predictions["probability"], seed=self.cfg.seed
-        )
+    def _save_best(
+        self, row: dict[str, Any], predictions: pd.DataFrame, scale: EpochScale | None = None
+    ) -> None:
+        """The best epoch's weights, with the ranking verdict and the probability calibration
+        of the same validation predictions (``brainmets.train.scale``: the rule of
+        ``brainmets.model.probability``), and those predictions on the reported scale."""
+        if scale is None:
+            scale = epoch_scale(predictions, method=self.cfg.train.calibration, seed=self.cfg.seed)
+        if scale.calibration.method == "none":
+            log.info("epoch %d: probabilities not calibrated (%s)", row["epoch"],
+                     scale.calibration.note)  # fmt: skip
         sidecar = {
             **self._sidecar(row),
-            "calibration": calibration.to_json(),
-            "ranking": ranking.to_json(),
+            "calibration": scale.calibration.to_json(),
+            "ranking": scale.ranking.to_json(),
         }
         save_checkpoint(self.model, self.run_dir / rundir.MODEL, sidecar)
-        atomic_write_csv(self.run_dir / rundir.VAL_PREDICTIONS, predictions)
+        atomic_write_csv(self.run_dir / rundir.VAL_PREDICTIONS, scale.reported(predictions))
 
     def _save_last(self) -> None:
         """Everything needed to resume, written atomically (rank 0; RNG states of all ranks)."""
@@ -791,6 +821,10 @@ class Trainer:
             self._loss_sum.zero_()
             self._skipped.zero_()
             self._save_last()
+        # Warnings said during the run, with their state at its end: resolved, or standing.
+        for standing, sentence in run_summary(self.state.history):
+            log.log(logging.WARNING if standing else logging.INFO,
+                    "%s: %s", "still at the end" if standing else "resolved", sentence)  # fmt: skip
         result = self.summary()
         verdict = RankingVerdict.from_sidecar({"ranking": result["ranking"]})
         if verdict is not None:
