@@ -66,6 +66,7 @@ from brainmets.train.curriculum import (
     trainable_blocks,
 )
 from brainmets.train.distributed import gather_with_grad, init_distributed
+from brainmets.train.folds import fold_assignment, fold_splits, write_assignment
 from brainmets.train.health import batch_mix_warning, epoch_warnings
 from brainmets.train.losses import patient_loss
 from brainmets.train.run_folder import RunFolder
@@ -348,6 +349,16 @@ class Trainer:
         if resume and path.is_file():
             table = pd.read_csv(path, dtype={"patient_id": str, "split": str})
             splits = {s: table.loc[table["split"] == s, "patient_id"].tolist() for s in SPLITS}
+        elif self.cfg.data.folds > 1:
+            # Cross-validation: the folds of every non-test patient, recorded in the run so
+            # that the ensemble can check its members agree on them.
+            index, data = self.cache.index, self.cfg.data
+            assignment = fold_assignment(index, data.folds, self.cfg.seed)
+            splits = fold_splits(index, assignment, data.fold)
+            if self.dist.is_main:
+                write_assignment(self.run_dir / rundir.FOLDS, assignment)
+                rows = [(p, s) for s, ids in splits.items() for p in ids]
+                atomic_write_csv(path, pd.DataFrame(rows, columns=["patient_id", "split"]))
         else:
             index = self.cache.index
             splits = split_patients(
@@ -355,8 +366,6 @@ class Trainer:
                 index["label"].to_numpy(),
                 val_fraction=self.cfg.data.val_fraction,
                 seed=self.cfg.seed,
-                folds=self.cfg.data.folds,
-                fold=self.cfg.data.fold,
                 given_split=index["split"].tolist() if "split" in index else None,
             )
             if self.dist.is_main:
