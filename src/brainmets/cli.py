@@ -348,9 +348,10 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from brainmets.data.workers import keep_freed_memory
-    from brainmets.predict import predict
+    from brainmets.predict import Shard, predict
 
     keep_freed_memory()  # one patient's arrays after another, also in this process
+    table = Shard(args.num_shards, args.shard_id).table(args.out)
     result = predict(
         args.run,
         args.inputs,
@@ -362,14 +363,18 @@ def cmd_predict(args) -> int:
         progress=not args.quiet,
         resume=args.resume,
         backend=_backend_spec(args),
+        num_shards=args.num_shards,
+        shard_id=args.shard_id,
     )
     kept = f" ({result.kept} of them kept from the earlier run)" if result.kept else ""
-    print(f"{result.predicted} patients predicted{kept}, {result.failed} failed -> {args.out}")
+    print(f"{result.predicted} patients predicted{kept}, {result.failed} failed -> {table}")
+    if result.merged:
+        print(f"all {args.num_shards} shards finished: merged into {result.merged}")
     failed = result.table[result.table["error"] != ""]
     for row in failed.head(5).itertuples():
         print(f"  {row.patient_id}: {row.error}", file=sys.stderr)
     if len(failed) > 5:
-        print(f"  ... and {len(failed) - 5} more in {args.out}", file=sys.stderr)
+        print(f"  ... and {len(failed) - 5} more in {table}", file=sys.stderr)
     return 1 if result.failed and not args.allow_failures else 0
 
 
@@ -435,6 +440,7 @@ def cmd_demo(args) -> int:
         device=args.device,
         full=args.full,
         seed=args.seed,
+        folds=args.folds,
     )
     return 0
 
@@ -718,6 +724,14 @@ def _predict_parser(command: Command) -> None:
         help="keep the patients --out already holds (predicted without an error) and predict "
         "the others",
     )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        default=1,
+        help="split the patients between this many jobs (a cluster array job): each writes "
+        "OUT-shardK-ofN.csv, and the last to finish merges them into OUT",
+    )
+    p.add_argument("--shard-id", type=int, default=0, help="this job's share, 0-based")
     _add_backend(p)
     _add_allow_failures(p, "inputs failed")
     p.set_defaults(func=cmd_predict)
@@ -808,6 +822,12 @@ def _demo_parser(command: Command) -> None:
         "--full", action="store_true", help="the full specified configuration even without a GPU"
     )
     p.add_argument("--seed", type=int, default=0, help="cohort and training seed (default 0)")
+    p.add_argument(
+        "--folds",
+        type=int,
+        metavar="K",
+        help="train K fold runs and their ensemble instead of one run (K times the training)",
+    )
     p.set_defaults(func=cmd_demo)
 
 
@@ -893,9 +913,12 @@ def _resume_hint(args) -> str:
     if args.func is cmd_prepare:
         return " (run the same command again: patients already prepared are kept)"
     if args.func is cmd_predict:
-        if not Path(f"{args.out}.partial").is_file():
+        from brainmets.predict import Shard
+
+        table = Shard(args.num_shards, args.shard_id).table(args.out)
+        if not Path(f"{table}.partial").is_file():
             return ""  # stopped before any patient was done: nothing to resume
-        return f" (the patients done are in {args.out}.partial; add --resume to the same command)"
+        return f" (the patients done are in {table}.partial; add --resume to the same command)"
     run_dir = getattr(args, "run_dir", None)
     if args.func is cmd_train and run_dir is not None:
         from brainmets.train.folds import is_cross_validation

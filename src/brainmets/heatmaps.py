@@ -124,13 +124,16 @@ def write_heatmaps(
     return paths
 
 
-def update_heatmap_index(heat_dir: Path, rows: list[dict]) -> None:
+def update_heatmap_index(
+    heat_dir: Path, rows: list[dict], name: str = rundir.HEATMAP_INDEX
+) -> None:
     """Add this call's heatmaps to the folder's index (a folder may collect several calls).
 
     A patient predicted again replaces its earlier heatmaps: their rows go, and so do their
     PNGs that this call did not write over, so the report shows one study per patient.
+    ``name``: the index file (a predict shard keeps its own until the shards are merged).
     """
-    path = heat_dir / rundir.HEATMAP_INDEX
+    path = heat_dir / name
     table = pd.DataFrame(rows, columns=HEATMAP_COLUMNS)
     if path.is_file():
         old = pd.read_csv(path, dtype={"patient_id": str, "file": str})
