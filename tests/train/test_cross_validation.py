@@ -117,9 +117,7 @@ def test_the_ensemble_chooses_on_all_out_of_fold_patients(cv):
     assert "Cross-validation" in (cv / "report.html").read_text()
 
 
-def test_array_job_folds_and_a_fold_killed_and_resumed_give_the_same_ensemble(
-    cv, setup, tmp_path
-):
+def test_array_job_folds_and_a_fold_killed_and_resumed_give_the_same_ensemble(cv, setup, tmp_path):
     """Folds 0 and 2 as independent jobs, fold 1 killed mid-run; ``train --resume CV`` finishes
     fold 1 and combines: every fold and the ensemble's model id are those of ``train --folds``."""
     config, cache = setup
