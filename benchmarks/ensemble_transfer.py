@@ -34,8 +34,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+from scipy.special import expit
 
 from brainmets import rundir
 from brainmets.data.dataset import PatientDataset
@@ -210,6 +212,147 @@ def record(
 
 # --------------------------------------------------------------------------- analyse
 
+METHODS = {
+    "single": "today's run: its epoch and threshold from its 20 validation patients",
+    "single_ema": "the same run's weight average, selected and thresholded the same way",
+    "ensemble": "K = 5 fold models, mean patient logit, OOF threshold (the product)",
+    "ensemble_mean_probability": "the same folds, mean probability, OOF threshold",
+    "ensemble_ema": "the folds' weight averages, mean patient logit, OOF threshold",
+}
+
+
+def _rates(labels, logits, threshold: float) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(labels).astype(int)
+    called = expit(np.asarray(logits, dtype=np.float64)) >= threshold
+    return {
+        "auc": float(roc_auc_score(y, logits)) if len(set(y)) == 2 else float("nan"),
+        "sensitivity": float(called[y == 1].mean()),
+        "specificity": float((~called[y == 0]).mean()),
+    }
+
+
+def _row(cohort: str, method: str, threshold: float, estimate: pd.DataFrame, held: pd.DataFrame):
+    """One cohort and method: held-out figures at ``threshold``, and the estimate the method
+    had of them (its validation or out-of-fold patients at the same threshold)."""
+    test = _rates(held["label"], held["logit"], threshold)
+    guess = _rates(estimate["label"], estimate["logit"], threshold)
+    return {
+        "cohort": cohort,
+        "method": method,
+        "threshold": threshold,
+        "estimate_patients": len(estimate),
+        **{f"estimate_{k}": v for k, v in guess.items()},
+        **{f"test_{k}": v for k, v in test.items()},
+        "sens_gap": test["sensitivity"] - guess["sensitivity"],
+        "spec_gap": test["specificity"] - guess["specificity"],
+    }
+
+
+def _ema_tables(run: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The weight average's validation and test predictions at the epoch the run's rule chose
+    for it (checked against its recorded history)."""
+    val = pd.read_csv(run / "ema_val_best.csv", dtype={"patient_id": str})
+    test = pd.read_csv(run / "ema_test_best.csv", dtype={"patient_id": str})
+    rule = json.loads((run / "model.json").read_text())["best_metric"]
+    epoch, _ = replay(rule, pd.read_csv(run / "ema_metrics.csv").to_dict("records"))
+    if not int(val["epoch"].iloc[0]) == int(test["epoch"].iloc[0]) == epoch:
+        raise RuntimeError(f"{run}: the stored weight-average tables are not of epoch {epoch}")
+    return val, test
+
+
+def analyse_cohort(folder: Path) -> list[dict]:
+    from brainmets.backends import BackendSpec, load_backend
+    from brainmets.data.cache import PatientCache
+    from brainmets.inference import score_cache
+    from brainmets.metrics import best_f1_threshold
+    from brainmets.model.ensemble import combine_numpy
+    from brainmets.train.ensemble import build_ensemble, oof_choices
+
+    torch.set_num_threads(1)
+    cache = PatientCache(folder / "cache")
+    test_ids = cache.index.loc[cache.index["split"] == "test", "patient_id"].tolist()
+    cpu = BackendSpec(device="cpu")
+
+    def held_out(run: Path) -> pd.DataFrame:
+        return score_cache(load_backend(run, cpu), cache, test_ids, progress=False)
+
+    rows = []
+    single = folder / "single"
+    meta = json.loads((single / "model.json").read_text())
+    val = pd.read_csv(single / rundir.VAL_PREDICTIONS, dtype={"patient_id": str})
+    rows.append(_row(folder.name, "single", float(meta["threshold"]), val, held_out(single)))
+    ema_val, ema_test = _ema_tables(single)
+    threshold = best_f1_threshold(ema_val["label"], expit(ema_val["logit"]))[0]
+    rows.append(_row(folder.name, "single_ema", threshold, ema_val, ema_test))
+
+    cv = folder / "cv"
+    ensemble = build_ensemble([cv], cv)  # the product's ensemble, in the cohort's folder
+    product = held_out(cv)
+    members = [held_out(cv / f"fold-{k}") for k in range(FOLDS)]
+    logits = np.stack([m["logit"].to_numpy() for m in members], axis=1)
+    by_hand = combine_numpy(logits, "mean_logit")
+    if not np.allclose(product["logit"], by_hand, atol=1e-4):
+        raise RuntimeError(f"{cv}: the ensemble's scores are not its members' mean")
+    oof, labels = ensemble.oof, product["label"]
+    rows.append(_row(folder.name, "ensemble", ensemble.meta["threshold"], oof, product))
+    mean_p = pd.DataFrame({"label": labels, "logit": combine_numpy(logits, "mean_probability")})
+    rows.append(_row(folder.name, "ensemble_mean_probability", ensemble.meta["threshold"], oof,
+                     mean_p))  # fmt: skip
+    tables = [_ema_tables(cv / f"fold-{k}") for k in range(FOLDS)]
+    ema_oof = pd.concat([v for v, _ in tables], ignore_index=True)
+    choice = oof_choices(ema_oof["label"], ema_oof["logit"])
+    ema_logits = np.stack([t.set_index("patient_id").loc[test_ids, "logit"] for _, t in tables], 1)
+    ema_held = pd.DataFrame({"label": labels, "logit": combine_numpy(ema_logits, "mean_logit")})
+    rows.append(_row(folder.name, "ensemble_ema", choice.threshold, ema_oof, ema_held))
+    return rows
+
+
+def analyse(out: Path, json_path: Path | None) -> list[dict]:
+    rows = []
+    for folder in sorted(p for p in out.iterdir() if (p / "cohort.json").is_file()):
+        runs = [folder / "single", *(folder / "cv" / f"fold-{k}" for k in range(FOLDS))]
+        if all((run / DONE).is_file() for run in runs):
+            rows += analyse_cohort(folder)
+        else:
+            print(f"{folder.name}: not every run is recorded yet; left out", file=sys.stderr)
+    frame = pd.DataFrame(rows)
+    print(markdown(frame))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """Per cohort and method: held-out AUC, sensitivity / specificity at the method's
+    threshold, and the gap to its own estimate; then the summary the goal is stated in."""
+    lines = [
+        "| cohort | method | threshold | held-out AUC | held-out sens / spec | estimate sens / "
+        "spec (patients) | gap sens / spec |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in frame.itertuples():
+        lines.append(
+            f"| {r.cohort} | `{r.method}` | {r.threshold:.2f} | {r.test_auc:.3f} | "
+            f"{r.test_sensitivity:.2f} / {r.test_specificity:.2f} | {r.estimate_sensitivity:.2f} "
+            f"/ {r.estimate_specificity:.2f} ({r.estimate_patients}) | {r.sens_gap:+.2f} / "
+            f"{r.spec_gap:+.2f} |"
+        )
+    lines += ["", "| method | mean |gap| | cohorts with held-out AUC >= 0.90 | of them, sens and "
+              "spec >= 0.75 | mean held-out sens / spec |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for method, part in frame.groupby("method", sort=False):
+        gap = ((part["sens_gap"].abs() + part["spec_gap"].abs()) / 2).mean()
+        learned = part[part["test_auc"] >= 0.90]
+        held = int(((learned["test_sensitivity"] >= 0.75)
+                    & (learned["test_specificity"] >= 0.75)).sum())  # fmt: skip
+        lines.append(
+            f"| `{method}` | {gap:.3f} | {len(learned)} / {len(part)} | {held} / {len(learned)} | "
+            f"{part['test_sensitivity'].mean():.2f} / {part['test_specificity'].mean():.2f} |"
+        )
+    return "\n".join(lines)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -232,8 +375,6 @@ def main() -> None:
     elif args.command == "train-one":
         train_one(args.run, args.cache, args.seed, args.fold, args.ema_epochs, args.epochs)
     else:
-        from ensemble_analysis import analyse  # noqa: PLC0415 - written once the records exist
-
         analyse(args.out, args.json)
 
 
