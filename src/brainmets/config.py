@@ -266,6 +266,12 @@ class TrainConfig(_Section):
         "0 = off, keeping mean 0 / variance 1)",
     )
     confidence: ConfidenceLoss = Field(default_factory=ConfidenceLoss)
+    ema_epochs: float = Field(
+        0.0,
+        ge=0,
+        description="> 0: validate, select and save an exponential moving average of the "
+        "weights over about this many epochs (train/ema.py) instead of the weights; 0 = off",
+    )
     device: str = Field(
         "auto", description="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)"
     )

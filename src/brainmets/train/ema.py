@@ -42,11 +42,13 @@ class WeightAverage:
         for ours, theirs in zip(
             self.module.state_dict().values(), model.state_dict().values(), strict=True
         ):
-            if ours.is_floating_point():
-                averaged.append(ours)
-                current.append(theirs.detach())
-            else:
+            if not ours.is_floating_point():
                 ours.copy_(theirs)
+                continue
+            averaged.append(ours)
+            # A skipped step's forward can leave non-finite BatchNorm statistics in the model
+            # until the epoch ends (train/batchnorm_stats.py); the average keeps its own then.
+            current.append(torch.where(torch.isfinite(theirs), theirs.detach(), ours))
         torch._foreach_lerp_(averaged, current, weight)
         self.updates += 1
 
