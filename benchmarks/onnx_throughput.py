@@ -34,13 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import Candidate, measure_in_turn, median_rate, paired_ratio  # noqa: E402
 
+from brainmets.backends.exported import OnnxSliceNetwork  # noqa: E402
+from brainmets.backends.onnx_runtime import load_exported, open_session  # noqa: E402
 from brainmets.config import PreprocessConfig  # noqa: E402
-from brainmets.export import (  # noqa: E402
-    OnnxSliceNetwork,
-    export_run,
-    load_exported,
-    open_session,
-)
+from brainmets.export import export_run  # noqa: E402
 from brainmets.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from brainmets.model.resnet import BrainMetsNet  # noqa: E402
 from brainmets.model.scoring import SliceScorer  # noqa: E402

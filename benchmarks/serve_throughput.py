@@ -119,8 +119,10 @@ class Orthanc:
 class Serve:
     def __init__(self, run: Path, store: Path, stable: float, forward: str | None, device: str):
         self.port = _free_port()
+        # --allow-chance: a seeded model records no ranking verdict, which serve refuses.
         args = [sys.executable, "-m", "brainmets", "serve", str(run), "--store", str(store),
-                "--port", str(self.port), "--stable-seconds", str(stable), "--device", device]  # fmt: skip
+                "--port", str(self.port), "--stable-seconds", str(stable), "--device", device,
+                "--allow-chance"]  # fmt: skip
         if forward:
             args += ["--forward", forward]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}

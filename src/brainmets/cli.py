@@ -379,13 +379,14 @@ def cmd_predict(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from brainmets.serve.record import format_status, read_status
+    from brainmets.serve.record import status_text
 
     if args.status is not None:
-        print(format_status(read_status(args.status)))
+        print(status_text(args.status))
         return 0
     if args.run is None or args.store is None:
         raise ValueError("serve needs a RUN and --store DIR (or --status DIR)")
+    from brainmets.serve.admission import Limits
     from brainmets.serve.forward import Destination
     from brainmets.serve.node import NodeConfig, serve_forever
 
@@ -395,9 +396,17 @@ def cmd_serve(args) -> int:
         ae_title=args.ae_title,
         allow=args.allow or (),
         stable_seconds=args.stable_seconds,
+        incomplete_seconds=args.incomplete_seconds,
         forward=Destination.parse(args.forward) if args.forward else None,
         top_k=args.top_k,
         backend=_backend_spec(args),
+        allow_chance=args.allow_chance,
+        limits=Limits(
+            max_associations=args.max_associations,
+            idle_seconds=args.idle_seconds,
+            min_free_bytes=int(args.min_free_mb * 2**20),
+        ),
+        keep_days=args.keep_days,
     )
     return serve_forever(args.run, args.store, config)
 
@@ -411,6 +420,7 @@ def cmd_export(args) -> int:
         triton=args.triton,
         name=args.name,
         max_batch=args.max_batch,
+        triton_backend=args.triton_backend,
         quantize=args.quantize,
         opset=args.opset,
     )
@@ -419,7 +429,8 @@ def cmd_export(args) -> int:
         f"PyTorch on probe slices {result.max_abs_diff:.2g})"
     )
     if result.triton:
-        print(f"Triton model repository: {result.triton} (config.pbtxt, 1/model.onnx)")
+        files = "1/model.py, 1/model.onnx" if args.triton_backend == "python" else "1/model.onnx"
+        print(f"Triton model repository: {result.triton} (config.pbtxt, {files})")
     return 0
 
 
@@ -711,7 +722,7 @@ def _predict_parser(command: Command) -> None:
     p.add_argument(
         "--dicom-out",
         type=Path,
-        help="write each DICOM patient's result as DICOM here (a Comprehensive SR and Grad-CAM "
+        help="write each DICOM patient's result as DICOM here (a TID 1500 SR and Grad-CAM "
         "secondary captures in the source study, marked for research use), one folder each",
     )
     p.add_argument("--top-k", type=int, default=3, help="heatmaps per patient (default 3)")
@@ -738,7 +749,7 @@ def _predict_parser(command: Command) -> None:
 
 
 def _serve_parser(command: Command) -> None:
-    from brainmets.serve import DEFAULT_STABLE_SECONDS
+    from brainmets import serve
 
     p = command(
         "serve",
@@ -758,13 +769,51 @@ def _serve_parser(command: Command) -> None:
     p.add_argument(
         "--stable-seconds",
         type=float,
-        default=DEFAULT_STABLE_SECONDS,
+        default=serve.DEFAULT_STABLE_SECONDS,
         help="score a study once no instance arrived for this long (default %(default)g)",
+    )
+    p.add_argument(
+        "--incomplete-seconds",
+        type=float,
+        default=serve.DEFAULT_INCOMPLETE_SECONDS,
+        help="a study with slices missing waits this long for them, then is scored and its "
+        "result marked partial (default %(default)g)",
     )
     p.add_argument(
         "--forward", metavar="AET@HOST:PORT", help="send the result objects there (C-STORE)"
     )
     p.add_argument("--top-k", type=int, default=3, help="Grad-CAM captures per study (default 3)")
+    p.add_argument(
+        "--allow-chance",
+        action="store_true",
+        help="serve a model not shown to rank patients (each SR says so); refused otherwise",
+    )
+    p.add_argument(
+        "--keep-days",
+        type=float,
+        default=serve.DEFAULT_KEEP_DAYS,
+        help="delete a finished study's spool this long after its last instance "
+        "(default %(default)g; 0: once its results are sent)",
+    )
+    p.add_argument(
+        "--min-free-mb",
+        type=float,
+        default=1024,
+        help="refuse new associations while the store has less free space (default %(default)g)",
+    )
+    p.add_argument(
+        "--max-associations",
+        type=int,
+        default=32,
+        help="associations at once; more are refused, senders retry (default %(default)s)",
+    )
+    p.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=30.0,
+        help="abort an association idle this long; a connection that sends no association "
+        "request is closed after at most 10 s (default %(default)g)",
+    )
     _add_backend(p, compile=False)
     p.set_defaults(func=cmd_serve)
 
@@ -785,6 +834,14 @@ def _export_parser(command: Command) -> None:
         type=int,
         default=128,
         help="Triton max_batch_size: most slices per request (default %(default)s)",
+    )
+    p.add_argument(
+        "--triton-backend",
+        choices=("onnxruntime", "python"),
+        default="onnxruntime",
+        help="the Triton backend that runs the model: onnxruntime (a stock Triton server) or "
+        "python (model.py runs model.onnx with onnxruntime in the server's Python: for servers "
+        "without the ONNX Runtime backend, such as nvidia-pytriton's) (default %(default)s)",
     )
     p.add_argument(
         "--quantize",

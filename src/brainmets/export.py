@@ -5,7 +5,8 @@ logit ``[B]`` out, ``B`` free) as ``model.onnx``, checked by ``onnx.checker``, b
 ``brainmets.json``: everything else a scorer needs, as JSON (preprocessing, input
 normalisation, pooling, the operating threshold on the plain sigmoid, the Platt calibration,
 the model id, the tensor names, the opset and the versions). ``--triton REPO`` also writes a
-Triton Inference Server model repository holding the same graph.
+Triton Inference Server model repository holding the same graph, for Triton's ONNX Runtime
+backend (a stock server) or, with ``--triton-backend python``, for its Python backend.
 
 Outside the graph, on purpose:
 
@@ -92,19 +93,22 @@ def export_run(
     triton: str | Path | None = None,
     name: str = "brainmets",
     max_batch: int = DEFAULT_MAX_BATCH,
+    triton_backend: str = "onnxruntime",
     quantize: str = "none",
     opset: int = OPSET,
 ) -> ExportResult:
     """Export the run's model to ``out`` (default ``RUN/export``) and, with ``triton``, into the
-    Triton model repository ``triton/name``."""
+    Triton model repository ``triton/name``, for Triton's ``triton_backend`` (see
+    :func:`triton_config`)."""
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize={quantize!r} is not supported; choose one of {QUANTIZATIONS}")
     if triton is not None:
-        _check_triton_args(name, max_batch)
+        _check_triton_args(name, max_batch, triton_backend)
     if is_ensemble(run):
         return export_ensemble(
-            run, out, triton=triton, name=name, max_batch=max_batch, quantize=quantize, opset=opset
-        )
+            run, out, triton=triton, name=name, max_batch=max_batch,
+            triton_backend=triton_backend, quantize=quantize, opset=opset,
+        )  # fmt: skip
     onnx = require_package("onnx", "export")
     weights = model_path(run)
     model, meta = load_checkpoint(weights, map_location="cpu")
@@ -133,11 +137,8 @@ def export_run(
     onnx_path, sidecar_path = _write_export(out, data, sidecar)
     repo_model = None
     if triton is not None:
-        repo_model = Path(triton) / name
-        # The version folder is an export folder too: predict --onnx REPO/NAME/1 scores with it.
-        _write_export(repo_model / "1", data, sidecar)
-        atomic_write_text(
-            repo_model / "config.pbtxt", triton_config(name, size, max_batch, sidecar["model_id"])
+        repo_model = write_triton_model(
+            Path(triton) / name, data, sidecar, max_batch=max_batch, backend=triton_backend
         )
     return ExportResult(onnx_path, sidecar_path, repo_model, max_abs_diff)
 
@@ -275,6 +276,7 @@ def export_ensemble(
     triton: str | Path | None = None,
     name: str = "brainmets",
     max_batch: int = DEFAULT_MAX_BATCH,
+    triton_backend: str = "onnxruntime",
     quantize: str = "none",
     opset: int = OPSET,
 ) -> ExportResult:
@@ -311,10 +313,9 @@ def export_ensemble(
     onnx_path, sidecar_path = _write_export(out, data, sidecar)
     repo_model = None
     if triton is not None:
-        repo_model = Path(triton) / name
-        _write_export(repo_model / "1", data, sidecar)
-        config = triton_config(name, size, max_batch, sidecar["model_id"], len(members))
-        atomic_write_text(repo_model / "config.pbtxt", config)
+        repo_model = write_triton_model(
+            Path(triton) / name, data, sidecar, max_batch=max_batch, backend=triton_backend
+        )
     return ExportResult(onnx_path, sidecar_path, repo_model, max_abs_diff)
 
 
@@ -363,24 +364,67 @@ def _ensemble_sidecar(
 
 # --------------------------------------------------------------------------- Triton
 
+#: Triton backends a repository can be written for: ``onnxruntime`` (Triton's ONNX Runtime
+#: backend runs model.onnx; what a stock Triton server has) and ``python`` (Triton's Python
+#: backend runs model.py, which runs model.onnx with onnxruntime in the server's Python).
+TRITON_BACKENDS = ("onnxruntime", "python")
+_TRITON_PYTHON_MODEL = Path(__file__).parent / "backends" / "triton_python_model.py"
+
+
+def write_triton_model(
+    folder: Path,
+    data: bytes,
+    sidecar: dict[str, Any],
+    *,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    backend: str = "onnxruntime",
+) -> Path:
+    """``folder`` (REPO/NAME) as a model of a Triton repository: ``config.pbtxt`` and the
+    version folder ``1``, which is an export folder too (``predict --onnx REPO/NAME/1``)."""
+    size = int(sidecar["preprocess"]["size"])
+    members = len(sidecar["members"]) if "members" in sidecar else None  # an ensemble's
+    config = triton_config(
+        folder.name, size, max_batch, sidecar["model_id"], backend=backend, members=members
+    )
+    _write_export(folder / "1", data, sidecar)
+    if backend == "python":
+        atomic_write_text(folder / "1" / "model.py", _TRITON_PYTHON_MODEL.read_text())
+    else:  # written over a python-backend model: its model.py would be stale
+        (folder / "1" / "model.py").unlink(missing_ok=True)
+    # The configuration last: a server polling the repository sees a complete model.
+    atomic_write_text(folder / "config.pbtxt", config)
+    return folder
+
 
 def triton_config(
-    name: str, size: int, max_batch: int, model_id: str = "", members: int | None = None
+    name: str,
+    size: int,
+    max_batch: int,
+    model_id: str = "",
+    *,
+    backend: str = "onnxruntime",
+    members: int | None = None,
 ) -> str:
-    """``config.pbtxt`` of the slice network for Triton's onnxruntime backend.
+    """``config.pbtxt`` of the slice network for Triton's ``backend`` (``TRITON_BACKENDS``).
 
     With ``max_batch_size`` > 0 Triton adds the batch axis itself: ``dims`` leave it out, and
     the ONNX output of shape ``[batch]`` is declared as ``[1]`` reshaped to ``[]``, as Triton
-    asks of tensors that are only a batch axis (an ensemble's ``[batch, members]`` is
-    ``[members]``). Dynamic batching merges the requests of several clients (a request is one
-    patient's slices, at most ``max_batch_size`` of them).
+    asks of tensors that are only a batch axis (clients see ``[batch, 1]``); an ensemble's
+    ``[batch, members]`` is ``[members]``. Dynamic batching
+    merges the requests of several clients (a request is one patient's slices, at most
+    ``max_batch_size`` of them). The Python backend's model runs onnxruntime on the CPU.
     """
-    _check_triton_args(name, max_batch)
+    _check_triton_args(name, max_batch, backend)
     output = f"dims: [ {members} ]" if members else "dims: [ 1 ]\n    reshape: { shape: [ ] }"
     preferred = sorted({max(1, max_batch // 4), max(1, max_batch // 2), max_batch})
     tag = f"  # brainmets model {model_id}" if model_id else ""
+    runs_on = (
+        'platform: "onnxruntime_onnx"'
+        if backend == "onnxruntime"
+        else 'backend: "python"\ninstance_group [ { kind: KIND_CPU } ]'
+    )
     return f"""name: "{name}"{tag}
-platform: "onnxruntime_onnx"
+{runs_on}
 max_batch_size: {max_batch}
 input [
   {{
@@ -403,8 +447,12 @@ dynamic_batching {{
 """
 
 
-def _check_triton_args(name: str, max_batch: int) -> None:
+def _check_triton_args(name: str, max_batch: int, backend: str = "onnxruntime") -> None:
     if not _TRITON_NAME.match(name):
         raise ValueError(f"Triton model name {name!r}: use letters, digits, '_', '.' and '-'")
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    if backend not in TRITON_BACKENDS:
+        raise ValueError(
+            f"Triton backend {backend!r} is not supported; choose one of {TRITON_BACKENDS}"
+        )

@@ -349,7 +349,9 @@ def predict(
         shard.table(out_csv), heatmaps_dir, save_every_s, shard.table(rundir.HEATMAP_INDEX)
     )
     with table.owned():
-        trained = load_backend(run, backend, grad_cam=heatmaps_dir is not None)
+        # Grad-CAM comes from the run's PyTorch weights: heatmaps and DICOM captures need them.
+        wants_maps = heatmaps_dir is not None or dicom_out is not None
+        trained = load_backend(run, backend, grad_cam=wants_maps)
         verdict = RankingVerdict.from_sidecar(trained.sidecar)
         if verdict is not None and not verdict.ranks:
             log.warning("%s: %s", run, verdict.warning())

@@ -231,12 +231,15 @@ def test_a_calibrated_run_reports_calibrated_probabilities_and_the_same_decision
 
     from scipy.special import expit, logit
 
+    from brainmets.model.identity import model_id
+
     root, _ = workflow
     plain_run, calibrated_run = tmp_path / "plain", tmp_path / "calibrated"
     for run in (plain_run, calibrated_run):
         shutil.copytree(root / "run", run, ignore=shutil.ignore_patterns("evaluation*"))
     sidecar = json.loads((calibrated_run / "model.json").read_text())
     sidecar["calibration"] = {"method": "platt", "slope": 0.5, "intercept": -1.0, "patients": 9}
+    sidecar["model_id"] = model_id(sidecar)  # recalibrated on purpose: another model
     (calibrated_run / "model.json").write_text(json.dumps(sidecar))
 
     tables, metrics = {}, {}

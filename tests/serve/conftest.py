@@ -80,6 +80,53 @@ def ct_series_files(study: Path) -> list[Path]:
     return max(by_series.values(), key=len)
 
 
+# ------------------------------------------------------------------------------- runs
+
+
+def _run_with_verdict(tiny_run: Path, out: Path, verdict: str) -> Path:
+    """``tiny_run``'s weights with the ranking verdict train records in model.json."""
+    from brainmets.ranking import RankingVerdict
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny_run / "model.safetensors", out / "model.safetensors")
+    sidecar = json.loads((tiny_run / "model.json").read_text())
+    if verdict == "ranks":
+        ranking = RankingVerdict(verdict, auc=0.91, auc_ci=(0.84, 0.97), separation=0.31,
+                                 separation_band="good", n_pos=40, n_neg=60)  # fmt: skip
+    else:
+        ranking = RankingVerdict(verdict, auc=0.52, auc_ci=(0.38, 0.66), separation=0.01,
+                                 separation_band="poor", n_pos=40, n_neg=60,
+                                 reasons=["the AUC's 95% interval contains 0.5"])  # fmt: skip
+    sidecar["ranking"] = ranking.to_json()
+    (out / "model.json").write_text(json.dumps(sidecar))
+    return out
+
+
+@pytest.fixture(scope="session")
+def serve_run(tiny_run, tmp_path_factory) -> Path:
+    """A run whose model ranks its validation patients: what serve accepts by default."""
+    return _run_with_verdict(tiny_run, tmp_path_factory.mktemp("serve-run"), "ranks")
+
+
+@pytest.fixture(scope="session")
+def chance_run(tiny_run, tmp_path_factory) -> Path:
+    """A run that ended "not shown to rank better than chance" (train's exit 3)."""
+    return _run_with_verdict(tiny_run, tmp_path_factory.mktemp("chance-run"), "does_not_rank")
+
+
+def copy_study(files, out: Path, edit=None) -> Path:
+    """Copies of ``files`` in ``out``, each edited by ``edit(ds, i)`` when given."""
+    import pydicom
+
+    out.mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        if edit is not None:
+            edit(ds, i)
+        ds.save_as(out / f"{i:03d}.dcm", enforce_file_format=False)
+    return out
+
+
 # ------------------------------------------------------------------------------- Orthanc
 
 
@@ -237,11 +284,11 @@ class ServeProcess:
             self.process = None
 
 
-def storescu(port: int, *paths: Path, aet: str = "STORESCU", check: bool = True):
+def storescu(port: int, *paths: Path, aet: str = "STORESCU", check: bool = True, options=()):
     """dcmtk's storescu: every file under ``paths`` in one association."""
     result = subprocess.run(
-        [dcmtk("storescu"), "-v", "-aet", aet, "-aec", SERVE_AE, "+sd", "+r", "-nh", "127.0.0.1", str(port),
-         *map(str, paths)],
+        [dcmtk("storescu"), "-v", "-aet", aet, "-aec", SERVE_AE, "+sd", "+r", "-nh", *options,
+         "127.0.0.1", str(port), *map(str, paths)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     if check and result.returncode != 0:

@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from brainmets.dicom_results import read_result
 from brainmets.predict import predict
 
 from .conftest import (
@@ -32,11 +33,12 @@ ROUTING_LUA = Path(__file__).resolve().parents[2] / "docs" / "orthanc" / "route-
 
 
 @pytest.fixture(scope="module")
-def node(peers, orthanc, tiny_run, tmp_path_factory):
+def node(peers, orthanc, serve_run, tmp_path_factory):
     store = tmp_path_factory.mktemp("node") / "store"
     serve = ServeProcess(
-        tiny_run, store, "--forward", orthanc.destination, "--allow", "STORESCU", "ECHOSCU"
-    ).start()
+        serve_run, store, "--forward", orthanc.destination, "--allow", "STORESCU", "ECHOSCU",
+        "--incomplete-seconds", "2",
+    ).start()  # fmt: skip
     yield serve
     serve.stop()
 
@@ -52,12 +54,8 @@ def _results_in(orthanc, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
     return found
 
 
-def _content(sr: pydicom.Dataset) -> dict[str, pydicom.Dataset]:
-    return {item.ConceptNameCodeSequence[0].CodeValue: item for item in sr.ContentSequence}
-
-
 def test_a_study_goes_in_and_its_results_reach_pacs(
-    node, orthanc, head_ct_studies, tiny_run, tmp_path
+    node, orthanc, head_ct_studies, serve_run, tmp_path
 ):
     studies = [head_ct_studies / "SYN0001", head_ct_studies / "SYN0002"]
     storescu(node.port, *studies)
@@ -67,7 +65,7 @@ def test_a_study_goes_in_and_its_results_reach_pacs(
         "both studies scored and sent",
     )
     table = status_rows(node.store).set_index("patient_id")
-    expected = predict(tiny_run, studies, out_csv=tmp_path / "p.csv", progress=False, workers=1)
+    expected = predict(serve_run, studies, out_csv=tmp_path / "p.csv", progress=False, workers=1)
     expected = expected.table.set_index("patient_id")
     for pid, study in zip(("SYN0001", "SYN0002"), studies, strict=True):
         sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in ct_series_files(study)]
@@ -81,23 +79,14 @@ def test_a_study_goes_in_and_its_results_reach_pacs(
         assert sorted(results) == ["OT", "SR"] and len(results["SR"]) == 1
         assert len(results["OT"]) == 2  # --top-k 2
         sr = results["SR"][0]
-        content = _content(sr)
-        assert content["BM001"].MeasuredValueSequence[0].NumericValue == pytest.approx(
-            expected.loc[pid, "probability"], abs=1e-6
-        )
-        assert content["BM002"].MeasuredValueSequence[0].NumericValue == pytest.approx(
-            expected.loc[pid, "threshold"], abs=1e-6
-        )
-        decision = content["94225005"].ConceptCodeSequence[0].CodeValue
-        assert decision == ("373066001" if expected.loc[pid, "decision"] else "373067005")
-        assert expected.loc[pid, "model"] in content["111001"].TextValue
+        reported = read_result(sr)  # as a TID 1500 reader parses it
+        assert reported.probability == pytest.approx(expected.loc[pid, "probability"], abs=1e-6)
+        assert reported.threshold == pytest.approx(expected.loc[pid, "threshold"], abs=1e-6)
+        assert reported.present == bool(expected.loc[pid, "decision"])
+        assert reported.model_id == expected.loc[pid, "model"]
         # The references name real instances of the scored series.
         source_uids = {ds.SOPInstanceUID for ds in sources}
-        referenced = [
-            item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-            for item in sr.ContentSequence
-            if item.ValueType == "IMAGE"
-        ]
+        referenced = [uid for uid, _ in reported.source_images]
         assert len(referenced) == 2 and set(referenced) <= source_uids
         evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
         assert {s.SeriesInstanceUID for s in evidence} == {source.SeriesInstanceUID}
@@ -114,7 +103,7 @@ def test_a_study_goes_in_and_its_results_reach_pacs(
         sr.save_as(sr_file)
         dump = subprocess.run([dcmtk("dsrdump"), str(sr_file)], capture_output=True, text=True)
         assert dump.returncode == 0, dump.stderr
-        assert "Probability of brain metastases" in dump.stdout
+        assert '"Probability")=' in dump.stdout
     log = node.log_text()
     for pid in ("SYN0001", "SYN0002"):  # identifiers yes, names never
         name = str(pydicom.dcmread(ct_series_files(head_ct_studies / pid)[0]).PatientName)
@@ -151,11 +140,15 @@ def test_what_cannot_be_scored_is_a_clear_row_without_results(
         n for n in names if d == str(few[0].parent) and (few[0].parent / n) not in few
     ])  # fmt: skip
     storescu(node.port, tmp_path / "few")
-    # A malformed instance (its pixel data shorter than its header says) among good ones.
-    good = ct_series_files(head_ct_studies / "SYN0005")
+    # A malformed instance (its pixel data shorter than its header says) among good ones, in
+    # the middle of the series: refused alone, it leaves a gap the result is marked for.
+    good = sorted(
+        ct_series_files(head_ct_studies / "SYN0005"),
+        key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]),
+    )
 
     def truncate_one(ds, i):
-        if i == 3:
+        if i == len(good) // 2:
             ds.Rows = ds.Rows * 2
 
     _copy_as(good, tmp_path / "malformed", edit=truncate_one)
@@ -182,6 +175,7 @@ def test_what_cannot_be_scored_is_a_clear_row_without_results(
     assert "too few slices" in table.loc[few_study, "error"]
     assert table.loc[good_study, "state"] == "sent"
     assert table.loc[good_study, "instances"] == len(good) - 1  # all but the malformed one
+    assert "slices missing between" in table.loc[good_study, "partial"]
     assert _results_in(orthanc, mr_study) == {}
     assert _results_in(orthanc, few_study) == {}
     assert sorted(_results_in(orthanc, good_study)) == ["OT", "SR"]
@@ -199,23 +193,34 @@ def test_a_calling_ae_title_not_allowed_is_refused(node):
     wait_for(lambda: "INTRUDER" in node.log_text(), 10, "the refusal in the log")
 
 
-def test_status_prints_the_record(node, capsys):
+def test_status_prints_the_model_verdict_and_the_record(node, capsys):
     from brainmets.cli import main
 
     wait_for(lambda: not status_rows(node.store).empty, 60, "a study in the record")
     assert main(["-q", "serve", "--status", str(node.store)]) == 0
-    out = capsys.readouterr().out
-    assert "state" in out and "probability" in out
+    model, *table = capsys.readouterr().out.splitlines()
+    assert model.startswith("model ") and ": ranks" in model and "allow-chance" not in model
+    assert "state" in table[0] and "probability" in table[0]
+
+
+def test_a_second_serve_on_the_same_store_is_refused_naming_the_first(node, serve_run, capsys):
+    from brainmets.cli import main
+
+    rc = main(["-q", "serve", str(serve_run), "--store", str(node.store), "--port", "0"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"in use by another brainmets process (PID {node.process.pid}" in err
+    assert node.process.poll() is None  # the first goes on
 
 
 @pytest.mark.slow  # a second serve process, an export and Grad-CAM: ~40 s on two busy cores
 def test_serve_scores_with_onnxruntime_as_predict_does_with_pytorch(
-    peers, tiny_run, head_ct_studies, tmp_path
+    peers, serve_run, head_ct_studies, tmp_path
 ):
     pytest.importorskip("onnxruntime")
     from brainmets.export import export_run
 
-    export = export_run(tiny_run, tmp_path / "export").onnx.parent
+    export = export_run(serve_run, tmp_path / "export").onnx.parent
     # A study whose headers carry a name and a birth date: neither may reach the log.
     files = ct_series_files(head_ct_studies / "SYN0006")
     study = tmp_path / "study"
@@ -225,7 +230,7 @@ def test_serve_scores_with_onnxruntime_as_predict_does_with_pytorch(
 
     _copy_as(files, study, edit=identified)
     store = tmp_path / "store"
-    serve = ServeProcess(tiny_run, store, "--backend", "onnxruntime", "--onnx", str(export))
+    serve = ServeProcess(serve_run, store, "--backend", "onnxruntime", "--onnx", str(export))
     serve.start()
     try:
         storescu(serve.port, study)
@@ -233,7 +238,7 @@ def test_serve_scores_with_onnxruntime_as_predict_does_with_pytorch(
     finally:
         serve.stop()
     row = status_rows(store).iloc[0]
-    expected = predict(tiny_run, [study], out_csv=tmp_path / "p.csv", progress=False, workers=1)
+    expected = predict(serve_run, [study], out_csv=tmp_path / "p.csv", progress=False, workers=1)
     expected = expected.table.iloc[0]
     assert row["probability"] == pytest.approx(expected["probability"], abs=1e-5)
     assert row["decision"] == expected["decision"] and row["model"] == expected["model"]
@@ -244,14 +249,14 @@ def test_serve_scores_with_onnxruntime_as_predict_does_with_pytorch(
 
 @pytest.mark.slow  # its own Orthanc and serve: ~30 s
 def test_orthanc_routes_ct_to_serve_with_the_documented_lua_and_keeps_the_results(
-    peers, tiny_run, head_ct_studies, tmp_path
+    peers, serve_run, head_ct_studies, tmp_path
 ):
     """The deployment the README describes: a modality sends to Orthanc, the Lua script in
     docs/orthanc routes the CT to serve, serve sends its results back to Orthanc; the results
     are not routed again."""
     pacs = Orthanc(tmp_path / "orthanc")
     store = tmp_path / "store"
-    serve = ServeProcess(tiny_run, store, "--forward", pacs.destination, "--allow", ORTHANC_AE)
+    serve = ServeProcess(serve_run, store, "--forward", pacs.destination, "--allow", ORTHANC_AE)
     pacs.serve_port, pacs.lua_scripts = serve.port, [ROUTING_LUA]
     study = head_ct_studies / "SYN0007"
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in study.rglob("*.dcm")]

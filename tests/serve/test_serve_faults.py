@@ -59,10 +59,10 @@ def _srs_in(orthanc, study_uid: str) -> int:
 
 
 def test_twenty_studies_from_four_senders_at_once(
-    peers, orthanc, tiny_run, head_ct_studies, tmp_path
+    peers, orthanc, serve_run, head_ct_studies, tmp_path
 ):
     store = tmp_path / "store"
-    serve = ServeProcess(tiny_run, store, "--forward", orthanc.destination).start()
+    serve = ServeProcess(serve_run, store, "--forward", orthanc.destination).start()
     try:
         studies = sorted(head_ct_studies.iterdir())[4:24]
         senders = [
@@ -96,10 +96,10 @@ def test_twenty_studies_from_four_senders_at_once(
         serve.stop()
 
 
-def test_kill_while_receiving_then_restart(peers, orthanc, tiny_run, head_ct_studies, tmp_path):
+def test_kill_while_receiving_then_restart(peers, orthanc, serve_run, head_ct_studies, tmp_path):
     store = tmp_path / "store"
     studies = sorted(head_ct_studies.iterdir())[:8]
-    serve = ServeProcess(tiny_run, store, "--forward", orthanc.destination).start()
+    serve = ServeProcess(serve_run, store, "--forward", orthanc.destination).start()
     sender = subprocess.Popen(
         [dcmtk("storescu"), "-aec", SERVE_AE, "+sd", "+r", "127.0.0.1", str(serve.port),
          *map(str, studies)],
@@ -130,10 +130,10 @@ def test_kill_while_receiving_then_restart(peers, orthanc, tiny_run, head_ct_stu
         serve.stop()
 
 
-def test_kill_while_scoring_then_restart(peers, orthanc, tiny_run, head_ct_studies, tmp_path):
+def test_kill_while_scoring_then_restart(peers, orthanc, serve_run, head_ct_studies, tmp_path):
     store = tmp_path / "store"
     studies = sorted(head_ct_studies.iterdir())[8:11]
-    serve = ServeProcess(tiny_run, store, "--forward", orthanc.destination).start()
+    serve = ServeProcess(serve_run, store, "--forward", orthanc.destination).start()
     storescu(serve.port, *studies)
 
     def scoring():
@@ -156,14 +156,14 @@ def test_kill_while_scoring_then_restart(peers, orthanc, tiny_run, head_ct_studi
         serve.stop()
 
 
-def test_association_aborted_halfway(peers, orthanc, tiny_run, head_ct_studies, tmp_path):
+def test_association_aborted_halfway(peers, orthanc, serve_run, head_ct_studies, tmp_path):
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage
 
     store = tmp_path / "store"
     study = head_ct_studies / "SYN0012"
     files = ct_series_files(study)
-    serve = ServeProcess(tiny_run, store, "--forward", orthanc.destination, stable=3).start()
+    serve = ServeProcess(serve_run, store, "--forward", orthanc.destination, stable=3).start()
     try:
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(CTImageStorage)
@@ -186,10 +186,10 @@ def test_association_aborted_halfway(peers, orthanc, tiny_run, head_ct_studies, 
         serve.stop()
 
 
-def test_pacs_down_when_results_are_ready_then_up(peers, tiny_run, head_ct_studies, tmp_path):
+def test_pacs_down_when_results_are_ready_then_up(peers, serve_run, head_ct_studies, tmp_path):
     pacs = Orthanc(tmp_path / "pacs-root")
     store = tmp_path / "store"
-    serve = ServeProcess(tiny_run, store, "--forward", pacs.destination).start()
+    serve = ServeProcess(serve_run, store, "--forward", pacs.destination).start()
     study, later = head_ct_studies / "SYN0014", head_ct_studies / "SYN0015"
     uid = _study_uid(study)
     try:

@@ -72,7 +72,7 @@ class TritonSliceNetwork(OnnxSliceNetwork):
             config = self.client.get_model_config(model_name).config
         except Exception as error:  # InferenceServerException: unreachable, no such model
             raise ValueError(f"{where}: {error}") from error
-        check_signature(_TritonSignature(metadata), where, size, members)
+        check_signature(_TritonSignature(metadata, config), where, size, members)
         if config.max_batch_size < 1:
             raise ValueError(f"{where}: max_batch_size {config.max_batch_size}, no batching")
         self.max_batch = int(config.max_batch_size)
@@ -88,23 +88,33 @@ class TritonSliceNetwork(OnnxSliceNetwork):
 
 
 class _TritonSignature:
-    """Triton's model metadata in the shape of an onnxruntime session's signature."""
+    """Triton's model metadata in the shape of an onnxruntime session's signature: the shapes
+    the model itself sees. Metadata gives the shapes clients send and receive, the batch axis
+    first; a tensor whose configuration declares a ``reshape`` reaches the model as the batch
+    axis followed by that shape (the slice logits: ``[batch, 1]`` to clients, ``[batch]`` in
+    the graph)."""
 
     class _Arg(NamedTuple):
         name: str
         type: str
         shape: list
 
-    def __init__(self, metadata) -> None:
+    def __init__(self, metadata, config) -> None:
+        reshaped = {
+            t.name: list(t.reshape.shape)
+            for t in [*config.input, *config.output]
+            if t.HasField("reshape")
+        }
+
         def args(tensors):
-            return [
-                self._Arg(
-                    t.name,
-                    "tensor(float)" if t.datatype == "FP32" else t.datatype,
-                    [int(d) if d >= 0 else "batch" for d in t.shape],
-                )
-                for t in tensors
-            ]
+            found = []
+            for t in tensors:
+                shape = [int(d) if d >= 0 else "batch" for d in t.shape]
+                if t.name in reshaped and config.max_batch_size > 0:
+                    shape = shape[:1] + reshaped[t.name]
+                datatype = "tensor(float)" if t.datatype == "FP32" else t.datatype
+                found.append(self._Arg(t.name, datatype, shape))
+            return found
 
         self._inputs, self._outputs = args(metadata.inputs), args(metadata.outputs)
 
