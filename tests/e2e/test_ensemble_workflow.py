@@ -150,3 +150,18 @@ def test_a_shard_outside_the_shards_is_refused(tiny_run, cache, tmp_path, capsys
     assert main(["predict", str(tiny_run), str(cache), "--out", str(tmp_path / "p.csv"),
                  "--num-shards", "2", "--shard-id", "2"]) == 2  # fmt: skip
     assert "--shard-id 2 must be in [0, --num-shards 2)" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # three fold runs of a 30-patient cohort, then the whole workflow: ~3 min
+def test_small_demo_with_folds_runs_the_workflow_with_the_ensemble(tmp_path):
+    from brainmets.demo import run_demo
+
+    result = run_demo(tmp_path, patients=30, epochs=1, device="cpu", seed=0, folds=3)
+    cv = result["run"]
+    assert [p.name for p in sorted(cv.glob("fold-*"))] == ["fold-0", "fold-1", "fold-2"]
+    meta = json.loads((cv / "ensemble.json").read_text())
+    predictions = pd.read_csv(tmp_path / "predictions.csv", dtype={"patient_id": str})
+    assert set(predictions["model"]) == {meta["model_id"]}
+    metrics = json.loads((cv / "evaluation" / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["seen_in_training"] == {}
+    assert "Cross-validation" in (cv / "report.html").read_text()
