@@ -96,7 +96,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_ensemble(tmp_path_factory, head_ct_studies) -> Path:
-    """CV/fold-0 ... fold-2 as ``train --folds 3`` leaves them (seeded ResNet-18s at 48 px over
+    """CV/fold-0 and fold-1 as ``train --folds 2`` leaves them (seeded ResNet-18s at 48 px over
     the ``head_ct_studies`` patients, each with its fold assignment, config, learning curve and
     validation predictions) and their ensemble in CV, made by the product's own code."""
     import numpy as np
@@ -116,14 +116,14 @@ def tiny_ensemble(tmp_path_factory, head_ct_studies) -> Path:
     index = labels[["patient_id", "label"]].assign(
         split=["test" if i % 4 == 3 else "" for i in range(len(labels))]
     )
-    assignment = fold_assignment(index, 3, seed=0)
+    assignment = fold_assignment(index, 2, seed=0)
     cfg = Config.model_validate(
-        {"data": {"folds": 3}, "model": {"arch": "resnet18"}, "train": {"epochs": 1}}
+        {"data": {"folds": 2}, "model": {"arch": "resnet18"}, "train": {"epochs": 1}}
     )
     preprocess = {"min_slices": 8, "size": 48, "slice_mm": 5.0, "window_center": 40.0,
                   "window_width": 80.0}  # fmt: skip
     rng = np.random.default_rng(0)
-    for k in range(3):
+    for k in range(2):
         run = cv / f"fold-{k}"
         torch.manual_seed(10 + k)
         sidecar = {"preprocess": preprocess, "normalization": "zscore", "threshold": 0.5,

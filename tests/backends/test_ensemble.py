@@ -38,9 +38,9 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def cache(tiny_ensemble, head_ct_studies, tmp_path_factory) -> Path:
-    """Eight of the generated studies prepared as the ensemble's members were (48 px)."""
+    """Five of the generated studies prepared as the ensemble's members were (48 px)."""
     root = tmp_path_factory.mktemp("ens-cache")
-    labels = pd.read_csv(head_ct_studies.parent / "labels.csv", dtype=str).head(8)
+    labels = pd.read_csv(head_ct_studies.parent / "labels.csv", dtype=str).head(5)
     labels.to_csv(root / "labels.csv", index=False)
     assert main(["-q", "index", str(head_ct_studies), "--out", str(root / "index"),
                  "--workers", "1"]) == 0  # fmt: skip
@@ -57,7 +57,7 @@ def arrays(cache) -> list[np.ndarray]:
 
 
 def _members(cv: Path):
-    return [load_trained(cv / f"fold-{k}", "cpu") for k in range(3)]
+    return [load_trained(cv / f"fold-{k}", "cpu") for k in range(2)]
 
 
 @pytest.mark.parametrize("combine", ["mean_logit", "mean_probability"])
@@ -83,7 +83,7 @@ def test_the_ensemble_scores_the_average_of_its_members_computed_by_hand(
     assert got.top_slice.tolist() == tops
     meta = json.loads((folder / "ensemble.json").read_text())
     assert ensemble.model_id == meta["model_id"] and ensemble.plain_threshold == meta["threshold"]
-    assert len({ensemble.model_id, *(m.model_id for m in _members(tiny_ensemble))}) == 4
+    assert len({ensemble.model_id, *(m.model_id for m in _members(tiny_ensemble))}) == 3
 
 
 def test_grad_cam_of_an_ensemble_is_its_members_maps_averaged(tiny_ensemble, arrays):
@@ -124,15 +124,15 @@ def test_the_export_is_one_graph_of_every_member_bound_to_the_ensemble(exported)
     meta = json.loads((exported / "ensemble.json").read_text())
     assert sidecar["format"] == "brainmets-ensemble-onnx"
     assert sidecar["model_id"] == meta["model_id"] and sidecar["members"] == meta["members"]
-    assert sidecar["onnx"]["output"]["shape"] == [-1, 3]
+    assert sidecar["onnx"]["output"]["shape"] == [-1, 2]
     assert sidecar["onnx"]["max_abs_diff_vs_pytorch"] <= 1e-4
     graph = onnx.load(str(exported / "export" / "model.onnx")).graph
-    assert [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim][1:] == [3]
+    assert [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim][1:] == [2]
     config = (exported.parent / "triton" / "brainmets" / "config.pbtxt").read_text()
-    assert "dims: [ 3 ]" in config and "reshape" not in config
+    assert "dims: [ 2 ]" in config and "reshape" not in config
     # A run's configuration but for the members' axis of the output:
     run_config = triton_config("brainmets", 48, 16, sidecar["model_id"], backend="python")
-    assert config.replace("dims: [ 3 ]", "dims: [ 1 ]\n    reshape: { shape: [ ] }") == run_config
+    assert config.replace("dims: [ 2 ]", "dims: [ 1 ]\n    reshape: { shape: [ ] }") == run_config
 
 
 def test_onnxruntime_scores_the_ensemble_as_pytorch_does_and_refuses_an_edited_export(

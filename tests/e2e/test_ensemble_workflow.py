@@ -131,15 +131,15 @@ def test_predict_sharded_over_workers_merges_into_the_table_of_one_worker(
     out = tmp_path / "sharded" / "predictions.csv"
     heat = tmp_path / "sharded" / "heatmaps"
     shards = []
-    for k in (2, 0, 1):  # in any order; the last to finish merges
+    for k in (1, 0):  # in any order; the last to finish merges
         assert not out.exists()
         assert main(["-q", "predict", str(tiny_run), str(cache), "--out", str(out), "--device",
-                     "cpu", "--num-shards", "3", "--shard-id", str(k), "--heatmaps", str(heat),
+                     "cpu", "--num-shards", "2", "--shard-id", str(k), "--heatmaps", str(heat),
                      "--top-k", "1"]) == 0  # fmt: skip
-        shards.append(pd.read_csv(out.with_name(f"predictions-shard{k}-of3.csv"), dtype=str))
+        shards.append(pd.read_csv(out.with_name(f"predictions-shard{k}-of2.csv"), dtype=str))
     ids = [set(s["patient_id"]) for s in shards]
     assert sum(map(len, ids)) == 9 and len(set().union(*ids)) == 9  # disjoint, covering
-    assert all(ids)  # every shard had patients (9 over 3: the hash spreads them)
+    assert all(ids)  # every shard had patients (the hash spreads them)
     merged, expected = (pd.read_csv(p, dtype={"patient_id": str}) for p in (out, whole))
     pd.testing.assert_frame_equal(merged, expected)
     index = pd.read_csv(heat / "heatmaps.csv", dtype={"patient_id": str})
@@ -150,18 +150,3 @@ def test_a_shard_outside_the_shards_is_refused(tiny_run, cache, tmp_path, capsys
     assert main(["predict", str(tiny_run), str(cache), "--out", str(tmp_path / "p.csv"),
                  "--num-shards", "2", "--shard-id", "2"]) == 2  # fmt: skip
     assert "--shard-id 2 must be in [0, --num-shards 2)" in capsys.readouterr().err
-
-
-@pytest.mark.slow  # three fold runs of a 30-patient cohort, then the whole workflow: ~3 min
-def test_small_demo_with_folds_runs_the_workflow_with_the_ensemble(tmp_path):
-    from brainmets.demo import run_demo
-
-    result = run_demo(tmp_path, patients=30, epochs=1, device="cpu", seed=0, folds=3)
-    cv = result["run"]
-    assert [p.name for p in sorted(cv.glob("fold-*"))] == ["fold-0", "fold-1", "fold-2"]
-    meta = json.loads((cv / "ensemble.json").read_text())
-    predictions = pd.read_csv(tmp_path / "predictions.csv", dtype={"patient_id": str})
-    assert set(predictions["model"]) == {meta["model_id"]}
-    metrics = json.loads((cv / "evaluation" / "metrics.json").read_text())
-    assert metrics["split"] == "test" and metrics["seen_in_training"] == {}
-    assert "Cross-validation" in (cv / "report.html").read_text()

@@ -24,14 +24,14 @@ from brainmets.train.ensemble import build_ensemble
 from brainmets.train.trainer import TrainingInterrupted, train
 
 SIZE = 32
-FOLDS = 3
+FOLDS = 2
 
 
 def _make_cache(root: Path):
-    """15 patients of 3 slices (6 positive, a bright lesion on one slice); 3 are test."""
+    """12 patients of 3 slices (6 positive, a bright lesion on one slice); 2 are test."""
     rng = np.random.default_rng(0)
     patients, splits = [], {}
-    for i in range(15):
+    for i in range(12):
         label = int(i % 5 < 2)
         volume = rng.integers(20, 110, size=(3, SIZE, SIZE)).astype(np.uint8)
         if label:
@@ -48,8 +48,8 @@ def _config(cache: Path) -> Config:
             "data": {"cache": str(cache), "num_workers": 0},
             "model": {"arch": "resnet18", "hidden": 16},
             "train": {
-                "epochs": 3,
-                "stage_epochs": [0, 1, 2],
+                "epochs": 2,
+                "stage_epochs": [0, 1, 1],
                 "batch_patients": 4,
                 "lr": {"head": 1e-3, "layer4": 1e-3, "layer3": 1e-3},
                 "bn_calibration_patients": 0,
@@ -70,7 +70,7 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def cv(setup, tmp_path_factory) -> Path:
-    """``train --folds 3``: three fold runs and their ensemble."""
+    """``train --folds 2``: two fold runs and their ensemble."""
     config, _ = setup
     out = tmp_path_factory.mktemp("trained") / "cv"
     assert main(["-q", "train", "--config", str(config), "--folds", str(FOLDS), "--out",
@@ -118,11 +118,11 @@ def test_the_ensemble_chooses_on_all_out_of_fold_patients(cv):
 
 
 def test_array_job_folds_and_a_fold_killed_and_resumed_give_the_same_ensemble(cv, setup, tmp_path):
-    """Folds 0 and 2 as independent jobs, fold 1 killed mid-run; ``train --resume CV`` finishes
-    fold 1 and combines: every fold and the ensemble's model id are those of ``train --folds``."""
+    """Fold 0 as an independent job, fold 1 killed mid-run; ``train --resume CV`` finishes fold 1
+    and combines: every fold and the ensemble's model id are those of ``train --folds``."""
     config, cache = setup
     out = tmp_path / "cv"
-    for k in (0, 2):
+    for k in (0,):
         assert main(["-q", "train", "--config", str(config), "--folds", str(FOLDS), "--fold",
                      str(k), "--out", str(out), "--allow-chance"]) == 0  # fmt: skip
     assert not (out / "ensemble.json").exists()  # one fold alone combines nothing
@@ -148,23 +148,22 @@ def _copy(cv: Path, to: Path) -> Path:
 
 def test_folds_of_another_cross_validation_are_refused(cv, tmp_path):
     other = _copy(cv, tmp_path / "other")
-    folds = pd.read_csv(other / "fold-2" / "folds.csv")
+    folds = pd.read_csv(other / "fold-1" / "folds.csv")
     folds["fold"] = (folds["fold"] + 1) % FOLDS  # another seed would deal them otherwise
-    folds.to_csv(other / "fold-2" / "folds.csv", index=False)
+    folds.to_csv(other / "fold-1" / "folds.csv", index=False)
     with pytest.raises(ValueError, match="folds of different cross-validations"):
         build_ensemble([other], other)
 
 
 def test_a_missing_a_doubled_and_an_unfinished_fold_are_refused(cv, tmp_path):
-    with pytest.raises(ValueError, match=r"fold 2 is missing \(brainmets train \.\.\. --fold 2"):
-        build_ensemble([cv / "fold-0", cv / "fold-1"], tmp_path / "e")
+    with pytest.raises(ValueError, match=r"fold 1 is missing \(brainmets train \.\.\. --fold 1"):
+        build_ensemble([cv / "fold-0"], tmp_path / "e")
     with pytest.raises(ValueError, match="fold 1 is given twice"):
-        build_ensemble([cv / "fold-0", cv / "fold-1", cv / "fold-1", cv / "fold-2"],
-                       tmp_path / "e")  # fmt: skip
+        build_ensemble([cv / "fold-0", cv / "fold-1", cv / "fold-1"], tmp_path / "e")
     short = _copy(cv, tmp_path / "short")
     metrics = pd.read_csv(short / "fold-1" / "metrics.csv")
-    metrics.head(2).to_csv(short / "fold-1" / "metrics.csv", index=False)
-    with pytest.raises(ValueError, match="fold-1: trained 2 of its 3 epochs; finish it first"):
+    metrics.head(1).to_csv(short / "fold-1" / "metrics.csv", index=False)
+    with pytest.raises(ValueError, match="fold-1: trained 1 of its 2 epochs; finish it first"):
         build_ensemble([short], short)
     with pytest.raises(ValueError, match="not a fold run"):
         build_ensemble([_single_run(tmp_path)], tmp_path / "e")
