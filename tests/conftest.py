@@ -92,3 +92,52 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_ensemble(tmp_path_factory, head_ct_studies) -> Path:
+    """CV/fold-0 and fold-1 as ``train --folds 2`` leaves them (seeded ResNet-18s at 48 px over
+    the ``head_ct_studies`` patients, each with its fold assignment, config, learning curve and
+    validation predictions) and their ensemble in CV, made by the product's own code."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from scipy.special import expit
+
+    from brainmets.config import Config, save_config
+    from brainmets.model.checkpoint import save_checkpoint
+    from brainmets.model.resnet import BrainMetsNet
+    from brainmets.train.cross_validation import fold_config
+    from brainmets.train.ensemble import build_ensemble
+    from brainmets.train.folds import fold_assignment, write_assignment
+
+    cv = tmp_path_factory.mktemp("ensemble") / "cv"
+    labels = pd.read_csv(head_ct_studies.parent / "labels.csv", dtype={"patient_id": str})
+    index = labels[["patient_id", "label"]].assign(
+        split=["test" if i % 4 == 3 else "" for i in range(len(labels))]
+    )
+    assignment = fold_assignment(index, 2, seed=0)
+    cfg = Config.model_validate(
+        {"data": {"folds": 2}, "model": {"arch": "resnet18"}, "train": {"epochs": 1}}
+    )
+    preprocess = {"min_slices": 8, "size": 48, "slice_mm": 5.0, "window_center": 40.0,
+                  "window_width": 80.0}  # fmt: skip
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        run = cv / f"fold-{k}"
+        torch.manual_seed(10 + k)
+        sidecar = {"preprocess": preprocess, "normalization": "zscore", "threshold": 0.5,
+                   "epoch": 0}  # fmt: skip
+        save_checkpoint(BrainMetsNet("resnet18").eval(), run / "model.safetensors", sidecar)
+        save_config(fold_config(cfg, k), run / "config.yaml")
+        pd.DataFrame([{"epoch": 0, "auc": 0.8, "val_loss": 0.5}]).to_csv(
+            run / "metrics.csv", index=False
+        )
+        write_assignment(run / "folds.csv", assignment)
+        val = assignment[assignment["fold"] == k]
+        logits = rng.normal(size=len(val)) + 2.0 * val["label"].to_numpy()
+        val[["patient_id", "label"]].assign(probability=expit(logits), logit=logits).to_csv(
+            run / "val_predictions.csv", index=False
+        )
+    build_ensemble([cv], cv)
+    return cv

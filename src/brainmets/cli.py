@@ -214,11 +214,12 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from brainmets.config import load_config
-    from brainmets.train.selection import HEADLINE
+    from brainmets.train.folds import is_cross_validation
     from brainmets.train.trainer import train
 
-    shortcuts = [f"train.{key}={value}" for key, value in
-                 (("device", args.device), ("epochs", args.epochs)) if value is not None]  # fmt: skip
+    shortcuts = [f"{key}={value}" for key, value in
+                 (("train.device", args.device), ("train.epochs", args.epochs),
+                  ("data.folds", args.folds)) if value is not None]  # fmt: skip
     if args.allow_chance:  # a config key, so that the run's config.yaml keeps it for --resume
         shortcuts.append("train.allow_chance=true")
     args.set = [*args.set, *shortcuts]
@@ -230,22 +231,41 @@ def cmd_train(args) -> int:
                 "give the folder a train run wrote (--out, default runs/NAME)"
             )
         cfg = load_config(run_dir / rundir.CONFIG, args.set)
+        if is_cross_validation(run_dir):
+            args.run_dir = run_dir
+            return _train_folds(args, cfg, run_dir, resume=True)
     else:
         overrides = list(args.set)
         if args.data:
             overrides.append(f"data.cache={args.data}")
         cfg = load_config(args.config, overrides)
         run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
+        if cfg.data.folds > 1:
+            from brainmets.train.folds import fold_dir
+
+            # After Ctrl-C: resume the one fold of an array job, or the cross-validation.
+            args.run_dir = run_dir if args.fold is None else fold_dir(run_dir, args.fold)
+            return _train_folds(args, cfg, run_dir, resume=False)
+    if args.fold is not None:
+        raise ValueError(f"--fold {args.fold} needs --folds K (the number of folds)")
     args.run_dir = run_dir  # for the hint after Ctrl-C (both branches)
     result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
     if _rank() != 0:
         return 0  # under torchrun, rank 0 reports the run
+    _print_run(result, run_dir, cfg.train.best_metric)
+    return _ranking_exit(result.get("ranking"), cfg.train.allow_chance)
+
+
+def _print_run(result: dict, run_dir: Path, rule: str, prefix: str = "run") -> None:
+    """The end-of-run lines: the chosen epoch, its threshold, the reported scale."""
+    from brainmets.train.selection import HEADLINE
+
     best = result.get("best") or {}
-    metric = result.get("best_metric", cfg.train.best_metric)  # val_loss if val is one class
+    metric = result.get("best_metric", rule)  # val_loss if val is one class
     column = HEADLINE.get(metric, metric)  # the rule's one-number summary
     chosen = metric if column == metric else f"by {metric}: {column}"
     print(
-        f"run {run_dir}: best {chosen} {best.get(column, float('nan')):.4f} at epoch "
+        f"{prefix} {run_dir}: best {chosen} {best.get(column, float('nan')):.4f} at epoch "
         f"{result.get('best_epoch')}, threshold {best.get('threshold', float('nan')):.3f}"
     )
     sidecar = run_dir / rundir.MODEL_SIDECAR
@@ -257,7 +277,34 @@ def cmd_train(args) -> int:
             "probabilities and thresholds (train.log, metrics.csv, evaluate, predict, the SR): "
             f"{calibration.describe()}"
         )
-    return _ranking_exit(result.get("ranking"), cfg.train.allow_chance)
+
+
+def _train_folds(args, cfg, cv_dir: Path, *, resume: bool) -> int:
+    """``train --folds K [--fold k]``, ``train --resume CV``: the fold runs, and with all of
+    them their ensemble, which decides the exit code as one run's verdict does."""
+    from brainmets.train.cross_validation import train_folds
+    from brainmets.train.folds import fold_dir
+
+    result = train_folds(
+        cfg, cv_dir, fold=args.fold, resume=resume, combine=args.combine, progress=not args.quiet
+    )
+    if _rank() != 0:
+        return 0
+    for k, summary in result.folds.items():
+        _print_run(summary, fold_dir(cv_dir, k), cfg.train.best_metric, prefix=f"fold {k}:")
+    if result.ensemble is None:  # one fold of an array job
+        (k, summary), *_ = result.folds.items()
+        print(f"when every fold is trained: brainmets ensemble {cv_dir}")
+        return _ranking_exit(summary.get("ranking"), cfg.train.allow_chance)
+    _write_report(cv_dir)
+    print(result.ensemble.text)
+    return _ranking_exit(result.ensemble.meta.get("ranking"), cfg.train.allow_chance)
+
+
+def _write_report(folder: Path) -> None:
+    from brainmets.evaluate.report import write_report
+
+    print(f"report: {write_report(folder)}")
 
 
 # A trained run whose model does not rank its validation patients (see brainmets.ranking).
@@ -280,6 +327,18 @@ def _ranking_exit(ranking: dict | None, allowed: bool) -> int:
         file=sys.stderr,
     )
     return EXIT_DOES_NOT_RANK
+
+
+def cmd_ensemble(args) -> int:
+    from brainmets.train.ensemble import build_ensemble
+
+    runs = list(args.runs)
+    if args.out is None and len(runs) != 1:
+        raise ValueError("give --out for the ensemble of fold runs from several folders")
+    summary = build_ensemble(runs, args.out or runs[0], combine=args.combine)
+    _write_report(summary.folder)
+    print(summary.text)
+    return _ranking_exit(summary.meta.get("ranking"), args.allow_chance)
 
 
 def cmd_evaluate(args) -> int:
@@ -327,10 +386,11 @@ def _cache_failures(cache: Path) -> int:
 
 def cmd_predict(args) -> int:
     from brainmets.data.workers import keep_freed_memory
-    from brainmets.predict import predict
+    from brainmets.predict import Shard, predict
 
     keep_freed_memory()  # one patient's arrays after another, also in this process
     dicom_dir, stow_url = _dicom_outputs(args.dicom_out or [])
+    table = Shard(args.num_shards, args.shard_id).table(args.out)
     result = predict(
         args.run,
         args.inputs,
@@ -343,14 +403,18 @@ def cmd_predict(args) -> int:
         progress=not args.quiet,
         resume=args.resume,
         backend=_backend_spec(args),
+        num_shards=args.num_shards,
+        shard_id=args.shard_id,
     )
     kept = f" ({result.kept} of them kept from the earlier run)" if result.kept else ""
-    print(f"{result.predicted} patients predicted{kept}, {result.failed} failed -> {args.out}")
+    print(f"{result.predicted} patients predicted{kept}, {result.failed} failed -> {table}")
+    if result.merged:
+        print(f"all {args.num_shards} shards finished: merged into {result.merged}")
     failed = result.table[result.table["error"] != ""]
     for row in failed.head(5).itertuples():
         print(f"  {row.patient_id}: {row.error}", file=sys.stderr)
     if len(failed) > 5:
-        print(f"  ... and {len(failed) - 5} more in {args.out}", file=sys.stderr)
+        print(f"  ... and {len(failed) - 5} more in {table}", file=sys.stderr)
     return 1 if result.failed and not args.allow_failures else 0
 
 
@@ -450,6 +514,7 @@ def cmd_demo(args) -> int:
         device=args.device,
         full=args.full,
         seed=args.seed,
+        folds=args.folds,
     )
     return 0
 
@@ -637,21 +702,75 @@ def _train_parser(command: Command) -> None:
     _add_config_args(p)
     p.add_argument("--data", type=Path, help="prepared cache (same as --set data.cache=...)")
     p.add_argument("--out", type=Path, help="run folder (default runs/<name>)")
-    p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN",
+        help="continue an interrupted run, or a cross-validation folder (its stopped folds)",
+    )
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (same as --set train.device=...)")
     p.add_argument("--epochs", type=int, help="epochs in all (same as --set train.epochs=...)")
+    g = p.add_argument_group("cross-validation")
+    g.add_argument(
+        "--folds",
+        type=int,
+        metavar="K",
+        help="K-fold cross-validation over the non-test patients (same as --set data.folds=K): "
+        "trains OUT/fold-0 ... fold-K-1 and their ensemble into OUT",
+    )
+    g.add_argument(
+        "--fold",
+        type=int,
+        metavar="k",
+        help="train fold k alone (one job of an array; combine with brainmets ensemble OUT)",
+    )
+    _add_combine(g)
+    _add_allow_chance(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_allow_chance(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-chance",
         action="store_true",
         help="exit 0 even when the model is not shown to rank its validation patients better than "
         "chance (otherwise exit 3, after the warning); --resume keeps it",
     )
-    p.set_defaults(func=cmd_train)
+
+
+def _add_combine(p) -> None:
+    from brainmets.model.ensemble import COMBINE
+    from brainmets.train.ensemble import DEFAULT_COMBINE
+
+    p.add_argument(
+        "--combine",
+        choices=COMBINE,
+        default=DEFAULT_COMBINE,
+        help="the ensemble's patient score: the members' mean patient logit or their mean "
+        "probability (default %(default)s)",
+    )
+
+
+def _ensemble_parser(command: Command) -> None:
+    p = command(
+        "ensemble",
+        help="combine fold runs: threshold, calibration and verdict from out-of-fold predictions",
+    )
+    p.add_argument(
+        "runs",
+        type=Path,
+        nargs="+",
+        help="a cross-validation folder (train --folds K --out CV), or its fold runs",
+    )
+    p.add_argument("--out", type=Path, help="ensemble folder (default: the one folder given)")
+    _add_combine(p)
+    _add_allow_chance(p)
+    p.set_defaults(func=cmd_ensemble)
 
 
 def _evaluate_parser(command: Command) -> None:
     p = command("evaluate", help="patient-level metrics with 95%% CIs and plots")
-    p.add_argument("run", type=Path, help="a run folder written by train")
+    p.add_argument("run", type=Path, help="a run folder written by train, or an ensemble")
     p.add_argument("--data", type=Path, required=True, help="prepared cache to evaluate on")
     p.add_argument(
         "--split",
@@ -673,7 +792,7 @@ def _evaluate_parser(command: Command) -> None:
 
 def _predict_parser(command: Command) -> None:
     p = command("predict", help="score new studies: DICOM folders, NIfTI files or a cache")
-    p.add_argument("run", type=Path, help="a run folder written by train")
+    p.add_argument("run", type=Path, help="a run folder written by train, or an ensemble")
     p.add_argument(
         "inputs",
         nargs="+",
@@ -710,6 +829,14 @@ def _predict_parser(command: Command) -> None:
         help="keep the patients --out already holds (predicted without an error) and predict "
         "the others",
     )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        default=1,
+        help="split the patients between this many jobs (a cluster array job): each writes "
+        "OUT-shardK-ofN.csv, and the last to finish merges them into OUT",
+    )
+    p.add_argument("--shard-id", type=int, default=0, help="this job's share, 0-based")
     _add_backend(p)
     _add_allow_failures(p, "inputs failed")
     p.set_defaults(func=cmd_predict)
@@ -722,7 +849,9 @@ def _serve_parser(command: Command) -> None:
         "serve",
         help="a DICOM node beside PACS: receive head CT, score each study, send results back",
     )
-    p.add_argument("run", type=Path, nargs="?", help="a run folder written by train")
+    p.add_argument(
+        "run", type=Path, nargs="?", help="a run folder written by train, or an ensemble"
+    )
     p.add_argument("--store", type=Path, help="spool, results and the record (serve.sqlite)")
     p.add_argument("--status", type=Path, metavar="DIR", help="print the record of a --store")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default %(default)s)")
@@ -752,35 +881,7 @@ def _serve_parser(command: Command) -> None:
         help="send the result objects there: C-STORE to an AE, or STOW-RS to a DICOMweb URL "
         "(http://pacs:8042/dicom-web)",
     )
-    p.add_argument(
-        "--pull",
-        metavar="URL",
-        help="also fetch new head CT studies from this DICOMweb server (QIDO-RS, WADO-RS); "
-        "results go where --forward says, e.g. the same URL",
-    )
-    p.add_argument(
-        "--pull-every",
-        type=float,
-        default=serve.DEFAULT_PULL_SECONDS,
-        help="seconds between two polls of --pull (default %(default)g)",
-    )
-    p.add_argument(
-        "--pull-page",
-        type=int,
-        default=100,
-        help="studies or instances per QIDO-RS request (default %(default)s)",
-    )
-    p.add_argument(
-        "--pull-since",
-        metavar="YYYYMMDD",
-        help="first start: pull studies dated from then on (default today; later starts go on "
-        "from the mark the record keeps)",
-    )
-    p.add_argument(
-        "--no-listen",
-        action="store_true",
-        help="with --pull: open no DICOM port (a site without a DIMSE route)",
-    )
+    _add_pull(p)
     p.add_argument("--top-k", type=int, default=3, help="Grad-CAM captures per study (default 3)")
     p.add_argument(
         "--allow-chance",
@@ -817,9 +918,44 @@ def _serve_parser(command: Command) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _add_pull(p: argparse.ArgumentParser) -> None:
+    """serve's DICOMweb pull mode."""
+    from brainmets import serve
+
+    p.add_argument(
+        "--pull",
+        metavar="URL",
+        help="also fetch new head CT studies from this DICOMweb server (QIDO-RS, WADO-RS); "
+        "results go where --forward says, e.g. the same URL",
+    )
+    p.add_argument(
+        "--pull-every",
+        type=float,
+        default=serve.DEFAULT_PULL_SECONDS,
+        help="seconds between two polls of --pull (default %(default)g)",
+    )
+    p.add_argument(
+        "--pull-page",
+        type=int,
+        default=100,
+        help="studies or instances per QIDO-RS request (default %(default)s)",
+    )
+    p.add_argument(
+        "--pull-since",
+        metavar="YYYYMMDD",
+        help="first start: pull studies dated from then on (default today; later starts go on "
+        "from the mark the record keeps)",
+    )
+    p.add_argument(
+        "--no-listen",
+        action="store_true",
+        help="with --pull: open no DICOM port (a site without a DIMSE route)",
+    )
+
+
 def _export_parser(command: Command) -> None:
     p = command("export", help="the slice network as ONNX + JSON sidecar (onnxruntime, Triton)")
-    p.add_argument("run", type=Path, help="a run folder written by train")
+    p.add_argument("run", type=Path, help="a run folder written by train, or an ensemble")
     p.add_argument("--out", type=Path, help="export folder (default RUN/export)")
     p.add_argument(
         "--triton",
@@ -855,7 +991,7 @@ def _export_parser(command: Command) -> None:
 
 def _report_parser(command: Command) -> None:
     p = command("report", help="(re)write RUN/report.html")
-    p.add_argument("run", type=Path, help="a run folder written by train")
+    p.add_argument("run", type=Path, help="a run folder written by train, or an ensemble")
     p.set_defaults(func=cmd_report)
 
 
@@ -879,6 +1015,12 @@ def _demo_parser(command: Command) -> None:
         "--full", action="store_true", help="the full specified configuration even without a GPU"
     )
     p.add_argument("--seed", type=int, default=0, help="cohort and training seed (default 0)")
+    p.add_argument(
+        "--folds",
+        type=int,
+        metavar="K",
+        help="train K fold runs and their ensemble instead of one run (K times the training)",
+    )
     p.set_defaults(func=cmd_demo)
 
 
@@ -888,6 +1030,7 @@ SUBCOMMANDS = (
     _index_parser,
     _prepare_parser,
     _train_parser,
+    _ensemble_parser,
     _evaluate_parser,
     _predict_parser,
     _serve_parser,
@@ -981,12 +1124,17 @@ def _resume_hint(args) -> str:
     if args.func is cmd_prepare:
         return " (run the same command again: patients already prepared are kept)"
     if args.func is cmd_predict:
-        if not Path(f"{args.out}.partial").is_file():
+        from brainmets.predict import Shard
+
+        table = Shard(args.num_shards, args.shard_id).table(args.out)
+        if not Path(f"{table}.partial").is_file():
             return ""  # stopped before any patient was done: nothing to resume
-        return f" (the patients done are in {args.out}.partial; add --resume to the same command)"
+        return f" (the patients done are in {table}.partial; add --resume to the same command)"
     run_dir = getattr(args, "run_dir", None)
     if args.func is cmd_train and run_dir is not None:
-        if (rundir.resume_state(Path(run_dir))).is_file():
+        from brainmets.train.folds import is_cross_validation
+
+        if rundir.resume_state(Path(run_dir)).is_file() or is_cross_validation(Path(run_dir)):
             return f" (go on with: brainmets train --resume {run_dir})"
         return f" before the first checkpoint; {run_dir} holds no state to resume"
     return ""

@@ -94,8 +94,14 @@ class DataConfig(_Section):
     val_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="validation share of patients without a manifest split"
     )
-    folds: int = Field(1, ge=1, description="k-fold cross-validation when > 1")
-    fold: int = Field(0, ge=0, description="the validation fold when folds > 1")
+    folds: int = Field(
+        1,
+        ge=1,
+        description="k-fold cross-validation when > 1: stratified, seeded folds over every "
+        "patient whose manifest split is not test (train and val are pooled); "
+        "train --folds K trains all K and their ensemble",
+    )
+    fold: int = Field(0, ge=0, description="this run's validation fold when folds > 1")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes")
     device_cache: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -260,6 +266,12 @@ class TrainConfig(_Section):
         "0 = off, keeping mean 0 / variance 1)",
     )
     confidence: ConfidenceLoss = Field(default_factory=ConfidenceLoss)
+    ema_epochs: float = Field(
+        0.0,
+        ge=0,
+        description="> 0: validate, select and save an exponential moving average of the "
+        "weights over about this many epochs (train/ema.py) instead of the weights; 0 = off",
+    )
     device: str = Field(
         "auto", description="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)"
     )

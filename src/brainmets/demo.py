@@ -1,6 +1,8 @@
 """``brainmets demo``: the whole workflow on the built-in synthetic cohort, in one command.
 
 synth -> index -> prepare -> train -> evaluate (held-out test patients) -> predict -> report.
+``--folds K`` trains K fold runs over the non-test patients instead of one run, and goes on
+with their ensemble (``brainmets.train.cross_validation``).
 
 With a GPU the demo runs the specified configuration (ResNet-50, 256^2, 40 epochs). Without
 one it runs the ``cpu-small`` preset of :mod:`brainmets.config` (``brainmets config --preset
@@ -65,6 +67,7 @@ def run_demo(
     device: str = "auto",
     full: bool = False,
     seed: int = 0,
+    folds: int | None = None,
 ) -> dict:
     from brainmets.backends import BackendSpec
     from brainmets.data.labels import read_labels
@@ -73,6 +76,7 @@ def run_demo(
     from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
     from brainmets.evaluate.evaluation import evaluate_run
     from brainmets.predict import predict
+    from brainmets.train.cross_validation import train_folds
     from brainmets.train.trainer import train
 
     started = time.perf_counter()
@@ -104,13 +108,17 @@ def run_demo(
         )
 
     cfg.data.cache = str(cache)
-    run = out / "runs" / cfg.name
+    run = out / "runs" / (cfg.name if not folds else f"{cfg.name}-{folds}-folds")
     if run.exists():
         # The demo's own run folder from an earlier `brainmets demo --out` here: the cohort and
         # cache above were reused (same bytes), the training starts afresh.
         print(f"replacing the earlier demo run in {run}")
         shutil.rmtree(run)
-    train(cfg, run)
+    if folds:
+        cfg.data.folds = folds
+        print(train_folds(cfg, run).ensemble.text)
+    else:
+        train(cfg, run)
 
     test_dirs = index.series[
         index.series["chosen"]
@@ -139,7 +147,12 @@ def run_demo(
         )
     print(f"  cohort       {out / 'cohort'}   (DICOM + labels_split.csv)")
     print(f"  cache        {cache}")
-    print(f"  run          {run}   (model.safetensors, metrics.csv, tensorboard/)")
+    what = (
+        "fold-*/ (one run each), ensemble.json, oof_predictions.csv"
+        if folds
+        else "model.safetensors, metrics.csv, tensorboard/"
+    )
+    print(f"  run          {run}   ({what})")
     print(f"  evaluation   {summary.out_dir}")
     print(f"  predictions  {out / 'predictions.csv'} ({predictions.predicted} patients)")
     print(f"  report       {report}")

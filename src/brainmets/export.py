@@ -40,6 +40,10 @@ import torch
 from torch import Tensor, nn
 
 from brainmets import rundir
+from brainmets.backends.ensemble import EXPORT_FORMAT as ENSEMBLE_EXPORT_FORMAT
+from brainmets.backends.ensemble import EXPORT_FORMAT_VERSION as ENSEMBLE_EXPORT_FORMAT_VERSION
+from brainmets.backends.ensemble import export_digest as ensemble_export_digest
+from brainmets.backends.ensemble import is_ensemble, load_members, read_ensemble
 from brainmets.backends.exported import FORMAT, FORMAT_VERSION, INPUT, OUTPUT, export_digest
 from brainmets.backends.onnx_runtime import session_from_bytes
 from brainmets.inference import model_path
@@ -100,6 +104,11 @@ def export_run(
         raise ValueError(f"quantize={quantize!r} is not supported; choose one of {QUANTIZATIONS}")
     if triton is not None:
         _check_triton_args(name, max_batch, triton_backend)
+    if is_ensemble(run):
+        return export_ensemble(
+            run, out, triton=triton, name=name, max_batch=max_batch,
+            triton_backend=triton_backend, quantize=quantize, opset=opset,
+        )  # fmt: skip
     onnx = require_package("onnx", "export")
     weights = model_path(run)
     model, meta = load_checkpoint(weights, map_location="cpu")
@@ -109,14 +118,14 @@ def export_run(
             f"second network output); exportable: {EXPORTABLE_POOLING}"
         )
     size = int(meta["preprocess"]["size"])
-    proto = _onnx_model(model, size, opset)
+    proto = _onnx_model(_SliceLogits(model), size, opset)
     proto.metadata_props.add(key="brainmets.model_id", value=meta["model_id"])
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()
     if quantize == "int8":
         data = _quantize_int8(data)
         onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
-    max_abs_diff = _probe_difference(model, data, size)
+    max_abs_diff = _probe_difference(_SliceLogits(model), data, size)
     if quantize == "none" and not max_abs_diff <= 1e-3:
         raise RuntimeError(
             f"the ONNX graph of {weights} does not compute what the network does: slice "
@@ -134,8 +143,9 @@ def export_run(
     return ExportResult(onnx_path, sidecar_path, repo_model, max_abs_diff)
 
 
-def _onnx_model(model: BrainMetsNet, size: int, opset: int):
-    """The slice network as an ONNX ModelProto with a free batch axis (torch.export based)."""
+def _onnx_model(network: nn.Module, size: int, opset: int):
+    """A slice network (slices [B, 1, S, S] -> logits [B] or [B, members]) as an ONNX
+    ModelProto with a free batch axis (torch.export based)."""
     # The exporter's own dependency: name it, not its traceback.
     require_package("onnxscript", "export")
     # The exporter's graph passes and optimiser log each step at INFO: noise in a command's
@@ -145,7 +155,7 @@ def _onnx_model(model: BrainMetsNet, size: int, opset: int):
     # Batch 2 as the example: a batch of 1 is a size torch.export may specialise on.
     example = torch.zeros(2, 1, size, size)
     program = torch.onnx.export(
-        _SliceLogits(model).eval(),
+        network.eval(),
         (example,),
         input_names=[INPUT],
         output_names=[OUTPUT],
@@ -168,7 +178,7 @@ def _quantize_int8(data: bytes) -> bytes:
         return int8.read_bytes()
 
 
-def _probe_difference(model: BrainMetsNet, data: bytes, size: int) -> float:
+def _probe_difference(network: nn.Module, data: bytes, size: int) -> float:
     """Largest |ONNX - PyTorch| slice logit on a few brain-like probe slices (a smooth blob
     with noise, z-scored): the export checks its graph before writing it."""
     generator = torch.Generator().manual_seed(0)
@@ -177,7 +187,7 @@ def _probe_difference(model: BrainMetsNet, data: bytes, size: int) -> float:
     probes = head + 0.1 * torch.rand(3, 1, size, size, generator=generator)
     probes = (probes - probes.mean(dim=(2, 3), keepdim=True)) / probes.std(dim=(2, 3), keepdim=True)
     with torch.inference_mode():
-        expected = model.slice_outputs(probes)[0].numpy()
+        expected = network.eval()(probes).numpy()
     session = session_from_bytes(data)
     got = session.run([OUTPUT], {INPUT: probes.numpy()})[0]
     return float(np.max(np.abs(got.astype(np.float64) - expected)))
@@ -246,6 +256,114 @@ def _write_export(folder: Path, data: bytes, sidecar: dict[str, Any]) -> tuple[P
     return onnx_path, sidecar_path
 
 
+# --------------------------------------------------------------------------- ensembles
+
+
+class _MemberSliceLogits(nn.Module):
+    """Every member's slice logit: normalised slices [B, 1, S, S] -> [B, members]. The members'
+    pooling and their average stay outside the graph, as one run's pooling does."""
+
+    def __init__(self, members: list[BrainMetsNet]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([member.slice_outputs(x)[0] for member in self.members], dim=1)
+
+
+def export_ensemble(
+    folder: str | Path,
+    out: str | Path | None = None,
+    *,
+    triton: str | Path | None = None,
+    name: str = "brainmets",
+    max_batch: int = DEFAULT_MAX_BATCH,
+    triton_backend: str = "onnxruntime",
+    quantize: str = "none",
+    opset: int = OPSET,
+) -> ExportResult:
+    """An ensemble as one ONNX graph holding every member (``docs/benchmarks.md``, Ensembles:
+    one graph against a graph per member), beside its sidecar, in ``out`` (default
+    ``FOLDER/export``) and, with ``triton``, in a Triton model repository."""
+    onnx = require_package("onnx", "export")
+    folder = Path(folder)
+    meta = read_ensemble(folder)
+    members = load_members(folder, meta)
+    for member, record in zip(members, meta["members"], strict=True):
+        if member.pooling not in EXPORTABLE_POOLING:
+            raise ValueError(
+                f"{folder / record['run']}: pooling {member.pooling!r} cannot be exported; "
+                f"exportable: {EXPORTABLE_POOLING}"
+            )
+    size = int(meta["preprocess"]["size"])
+    network = _MemberSliceLogits(members)
+    proto = _onnx_model(network, size, opset)
+    proto.metadata_props.add(key="brainmets.model_id", value=meta["model_id"])
+    onnx.checker.check_model(proto, full_check=True)
+    data = proto.SerializeToString()
+    if quantize == "int8":
+        data = _quantize_int8(data)
+        onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+    max_abs_diff = _probe_difference(network, data, size)
+    if quantize == "none" and not max_abs_diff <= 1e-3:
+        raise RuntimeError(
+            f"the ONNX graph of {folder} does not compute what its members do: slice logits "
+            f"differ by up to {max_abs_diff:.3g} on probe slices"
+        )
+    sidecar = _ensemble_sidecar(meta, members, data, quantize, opset, max_abs_diff)
+    out = Path(out) if out is not None else folder / rundir.EXPORT
+    onnx_path, sidecar_path = _write_export(out, data, sidecar)
+    repo_model = None
+    if triton is not None:
+        repo_model = write_triton_model(
+            Path(triton) / name, data, sidecar, max_batch=max_batch, backend=triton_backend
+        )
+    return ExportResult(onnx_path, sidecar_path, repo_model, max_abs_diff)
+
+
+def _ensemble_sidecar(
+    meta: dict[str, Any],
+    members: list[BrainMetsNet],
+    data: bytes,
+    quantize: str,
+    opset: int,
+    max_abs_diff: float,
+) -> dict[str, Any]:
+    size = int(meta["preprocess"]["size"])
+    count = len(members)
+    sidecar = {
+        "format": ENSEMBLE_EXPORT_FORMAT,
+        "format_version": ENSEMBLE_EXPORT_FORMAT_VERSION,
+        "model_id": meta["model_id"] + ("" if quantize == "none" else f"-{quantize}"),
+        **{k: meta[k] for k in ("members", "combine", "preprocess", "threshold", "calibration")},
+        "normalization": meta.get("normalization", "zscore"),
+        "ranking": meta.get("ranking"),
+        "poolings": [{"method": m.pooling, "lse_temperature": m.lse_temperature} for m in members],
+        "onnx": {
+            "file": rundir.EXPORT_ONNX,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "opset": opset,
+            "quantization": quantize,
+            "input": {"name": INPUT, "shape": [-1, 1, size, size], "dtype": "float32"},
+            "output": {"name": OUTPUT, "shape": [-1, count], "dtype": "float32"},
+            "max_abs_diff_vs_pytorch": max_abs_diff,
+        },
+        "scoring": {
+            "input": "as for a run's export (uint8 / 255, then the input normalisation)",
+            "member_logit": f"column m of {OUTPUT}, pooled over the patient's slices with "
+            "member m's pooling (poolings[m])",
+            "patient_logit": "mean of the member logits"
+            if meta["combine"] == "mean_logit"
+            else "logit of the mean of sigmoid(member logit)",
+            "decision": "positive when sigmoid(patient_logit) >= threshold",
+            "probability": "sigmoid(calibration.slope * patient_logit + calibration.intercept)",
+        },
+        "versions": rundir.versions("onnx", "onnxscript", "onnxruntime"),
+    }
+    sidecar["digest"] = ensemble_export_digest(sidecar)
+    return sidecar
+
+
 # --------------------------------------------------------------------------- Triton
 
 #: Triton backends a repository can be written for: ``onnxruntime`` (Triton's ONNX Runtime
@@ -266,7 +384,10 @@ def write_triton_model(
     """``folder`` (REPO/NAME) as a model of a Triton repository: ``config.pbtxt`` and the
     version folder ``1``, which is an export folder too (``predict --onnx REPO/NAME/1``)."""
     size = int(sidecar["preprocess"]["size"])
-    config = triton_config(folder.name, size, max_batch, sidecar["model_id"], backend=backend)
+    members = len(sidecar["members"]) if "members" in sidecar else None  # an ensemble's
+    config = triton_config(
+        folder.name, size, max_batch, sidecar["model_id"], backend=backend, members=members
+    )
     _write_export(folder / "1", data, sidecar)
     if backend == "python":
         atomic_write_text(folder / "1" / "model.py", _TRITON_PYTHON_MODEL.read_text())
@@ -278,17 +399,25 @@ def write_triton_model(
 
 
 def triton_config(
-    name: str, size: int, max_batch: int, model_id: str = "", *, backend: str = "onnxruntime"
+    name: str,
+    size: int,
+    max_batch: int,
+    model_id: str = "",
+    *,
+    backend: str = "onnxruntime",
+    members: int | None = None,
 ) -> str:
     """``config.pbtxt`` of the slice network for Triton's ``backend`` (``TRITON_BACKENDS``).
 
     With ``max_batch_size`` > 0 Triton adds the batch axis itself: ``dims`` leave it out, and
     the ONNX output of shape ``[batch]`` is declared as ``[1]`` reshaped to ``[]``, as Triton
-    asks of tensors that are only a batch axis (clients see ``[batch, 1]``). Dynamic batching
+    asks of tensors that are only a batch axis (clients see ``[batch, 1]``); an ensemble's
+    ``[batch, members]`` is ``[members]``. Dynamic batching
     merges the requests of several clients (a request is one patient's slices, at most
     ``max_batch_size`` of them). The Python backend's model runs onnxruntime on the CPU.
     """
     _check_triton_args(name, max_batch, backend)
+    output = f"dims: [ {members} ]" if members else "dims: [ 1 ]\n    reshape: { shape: [ ] }"
     preferred = sorted({max(1, max_batch // 4), max(1, max_batch // 2), max_batch})
     tag = f"  # brainmets model {model_id}" if model_id else ""
     runs_on = (
@@ -310,8 +439,7 @@ output [
   {{
     name: "{OUTPUT}"
     data_type: TYPE_FP32
-    dims: [ 1 ]
-    reshape: {{ shape: [ ] }}
+    {output}
   }}
 ]
 dynamic_batching {{

@@ -37,7 +37,16 @@ class _SliceLogits(nn.Module):
 
 
 def grad_cam(model: BrainMetsNet, slices: Tensor) -> np.ndarray:
-    """Grad-CAM maps [S, H, W] in [0, 1] for normalised slices [S, 1, H, W]."""
+    """Grad-CAM maps [S, H, W] in [0, 1] for normalised slices [S, 1, H, W].
+
+    An ensemble (``brainmets.model.ensemble.EnsembleNetwork``) gets its members' maps averaged:
+    its score is the average of theirs, so its evidence is the average of their evidence; a
+    region every member looks at stays at full strength, one only a single member sees
+    shows at 1/K of it (the top member's map alone would show one K-th of the decision as all
+    of it)."""
+    members = getattr(model, "members", None)
+    if members is not None:
+        return np.mean([grad_cam(member, slices) for member in members], axis=0)
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
@@ -92,11 +101,13 @@ def write_heatmaps(
     images = torch.from_numpy(np.ascontiguousarray(array[order])).to(trained.device)
     cams = grad_cam(trained.model, trained.scorer.network_inputs(images))
     paths = []
+    # An ensemble's slice logit is its members' mean, and its patient score their mean score.
+    ensemble = getattr(trained.model, "members", None) is not None
     for rank, (slice_index, cam) in enumerate(zip(order, cams, strict=True), start=1):
         path = out_dir / f"{patient_stem(patient_id)}_rank{rank}_slice{int(slice_index)}.png"
         logit = float(slice_logits[slice_index])
-        title = f"{patient_id}  slice {int(slice_index)}  logit {logit:.2f}"
-        if rank == 1:  # the max slice logit is the patient's score; p is calibrated for that only
+        title = f"{patient_id}  slice {int(slice_index)}  {'mean ' * ensemble}logit {logit:.2f}"
+        if rank == 1 and not ensemble:  # the max slice logit is the score; p is calibrated for it
             title += f" = patient score, p={float(trained.probability(logit)):.2f}"
         if not np.any(cam > 0):  # an all-zero map is a finding, not a rendering fault
             title += "  (Grad-CAM flat: no positive evidence)"
@@ -113,13 +124,16 @@ def write_heatmaps(
     return paths
 
 
-def update_heatmap_index(heat_dir: Path, rows: list[dict]) -> None:
+def update_heatmap_index(
+    heat_dir: Path, rows: list[dict], name: str = rundir.HEATMAP_INDEX
+) -> None:
     """Add this call's heatmaps to the folder's index (a folder may collect several calls).
 
     A patient predicted again replaces its earlier heatmaps: their rows go, and so do their
     PNGs that this call did not write over, so the report shows one study per patient.
+    ``name``: the index file (a predict shard keeps its own until the shards are merged).
     """
-    path = heat_dir / rundir.HEATMAP_INDEX
+    path = heat_dir / name
     table = pd.DataFrame(rows, columns=HEATMAP_COLUMNS)
     if path.is_file():
         old = pd.read_csv(path, dtype={"patient_id": str, "file": str})

@@ -4,11 +4,19 @@ and secondary captures, as ``serve`` sends them) on request.
 
 Decoding runs in a process pool; scoring batches whole patients on the device. A patient that
 cannot be read gets a row with its error and the others go on.
+
+A large archive is scored by many workers at once: ``--num-shards N --shard-id K`` scores the
+patients whose id hashes to shard K (the same share whatever the order or the set of inputs
+each worker lists) into its own table ``OUT-shardK-ofN.csv`` (resumable on its own), and the
+worker that completes the set merges the N tables into ``OUT``. Shard tables rather than one
+shared table: N writers of one file on a cluster's shared file system would need a lock that
+waits, and a stopped worker would hold up all the others.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import tempfile
@@ -38,7 +46,7 @@ from brainmets.dicom_results import write_dicom_results
 from brainmets.dicomweb import post_results
 from brainmets.heatmaps import update_heatmap_index, write_heatmaps
 from brainmets.inference import TrainedModel, batch_by_slices
-from brainmets.io import atomic_write_csv, exclusive_lock
+from brainmets.io import InUseError, atomic_write_csv, exclusive_lock
 from brainmets.model.scoring import PatientScore
 from brainmets.ranking import RankingVerdict
 
@@ -66,6 +74,7 @@ PREDICTION_COLUMNS = [
 class PredictResult:
     table: pd.DataFrame
     kept: int = 0  # rows of an earlier run kept by --resume (counted in ``predicted``)
+    merged: Path | None = None  # the table the shards were merged into, by this call
 
     @property
     def failed(self) -> int:
@@ -169,8 +178,10 @@ class PredictionsTable:
         out_csv: str | Path,
         heatmaps_dir: str | Path | None = None,
         save_every_s: float = 60.0,
+        heatmap_index: str = rundir.HEATMAP_INDEX,
     ) -> None:
         self.path = Path(out_csv)
+        self.heatmap_index = heatmap_index
         # Saves before the end go to a side file: a stopped rerun must not replace a complete
         # table written earlier to the same --out.
         self.partial = self.path.with_name(self.path.name + ".partial")
@@ -237,7 +248,7 @@ class PredictionsTable:
         table = _prediction_table(self.rows)
         atomic_write_csv(path, table)
         if self.heat_dir and self.heat_rows:
-            update_heatmap_index(self.heat_dir, self.heat_rows)
+            update_heatmap_index(self.heat_dir, self.heat_rows, self.heatmap_index)
         return table
 
 
@@ -322,8 +333,12 @@ def predict(
     progress: bool = True,
     resume: bool = False,
     save_every_s: float = 60.0,
+    num_shards: int = 1,
+    shard_id: int = 0,
 ) -> PredictResult:
     """Predict every patient found in ``inputs``; write ``out_csv`` (atomically) and heatmaps.
+    With ``num_shards`` > 1, only shard ``shard_id``'s patients, into its shard table; the
+    call that finds every shard table finished merges them into ``out_csv``.
 
     ``backend`` says how to score (default PyTorch on the best device; see
     ``brainmets.backends``). Patients are scored together once ``batch_slices`` slices are
@@ -332,7 +347,10 @@ def predict(
     the patients ``out_csv`` already holds without an error and predicts the others. A second
     process writing the same ``out_csv`` is refused (:class:`PredictionsTable`). DICOM results
     go to ``dicom_out``, and are posted to ``stow_url`` (STOW-RS) when given."""
-    table = PredictionsTable(out_csv, heatmaps_dir, save_every_s)
+    shard = Shard(num_shards, shard_id)
+    table = PredictionsTable(
+        shard.table(out_csv), heatmaps_dir, save_every_s, shard.table(rundir.HEATMAP_INDEX)
+    )
     with table.owned():
         # Grad-CAM comes from the run's PyTorch weights: heatmaps and DICOM captures need them.
         wants_maps = heatmaps_dir is not None or dicom_out is not None or stow_url is not None
@@ -349,10 +367,12 @@ def predict(
         )  # fmt: skip
         # Rows of inputs that failed before any scoring are made afresh and all kept: one may
         # be a second study of a patient done earlier, reported as such.
-        jobs = [job for job in jobs if job.patient_id not in done]
+        jobs = [job for job in jobs if job.patient_id not in done and shard.has(job.patient_id)]
         for cache_root in caches:  # a cache the model cannot read fails now, before any work
-            trained.check_cache(PatientCache(cache_root))
-        table.rows += failed
+            cache = PatientCache(cache_root)
+            trained.check_cache(cache)
+            done = done | {p for p in cache.patient_ids if not shard.has(p)}  # not scored here
+        table.rows += [row for row in failed if shard.has(row["patient_id"])]
         workers = workers if workers is not None else max(min(len(jobs), cores), 1)
         stream = _PatientStream(trained, jobs, caches, done, table, workers, progress)
         finished = False
@@ -369,7 +389,87 @@ def predict(
         finally:
             stream.bar.close()
             frame = table.close(finished)
-        return PredictResult(frame, kept=table.kept)
+    merged = shard.merge(out_csv, heatmaps_dir) if finished and shard.count > 1 else None
+    return PredictResult(frame, kept=table.kept, merged=merged)
+
+
+# --------------------------------------------------------------------------- shards
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count``: the patients whose id hashes to it, and its tables."""
+
+    count: int = 1
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(
+                f"--shard-id {self.index} must be in [0, --num-shards {self.count}), and "
+                "--num-shards at least 1"
+            )
+
+    def has(self, patient_id: str) -> bool:
+        """By a hash of the id, so that every worker takes the same share of an archive."""
+        if self.count == 1:
+            return True
+        digest = hashlib.sha256(str(patient_id).encode()).digest()
+        return int.from_bytes(digest[:8], "big") % self.count == self.index
+
+    def table(self, path: str | Path, index: int | None = None) -> Path:
+        """``OUT-shardK-ofN.csv`` beside ``OUT`` (``OUT`` itself without sharding)."""
+        path = Path(path)
+        if self.count == 1:
+            return path
+        k = self.index if index is None else index
+        return path.with_name(f"{path.stem}-shard{k}-of{self.count}{path.suffix}")
+
+    def merge(self, out_csv: str | Path, heatmaps_dir: str | Path | None) -> Path | None:
+        """Every shard's table into ``out_csv`` once all are finished (None until then, or
+        while another worker merges)."""
+        out_csv = Path(out_csv)
+        tables = [self.table(out_csv, k) for k in range(self.count)]
+        waiting = [k for k, t in enumerate(tables) if not t.is_file()]
+        waiting += [k for k, t in enumerate(tables) if t.with_name(t.name + ".partial").is_file()]
+        if waiting:
+            log.info("shards %s of %d not finished yet: the last one to finish merges them into "
+                     "%s", sorted(set(waiting)), self.count, out_csv)  # fmt: skip
+            return None
+        try:
+            with exclusive_lock(out_csv.with_name(f".{out_csv.name}.lock"), f"{out_csv}"):
+                _check_out(out_csv, out_csv.with_name(out_csv.name + ".partial"), False)
+                rows = [_read_table(t) for t in tables]
+                merged = pd.concat(rows, ignore_index=True)
+                twice = merged["patient_id"][merged["patient_id"].duplicated()]
+                models = sorted(set(merged.loc[merged["error"] == "", "model"]))
+                if len(twice) or len(models) > 1:
+                    raise ValueError(
+                        f"the shard tables of {out_csv} do not make one table ("
+                        + (f"patients in two shards: {sorted(set(twice))[:5]}" if len(twice)
+                           else f"models {models}")
+                        + "): give every shard the same run and inputs"
+                    )  # fmt: skip
+                atomic_write_csv(out_csv, _prediction_table(merged.to_dict("records")))
+                if heatmaps_dir is not None:
+                    _merge_heatmap_indexes(Path(heatmaps_dir), self)
+        except InUseError:
+            return None  # another worker finished at the same time and merges
+        return out_csv
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    text = ("patient_id", "series_uid", "source", "model", "error")
+    table = pd.read_csv(path, dtype=dict.fromkeys(text, str))
+    table[list(text)] = table[list(text)].fillna("")
+    return table
+
+
+def _merge_heatmap_indexes(heat_dir: Path, shard: Shard) -> None:
+    parts = [shard.table(heat_dir / rundir.HEATMAP_INDEX, k) for k in range(shard.count)]
+    rows = [pd.read_csv(p, dtype={"patient_id": str, "file": str}) for p in parts if p.is_file()]
+    if rows:
+        update_heatmap_index(heat_dir, pd.concat(rows).to_dict("records"))
 
 
 def _outputs(

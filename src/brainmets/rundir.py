@@ -16,6 +16,14 @@ A run folder is self-contained for inference and review::
     RUN/heatmaps/              Grad-CAM PNGs + heatmaps.csv (``predict --heatmaps``)
     RUN/report.html            the self-contained report
     RUN/export/                model.onnx + brainmets.json (``brainmets export``)
+    RUN/folds.csv              patient_id, label, fold: a fold run's cross-validation folds
+
+A cross-validation folder holds its fold runs and, once combined, their ensemble::
+
+    CV/fold-0/ ... fold-K-1/   ordinary run folders (``train --folds K [--fold k]``)
+    CV/ensemble.json           members, combination, OOF threshold, calibration, verdict
+    CV/oof_predictions.csv     every fold's validation patients, scored by their fold's model
+    CV/folds.csv, evaluation/, export/, report.html   as in a run folder
 
 Every module names these files through here, so a file renamed is renamed once.
 """
@@ -50,9 +58,13 @@ HEATMAP_INDEX = "heatmaps.csv"
 REPORT = "report.html"
 PREDICTIONS = "predictions.csv"
 LOCK = ".lock"
+FOLDS = "folds.csv"
+ENSEMBLE = "ensemble.json"
+OOF_PREDICTIONS = "oof_predictions.csv"
 
-RUN_FILES = (LOG, CONFIG, METRICS, MODEL_SIDECAR, EVALUATION)
-"""Any one of these makes a folder a run (a run that could not start still has its log)."""
+RUN_FILES = (LOG, CONFIG, METRICS, MODEL_SIDECAR, EVALUATION, ENSEMBLE)
+"""Any one of these makes a folder a run or an ensemble (a run that could not start still has
+its log)."""
 
 
 def resume_state(run: Path) -> Path:

@@ -9,6 +9,9 @@ that ``predict``, ``evaluate`` and ``serve`` score with alike:
 - ``triton``: the same export served by a Triton Inference Server
   (:mod:`brainmets.backends.triton`).
 
+RUN may also be an ensemble of fold runs (``brainmets ensemble``), or its export: it loads on
+all three backends alike (:mod:`brainmets.backends.ensemble`).
+
 Every backend gives the scorer slice logits; normalisation, the pooling over a patient's slices,
 the threshold and the calibration stay in brainmets (``brainmets.model.scoring``), the same
 code for all three.
@@ -54,6 +57,10 @@ def load_backend(
     """The run's model on ``spec``'s backend (default: PyTorch on the best device).
     ``grad_cam``: an export-based backend also loads the run's PyTorch weights, for heatmaps."""
     spec = spec or BackendSpec()
+    from brainmets.backends.ensemble import is_ensemble, load_ensemble
+
+    if is_ensemble(run):
+        return load_ensemble(run, spec, grad_cam=grad_cam)
     if spec.name == "torch":
         return load_trained(run, spec.device, compile=spec.compile)
     if spec.name == "onnxruntime":

@@ -93,13 +93,13 @@ def check_graph(path: Path, sidecar: dict[str, Any]) -> None:
         )
 
 
-def check_signature(session, path: Path | str, size: int) -> None:
+def check_signature(session, path: Path | str, size: int, members: int | None = None) -> None:
     """Refuse an ONNX model that is not a slice network for ``size`` x ``size`` slices: one
-    float input ``slices`` [batch, 1, size, size] and one float output ``slice_logit`` [batch],
-    the batch axis free."""
+    float input ``slices`` [batch, 1, size, size] and one float output ``slice_logit`` [batch]
+    (an ensemble's: [batch, members]), the batch axis free."""
     problems = []
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    expected_in, expected_out = [1, size, size], []
+    expected_in, expected_out = [1, size, size], [members] if members else []
     for kind, args, name, rest in (
         ("input", inputs, INPUT, expected_in),
         ("output", outputs, OUTPUT, expected_out),
@@ -122,7 +122,7 @@ def check_signature(session, path: Path | str, size: int) -> None:
         raise ValueError(
             f"{path}: not the slice network of this export ({'; '.join(problems)}); expected "
             f"input {INPUT!r} float32 [batch, 1, {size}, {size}] and output {OUTPUT!r} float32 "
-            "[batch]"
+            + (f"[batch, {members}]" if members else "[batch]")
         )
 
 

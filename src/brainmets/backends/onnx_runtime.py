@@ -34,7 +34,7 @@ def load_exported(
     """
     path, sidecar, model = export_of(run, onnx, grad_cam)
     session = open_session(
-        path, providers=_providers(device), threads=threads, optimization=optimization
+        path, providers=execution_providers(device), threads=threads, optimization=optimization
     )
     check_signature(session, path, int(sidecar["preprocess"]["size"]))
     pooling = sidecar["pooling"]
@@ -77,7 +77,8 @@ def session_from_bytes(data: bytes):
     return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
 
 
-def _providers(device: str) -> list:
+def execution_providers(device: str) -> list:
+    """onnxruntime's execution providers for ``--device``."""
     ort = require_package("onnxruntime", "the onnxruntime backend")
     available = ort.get_available_providers()
     if device in ("auto", "cpu"):

@@ -7,7 +7,7 @@ the server in chunks no larger than the model's ``max_batch_size``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,18 +37,32 @@ def load_triton(
     """Score through a Triton Inference Server serving the run's export as ``model_name``
     (``brainmets export --triton``)."""
     _, sidecar, model = export_of(run, onnx, grad_cam)
-    network = TritonSliceNetwork(url, model_name, sidecar)
+    pooling = sidecar["pooling"]
+    size = int(sidecar["preprocess"]["size"])
+    network = TritonSliceNetwork(
+        url, model_name, size, pooling["method"], float(pooling["lse_temperature"])
+    )
     # A request larger than the model's max_batch_size is refused by the server.
     return exported_model(network, sidecar, model, min(chunk or 32, network.max_batch))
 
 
 class TritonSliceNetwork(OnnxSliceNetwork):
-    """The slice network on a Triton server (gRPC): one request per chunk of slices."""
+    """The slice network on a Triton server (gRPC): one request per chunk of slices.
+    ``members``: an ensemble's graph, whose output holds one slice logit per member."""
 
-    def __init__(self, url: str, model_name: str, sidecar: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        url: str,
+        model_name: str,
+        size: int,
+        pooling: str = "max",
+        lse_temperature: float = 1.0,
+        *,
+        members: int | None = None,
+    ) -> None:
         grpc = require_package("tritonclient.grpc", "the triton backend", extra="triton")
-        pooling = sidecar["pooling"]
-        super().__init__(None, pooling["method"], float(pooling["lse_temperature"]))
+        super().__init__(None, pooling, lse_temperature)
+        self.members = members
         self._grpc = grpc
         self.client = grpc.InferenceServerClient(url)
         self.model_name = model_name
@@ -58,8 +72,7 @@ class TritonSliceNetwork(OnnxSliceNetwork):
             config = self.client.get_model_config(model_name).config
         except Exception as error:  # InferenceServerException: unreachable, no such model
             raise ValueError(f"{where}: {error}") from error
-        signature = _TritonSignature(metadata, config)
-        check_signature(signature, where, int(sidecar["preprocess"]["size"]))
+        check_signature(_TritonSignature(metadata, config), where, size, members)
         if config.max_batch_size < 1:
             raise ValueError(f"{where}: max_batch_size {config.max_batch_size}, no batching")
         self.max_batch = int(config.max_batch_size)
@@ -70,8 +83,8 @@ class TritonSliceNetwork(OnnxSliceNetwork):
         given.set_data_from_numpy(slices)
         wanted = [self._grpc.InferRequestedOutput(OUTPUT)]
         result = self.client.infer(self.model_name, [given], outputs=wanted)
-        logits = result.as_numpy(OUTPUT).reshape(-1).astype(np.float32)
-        return torch.from_numpy(logits), None
+        logits = result.as_numpy(OUTPUT).reshape(len(slices), -1).astype(np.float32)
+        return torch.from_numpy(logits if self.members else logits[:, 0]), None
 
 
 class _TritonSignature:

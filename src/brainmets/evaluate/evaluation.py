@@ -95,9 +95,13 @@ def _training_overlap(run: Path, evaluated: pd.Series) -> dict[str, int] | None:
     """How many evaluated patients the run trained or validated on (then it is no hold-out);
     None when the run has no splits.csv to tell."""
     path = run / rundir.SPLITS
-    if not path.is_file():
+    if not path.is_file() and (run / rundir.FOLDS).is_file():  # an ensemble: its folds
+        folds = pd.read_csv(run / rundir.FOLDS, dtype={"patient_id": str})
+        splits = folds.assign(split="train")  # each trained K-1 members and validated one
+    elif not path.is_file():
         return None
-    splits = pd.read_csv(path, dtype=str, keep_default_na=False)
+    else:
+        splits = pd.read_csv(path, dtype=str, keep_default_na=False)
     seen = splits[splits["patient_id"].isin(set(evaluated))]
     counts = {k: int(v) for k, v in seen["split"].value_counts().items() if k in ("train", "val")}
     if counts:
@@ -161,6 +165,8 @@ def evaluate_run(
     overlap = _training_overlap(run, predictions["patient_id"])
     val_labels = val_plain = None
     val_path = run / rundir.VAL_PREDICTIONS
+    if not val_path.is_file():  # an ensemble chooses on its out-of-fold predictions
+        val_path = run / rundir.OOF_PREDICTIONS
     if val_path.is_file():
         val = pd.read_csv(val_path, dtype={"patient_id": str})
         # Its probability is on the reported scale; the sigmoid comes back from the logit

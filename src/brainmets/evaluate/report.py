@@ -31,6 +31,7 @@ import pandas as pd
 import yaml
 
 from brainmets import rundir
+from brainmets.evaluate.cross_validation import cross_validation_section
 from brainmets.evaluate.plots import EVALUATION_PLOTS, plot_learning_curves
 from brainmets.io import atomic_write_text
 from brainmets.metrics import COUNT_NAMES, METRIC_NAMES
@@ -415,8 +416,11 @@ def _heatmap_section(run_dir: Path) -> str:
 
 def _verdict_box(run_dir: Path) -> str:
     """A warning above everything when the run's model does not rank its validation patients
-    (model.json's verdict); nothing for a model that does, or a run from before the verdict."""
+    (model.json's verdict, or an ensemble's out-of-fold one); nothing for a model that does,
+    or a run from before the verdict."""
     path = run_dir / rundir.MODEL_SIDECAR
+    if not path.is_file():
+        path = run_dir / rundir.ENSEMBLE
     data, _ = _read_metrics(path)
     verdict = RankingVerdict.from_sidecar(data or {})
     if verdict is None or verdict.ranks:
@@ -447,6 +451,7 @@ _LABEL_WORDS = {1: "metastasis", 0: "no metastasis"}
 # --- the page -------------------------------------------------------------------------------
 
 _SECTIONS = (
+    ("cross_validation", "Cross-validation"),
     ("metrics", "Evaluation metrics"),
     ("plots", "Evaluation plots"),
     ("curves", "Learning curves"),
@@ -477,17 +482,21 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     out = Path(out) if out is not None else run_dir / rundir.REPORT
     config_text, config, problem = _read_config(run_dir)
     verdict = _verdict_box(run_dir)
+    cross_validation = cross_validation_section(run_dir)  # an ensemble's folds, else None
     bodies = {
+        "cross_validation": cross_validation,
         "metrics": _metrics_section(run_dir),
         "plots": _plots_section(run_dir),
-        "curves": _learning_section(run_dir, _stage_epochs(config)),
+        "curves": _learning_section(run_dir, _stage_epochs(config))
+        if cross_validation is None
+        else '<p class="meta">Each fold\'s curves: see Cross-validation.</p>',
         "heatmaps": _heatmap_section(run_dir),
         "config": _config_section(run_dir, config_text, problem),
     }
-    nav = "".join(f'<a href="#{key}">{_esc(title)}</a>' for key, title in _SECTIONS)
+    shown = [(key, title) for key, title in _SECTIONS if bodies[key] is not None]
+    nav = "".join(f'<a href="#{key}">{_esc(title)}</a>' for key, title in shown)
     sections = "".join(
-        f'<section id="{key}"><h2>{_esc(title)}</h2>{bodies[key]}</section>'
-        for key, title in _SECTIONS
+        f'<section id="{key}"><h2>{_esc(title)}</h2>{bodies[key]}</section>' for key, title in shown
     )
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = (

@@ -6,6 +6,10 @@ and the probability calibration. The model id is the first 12 hex digits of a SH
 of these, so a sidecar given another threshold is another model, never the old id with new
 decisions. It is recorded when a sidecar is written, and every loader recomputes it: a sidecar
 whose content no longer gives its recorded id was edited after it was written, and is refused.
+
+An ensemble's id is a digest of its members' ids, the average that combines them, its
+threshold and its calibration (:func:`ensemble_id`), recorded in ``ensemble.json`` and checked
+in the same way.
 """
 
 from __future__ import annotations
@@ -56,5 +60,39 @@ def checked_model_id(meta: dict[str, Any], path: str | Path) -> str:
             f"{path}: edited after it was written: it records model {recorded}, but its weights "
             f"checksum, threshold, calibration, preprocessing and architecture give model "
             f"{computed}; restore the file, or train (or export) again"
+        )
+    return computed
+
+
+def ensemble_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """What decides an ensemble's calls: its members (their ids bind their weights,
+    preprocessing and pooling), the average that combines them, the threshold on it and the
+    calibration of it."""
+    threshold = meta.get("threshold")
+    return {
+        "members": [str(m["model_id"]) for m in meta.get("members", [])],
+        "combine": meta.get("combine"),
+        "preprocess": meta.get("preprocess"),
+        "normalization": meta.get("normalization", "zscore"),
+        "threshold": None if threshold is None else float(threshold),
+        "calibration": Calibration.from_sidecar(meta).to_json(),
+    }
+
+
+def ensemble_id(meta: dict[str, Any]) -> str:
+    """The model id of an ensemble's ``ensemble.json`` content (its own namespace: the digest
+    is over other fields than a run's, so it never equals a member's)."""
+    return digest({"ensemble": ensemble_fields(meta)})[:12]
+
+
+def checked_ensemble_id(meta: dict[str, Any], path: str | Path) -> str:
+    """As :func:`checked_model_id`, for an ensemble."""
+    computed = ensemble_id(meta)
+    recorded = meta.get("model_id")
+    if recorded != computed:
+        raise ValueError(
+            f"{path}: edited after it was written: it records model {recorded}, but its members, "
+            f"combination, threshold, calibration and preprocessing give model {computed}; "
+            "restore the file, or combine the folds again (brainmets ensemble)"
         )
     return computed

@@ -65,6 +65,8 @@ from brainmets.train.curriculum import (
     trainable_blocks,
 )
 from brainmets.train.distributed import gather_with_grad, init_distributed
+from brainmets.train.ema import WeightAverage
+from brainmets.train.folds import fold_assignment, fold_splits, write_assignment
 from brainmets.train.health import (
     OperatingThreshold,
     ValidationScores,
@@ -258,6 +260,7 @@ class Trainer:
             log.warning(leak)
 
         self._build_data()
+        self.ema = self._weight_average()
 
         self.state = TrainState()
         self.stage: int | None = None
@@ -370,6 +373,16 @@ class Trainer:
         if resume and path.is_file():
             table = pd.read_csv(path, dtype={"patient_id": str, "split": str})
             splits = {s: table.loc[table["split"] == s, "patient_id"].tolist() for s in SPLITS}
+        elif self.cfg.data.folds > 1:
+            # Cross-validation: the folds of every non-test patient, recorded in the run so
+            # that the ensemble can check its members agree on them.
+            index, data = self.cache.index, self.cfg.data
+            assignment = fold_assignment(index, data.folds, self.cfg.seed)
+            splits = fold_splits(index, assignment, data.fold)
+            if self.dist.is_main:
+                write_assignment(self.run_dir / rundir.FOLDS, assignment)
+                rows = [(p, s) for s, ids in splits.items() for p in ids]
+                atomic_write_csv(path, pd.DataFrame(rows, columns=["patient_id", "split"]))
         else:
             index = self.cache.index
             splits = split_patients(
@@ -377,8 +390,6 @@ class Trainer:
                 index["label"].to_numpy(),
                 val_fraction=self.cfg.data.val_fraction,
                 seed=self.cfg.seed,
-                folds=self.cfg.data.folds,
-                fold=self.cfg.data.fold,
                 given_split=index["split"].tolist() if "split" in index else None,
             )
             if self.dist.is_main:
@@ -499,6 +510,8 @@ class Trainer:
         loss.backward()
         self._schedule_learning_rate()
         found_inf = clip_and_step(self.optimizer, self.cfg.train.grad_clip)
+        if self.ema is not None:
+            self.ema.update(self.model)
         return loss.detach(), found_inf
 
     def _schedule_learning_rate(self) -> None:
@@ -531,8 +544,10 @@ class Trainer:
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self) -> tuple[dict[str, float], pd.DataFrame]:
-        """Patient-level validation over all ranks; every rank returns the same numbers."""
-        self.model.eval()
+        """Patient-level validation over all ranks; every rank returns the same numbers. With
+        ``train.ema_epochs``, of the weight average: the weights the run selects and saves."""
+        model = self.scored_model()
+        model.eval()
         logits, labels, ids = [], [], []
         if len(self.val_set):
             size = self.cfg.train.batch_patients
@@ -552,7 +567,7 @@ class Trainer:
             for batch in bar:
                 batch = batch.to(self.device, non_blocking=True)
                 with self._autocast():
-                    out = self.model(
+                    out = model(
                         self._inputs(batch, train=False), batch.patient_index, batch.num_patients
                     )
                 logits.append(out.patient_logits.float().cpu())
@@ -662,6 +677,17 @@ class Trainer:
             return "val_loss"
         return metric
 
+    def _weight_average(self) -> WeightAverage | None:
+        """``train.ema_epochs`` > 0: a moving average of the weights (``train/ema.py``)."""
+        horizon = self.cfg.train.ema_epochs
+        if horizon <= 0:
+            return None
+        return WeightAverage(self.model, horizon, self.sampler.num_batches())
+
+    def scored_model(self) -> torch.nn.Module:
+        """The weights validation scores and the run saves: the average, or the weights."""
+        return self.model if self.ema is None else self.ema.module
+
     def _lr_of(self, block: str) -> float:
         for group in self.optimizer.param_groups:
             if group["name"].startswith(block + "/"):
@@ -731,7 +757,7 @@ class Trainer:
             "calibration": scale.calibration.to_json(),
             "ranking": scale.ranking.to_json(),
         }
-        save_checkpoint(self.model, self.run_dir / rundir.MODEL, sidecar)
+        save_checkpoint(self.scored_model(), self.run_dir / rundir.MODEL, sidecar)
         atomic_write_csv(self.run_dir / rundir.VAL_PREDICTIONS, scale.reported(predictions))
 
     def _save_last(self) -> None:
@@ -754,6 +780,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "config_hash": self.cfg.config_hash(),
             "norm_snapshot": self._norm_snapshot,
+            "ema": None if self.ema is None else self.ema.state_dict(),
         }
         save_resume_state(self.state_path, payload)
 
@@ -767,6 +794,12 @@ class Trainer:
             saved = json.loads(last.with_suffix(".json").read_text())
             self.pretrained_weights = saved.get("pretrained_weights")
         self.model.load_state_dict(payload["model"])
+        if self.ema is not None:
+            if payload.get("ema") is not None:
+                self.ema.load_state_dict(payload["ema"])
+            else:  # a state saved without an average: it starts from the resumed weights
+                log.warning("resuming without a saved weight average: it starts afresh")
+                self.ema = self._weight_average()
         self._norm_snapshot = payload.get("norm_snapshot")  # states saved before it: None
         self.enter_stage(payload["stage"], restoring=True)
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -794,6 +827,7 @@ class Trainer:
             )  # fmt: skip
         if self.state.global_step == 0 and self.state.epoch == 0:
             self._calibrate_batchnorm()
+            self.ema = self._weight_average()  # of the calibrated statistics
         for epoch in self._epochs():
             stage = stage_for_epoch(epoch, cfg.stage_epochs)
             if stage != self.stage:
