@@ -70,6 +70,8 @@ def cmd_synth(args) -> int:
         lesions["lesion_diameter_mm"] = tuple(args.lesion_mm)
     if "lesion_hu" in args:
         lesions["lesion_hu"] = tuple(args.lesion_hu)
+    if "confounder" in args:
+        lesions["confounder"] = args.confounder
     from pydantic import ValidationError
 
     try:
@@ -100,7 +102,7 @@ def cmd_synth(args) -> int:
         )
     print(
         f"wrote {cfg.num_patients} patients: DICOM under {Path(args.out) / 'dicom'}, "
-        f"labels {labels}{splits}"
+        f"labels {labels}{splits}, lesion truth {Path(args.out) / 'lesions.csv'}"
     )
     return 0
 
@@ -282,9 +284,84 @@ def cmd_evaluate(args) -> int:
         device=args.device,
         progress=not args.quiet,
         compile=args.compile,
+        **_evaluate_truth_args(args),
     )
     print(summary.text)
     return 0
+
+
+# --- evaluate's lesion truth and subgroup options, and `compare` ----------------------------
+
+
+def _evaluate_truth_args(args) -> dict:
+    return {
+        "lesions": args.lesions,
+        "top_k": args.top_k,
+        "margin_mm": args.pointing_margin_mm,
+        "series_index": args.index,
+    }
+
+
+def _add_evaluate_truth_options(p: argparse.ArgumentParser) -> None:
+    from brainmets.evaluate.localisation import DEFAULT_MARGIN_MM, DEFAULT_TOP_K
+
+    p.add_argument(
+        "--lesions",
+        type=Path,
+        help="lesion truth CSV (centres in mm or on an image, or masks; docs/evaluation.md): "
+        "adds top-slice hit rate, Grad-CAM pointing game and lesion-level detection",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        help="lesion-level detection: a slice through the lesion among the patient's top K "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--pointing-margin-mm",
+        type=float,
+        default=DEFAULT_MARGIN_MM,
+        help="pointing game: the Grad-CAM peak may lie this far beyond the lesion radius "
+        "(default %(default)g mm)",
+    )
+    p.add_argument(
+        "--index",
+        type=Path,
+        help="output folder of `brainmets index`: manufacturer, kernel and slice thickness of "
+        "each series for the subgroups (default: read from the source DICOM headers)",
+    )
+
+
+def cmd_compare(args) -> int:
+    from brainmets.evaluate.compare import compare_runs
+
+    summary = compare_runs(
+        args.run_a,
+        args.run_b,
+        args.data,
+        split=args.split,
+        out_dir=args.out,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(summary.text)
+    return 0
+
+
+def _add_compare_parser(command) -> None:
+    p = command(
+        "compare",
+        help="two runs on the same patients: DeLong's test of the AUC difference, McNemar's of "
+        "the decisions, both ROC curves",
+    )
+    p.add_argument("run_a", type=Path, help="run A (the reference)")
+    p.add_argument("run_b", type=Path, help="run B (differences are B - A)")
+    p.add_argument("--data", type=Path, required=True, help="prepared cache both runs score")
+    p.add_argument("--split", default=None, help="only patients of this split (e.g. test)")
+    p.add_argument("--out", type=Path, help="default ./compare_A_vs_B")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_compare)
 
 
 def cmd_predict(args) -> int:
@@ -471,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metastasis enhancement range in HU (default 45-90; the demo: 75 90)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0,
                    help="the same seed writes the same bytes (default 0)")  # fmt: skip
+    p.add_argument("--confounder", choices=("none", "marker"), default=argparse.SUPPRESS,
+                   help="marker: a burned-in square in the corner of every positive's images, "
+                        "a shortcut unrelated to the lesion (default none)")  # fmt: skip
     p.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                    default=[0.6, 0.2, 0.2],
                    help="shares of labels.csv's split column, stratified by label and seeded "
@@ -561,7 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile the scoring forward (faster for many patients on a GPU)",
     )
+    _add_evaluate_truth_options(p)
     p.set_defaults(func=cmd_evaluate)
+
+    _add_compare_parser(command)
 
     p = command("predict", help="score new studies: DICOM folders, NIfTI files or a cache")
     p.add_argument("run", type=Path, help="a run folder written by train")
