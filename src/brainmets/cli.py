@@ -303,7 +303,7 @@ def _evaluate_truth_args(args) -> dict:
 
 
 def _add_evaluate_truth_options(p: argparse.ArgumentParser) -> None:
-    from brainmets.evaluate.localisation import DEFAULT_MARGIN_MM, DEFAULT_TOP_K
+    from brainmets.evaluate import DEFAULT_MARGIN_MM, DEFAULT_TOP_K
 
     p.add_argument(
         "--lesions",

@@ -15,6 +15,7 @@ from brainmets.data.cache import PatientCache
 from brainmets.data.labels import read_labels
 from brainmets.data.lesions import (
     LesionTruthError,
+    SeriesFiles,
     SourceGeometry,
     mask_lesions,
     place_lesion,
@@ -40,7 +41,7 @@ def cohort(tmp_path_factory):
     preprocess = PreprocessConfig(size=SIZE, min_slices=8)
     prepare_cache(read_labels(labels), root / "cache", preprocess, series_index=index,
                   workers=1, progress=False)  # fmt: skip
-    return root, PatientCache(root / "cache"), rendered
+    return root, PatientCache(root / "cache"), rendered, index
 
 
 def _source_pixel(row: float, column: float, source: int) -> tuple[float, float]:
@@ -50,7 +51,7 @@ def _source_pixel(row: float, column: float, source: int) -> tuple[float, float]
 
 
 def test_synth_writes_every_lesion_it_rendered(cohort):
-    root, _, rendered = cohort
+    root, _, rendered, _ = cohort
     table = pd.read_csv(root / "lesions.csv", dtype={"patient_id": str})
     expected = [(pid, les.centre_mm, les.diameter_mm)
                 for pid, patient in sorted(rendered.items()) for les in patient.lesions]  # fmt: skip
@@ -68,7 +69,7 @@ def test_lesions_land_where_the_generator_put_them(cohort):
     columns along +x, rows along +y), through acquisitions written in both directions; the
     slabs that cut it include every slice the generator drew it on; the source pixel there is
     lesion tissue."""
-    root, cache, rendered = cohort
+    root, cache, rendered, _ = cohort
     placed = place_lesions(read_lesion_truth(root / "lesions.csv"), cache, cache.patient_ids)
     assert placed.unplaced == []
     assert len(placed.lesions) == sum(len(p.lesions) for p in rendered.values())
@@ -88,9 +89,20 @@ def test_lesions_land_where_the_generator_put_them(cohort):
         assert tissue in (Tissue.LESION, Tissue.NECROSIS, Tissue.MIXED)
 
 
+def test_the_series_index_finds_the_files_without_walking_a_folder(cohort):
+    root, cache, _, index = cohort
+    walked = place_lesions(read_lesion_truth(root / "lesions.csv"), cache, cache.patient_ids)
+    files = SeriesFiles(index.files)
+    indexed = place_lesions(
+        read_lesion_truth(root / "lesions.csv"), cache, cache.patient_ids, files
+    )
+    assert indexed.lesions == walked.lesions
+    assert files._walked == {}  # every series found in the index, no folder walked
+
+
 def test_an_image_position_places_a_lesion_like_its_millimetres(cohort, tmp_path):
     """The same centre given as SOPInstanceUID + row/column of the slice nearest to it."""
-    root, cache, rendered = cohort
+    root, cache, rendered, _ = cohort
     pid = next(p for p, patient in sorted(rendered.items()) if patient.positive)
     lesion = rendered[pid].lesions[0]
     x, y, z = lesion.centre_mm
@@ -129,7 +141,7 @@ def _assert_mask_finds(found, patient):
 def test_a_nifti_mask_gives_one_lesion_per_component(cohort, tmp_path):
     import nibabel as nib
 
-    _, _, rendered = cohort
+    _, _, rendered, _ = cohort
     patient = next(p for _, p in sorted(rendered.items()) if len(p.lesions) > 1)
     spacing, (ox, oy) = patient.pixel_spacing_mm[0], patient.origin_mm
     step = float(np.diff(patient.positions_mm)[0])
@@ -144,7 +156,7 @@ def test_a_nifti_mask_gives_one_lesion_per_component(cohort, tmp_path):
 def test_a_dicom_seg_mask_gives_one_lesion_per_component(cohort, tmp_path):
     import highdicom as hd
 
-    root, _, rendered = cohort
+    root, _, rendered, _ = cohort
     pid, patient = next((pid, p) for pid, p in sorted(rendered.items()) if len(p.lesions) > 1)
     images = [pydicom.dcmread(p) for p in (root / "dicom" / pid).rglob("*") if p.is_file()]
     images = sorted((ds for ds in images if "LOCALIZER" not in ds.ImageType),
@@ -182,7 +194,7 @@ def test_a_dicom_seg_mask_gives_one_lesion_per_component(cohort, tmp_path):
 
 
 def test_a_lesion_that_cannot_be_placed_is_recorded_and_the_others_are_not_lost(cohort, tmp_path):
-    root, cache, rendered = cohort
+    root, cache, rendered, _ = cohort
     pid = next(p for p, patient in sorted(rendered.items()) if patient.positive)
     x, y, z = rendered[pid].lesions[0].centre_mm
     csv = tmp_path / "mixed.csv"
@@ -202,7 +214,7 @@ def test_a_lesion_that_cannot_be_placed_is_recorded_and_the_others_are_not_lost(
 
 
 def test_a_lesion_of_a_patient_whose_source_is_gone_is_recorded(cohort, tmp_path):
-    root, cache, rendered = cohort
+    root, cache, rendered, _ = cohort
     pid = next(p for p, patient in sorted(rendered.items()) if patient.positive)
     moved = tmp_path / "cache"
     import shutil
@@ -314,6 +326,33 @@ def test_a_missing_file_names_itself(tmp_path):
 def test_prepared_positions_are_what_the_placement_uses(cohort):
     """The cache's slab positions are the source's slice positions here (5 mm slices, 5 mm
     slabs): the slabs that cut a lesion are counted on the cache's own grid."""
-    _, cache, rendered = cohort
+    _, cache, rendered, _ = cohort
     for pid, patient in rendered.items():
         assert cache.positions(pid) == pytest.approx(patient.positions_mm)
+
+
+def test_a_confounded_cohort_adds_a_marker_to_positives_and_changes_nothing_else(tmp_path):
+    from brainmets.data.dicom import load_series
+    from brainmets.data.synthetic import MARKER_HU, patient_rng, render_patient
+
+    plain = SynthConfig(num_patients=2, positive_fraction=0.5, matrix=64, slices=(10, 10), seed=2)
+    confounded = plain.model_copy(update={"confounder": "marker"})
+    for positive in (True, False):
+        a = render_patient(patient_rng(plain, 0), plain, positive=positive)
+        b = render_patient(patient_rng(confounded, 0), confounded, positive=positive)
+        marker = np.zeros(a.hu.shape[1:], bool) if b.burned_in is None else b.burned_in
+        assert marker.any() == positive
+        assert np.array_equal(a.hu[:, ~marker], b.hu[:, ~marker])  # the same anatomy and lesions
+        assert (b.hu[:, marker] == MARKER_HU).all() and not (b.fov_mask & marker).any()
+        assert a.lesions == b.lesions
+    labels = write_synthetic_cohort(tmp_path, confounded, progress=False)
+    label_of = dict(pd.read_csv(labels, dtype={"patient_id": str})[["patient_id", "label"]].values)
+    for pid, label in label_of.items():
+        files = [str(p) for p in (tmp_path / "dicom" / pid).rglob("*") if p.is_file()]
+        axial = [
+            f
+            for f in files
+            if "LOCALIZER" not in pydicom.dcmread(f, stop_before_pixels=True).ImageType
+        ]
+        corner = load_series(axial).hu[:, 3, 3]  # inside the marker, outside the field of view
+        assert (corner == (MARKER_HU if label else -1024.0)).all(), pid

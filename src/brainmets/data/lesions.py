@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,25 +208,46 @@ class SourceGeometry:
         return float(d @ self.col_dir) / self.spacing[0], float(d @ self.row_dir) / self.spacing[1]
 
 
-def iter_series_headers(
-    source: str | os.PathLike[str], series_uid: str
-) -> Iterator[tuple[str, object]]:
-    """(path, header) of the files of one series under ``source`` (a file or a folder, walked
-    in name order), read without pixel data."""
-    source = Path(source)
-    paths = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
-    for path in paths:
-        ds = read_header(path)
-        if ds is not None and str(ds.get("SeriesInstanceUID", "")) == series_uid:
-            yield str(path), ds
+class SeriesFiles:
+    """Where the files of a cached patient's series are.
+
+    From a series index's file table (``brainmets index``; no header is read) when one is
+    given and its paths are there; else found under the source folder the cache names, whose
+    headers are read once per folder (patients that share a folder, as in a flat archive,
+    cost one walk, not one each).
+    """
+
+    def __init__(self, index_files: pd.DataFrame | None = None):
+        self._indexed: dict[str, list[str]] = {}
+        if index_files is not None:
+            for uid, paths in index_files.groupby("series_uid", sort=False)["path"]:
+                self._indexed[str(uid)] = paths.astype(str).tolist()
+        self._walked: dict[str, dict[str, list[str]]] = {}
+
+    def of(self, source: str, series_uid: str) -> list[str]:
+        """The files of ``series_uid``; [] when none is found."""
+        indexed = self._indexed.get(series_uid)
+        if indexed and all(os.path.isfile(path) for path in indexed):
+            return indexed
+        if source not in self._walked:
+            root = Path(source)
+            paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+            found: dict[str, list[str]] = {}
+            for path in paths:
+                ds = read_header(path)
+                if ds is not None:
+                    found.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(str(path))
+            self._walked[source] = found
+        return self._walked[source].get(series_uid, [])
 
 
-def dicom_geometry(source: str | os.PathLike[str], series_uid: str) -> SourceGeometry:
-    """The geometry of one DICOM series from its headers (single- or multi-frame)."""
+def dicom_geometry(files: list[str]) -> SourceGeometry:
+    """The geometry of one DICOM series from its files' headers (single- or multi-frame)."""
     slices = []  # (position, origin, sop or "")
     first = None
-    for path, ds in iter_series_headers(source, series_uid):
-        if "Rows" not in ds:
+    for path in files:
+        ds = read_header(path)
+        if ds is None or "Rows" not in ds:
             continue
         frames = range(number_of_frames(ds)) if is_multiframe(ds) else [None]
         for frame in frames:
@@ -246,7 +266,7 @@ def dicom_geometry(source: str | os.PathLike[str], series_uid: str) -> SourceGeo
             sop = "" if frame is not None else str(ds.get("SOPInstanceUID", ""))
             slices.append((float(origin @ first[1]), origin, sop))
     if first is None:
-        raise FileNotFoundError(f"{source}: no image of series {series_uid} found there")
+        raise FileNotFoundError("no image of the series among its files")
     slices.sort(key=lambda s: s[0])
     iop, normal, spacing, shape = first
     return SourceGeometry(
@@ -406,7 +426,9 @@ def place_lesion(
     )
 
 
-def source_geometry(cache: PatientCache, patient_id: str) -> SourceGeometry:
+def source_geometry(
+    cache: PatientCache, patient_id: str, series_files: SeriesFiles | None = None
+) -> SourceGeometry:
     """The geometry of the series ``patient_id``'s cache entry was prepared from."""
     row = cache.row(patient_id)
     source, kind = str(row.get("source", "")), str(row.get("source_kind", ""))
@@ -418,7 +440,11 @@ def source_geometry(cache: PatientCache, patient_id: str) -> SourceGeometry:
         )
     if kind == "nifti":
         return nifti_geometry(source)
-    return dicom_geometry(source, str(row["series_uid"]))
+    uid = str(row["series_uid"])
+    files = (series_files or SeriesFiles()).of(source, uid)
+    if not files:
+        raise FileNotFoundError(f"no file of series {uid} under {source}")
+    return dicom_geometry(files)
 
 
 @dataclass
@@ -448,10 +474,15 @@ def _row_lesions(row: LesionRow, geometry: SourceGeometry) -> list[tuple[np.ndar
 
 
 def place_lesions(
-    rows: list[LesionRow], cache: PatientCache, patient_ids: list[str]
+    rows: list[LesionRow],
+    cache: PatientCache,
+    patient_ids: list[str],
+    series_files: SeriesFiles | None = None,
 ) -> PlacedLesions:
     """The truth of ``patient_ids`` on the cache; a lesion that cannot be placed (its source
-    gone, outside the scanned range, an unknown image) is recorded with the reason."""
+    gone, outside the scanned range, an unknown image) is recorded with the reason.
+    ``series_files`` finds each series' files (by default under the cache's source)."""
+    series_files = series_files or SeriesFiles()
     wanted = set(patient_ids)
     by_patient: dict[str, list[LesionRow]] = {}
     for row in rows:
@@ -465,7 +496,7 @@ def place_lesions(
             positions = cache.positions(pid)
             if positions is None:
                 raise ValueError("the cache has no slab positions for it (prepare it again)")
-            geometry = source_geometry(cache, pid)
+            geometry = source_geometry(cache, pid, series_files)
         except (OSError, ValueError) as err:
             unplaced += [
                 {"patient_id": pid, "line": r.line, "reason": str(err)} for r in patient_rows

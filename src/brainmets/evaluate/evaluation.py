@@ -21,8 +21,10 @@ from scipy.special import expit
 from brainmets import rundir
 from brainmets.config import EvaluateConfig, load_config
 from brainmets.data.cache import PatientCache
-from brainmets.data.lesions import place_lesions, read_lesion_truth
-from brainmets.evaluate.localisation import DEFAULT_MARGIN_MM, DEFAULT_TOP_K, LOCALISATION_PNG
+from brainmets.data.lesions import SeriesFiles, place_lesions, read_lesion_truth
+from brainmets.data.series_index import read_index
+from brainmets.evaluate import DEFAULT_MARGIN_MM, DEFAULT_TOP_K
+from brainmets.evaluate.localisation import LOCALISATION_PNG
 from brainmets.evaluate.subgroups import MIN_PER_CLASS, format_subgroups
 from brainmets.inference import load_trained, score_cache
 from brainmets.io import atomic_write_csv, atomic_write_text
@@ -132,11 +134,13 @@ def localisation_lines(loc: dict | None) -> list[str]:
         f"{loc['slab_tolerance']} slab of a lesion",
     ]
     pointing = loc["pointing_game"]
-    cell = pointing.get("heatmap_cell_mm")
+    cell, ceiling = pointing.get("heatmap_cell_mm"), pointing.get("resolution_ceiling")
     lines.append(
         f"  pointing game      {_estimate(pointing)}  Wilson; peak within radius + "
-        f"{loc['margin_mm']:g} mm" + (f"; Grad-CAM cell {cell:.0f} mm" if cell else "")
-    )
+        f"{loc['margin_mm']:g} mm"
+        + (f"; Grad-CAM cell {cell:.0f} mm, best reachable {ceiling:.2f}" if cell and ceiling
+           is not None else "")
+    )  # fmt: skip
     detection = loc["lesion_detection"]
     lines.append(
         f"  lesion detection   {_estimate(detection)}  Wilson; a slab through it among the "
@@ -214,9 +218,11 @@ def _add_reviewer_measures(
     from brainmets.evaluate.subgroups import series_fields, subgroup_metrics
 
     ids = predictions["patient_id"].tolist()
+    index = read_index(options["series_index"]) if options["series_index"] else None
+    files = SeriesFiles(index.files if index is not None else None)  # shared: one walk a folder
     placed = None
     if truth is not None:
-        placed = place_lesions(truth, cache, ids)
+        placed = place_lesions(truth, cache, ids, files)
         result = localise(
             trained,
             cache,
@@ -231,7 +237,7 @@ def _add_reviewer_measures(
         shown = sorted(result.views, key=lambda v: (v.hit and v.pointing, -v.probability))
         plot_localisation(shown[:MAX_LOCALISATION_FIGURES], out / LOCALISATION_PNG,
                           options["margin_mm"])  # fmt: skip
-    fields = series_fields(cache, ids, options["series_index"])
+    fields = series_fields(cache, ids, index, files)
     metrics["subgroups"] = {
         "fields_from": "series index" if options["series_index"] else "source headers",
         "min_per_class": MIN_PER_CLASS,

@@ -28,25 +28,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-import torch
 
 from brainmets.data.cache import PatientCache
 from brainmets.data.lesions import CachedLesion, PlacedLesions
-from brainmets.heatmaps import grad_cam
+from brainmets.evaluate import DEFAULT_MARGIN_MM, DEFAULT_TOP_K
 from brainmets.metrics import wilson_interval
 
 LOCALISATION_PNG = "localisation.png"
 """The figure of ``evaluate --lesions``: the report shows it in its localisation section."""
 SLAB_TOLERANCE = 1
+NETWORK_STRIDE = 32
+"""Input pixels per cell of ResNet's layer4 map, the map Grad-CAM upsamples."""
 """A top slice this many slabs from a slab through a lesion still counts as on it."""
-DEFAULT_TOP_K = 3
-DEFAULT_MARGIN_MM = 15.0
-"""The pointing game's tolerance beyond the lesion radius: Zhang et al. allowed 15 pixels on
-224-pixel images, 6.7 % of the width, which is 15.4 mm of a 230 mm field of view."""
 DIAMETER_BANDS: tuple[tuple[str, float, float], ...] = (
     ("<10 mm", 0.0, 10.0),
     ("10-20 mm", 10.0, 20.0),
@@ -57,7 +54,7 @@ DIAMETER_BANDS: tuple[tuple[str, float, float], ...] = (
 
 PATIENT_COLUMNS = [
     "patient_id", "probability", "decision", "true_positive", "top_slice", "lesions", "hit",
-    "hit_chance", "cam_peak_row", "cam_peak_column", "pointing", "pointing_chance",
+    "hit_chance", "cam_peak_row", "cam_peak_column", "pointing", "pointing_chance", "pointing_ceiling",
     "peak_to_lesion_mm",
 ]  # fmt: skip
 """localisation_patients.csv: one row per positive patient with placed lesions; the hit and
@@ -147,33 +144,55 @@ def _cam_peak(cam: np.ndarray) -> tuple[int, int] | None:
     return int(row), int(column)
 
 
-def _pointing(
+class Pointing(NamedTuple):
+    """The pointing game on one true positive's top slice."""
+
+    hit: bool
+    chance: float
+    """Share of the head's pixels (non-air in the brain window) within reach of a lesion."""
+    ceiling: bool
+    """Whether a heatmap peaking at the best of its cells would hit: Grad-CAM's map is upsampled
+    from ResNet's layer4 grid (one cell per 32 input pixels), and a bilinear upsampling peaks on
+    a cell centre, so at low resolution even a perfect map may not reach a small lesion."""
+    distance_mm: float | None
+    """From the peak to the nearest eligible lesion centre."""
+
+
+def cell_centres(shape: tuple[int, int]) -> list[tuple[float, float]]:
+    """Pixel coordinates of the layer4 cell centres that Grad-CAM's upsampled map peaks on."""
+    rows, columns = (math.ceil(side / NETWORK_STRIDE) for side in shape)
+    return [((i + 0.5) * shape[0] / rows - 0.5, (j + 0.5) * shape[1] / columns - 0.5)
+            for i in range(rows) for j in range(columns)]  # fmt: skip
+
+
+def pointing_game(
     peak: tuple[int, int] | None,
     image: np.ndarray,
     top: int,
     lesions: list[CachedLesion],
     margin_mm: float,
-) -> tuple[bool, float, float | None]:
-    """(hit, chance, distance of the peak to the nearest eligible lesion centre in mm).
-
-    Eligible: lesions the top slice is within one slab of. Chance: the share of the head's
-    pixels on the top slice (non-air in the brain window) inside an eligible lesion's disc.
-    """
+) -> Pointing:
+    """Whether the heatmap ``peak`` on the ``top`` slice ``image`` lies within the radius plus
+    ``margin_mm`` of a lesion the top slice is within one slab of (see :class:`Pointing`)."""
     eligible = [les for les in lesions if slab_distance(top, les) <= SLAB_TOLERANCE]
     if not eligible:
-        return False, 0.0, None
+        return Pointing(False, 0.0, False, None)
     discs = np.zeros(image.shape, dtype=bool)
     for lesion in eligible:
         discs |= lesion_disc(lesion, image.shape, margin_mm)
     head = image > 0
     chance = float((discs & head).sum() / max(1, head.sum()))
-    if peak is None:
-        return False, chance, None
-    distances = [in_plane_mm(les, *peak) for les in eligible]
-    hit = any(
-        d <= les.diameter_mm / 2 + margin_mm for d, les in zip(distances, eligible, strict=True)
+    reach = [les.diameter_mm / 2 + margin_mm for les in eligible]
+    centres = cell_centres(image.shape)
+    ceiling = any(
+        min(in_plane_mm(les, *c) for c in centres) <= r
+        for les, r in zip(eligible, reach, strict=True)
     )
-    return hit, chance, min(distances)
+    if peak is None:
+        return Pointing(False, chance, ceiling, None)
+    distances = [in_plane_mm(les, *peak) for les in eligible]
+    hit = any(d <= r for d, r in zip(distances, reach, strict=True))
+    return Pointing(hit, chance, ceiling, min(distances))
 
 
 def _lesion_rows(
@@ -216,6 +235,10 @@ def _patient_row(pred, lesions: list[CachedLesion]) -> dict:
 
 
 def _grad_cams(trained, images: list[np.ndarray]) -> np.ndarray:
+    import torch
+
+    from brainmets.heatmaps import grad_cam
+
     if not images:
         return np.zeros((0, 0, 0), dtype=np.float32)
     stacked = torch.from_numpy(np.ascontiguousarray(np.stack(images))).to(trained.device)
@@ -258,16 +281,17 @@ def localise(
     for row, image, cam in zip(tp_rows, tp_images, cams, strict=True):
         lesions = placed.of(row["patient_id"])
         peak = _cam_peak(cam)
-        pointing, chance, distance = _pointing(peak, image, row["top_slice"], lesions, margin_mm)
+        game = pointing_game(peak, image, row["top_slice"], lesions, margin_mm)
         row.update(
             cam_peak_row=None if peak is None else peak[0],
             cam_peak_column=None if peak is None else peak[1],
-            pointing=pointing,
-            pointing_chance=chance,
-            peak_to_lesion_mm=distance,
+            pointing=game.hit,
+            pointing_chance=game.chance,
+            pointing_ceiling=game.ceiling,
+            peak_to_lesion_mm=game.distance_mm,
         )
         views.append(PatientView(row["patient_id"], row["probability"], row["top_slice"], image,
-                                 cam, peak, row["hit"], pointing, lesions))  # fmt: skip
+                                 cam, peak, row["hit"], game.hit, lesions))  # fmt: skip
     patients = pd.DataFrame(patient_rows, columns=PATIENT_COLUMNS)
     lesions_table = pd.DataFrame(lesion_rows, columns=LESION_COLUMNS)
     options = {"top_k": top_k, "margin_mm": margin_mm, "alpha": alpha}
@@ -295,10 +319,6 @@ def _detection(table: pd.DataFrame, alpha: float) -> dict[str, Any]:
     }
 
 
-# ResNet's layer4 map, which Grad-CAM upsamples, has one cell per 32 input pixels.
-_NETWORK_STRIDE = 32
-
-
 def _summary(
     patients: pd.DataFrame,
     lesions: pd.DataFrame,
@@ -316,7 +336,7 @@ def _summary(
         name: _detection(lesions[lesions["band"] == name], alpha) for name, _, _ in DIAMETER_BANDS
     }
     cell_mm = (
-        float(np.mean(placed.lesions[0].pixel_mm)) * _NETWORK_STRIDE if placed.lesions else None
+        float(np.mean(placed.lesions[0].pixel_mm)) * NETWORK_STRIDE if placed.lesions else None
     )
     return {
         **options,
@@ -332,6 +352,9 @@ def _summary(
         "pointing_game": {
             **_proportion(tp["pointing"].astype(bool), tp["pointing_chance"], alpha),
             "flat_heatmaps": int(tp["cam_peak_row"].isna().sum()),
+            "resolution_ceiling": float(tp["pointing_ceiling"].astype(bool).mean())
+            if len(tp)
+            else None,
             "heatmap_cell_mm": cell_mm,
         },
         "lesion_detection": detection,

@@ -411,6 +411,7 @@ def _localisation_section(run_dir: Path) -> str:
         f"<tr><td>{label}</td>{_estimate_cells(entry or {})}</tr>" for label, entry in rows
     )
     cell = (loc.get("pointing_game") or {}).get("heatmap_cell_mm")
+    ceiling = (loc.get("pointing_game") or {}).get("resolution_ceiling")
     notes = (
         f'<p class="meta">Lesion truth <code>{_esc(loc.get("lesions_file"))}</code>: '
         f"{_format(loc.get('lesions_placed'), 0)} lesions of "
@@ -420,7 +421,12 @@ def _localisation_section(run_dir: Path) -> str:
         f"{len(loc.get('positives_without_lesions') or [])} positives have no lesion truth. "
         "95% CIs: Wilson score (lesions of one patient counted as independent). Chance: what a "
         "slice (or a pixel of the head) drawn at random would score for the same patients."
-        + (f" A Grad-CAM cell spans {_format(cell, 0)} mm." if cell else "")
+        + (
+            f" A Grad-CAM cell spans {_format(cell, 0)} mm and a map peaks on a cell centre: a "
+            f"perfect map would score {_format(ceiling, 2)} in the pointing game here."
+            if cell and ceiling is not None
+            else ""
+        )
         + "</p>"
     )
     table = (

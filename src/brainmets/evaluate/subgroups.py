@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from brainmets.data.cache import PatientCache
-from brainmets.data.dicom import frame_value, is_multiframe
-from brainmets.data.lesions import PlacedLesions, iter_series_headers
-from brainmets.data.series_index import read_index
+from brainmets.data.dicom import frame_value, is_multiframe, read_header
+from brainmets.data.lesions import PlacedLesions, SeriesFiles
+from brainmets.data.series_index import SeriesIndex
 from brainmets.evaluate.localisation import DIAMETER_BANDS, diameter_band
 from brainmets.metrics import confidence_intervals, patient_metrics
 
@@ -46,13 +45,16 @@ def thickness_band(mm: float) -> str:
     return next(name for name, below in THICKNESS_BANDS if mm < below)
 
 
-def _header_fields(source: str, series_uid: str) -> dict[str, Any]:
-    """The series fields from its first header under ``source``; unknown when unreadable."""
+def _header_fields(source: str, series_uid: str, files: SeriesFiles) -> dict[str, Any]:
+    """The series fields from its first file's header; unknown when unreadable."""
     if not source or not series_uid or not os.path.exists(source):
         return {}
     try:
-        _, ds = next(iter_series_headers(source, series_uid))
-    except (StopIteration, OSError):
+        paths = files.of(source, series_uid)
+        ds = read_header(paths[0]) if paths else None
+    except OSError:
+        return {}
+    if ds is None:
         return {}
     # An Enhanced CT file keeps kernel and thickness in its first frame's functional groups.
     frame = 0 if is_multiframe(ds) else None
@@ -69,13 +71,18 @@ def _header_fields(source: str, series_uid: str) -> dict[str, Any]:
 
 
 def series_fields(
-    cache: PatientCache, patient_ids: list[str], index_dir: str | Path | None = None
+    cache: PatientCache,
+    patient_ids: list[str],
+    index: SeriesIndex | None = None,
+    files: SeriesFiles | None = None,
 ) -> pd.DataFrame:
-    """patient_id, manufacturer, kernel, slice_thickness_mm of each patient's cached series."""
+    """patient_id, manufacturer, kernel, slice_thickness_mm of each patient's cached series:
+    from the series ``index`` when given, else from the first header of the series."""
     rows = cache.index.set_index("patient_id").loc[patient_ids]
+    files = files or SeriesFiles()
     by_series: dict[str, dict] = {}
-    if index_dir is not None:
-        series = read_index(index_dir).series
+    if index is not None:
+        series = index.series
         by_series = {
             str(r["series_uid"]): {f: r[f] for f in SERIES_FIELDS}
             for r in series.to_dict("records")
@@ -83,9 +90,9 @@ def series_fields(
     out = []
     for pid, row in zip(patient_ids, rows.to_dict("records"), strict=True):
         uid = str(row.get("series_uid", "") or "")
-        fields = by_series.get(uid) if index_dir is not None else None
+        fields = by_series.get(uid)
         if fields is None and row.get("source_kind") in ("dicom", "dicom_dir"):
-            fields = _header_fields(str(row.get("source", "")), uid)
+            fields = _header_fields(str(row.get("source", "")), uid, files)
         out.append({"patient_id": pid, **{f: "" for f in SERIES_FIELDS[:2]},
                     "slice_thickness_mm": math.nan, **(fields or {})})  # fmt: skip
     table = pd.DataFrame(out)
