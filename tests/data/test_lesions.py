@@ -4,6 +4,7 @@ DICOM, checked against where the generator put them (its own geometry, not brain
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -356,3 +357,106 @@ def test_a_confounded_cohort_adds_a_marker_to_positives_and_changes_nothing_else
         ]
         corner = load_series(axial).hu[:, 3, 3]  # inside the marker, outside the field of view
         assert (corner == (MARKER_HU if label else -1024.0)).all(), pid
+
+
+# --------------------------------------------------------------------------------------------
+# Real scanner series (BRAINMETS_CORPUS): a tilted gantry, 1 mm slices as 5 mm slabs, NIfTI
+# --------------------------------------------------------------------------------------------
+
+CORPUS_SERIES = {
+    "GE": "dcm_qa_ct/In/GE",  # 512², gantry tilt 18.5°, uneven slice gaps
+    "PHILIPS1MM": "dcm_qa_ct/In/Philips/S21570/S2020",  # 140 slices of 1 mm -> 5 mm slabs
+    "PHILIPS5MM": "dcm_qa_ct/In/Philips/S21570/S2010",
+}
+
+
+@pytest.fixture(scope="module")
+def corpus_cache(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus_lesions")
+    labels = pd.DataFrame(
+        {"patient_id": list(CORPUS_SERIES), "label": 1,
+         "path": [str(corpus / folder) for folder in CORPUS_SERIES.values()]}
+    )  # fmt: skip
+    prepare_cache(labels, root / "cache", PreprocessConfig(size=64), workers=1, progress=False)
+    return root, PatientCache(root / "cache")
+
+
+def _image_slices(folder: Path) -> list[pydicom.Dataset]:
+    slices = []
+    for path in folder.iterdir():
+        if path.is_file() and path.name != "DIRFILE":
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            if "ImagePositionPatient" in ds and "LOCALIZER" not in ds.ImageType:
+                slices.append(ds)
+    return slices
+
+
+def _point_on(ds: pydicom.Dataset, row: float, column: float) -> np.ndarray:
+    """Patient coordinates of (row, column) on an image, from its headers as written."""
+    iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
+    spacing = [float(v) for v in ds.PixelSpacing]
+    origin = np.asarray(ds.ImagePositionPatient, dtype=float)
+    return origin + iop[:3] * column * spacing[1] + iop[3:] * row * spacing[0]
+
+
+@pytest.mark.parametrize("patient", ["GE", "PHILIPS1MM"])
+def test_a_pixel_of_a_real_series_lands_on_its_cache_pixel(corpus, corpus_cache, tmp_path, patient):
+    """A point given on one image (and the same point in mm, computed here with pydicom) maps to
+    that image's pixel scaled 512 -> 64, and to the slab that holds the image."""
+    root, cache = corpus_cache
+    slices = _image_slices(corpus / CORPUS_SERIES[patient])
+    ds = sorted(slices, key=lambda d: float(d.ImagePositionPatient[2]))[len(slices) // 2]
+    row, column = 201.0, 305.5
+    iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
+    point = _point_on(ds, row, column)
+    csv = tmp_path / "lesions.csv"
+    csv.write_text(
+        "patient_id,x_mm,y_mm,z_mm,sop_instance_uid,row,column,diameter_mm\n"
+        f"{patient},{float(point[0])!r},{float(point[1])!r},{float(point[2])!r},,,,6\n"
+        f"{patient},,,,{ds.SOPInstanceUID},{row},{column},6\n"
+    )
+    by_mm, by_image = place_lesions(read_lesion_truth(csv), cache, [patient]).lesions
+    scale = 64 / 512
+    # Within 1e-4 cache pixels: the headers' direction cosines are decimal strings, not exactly
+    # unit vectors (the point here is built from them as written).
+    for lesion in (by_mm, by_image):
+        assert lesion.row == pytest.approx((row + 0.5) * scale - 0.5, abs=1e-4)
+        assert lesion.column == pytest.approx((column + 0.5) * scale - 0.5, abs=1e-4)
+    normal = np.cross(iop[:3], iop[3:])
+    positions = cache.positions(patient)
+    holding = int(
+        np.argmin(np.abs(positions - float(np.asarray(ds.ImagePositionPatient, float) @ normal)))
+    )
+    assert holding in by_mm.slices and by_mm.slices == by_image.slices
+
+
+def test_a_nifti_source_places_a_lesion_where_its_dicom_does(corpus, corpus_cache, tmp_path):
+    """dcm2niix's NIfTI of the Philips 5 mm series, prepared as its own cache: a centre in mm
+    lands on the same cache pixel and slabs as through the DICOM files."""
+    import shutil
+    import subprocess
+    import sys
+
+    binary = shutil.which("dcm2niix") or str(Path(sys.executable).with_name("dcm2niix"))
+    if not Path(binary).exists():
+        pytest.skip("dcm2niix binary not found (pip install dcm2niix)")
+    _, dicom_cache = corpus_cache
+    folder = corpus / CORPUS_SERIES["PHILIPS5MM"]
+    subprocess.run([binary, "-z", "y", "-f", "%s", "-o", str(tmp_path), str(folder)],
+                   check=True, capture_output=True)  # fmt: skip
+    (nifti,) = tmp_path.glob("*.nii.gz")
+    labels = pd.DataFrame({"patient_id": ["PHILIPS5MM"], "label": [1], "path": [str(nifti)]})
+    prepare_cache(labels, tmp_path / "cache", PreprocessConfig(size=64), workers=1, progress=False)
+    nifti_cache = PatientCache(tmp_path / "cache")
+    csv = tmp_path / "lesions.csv"
+    slices = sorted(_image_slices(folder), key=lambda d: float(d.ImagePositionPatient[2]))
+    x, y, z = (float(v) for v in _point_on(slices[len(slices) // 2], 190.5, 260.0))
+    csv.write_text(f"patient_id,x_mm,y_mm,z_mm,diameter_mm\nPHILIPS5MM,{x!r},{y!r},{z!r},9\n")
+    rows = read_lesion_truth(csv)
+    (through_dicom,) = place_lesions(rows, dicom_cache, ["PHILIPS5MM"]).lesions
+    (through_nifti,) = place_lesions(rows, nifti_cache, ["PHILIPS5MM"]).lesions
+    assert (through_nifti.row, through_nifti.column) == pytest.approx(
+        (through_dicom.row, through_dicom.column), abs=1e-3
+    )
+    assert through_nifti.slices == through_dicom.slices
+    assert through_nifti.pixel_mm == pytest.approx(through_dicom.pixel_mm)
