@@ -146,7 +146,15 @@ def run_demo(
         device=device,
     )
     # Evaluation last: it writes report.html, which then already holds the heatmap gallery.
-    summary = evaluate_run(run, cache, split="test", device=device)
+    # With the cohort's lesion truth: does the model look at the metastases (docs/evaluation.md)?
+    summary = evaluate_run(
+        run,
+        cache,
+        split="test",
+        device=device,
+        lesions=out / "cohort" / "lesions.csv",
+        series_index=out / "index",
+    )
     report = run / rundir.REPORT
     minutes = (time.perf_counter() - started) / 60
     auc = summary.metrics["metrics"]["auc"]

@@ -14,7 +14,8 @@ equal volume. Other columns are kept and ignored. A bad row is an error naming i
 Placing a lesion on the cache needs the geometry of the series the cache was prepared from:
 the cache keeps each slab's position along the slice normal (``.pos.npy``) but not the
 in-plane geometry, so it is read again from the source the cache's index names (the headers
-of its DICOM files, or the NIfTI header) when lesion truth is used. That is also what a
+of its DICOM files, found through a series index or under that folder, or the NIfTI header)
+when lesion truth is used. That is also what a
 ``sop_instance_uid`` row needs, and it leaves the cache format alone. In-plane, a source pixel
 goes to the cache as ``resize_slices`` moved it: centred in a square of the longer side, then
 scaled to ``size``.
