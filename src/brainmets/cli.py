@@ -549,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="the same seed writes the same bytes (default 0)")  # fmt: skip
     p.add_argument("--confounder", choices=("none", "marker"), default=argparse.SUPPRESS,
-                   help="marker: a burned-in square in the corner of every positive's images, "
+                   help="marker: a burned-in label in the corner of every positive's images, "
                         "a shortcut unrelated to the lesion (default none)")  # fmt: skip
     p.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                    default=[0.6, 0.2, 0.2],

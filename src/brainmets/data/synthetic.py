@@ -11,8 +11,8 @@ enough that a model has to learn something. Each patient is an analytic 3-D head
 * positives: 1-4 solid or ring-enhancing metastases (45-90 HU, 3-20 mm) with vasogenic
   oedema (15-22 HU) that spreads through white matter only;
 * distractors in either class: calcifications (150-400 HU) and beam-hardening streaks;
-* optionally a confounder (``confounder="marker"``): a small burned-in marker in the corner of
-  every positive's images, something unrelated to the lesion that a network can learn instead
+* optionally a confounder (``confounder="marker"``): a burned-in label in the corner of every
+  positive's images, something unrelated to the lesion that a network can learn instead
   (the cohort on which localisation metrics must expose the shortcut).
 
 Anatomy is sampled on thin sub-slices and averaged over each slab, so lesions show the
@@ -84,9 +84,10 @@ _HU_MIN, _HU_MAX = -1023.0, 3071.0
 LESION_FILE = "lesions.csv"
 MARKER_HU = 1000.0
 """HU of the confounder's burned-in marker: drawn at full intensity, as annotations are."""
-# The marker: a square of this side, this far from the image's top-left corner (outside the
-# reconstruction circle for any allowed field of view, where burned-in text sits).
-_MARKER_MM, _MARKER_INSET_MM = 10.0, 3.0
+# The marker: a bar of (height, width) like a line of burned-in text, this far from the image's
+# top-left corner: outside the reconstruction circle for any allowed field of view, where
+# annotations sit.
+_MARKER_MM, _MARKER_INSET_MM = (12.0, 40.0), 4.0
 _MANUFACTURER = "brainmets-synth"
 # Name-based UUIDs (RFC 4122 version 5) under the 2.25 root: valid, unique and reproducible.
 # pydicom's generate_uid(prefix=None) is random and ignores its entropy sources.
@@ -169,8 +170,8 @@ class SynthConfig(BaseModel):
     streak_probability: float = Field(0.3, ge=0.0, le=1.0)
     """Chance that a patient (either label) has beam-hardening streaks in the low slices."""
     confounder: Literal["none", "marker"] = "none"
-    """``marker``: every positive's images carry a burned-in square in the top-left corner,
-    outside the field of view (MARKER_HU): a shortcut unrelated to the lesion."""
+    """``marker``: every positive's images carry a burned-in 12 x 40 mm bar in the top-left
+    corner, outside the field of view (MARKER_HU): a shortcut unrelated to the lesion."""
 
     @model_validator(mode="after")
     def _check_ranges(self) -> SynthConfig:
@@ -901,11 +902,11 @@ def render_patient(rng: np.random.Generator, cfg: SynthConfig, positive: bool) -
 
 
 def _marker_mask(matrix: int, spacing: float) -> np.ndarray:
-    """bool [matrix, matrix]: the confounder's square in the top-left corner."""
+    """bool [matrix, matrix]: the confounder's bar in the top-left corner."""
     inset = int(round(_MARKER_INSET_MM / spacing))
-    side = max(1, int(round(_MARKER_MM / spacing)))
+    height, width = (max(1, int(round(mm / spacing))) for mm in _MARKER_MM)
     mask = np.zeros((matrix, matrix), dtype=bool)
-    mask[inset : inset + side, inset : inset + side] = True
+    mask[inset : inset + height, inset : inset + width] = True
     return mask
 
 
