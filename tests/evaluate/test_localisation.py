@@ -31,6 +31,15 @@ def evaluated(known_lesions, tmp_path_factory, one_thread):
     return out, json.loads((out / "metrics.json").read_text())
 
 
+def _peak(cam: np.ndarray) -> tuple[float, float]:
+    """The centre of the pixels within 1 % of the maximum that touch the first maximum."""
+    from scipy import ndimage
+
+    regions, _ = ndimage.label(cam >= 0.99 * cam.max(), structure=np.ones((3, 3)))
+    rows, columns = np.nonzero(regions == regions[np.unravel_index(np.argmax(cam), cam.shape)])
+    return rows.mean(), columns.mean()
+
+
 @pytest.fixture(scope="module")
 def by_hand(known_lesions):
     """Per positive patient: top slice, hit, Grad-CAM pointing, and per lesion whether a slab
@@ -51,7 +60,7 @@ def by_hand(known_lesions):
         near = [min(abs(top - k) for k in s) <= 1 for s in slabs]
         image = torch.from_numpy(np.array(array[top : top + 1]))
         cam = grad_cam(trained.model, trained.scorer.network_inputs(image))[0]
-        peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+        peak = _peak(cam)
         spacing = patient.pixel_spacing_mm[0]
         scale = array.shape[1] / patient.hu.shape[1]
         pointing = False
@@ -213,7 +222,7 @@ def chosen_top_slices(known_lesions):
                      "top_slice_index": top})  # fmt: skip
         image = torch.from_numpy(np.array(cache.load(pid)[top : top + 1]))
         cam = grad_cam(trained.model, trained.scorer.network_inputs(image))[0]
-        peaks[pid] = (top, np.unravel_index(int(np.argmax(cam)), cam.shape))
+        peaks[pid] = (top, _peak(cam))
     return trained, cache, truth, placed, pd.DataFrame(rows), peaks
 
 
@@ -251,3 +260,24 @@ def test_the_pointing_game_on_chosen_top_slices_is_a_hand_count(
         assert ceiling == result.summary["top_slice_hit_rate"]["value"]
     game = result.summary["pointing_game"]
     assert game["value"] == pytest.approx(sum(p for _, p in got.values()) / len(got))
+
+
+@pytest.mark.parametrize("size", [48, 128])
+def test_a_heatmap_peaks_where_the_ceiling_assumes_it_can(size):
+    """A map upsampled as Grad-CAM upsamples it, with its maximum in each cell in turn: the
+    peak is that cell's centre, or the middle of its plateau at a border, one of the positions
+    the pointing game's resolution ceiling tries."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    from brainmets.evaluate.localisation import NETWORK_STRIDE, heatmap_peak, reachable_peaks
+
+    cells = math.ceil(size / NETWORK_STRIDE)
+    reachable = np.array(reachable_peaks((size, size)))
+    rng = np.random.default_rng(0)
+    for i in range(cells):
+        for j in range(cells):
+            low = rng.random((1, cells, cells)).astype(np.float32) * 0.5
+            low[0, i, j] = 1.0
+            peak = heatmap_peak(scale_cam_image(low, (size, size))[0])
+            assert np.min(np.hypot(*(reachable - peak).T)) < 1.0, (i, j, peak)
+    assert heatmap_peak(np.zeros((size, size), np.float32)) is None  # a flat map has no peak

@@ -115,7 +115,7 @@ class PatientView:
     top_slice: int
     image: np.ndarray
     cam: np.ndarray
-    peak: tuple[int, int] | None
+    peak: tuple[float, float] | None
     hit: bool
     pointing: bool
     lesions: list[CachedLesion]
@@ -136,12 +136,27 @@ def _slice_logits(trained, array: np.ndarray) -> np.ndarray:
     return out.slice_logits.float().cpu().numpy()
 
 
-def _cam_peak(cam: np.ndarray) -> tuple[int, int] | None:
-    """The heatmap's maximum; None for a flat map (Grad-CAM found no positive evidence)."""
+PEAK_LEVEL = 0.99
+"""Pixels at this share of the heatmap's maximum or above form its peak region."""
+
+
+def heatmap_peak(cam: np.ndarray) -> tuple[float, float] | None:
+    """Where the heatmap peaks: the centre of its maximal region (pixels within 1 % of the
+    maximum, 8-connected to the first of them); None for a flat map (Grad-CAM found no
+    positive evidence).
+
+    Not the first maximal pixel: Grad-CAM's map is a coarse grid upsampled with replicated
+    borders, so a maximal cell at the border is a plateau that runs to the image edge, and
+    its first pixel lies on the edge, up to a cell away from the cell's centre.
+    """
+    from scipy import ndimage
+
     if not np.any(cam > 0) or float(cam.max()) == float(cam.min()):
         return None
-    row, column = np.unravel_index(int(np.argmax(cam)), cam.shape)
-    return int(row), int(column)
+    regions, _ = ndimage.label(cam >= PEAK_LEVEL * cam.max(), structure=np.ones((3, 3)))
+    first = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    rows, columns = np.nonzero(regions == regions[first])
+    return float(rows.mean()), float(columns.mean())
 
 
 class Pointing(NamedTuple):
@@ -151,22 +166,32 @@ class Pointing(NamedTuple):
     chance: float
     """Share of the head's pixels (non-air in the brain window) within reach of a lesion."""
     ceiling: bool
-    """Whether a heatmap peaking at the best of its cells would hit: Grad-CAM's map is upsampled
-    from ResNet's layer4 grid (one cell per 32 input pixels), and a bilinear upsampling peaks on
-    a cell centre, so at low resolution even a perfect map may not reach a small lesion."""
+    """Whether a heatmap peaking in the best of its cells would hit: Grad-CAM's map is
+    upsampled from ResNet's layer4 grid (one cell per 32 input pixels), so its peak can only
+    lie at a few places (:func:`reachable_peaks`), and at low resolution even a perfect map
+    may not reach a small lesion."""
     distance_mm: float | None
     """From the peak to the nearest eligible lesion centre."""
 
 
-def cell_centres(shape: tuple[int, int]) -> list[tuple[float, float]]:
-    """Pixel coordinates of the layer4 cell centres that Grad-CAM's upsampled map peaks on."""
-    rows, columns = (math.ceil(side / NETWORK_STRIDE) for side in shape)
-    return [((i + 0.5) * shape[0] / rows - 0.5, (j + 0.5) * shape[1] / columns - 0.5)
-            for i in range(rows) for j in range(columns)]  # fmt: skip
+def _peak_positions(side: int) -> list[float]:
+    """Along one axis, where :func:`heatmap_peak` can put the peak of a map upsampled from
+    ``side / NETWORK_STRIDE`` cells: a cell centre, or for a border cell the middle of its
+    plateau between the edge and its centre."""
+    cells = math.ceil(side / NETWORK_STRIDE)
+    centres = [(i + 0.5) * side / cells - 0.5 for i in range(cells)]
+    if cells == 1:
+        return [(side - 1) / 2]
+    return [centres[0] / 2, *centres[1:-1], (centres[-1] + side - 1) / 2]
+
+
+def reachable_peaks(shape: tuple[int, int]) -> list[tuple[float, float]]:
+    """Every peak position a Grad-CAM map of this shape can have with one maximal cell."""
+    return [(r, c) for r in _peak_positions(shape[0]) for c in _peak_positions(shape[1])]
 
 
 def pointing_game(
-    peak: tuple[int, int] | None,
+    peak: tuple[float, float] | None,
     image: np.ndarray,
     top: int,
     lesions: list[CachedLesion],
@@ -183,7 +208,7 @@ def pointing_game(
     head = image > 0
     chance = float((discs & head).sum() / max(1, head.sum()))
     reach = [les.diameter_mm / 2 + margin_mm for les in eligible]
-    centres = cell_centres(image.shape)
+    centres = reachable_peaks(image.shape)
     ceiling = any(
         min(in_plane_mm(les, *c) for c in centres) <= r
         for les, r in zip(eligible, reach, strict=True)
@@ -280,7 +305,7 @@ def localise(
     views = []
     for row, image, cam in zip(tp_rows, tp_images, cams, strict=True):
         lesions = placed.of(row["patient_id"])
-        peak = _cam_peak(cam)
+        peak = heatmap_peak(cam)
         game = pointing_game(peak, image, row["top_slice"], lesions, margin_mm)
         row.update(
             cam_peak_row=None if peak is None else peak[0],
