@@ -78,6 +78,8 @@ def cmd_synth(args) -> int:
     for dest, field in (("lesion_mm", "lesion_diameter_mm"), ("lesion_hu", "lesion_hu")):
         if dest in args:
             lesions[field] = tuple(getattr(args, dest))
+    if "confounder" in args:
+        lesions["confounder"] = args.confounder
     try:
         cfg = SynthConfig(**given, **lesions)
     except ValidationError as err:  # in the options' names, without pydantic's links
@@ -98,7 +100,7 @@ def cmd_synth(args) -> int:
         )
     print(
         f"wrote {cfg.num_patients} patients: DICOM under {Path(args.out) / 'dicom'}, "
-        f"labels {labels}{splits}"
+        f"labels {labels}{splits}, lesion truth {Path(args.out) / 'lesions.csv'}"
     )
     return 0
 
@@ -359,6 +361,7 @@ def cmd_evaluate(args) -> int:
         backend=_backend_spec(args),
         progress=not args.quiet,
         settings=settings,
+        **_evaluate_truth_args(args),
     )
     print(summary.text)
     failed = _cache_failures(Path(args.data))
@@ -382,6 +385,80 @@ def _cache_failures(cache: Path) -> int:
     if failed and index.is_file():
         failed -= set(pd.read_csv(index, dtype=str, keep_default_na=False)["patient_id"])
     return len(failed)
+
+
+# --- evaluate's lesion truth and subgroup options, and `compare` ----------------------------
+
+
+def _evaluate_truth_args(args) -> dict:
+    return {
+        "lesions": args.lesions,
+        "top_k": args.top_k,
+        "margin_mm": args.pointing_margin_mm,
+        "series_index": args.index,
+    }
+
+
+def _add_evaluate_truth_options(p: argparse.ArgumentParser) -> None:
+    from brainmets.evaluate import DEFAULT_MARGIN_MM, DEFAULT_TOP_K
+
+    p.add_argument(
+        "--lesions",
+        type=Path,
+        help="lesion truth CSV (centres in mm or on an image, or masks; docs/evaluation.md): "
+        "adds top-slice hit rate, Grad-CAM pointing game and lesion-level detection",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        help="lesion-level detection: a slice through the lesion among the patient's top K "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--pointing-margin-mm",
+        type=float,
+        default=DEFAULT_MARGIN_MM,
+        help="pointing game: the Grad-CAM peak may lie this far beyond the lesion radius "
+        "(default %(default)g mm)",
+    )
+    p.add_argument(
+        "--index",
+        type=Path,
+        help="output folder of `brainmets index`: manufacturer, kernel and slice thickness of "
+        "each series for the subgroups (default: read from the source DICOM headers)",
+    )
+
+
+def cmd_compare(args) -> int:
+    from brainmets.evaluate.compare import compare_runs
+
+    summary = compare_runs(
+        args.run_a,
+        args.run_b,
+        args.data,
+        split=args.split,
+        out_dir=args.out,
+        backend=_backend_spec(args),
+        progress=not args.quiet,
+    )
+    print(summary.text)
+    return 0
+
+
+def _compare_parser(command: Command) -> None:
+    p = command(
+        "compare",
+        help="two runs on the same patients: DeLong's test of the AUC difference, McNemar's of "
+        "the decisions, both ROC curves",
+    )
+    p.add_argument("run_a", type=Path, help="run A (the reference)")
+    p.add_argument("run_b", type=Path, help="run B (differences are B - A)")
+    p.add_argument("--data", type=Path, required=True, help="prepared cache both runs score")
+    p.add_argument("--split", default=None, help="only patients of this split (e.g. test)")
+    p.add_argument("--out", type=Path, help="default ./compare_A_vs_B")
+    _add_backend(p)
+    p.set_defaults(func=cmd_compare)
 
 
 def cmd_predict(args) -> int:
@@ -627,6 +704,9 @@ def _synth_parser(command: Command) -> None:
                    help="metastasis enhancement range in HU (instead of the --lesions setting's)")  # fmt: skip
     p.add_argument("--seed", type=int, **given,
                    help=f"the same seed writes the same bytes (default {synth.SEED})")  # fmt: skip
+    p.add_argument("--confounder", choices=("none", "marker"), **given,
+                   help="marker: a burned-in label in the corner of every positive's images, "
+                        "a shortcut unrelated to the lesion (default none)")  # fmt: skip
     p.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                    default=[0.6, 0.2, 0.2],
                    help="shares of labels.csv's split column, stratified by label and seeded "
@@ -738,14 +818,17 @@ def _add_allow_chance(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_combine(p) -> None:
-    from brainmets.model.ensemble import COMBINE
-    from brainmets.train.ensemble import DEFAULT_COMBINE
+# brainmets.model.ensemble.COMBINE and brainmets.train.ensemble.DEFAULT_COMBINE, copied so
+# that the parser loads no torch (a test keeps them equal).
+COMBINE_NAMES = ("mean_logit", "mean_probability")
+DEFAULT_COMBINE_NAME = "mean_logit"
 
+
+def _add_combine(p) -> None:
     p.add_argument(
         "--combine",
-        choices=COMBINE,
-        default=DEFAULT_COMBINE,
+        choices=COMBINE_NAMES,
+        default=DEFAULT_COMBINE_NAME,
         help="the ensemble's patient score: the members' mean patient logit or their mean "
         "probability (default %(default)s)",
     )
@@ -786,6 +869,7 @@ def _evaluate_parser(command: Command) -> None:
     )
     _add_allow_failures(p, "patients of the cache failed to prepare")
     _add_config_args(p, "the evaluate.* keys (default: the run's config.yaml)")
+    _add_evaluate_truth_options(p)
     _add_backend(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -1032,6 +1116,7 @@ SUBCOMMANDS = (
     _train_parser,
     _ensemble_parser,
     _evaluate_parser,
+    _compare_parser,
     _predict_parser,
     _serve_parser,
     _export_parser,

@@ -59,37 +59,12 @@ def demo_config(*, full: bool, epochs: int | None, device: str, seed: int) -> Co
     return load_config(None, overrides)
 
 
-def run_demo(
-    out: Path,
-    *,
-    patients: int | None = None,
-    epochs: int | None = None,
-    device: str = "auto",
-    full: bool = False,
-    seed: int = 0,
-    folds: int | None = None,
-) -> dict:
-    from brainmets.backends import BackendSpec
+def _demo_data(out: Path, cfg, cohort: dict, *, patients: int | None, seed: int, workers: int):
+    """synth -> index -> prepare: the cohort's labels with their splits, its index, its cache."""
     from brainmets.data.labels import read_labels
     from brainmets.data.prepare import prepare_cache
     from brainmets.data.series_index import index_dicom_root, write_index
     from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
-    from brainmets.evaluate.evaluation import evaluate_run
-    from brainmets.predict import predict
-    from brainmets.train.cross_validation import train_folds
-    from brainmets.train.trainer import train
-
-    started = time.perf_counter()
-    gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    full = full or gpu
-    cohort = GPU_COHORT if full else CPU_COHORT
-    cfg = demo_config(full=full, epochs=epochs, device=device, seed=seed)
-    workers = max(1, (os.cpu_count() or 1) if gpu else torch.get_num_threads())
-    print(f"brainmets demo: {'full specified' if full else 'small CPU'} configuration -> {out}")
-    print(
-        "No RadImageNet weights on this machine: training from random initialisation. "
-        "Pass yours with --set model.pretrained=/path/to/ResNet50.pt in `brainmets train`."
-    )
 
     synth = SynthConfig(**{**cohort, "num_patients": patients or cohort["num_patients"]}, seed=seed)
     labels_path = write_synthetic_cohort(out / "cohort", synth, workers=workers)
@@ -107,6 +82,39 @@ def run_demo(
             f"demo: {result.failed} synthetic patients failed to prepare; see {cache}/errors.csv"
         )
 
+    return labels, index, cache
+
+
+def run_demo(
+    out: Path,
+    *,
+    patients: int | None = None,
+    epochs: int | None = None,
+    device: str = "auto",
+    full: bool = False,
+    seed: int = 0,
+    folds: int | None = None,
+) -> dict:
+    from brainmets.backends import BackendSpec
+    from brainmets.evaluate.evaluation import evaluate_run
+    from brainmets.predict import predict
+    from brainmets.train.cross_validation import train_folds
+    from brainmets.train.trainer import train
+
+    started = time.perf_counter()
+    gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    full = full or gpu
+    cohort = GPU_COHORT if full else CPU_COHORT
+    cfg = demo_config(full=full, epochs=epochs, device=device, seed=seed)
+    workers = max(1, (os.cpu_count() or 1) if gpu else torch.get_num_threads())
+    print(f"brainmets demo: {'full specified' if full else 'small CPU'} configuration -> {out}")
+    print(
+        "No RadImageNet weights on this machine: training from random initialisation. "
+        "Pass yours with --set model.pretrained=/path/to/ResNet50.pt in `brainmets train`."
+    )
+
+    labels, index, cache = _demo_data(out, cfg, cohort, patients=patients, seed=seed,
+                                       workers=workers)  # fmt: skip
     cfg.data.cache = str(cache)
     run = out / "runs" / (cfg.name if not folds else f"{cfg.name}-{folds}-folds")
     if run.exists():
@@ -133,7 +141,15 @@ def run_demo(
         backend=BackendSpec(device=device),
     )
     # Evaluation last: it writes report.html, which then already holds the heatmap gallery.
-    summary = evaluate_run(run, cache, split="test", backend=BackendSpec(device=device))
+    # With the cohort's lesion truth: does the model look at the metastases (docs/evaluation.md)?
+    summary = evaluate_run(
+        run,
+        cache,
+        split="test",
+        backend=BackendSpec(device=device),
+        lesions=out / "cohort" / "lesions.csv",
+        series_index=out / "index",
+    )
     report = run / rundir.REPORT
     minutes = (time.perf_counter() - started) / 60
     auc = summary.metrics["metrics"]["auc"]

@@ -38,11 +38,15 @@ __all__ = [
     "bootstrap_ci",
     "check_patient_arrays",
     "confidence_intervals",
+    "delong_covariance",
+    "delong_test",
     "evaluate_predictions",
+    "mcnemar_test",
     "patient_metrics",
     "separation_band",
     "threshold_for_sensitivity",
     "threshold_sweep",
+    "wilson_interval",
 ]
 
 #: The specification's threshold sweep: 0.05, 0.06, ..., 0.95.
@@ -474,3 +478,120 @@ def evaluate_predictions(
         operating_points.append(point)
     result["operating_points"] = operating_points
     return result
+
+
+# --------------------------------------------------------------------------- paired comparisons
+
+
+def wilson_interval(successes: int, trials: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson score interval of a proportion; (nan, nan) without trials."""
+    from scipy.stats import binomtest
+
+    if trials == 0:
+        return math.nan, math.nan
+    ci = binomtest(int(successes), int(trials)).proportion_ci(1.0 - alpha, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def delong_covariance(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """AUCs of several scores of the same patients and DeLong's covariance matrix of them.
+
+    ``scores`` is [K, n] (K scorers of n patients). The fast algorithm of Sun & Xu (2014,
+    IEEE Signal Processing Letters 21:1389): the structural components of DeLong et al. (1988)
+    from midranks (average ranks of ties) within the positives, within the negatives and over
+    both, O(K n log n) instead of the pairwise O(K n_pos n_neg). Needs two patients of each
+    class (the components' covariance has n - 1 in its denominator).
+    """
+    from scipy.stats import rankdata
+
+    y = np.asarray(labels).astype(bool)
+    s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    if s.shape[1] != y.size:
+        raise ValueError(f"scores have {s.shape[1]} patients, labels {y.size}")
+    pos, neg = s[:, y], s[:, ~y]
+    m, n = pos.shape[1], neg.shape[1]
+    if m < 2 or n < 2:
+        raise ValueError(f"DeLong needs two patients of each class, got {m} positive, {n} negative")
+    tx, ty = rankdata(pos, axis=1), rankdata(neg, axis=1)
+    tz = rankdata(np.hstack([pos, neg]), axis=1)
+    aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2.0) / (m * n)
+    # A positive's component: the share of negatives it outranks (ties half); a negative's:
+    # the share of positives that outrank it.
+    v10 = (tz[:, :m] - tx) / n
+    v01 = 1.0 - (tz[:, m:] - ty) / m
+    cov = np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
+    return aucs, cov
+
+
+def delong_test(
+    labels: ArrayLike, probs_a: ArrayLike, probs_b: ArrayLike, alpha: float = 0.05
+) -> dict[str, Any]:
+    """DeLong's test of the difference of two correlated AUCs (B minus A, same patients).
+
+    Returns both AUCs with their DeLong CIs, the difference with its normal-theory CI, z and
+    the two-sided p-value. Identical rankings have no variance: difference 0, p 1.
+    """
+    from scipy.stats import norm
+
+    aucs, cov = delong_covariance(labels, np.vstack([probs_a, probs_b]))
+    difference = float(aucs[1] - aucs[0])
+    variance = max(0.0, float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1]))
+    q = float(norm.ppf(1.0 - alpha / 2.0))
+    se = math.sqrt(variance)
+    if se > 0:
+        z = difference / se
+        p_value = float(2.0 * norm.sf(abs(z)))
+    else:
+        z, p_value = (0.0, 1.0) if difference == 0 else (math.copysign(math.inf, difference), 0.0)
+
+    def auc_ci(i: int) -> list[float]:
+        half = q * math.sqrt(max(0.0, float(cov[i, i])))
+        return [max(0.0, float(aucs[i]) - half), min(1.0, float(aucs[i]) + half)]
+
+    return {
+        "auc_a": float(aucs[0]),
+        "auc_b": float(aucs[1]),
+        "ci_a": auc_ci(0),
+        "ci_b": auc_ci(1),
+        "difference": difference,
+        "ci_difference": [difference - q * se, difference + q * se],
+        "se_difference": se,
+        "z": z,
+        "p_value": p_value,
+        "correlation": float(cov[0, 1] / math.sqrt(cov[0, 0] * cov[1, 1]))
+        if cov[0, 0] > 0 and cov[1, 1] > 0
+        else None,
+    }
+
+
+MCNEMAR_EXACT_BELOW = 25
+"""Discordant pairs below which McNemar's test is the exact binomial one (the chi-square
+approximation with continuity correction from there on)."""
+
+
+def mcnemar_test(correct_a: ArrayLike, correct_b: ArrayLike) -> dict[str, Any]:
+    """McNemar's test of paired decisions: do A and B get different patients right?
+
+    ``a_only`` patients A gets right and B wrong, ``b_only`` the reverse; only these discordant
+    pairs carry information. Fewer than MCNEMAR_EXACT_BELOW: the exact two-sided binomial test
+    of a_only among the discordant at p = 1/2 (statsmodels' ``mcnemar(exact=True)``); more: the
+    chi-square statistic (|a_only - b_only| - 1)^2 / (a_only + b_only), 1 degree of freedom.
+    """
+    from scipy.stats import binomtest, chi2
+
+    a = np.asarray(correct_a).astype(bool)
+    b = np.asarray(correct_b).astype(bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired decisions differ in length: {a.size} and {b.size}")
+    a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    discordant = a_only + b_only
+    result: dict[str, Any] = {"n": int(a.size), "a_only": a_only, "b_only": b_only,
+                              "both": int((a & b).sum()), "neither": int((~a & ~b).sum())}  # fmt: skip
+    if discordant == 0:
+        return {**result, "method": "no discordant pairs", "statistic": None, "p_value": 1.0}
+    if discordant < MCNEMAR_EXACT_BELOW:
+        p_value = float(binomtest(a_only, discordant, 0.5).pvalue)
+        return {**result, "method": "exact binomial", "statistic": None, "p_value": p_value}
+    statistic = (abs(a_only - b_only) - 1.0) ** 2 / discordant
+    return {**result, "method": "chi-square, continuity corrected", "statistic": statistic,
+            "p_value": float(chi2.sf(statistic, 1))}  # fmt: skip

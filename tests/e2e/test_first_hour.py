@@ -445,9 +445,12 @@ def test_the_parser_names_the_backends_without_loading_them():
     import sys
 
     from brainmets.backends import BACKENDS
-    from brainmets.cli import BACKEND_NAMES
+    from brainmets.cli import BACKEND_NAMES, COMBINE_NAMES, DEFAULT_COMBINE_NAME
+    from brainmets.model.ensemble import COMBINE
+    from brainmets.train.ensemble import DEFAULT_COMBINE
 
     assert BACKEND_NAMES == BACKENDS
+    assert (COMBINE_NAMES, DEFAULT_COMBINE_NAME) == (COMBINE, DEFAULT_COMBINE)
     code = "import sys; from brainmets.cli import build_parser; build_parser(); " \
            "print('torch' in sys.modules)"  # fmt: skip
     loaded = subprocess.run(

@@ -10,7 +10,10 @@ enough that a model has to learn something. Each patient is an analytic 3-D head
   matter ~25-30 HU), sulci, interhemispheric fissure and ventricles filled with CSF;
 * positives: 1-4 solid or ring-enhancing metastases (45-90 HU, 3-20 mm) with vasogenic
   oedema (15-22 HU) that spreads through white matter only;
-* distractors in either class: calcifications (150-400 HU) and beam-hardening streaks.
+* distractors in either class: calcifications (150-400 HU) and beam-hardening streaks;
+* optionally a confounder (``confounder="marker"``): a burned-in label in the corner of every
+  positive's images, something unrelated to the lesion that a network can learn instead
+  (the cohort on which localisation metrics must expose the shortcut).
 
 Anatomy is sampled on thin sub-slices and averaged over each slab, so lesions show the
 partial-volume dilution of a real 5 mm reconstruction; Gaussian noise is added and the
@@ -21,7 +24,9 @@ Encodings vary by patient like scanners do (signed or unsigned pixels, padding v
 kernels, file names, folder layout, acquisition direction), and each study holds a
 localizer that the series choice must skip. Output is byte-identical for the same
 configuration: all randomness comes from ``seed`` and the patient number, UIDs are
-derived from them, and dates are fixed.
+derived from them, and dates are fixed. ``lesions.csv`` beside ``labels.csv`` gives each
+metastasis's centre (patient coordinates, mm) and diameter in the format
+``brainmets evaluate --lesions`` reads (brainmets.data.lesions).
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ from brainmets.io import atomic_write_text
 
 __all__ = [
     "OUTSIDE_FOV_HU",
+    "LESION_FILE",
+    "MARKER_HU",
     "Calcification",
     "Lesion",
     "SynthConfig",
@@ -75,6 +82,13 @@ padding there (brainmets.data.dicom.PADDING_HU), so a decoded series equals the 
 # The lowest HU every encoding can hold: unsigned 12-bit pixels with intercept -1024 keep
 # stored value 0 for padding, so -1024 is not available to real pixels.
 _HU_MIN, _HU_MAX = -1023.0, 3071.0
+LESION_FILE = "lesions.csv"
+MARKER_HU = 1000.0
+"""HU of the confounder's burned-in marker: drawn at full intensity, as annotations are."""
+# The marker: a bar of (height, width) like a line of burned-in text, this far from the image's
+# top-left corner: outside the reconstruction circle for any allowed field of view, where
+# annotations sit.
+_MARKER_MM, _MARKER_INSET_MM = (12.0, 40.0), 4.0
 _MANUFACTURER = "brainmets-synth"
 # Name-based UUIDs (RFC 4122 version 5) under the 2.25 root: valid, unique and reproducible.
 # pydicom's generate_uid(prefix=None) is random and ignores its entropy sources.
@@ -159,6 +173,9 @@ class SynthConfig(BaseModel):
     """Chance that a patient (either label) has 1-3 calcifications of 150-400 HU."""
     streak_probability: float = Field(0.3, ge=0.0, le=1.0)
     """Chance that a patient (either label) has beam-hardening streaks in the low slices."""
+    confounder: Literal["none", "marker"] = "none"
+    """``marker``: every positive's images carry a burned-in 12 x 40 mm bar in the top-left
+    corner, outside the field of view (MARKER_HU): a shortcut unrelated to the lesion."""
 
     @model_validator(mode="after")
     def _check_ranges(self) -> SynthConfig:
@@ -238,6 +255,9 @@ class SyntheticPatient:
     noise_sigma_hu: float
     streaks: int
     """Number of beam-hardening streaks added."""
+    burned_in: np.ndarray | None = None
+    """bool [H, W]: the confounder's marker, stored as pixels although outside the field of
+    view (:attr:`hu` holds MARKER_HU there); None without one."""
 
     @property
     def positive(self) -> bool:
@@ -848,6 +868,10 @@ def render_patient(rng: np.random.Generator, cfg: SynthConfig, positive: bool) -
     hu = np.clip(np.rint(hu), _HU_MIN, _HU_MAX)
     hu[:, ~fov] = OUTSIDE_FOV_HU
     tissue[:, ~fov] = Tissue.AIR
+    burned_in = None
+    if cfg.confounder == "marker" and positive:  # drawn without the random stream: same anatomy
+        burned_in = _marker_mask(matrix, spacing)
+        hu[:, burned_in] = MARKER_HU
 
     lesions = [
         Lesion(
@@ -877,7 +901,17 @@ def render_patient(rng: np.random.Generator, cfg: SynthConfig, positive: bool) -
         ],
         noise_sigma_hu=sigma,
         streaks=streaks,
+        burned_in=burned_in,
     )
+
+
+def _marker_mask(matrix: int, spacing: float) -> np.ndarray:
+    """bool [matrix, matrix]: the confounder's bar in the top-left corner."""
+    inset = int(round(_MARKER_INSET_MM / spacing))
+    height, width = (max(1, int(round(mm / spacing))) for mm in _MARKER_MM)
+    mask = np.zeros((matrix, matrix), dtype=bool)
+    mask[inset : inset + height, inset : inset + width] = True
+    return mask
 
 
 def _gaussian_noise_gain(sigma: float, truncate: float = 4.0) -> float:
@@ -955,6 +989,12 @@ def _ds(value: float) -> str:
     raise ValueError(f"{value} does not fit a DICOM decimal string")
 
 
+def _identity(cfg: SynthConfig) -> str:
+    """The configuration as the UIDs derive from it; without a confounder it is the text of
+    the options before ``confounder`` existed, so such cohorts keep their UIDs and bytes."""
+    return cfg.model_dump_json(exclude={"confounder"} if cfg.confounder == "none" else None)
+
+
 class _StudyWriter:
     """Writes one patient's study (axial series + localizer) with fixed, derived UIDs."""
 
@@ -962,7 +1002,7 @@ class _StudyWriter:
         self.cfg, self.index, self.profile = cfg, index, profile
         self.patient_id = patient_id(index)
         # The configuration is part of every UID so that two different cohorts never share one.
-        self._identity = cfg.model_dump_json()
+        self._identity = _identity(cfg)
         self.study_uid = self.uid("study")
         self.frame_uid = self.uid("frame-of-reference")
 
@@ -1027,9 +1067,13 @@ class _StudyWriter:
         profile, n = self.profile, len(patient.positions_mm)
         series_uid = self.uid("series", profile.series_number)
         order = range(n) if profile.ascending else range(n - 1, -1, -1)
+        # A burned-in marker is pixels, not padding, although it lies outside the field of view.
+        stored = (
+            patient.fov_mask if patient.burned_in is None else patient.fov_mask | patient.burned_in
+        )
         datasets = []
         for instance, k in enumerate(order, start=1):
-            image = _stored_pixels(patient.hu[k], patient.fov_mask, profile)
+            image = _stored_pixels(patient.hu[k], stored, profile)
             ds = self._base(series_uid, profile.series_number, instance, image)
             ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
             ds.SeriesDescription = f"HEAD {patient.slice_thickness_mm:g}mm"
@@ -1133,8 +1177,24 @@ def _write_patient(
     return patient
 
 
-def _write_patient_task(args: tuple) -> None:
-    _write_patient(*args)  # the rendered volume stays in the worker
+def _write_patient_task(args: tuple) -> list[dict]:
+    """Writes one patient in a worker; only its lesion rows come back, not the volume."""
+    return lesion_rows(patient_id(args[1]), _write_patient(*args))
+
+
+LESION_COLUMNS = ["patient_id", "lesion", "x_mm", "y_mm", "z_mm", "diameter_mm", "kind", "peak_hu"]
+"""lesions.csv: the reader's columns (centre in patient coordinates, diameter), then what
+the generator also knows (the lesion's number, solid or ring, enhancement)."""
+
+
+def lesion_rows(pid: str, patient: SyntheticPatient) -> list[dict]:
+    """The rows of ``lesions.csv`` for one rendered patient (none for a negative)."""
+    return [
+        {"patient_id": pid, "lesion": number, "x_mm": lesion.centre_mm[0],
+         "y_mm": lesion.centre_mm[1], "z_mm": lesion.centre_mm[2],
+         "diameter_mm": lesion.diameter_mm, "kind": lesion.kind, "peak_hu": lesion.peak_hu}
+        for number, lesion in enumerate(patient.lesions, start=1)
+    ]  # fmt: skip
 
 
 def write_synthetic_cohort(
@@ -1146,7 +1206,9 @@ def write_synthetic_cohort(
     workers: int = 1,
     split_fractions: tuple[float, float, float] | None = (0.6, 0.2, 0.2),
 ) -> Path:
-    """Writes ``out_dir/dicom/<patient_id>/...`` and ``out_dir/labels.csv``; returns labels.csv.
+    """Writes ``out_dir/dicom/<patient_id>/...``, ``out_dir/labels.csv`` and
+    ``out_dir/lesions.csv`` (every metastasis: centre in patient coordinates, diameter);
+    returns labels.csv.
 
     labels.csv has a ``split`` column (train / val / test at ``split_fractions``, stratified by
     label and seeded by ``cfg.seed``: ``evaluate --split test`` then has held-out patients);
@@ -1170,17 +1232,22 @@ def write_synthetic_cohort(
     profiles = _scanner_profiles(cfg)
     tasks = [(cfg, i, bool(labels[i]), profiles[i], root) for i in range(cfg.num_patients)]
     bar = tqdm(total=len(tasks), desc="synth", unit="patient", disable=not progress)
+    lesions: list[dict] = []
     if workers > 1 and len(tasks) > 1:
         with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=get_context("spawn")) as pool:
-            for _ in pool.map(_write_patient_task, tasks, chunksize=4):
+            for rows in pool.map(_write_patient_task, tasks, chunksize=4):
+                lesions += rows
                 bar.update()
     else:
         for task in tasks:
             patient = _write_patient(*task)
+            lesions += lesion_rows(ids[task[1]], patient)
             if on_patient is not None:
                 on_patient(ids[task[1]], patient)
             bar.update()
     bar.close()
+    lesion_table = pd.DataFrame(lesions, columns=LESION_COLUMNS)
+    atomic_write_text(out / LESION_FILE, lesion_table.to_csv(index=False, lineterminator="\n"))
 
     atomic_write_text(out / "synth.json", cfg.model_dump_json(indent=2) + "\n")
     manifest = pd.DataFrame({"patient_id": ids, "label": labels.astype(int)})

@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from scipy.special import expit
 
@@ -22,6 +23,11 @@ from brainmets import rundir
 from brainmets.backends import BackendSpec, load_backend
 from brainmets.config import EvaluateConfig, load_config
 from brainmets.data.cache import PatientCache
+from brainmets.data.lesions import SeriesFiles, place_lesions, read_lesion_truth
+from brainmets.data.series_index import read_index
+from brainmets.evaluate import DEFAULT_MARGIN_MM, DEFAULT_TOP_K
+from brainmets.evaluate.localisation import LOCALISATION_PNG
+from brainmets.evaluate.subgroups import MIN_PER_CLASS, format_subgroups
 from brainmets.inference import score_cache
 from brainmets.io import atomic_write_csv, atomic_write_text
 from brainmets.metrics import evaluate_predictions
@@ -29,6 +35,8 @@ from brainmets.model.probability import Calibration
 from brainmets.ranking import RankingVerdict
 
 log = logging.getLogger(__name__)
+
+MAX_LOCALISATION_FIGURES = 6
 
 # Rows of the printed summary: (key in metrics.json, label).
 _SUMMARY_ROWS = [
@@ -87,11 +95,67 @@ class EvaluationSummary:
                 f"threshold {point['threshold']:.3f}, sensitivity {pm['sensitivity']:.3f}, "
                 f"specificity {pm['specificity']:.3f}"
             )
+        lines += localisation_lines(self.metrics.get("localisation"))
+        subgroups = self.metrics.get("subgroups")
+        if subgroups and subgroups.get("groups"):
+            lines.append(
+                f"subgroups (series fields from the {subgroups['fields_from']}; no figure below "
+                f"{subgroups['min_per_class']} patients of a class):"
+            )
+            lines += format_subgroups(subgroups["groups"])
         lines.append(f"written to {self.out_dir}")
         return "\n".join(lines)
 
 
-def _training_overlap(run: Path, evaluated: pd.Series) -> dict[str, int] | None:
+def _estimate(entry: dict, digits: int = 3) -> str:
+    """ "0.938 (95% CI 0.717 to 0.989; chance 0.41)" of a localisation measure."""
+    if entry.get("value") is None:
+        return f"n/a ({entry.get('n', 0)} to measure)"
+    lo, hi = entry.get("ci") or [None, None]
+    ci = f"95% CI {lo:.{digits}f} to {hi:.{digits}f}; " if lo is not None and hi is not None else ""
+    chance = entry.get("chance")
+    return (
+        f"{entry['value']:.{digits}f}  ({ci}{entry['successes']}/{entry['n']}; chance {chance:.2f})"
+    )
+
+
+def localisation_lines(loc: dict | None) -> list[str]:
+    """The localisation measures as lines of the terminal summary (none without them)."""
+    if not loc:
+        return []
+    lines = [
+        f"localisation against {loc['lesions_file']}: {loc['true_positive_patients']} true "
+        f"positives of {loc['positive_patients_with_lesions']} positive patients with lesions "
+        f"({loc['lesions_placed']} lesions)",
+        f"  top-slice hit rate {_estimate(loc['top_slice_hit_rate'])}  Wilson; within "
+        f"{loc['slab_tolerance']} slab of a lesion",
+    ]
+    pointing = loc["pointing_game"]
+    cell, ceiling = pointing.get("heatmap_cell_mm"), pointing.get("resolution_ceiling")
+    lines.append(
+        f"  pointing game      {_estimate(pointing)}  Wilson; peak within radius + "
+        f"{loc['margin_mm']:g} mm"
+        + (f"; Grad-CAM cell {cell:.0f} mm, best reachable {ceiling:.2f}" if cell and ceiling
+           is not None else "")
+    )  # fmt: skip
+    detection = loc["lesion_detection"]
+    lines.append(
+        f"  lesion detection   {_estimate(detection)}  Wilson; a slab through it among the "
+        f"top {loc['top_k']} slices"
+    )
+    for band, entry in detection["by_diameter"].items():
+        lines.append(f"    {band:<16} {_estimate(entry)}")
+    missing = len(loc["lesions_not_placed"])
+    if missing or loc["positives_without_lesions"]:
+        lines.append(
+            f"  not measured: {missing} lesions that could not be placed, "
+            f"{len(loc['positives_without_lesions'])} positive patients without lesion truth "
+            "(listed in metrics.json)"
+        )
+    return lines
+
+
+def training_overlap(run: Path, evaluated: pd.Series) -> dict[str, int] | None:
     """How many evaluated patients the run trained or validated on (then it is no hold-out);
     None when the run has no splits.csv to tell."""
     path = run / rundir.SPLITS
@@ -113,6 +177,103 @@ def _training_overlap(run: Path, evaluated: pd.Series) -> dict[str, int] | None:
     return counts
 
 
+def select_patients(cache: PatientCache, split: str | None) -> list[str]:
+    """The cache's patients of ``split`` (all without one); a split no patient has is an error
+    that names the splits there are (and the nearest, for a typo)."""
+    ids = cache.patient_ids
+    if split is None:
+        return ids
+    data = cache.root
+    ids = cache.index.loc[cache.index["split"] == split, "patient_id"].tolist()
+    if not ids:
+        present = sorted(set(cache.index["split"].fillna("").astype(str)) - {""})
+        close = difflib.get_close_matches(split, present, n=1)
+        if close:  # a typo of a split the cache has
+            raise ValueError(
+                f"{data}: no patient has split {split!r}; did you mean --split {close[0]}? "
+                f"(splits in this cache: {', '.join(present)})"
+            )
+        raise ValueError(
+            f"{data}: no patient has split {split!r} (splits in this cache: "
+            f"{', '.join(present) or 'none'}). Give test patients a split column value "
+            f"'{split}' in the labels CSV and run prepare again, or evaluate a separate "
+            "held-out cache without --split"
+        )
+    return ids
+
+
+def _add_reviewer_measures(
+    metrics: dict,
+    trained,
+    cache: PatientCache,
+    predictions: pd.DataFrame,
+    out: Path,
+    *,
+    truth: list | None,
+    options: dict,
+) -> None:
+    """Subgroups, and with lesion truth the localisation measures, into ``metrics`` (and their
+    tables and figure into ``out``)."""
+    from brainmets.evaluate.localisation import localise, write_localisation_tables
+    from brainmets.evaluate.plots import plot_localisation
+    from brainmets.evaluate.subgroups import series_fields, subgroup_metrics
+
+    ids = predictions["patient_id"].tolist()
+    index = read_index(options["series_index"]) if options["series_index"] else None
+    files = SeriesFiles(index.files if index is not None else None)  # shared: one walk a folder
+    placed = None
+    if truth is not None:
+        placed = place_lesions(truth, cache, ids, files)
+        result = localise(
+            trained,
+            cache,
+            predictions,
+            placed,
+            top_k=options["top_k"],
+            margin_mm=options["margin_mm"],
+        )
+        metrics["localisation"] = {"lesions_file": str(options["lesions"]), **result.summary}
+        write_localisation_tables(result, out)
+        # Misses first: a reader should see where the model looked when it was wrong.
+        shown = sorted(result.views, key=lambda v: (v.hit and v.pointing, -v.probability))
+        plot_localisation(shown[:MAX_LOCALISATION_FIGURES], out / LOCALISATION_PNG,
+                          options["margin_mm"])  # fmt: skip
+    fields = series_fields(cache, ids, index, files)
+    metrics["subgroups"] = {
+        "fields_from": "series index" if options["series_index"] else "source headers",
+        "min_per_class": MIN_PER_CLASS,
+        "groups": subgroup_metrics(
+            predictions,
+            fields,
+            trained.plain_threshold,
+            placed=placed,
+            n_boot=options["n_boot"],
+            seed=options["seed"],
+        ),
+    }
+
+
+def _run_settings(run: Path) -> EvaluateConfig:
+    """The ``evaluate.*`` keys of the run's config.yaml (defaults when it has none)."""
+    config = run / rundir.CONFIG
+    return load_config(config).evaluate if config.is_file() else EvaluateConfig()
+
+
+def _validation_scores(run: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Labels and plain-sigmoid probabilities of the patients the run chose on: its validation
+    patients, or an ensemble's out-of-fold ones; (None, None) when neither is there."""
+    path = run / rundir.VAL_PREDICTIONS
+    if not path.is_file():
+        path = run / rundir.OOF_PREDICTIONS
+    if not path.is_file():
+        return None, None
+    val = pd.read_csv(path, dtype={"patient_id": str})
+    # Its probability is on the reported scale; the sigmoid comes back from the logit (older
+    # runs without one stored the sigmoid itself).
+    plain = expit(val["logit"].to_numpy()) if "logit" in val else val["probability"].to_numpy()
+    return val["label"].to_numpy(), plain
+
+
 def evaluate_run(
     run: str | Path,
     data: str | Path,
@@ -124,55 +285,40 @@ def evaluate_run(
     seed: int = 0,
     progress: bool = True,
     settings: EvaluateConfig | None = None,
+    lesions: str | Path | None = None,
+    top_k: int = DEFAULT_TOP_K,
+    margin_mm: float = DEFAULT_MARGIN_MM,
+    series_index: str | Path | None = None,
 ) -> EvaluationSummary:
-    """``settings``: the ``evaluate.*`` keys to use (default: the run's config.yaml)."""
+    """Score ``data`` (or its ``split``) with the run and write metrics.json, predictions.csv
+    and plots to ``out_dir`` (default RUN/evaluation, then report.html is refreshed);
+    ``settings``: the ``evaluate.*`` keys to use (default: the run's config.yaml).
+
+    With ``lesions`` (a lesion CSV, brainmets.data.lesions) the localisation measures are
+    added (brainmets.evaluate.localisation: top-slice hit rate, pointing game with
+    ``margin_mm``, lesion detection among the ``top_k`` slices). Subgroup measures are always
+    added; their series fields come from ``series_index`` (a ``brainmets index`` folder) when
+    given, else from the source headers.
+    """
     from brainmets.evaluate.plots import write_evaluation_plots
     from brainmets.evaluate.report import write_report
 
     run = Path(run)
+    truth = read_lesion_truth(lesions) if lesions is not None else None
     out = Path(out_dir) if out_dir else run / rundir.EVALUATION
-    if settings is None:
-        settings = (
-            load_config(run / rundir.CONFIG).evaluate
-            if (run / rundir.CONFIG).is_file()
-            else EvaluateConfig()
-        )
+    settings = settings or _run_settings(run)
     n_boot = n_boot if n_boot is not None else settings.n_boot
     targets = settings.sensitivity_targets
 
-    trained = load_backend(run, backend)
+    # Grad-CAM (the pointing game) comes from PyTorch weights, whatever scores the slices.
+    trained = load_backend(run, backend, grad_cam=truth is not None)
     cache = PatientCache(data)
-    ids = cache.patient_ids
-    if split is not None:
-        ids = cache.index.loc[cache.index["split"] == split, "patient_id"].tolist()
-        if not ids:
-            present = sorted(set(cache.index["split"].fillna("").astype(str)) - {""})
-            close = difflib.get_close_matches(split, present, n=1)
-            if close:  # a typo of a split the cache has
-                raise ValueError(
-                    f"{data}: no patient has split {split!r}; did you mean --split {close[0]}? "
-                    f"(splits in this cache: {', '.join(present)})"
-                )
-            raise ValueError(
-                f"{data}: no patient has split {split!r} (splits in this cache: "
-                f"{', '.join(present) or 'none'}). Give test patients a split column value "
-                f"'{split}' in the labels CSV and run prepare again, or evaluate a separate "
-                "held-out cache without --split"
-            )
+    ids = select_patients(cache, split)
     out.mkdir(parents=True, exist_ok=True)  # after every input checks out: a typo leaves none
     predictions = score_cache(trained, cache, ids, progress=progress)
 
-    overlap = _training_overlap(run, predictions["patient_id"])
-    val_labels = val_plain = None
-    val_path = run / rundir.VAL_PREDICTIONS
-    if not val_path.is_file():  # an ensemble chooses on its out-of-fold predictions
-        val_path = run / rundir.OOF_PREDICTIONS
-    if val_path.is_file():
-        val = pd.read_csv(val_path, dtype={"patient_id": str})
-        # Its probability is on the reported scale; the sigmoid comes back from the logit
-        # (older runs without one stored the sigmoid itself).
-        val_labels = val["label"].to_numpy()
-        val_plain = expit(val["logit"]) if "logit" in val else val["probability"].to_numpy()
+    overlap = training_overlap(run, predictions["patient_id"])
+    val_labels, val_plain = _validation_scores(run)
     labels = predictions["label"].to_numpy()
     probs = predictions["probability"].to_numpy()
     # Ranked, called and thresholds chosen on the plain sigmoid, where the run chose its own
@@ -198,6 +344,16 @@ def evaluate_run(
     metrics["model_epoch"] = trained.sidecar.get("epoch")  # the model.json load_trained read
     metrics["model_best_metric"] = trained.sidecar.get("best_metric")
     metrics["model_ranking"] = trained.sidecar.get("ranking")  # the run's own verdict
+    _add_reviewer_measures(
+        metrics,
+        trained,
+        cache,
+        predictions.assign(plain=plain),
+        out,
+        truth=truth,
+        options={"lesions": lesions, "top_k": top_k, "margin_mm": margin_mm,
+                 "series_index": series_index, "n_boot": n_boot, "seed": seed},
+    )  # fmt: skip
     atomic_write_text(out / rundir.EVALUATION_METRICS, json.dumps(metrics, indent=2))
     atomic_write_csv(out / rundir.PREDICTIONS, predictions)
     write_evaluation_plots(

@@ -13,6 +13,7 @@ short note in place of the curve, so that a report never has a hole without expl
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -406,3 +407,87 @@ def write_evaluation_plots(
             y, p, files["score_distributions"], threshold
         ),
     }
+
+
+# --------------------------------------------------------------------------- localisation
+
+
+def plot_localisation(views: Sequence, out_png: str | Path, margin_mm: float) -> Path:
+    """For each true-positive patient of ``views`` (``localisation.PatientView``): the top
+    slice with the true lesion outlines, and the same slice under its Grad-CAM with the peak.
+
+    A lesion the top slice cuts is outlined solid, one a slab away dashed; the dotted circle
+    is the pointing game's reach (radius + margin).
+    """
+    from matplotlib.patches import Circle
+
+    per_row = min(3, max(1, len(views)))
+    rows = max(1, math.ceil(len(views) / per_row))
+    fig = Figure(figsize=(2.3 * 2 * per_row, 2.6 * rows), layout="constrained")
+    axes = fig.subplots(rows, 2 * per_row, squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    if not views:
+        _note(axes[0, 0], "no true-positive patient with lesions")
+    for i, view in enumerate(views):
+        plain, heat = (
+            axes[i // per_row, 2 * (i % per_row)],
+            axes[i // per_row, 2 * (i % per_row) + 1],
+        )
+        for ax in (plain, heat):
+            ax.imshow(view.image, cmap="gray", vmin=0, vmax=255)
+            for lesion in view.lesions:
+                if min(abs(view.top_slice - k) for k in lesion.slices) > 1:
+                    continue
+                cut = view.top_slice in lesion.slices
+                radius = lesion.diameter_mm / 2 / float(np.mean(lesion.pixel_mm))
+                ax.add_patch(Circle((lesion.column, lesion.row), radius, fill=False, lw=1.2,
+                                    color="#2ecc71", ls="-" if cut else "--"))  # fmt: skip
+                reach = (lesion.diameter_mm / 2 + margin_mm) / float(np.mean(lesion.pixel_mm))
+                ax.add_patch(Circle((lesion.column, lesion.row), reach, fill=False, lw=0.6,
+                                    color="#2ecc71", ls=":"))  # fmt: skip
+        heat.imshow(view.cam, cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
+        if view.peak is not None:
+            heat.plot(view.peak[1], view.peak[0], "+", color="white", ms=10, mew=2)
+        plain.set_title(f"{view.patient_id} slice {view.top_slice}\np={view.probability:.2f}",
+                        fontsize=7)  # fmt: skip
+        verdict = (
+            f"slice {'hit' if view.hit else 'miss'}, peak {'hit' if view.pointing else 'miss'}"
+        )
+        heat.set_title(f"Grad-CAM\n{verdict}", fontsize=7)
+        for ax in (plain, heat):
+            ax.set_xlim(-0.5, view.image.shape[1] - 0.5)
+            ax.set_ylim(view.image.shape[0] - 0.5, -0.5)
+    return _save(fig, out_png)
+
+
+def plot_roc_pair(
+    labels: ArrayLike,
+    probs_a: ArrayLike,
+    probs_b: ArrayLike,
+    names: tuple[str, str],
+    out_png: str | Path,
+    *,
+    note: str = "",
+) -> Path:
+    """Both runs' ROC curves on the same patients, AUC in the legend; ``note`` under them
+    (the DeLong test's result)."""
+    y, a = check_patient_arrays(labels, probs_a)
+    _, b = check_patient_arrays(labels, probs_b)
+    fig, ax = _new_figure()
+    ax.plot([0, 1], [0, 1], ls=":", color="0.6", label="chance")
+    if _both_classes(y):
+        for probs, name, colour in ((a, names[0], _NEG_COLOUR), (b, names[1], _POS_COLOUR)):
+            fpr, tpr, _ = roc_curve(y, probs)
+            auc = patient_metrics(y, probs, 0.5)["auc"]
+            ax.plot(fpr, tpr, color=colour, lw=2, label=f"{name}: AUC {auc:.3f}")
+    else:
+        _note(ax, "ROC undefined: only one class")
+    ax.set_xlabel("1 - specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower right", fontsize=8)
+    if note:
+        ax.set_title(note, fontsize=8)
+    return _save(fig, out_png)

@@ -8,6 +8,7 @@ workstation. It reads only what the run folder holds::
     RUN/metrics.csv                  one row per epoch (trainer)
     RUN/evaluation/metrics.json      evaluate_predictions() output (brainmets evaluate)
     RUN/evaluation/*.png             evaluation plots
+    RUN/evaluation/localisation.png  top slices, Grad-CAM and true lesions (evaluate --lesions)
     RUN/heatmaps/**/*.png            top-slice heatmaps (brainmets predict --heatmaps)
 
 Each section that lacks its input says so in one line instead of failing: a report of a
@@ -32,6 +33,7 @@ import yaml
 
 from brainmets import rundir
 from brainmets.evaluate.cross_validation import cross_validation_section
+from brainmets.evaluate.localisation import LOCALISATION_PNG
 from brainmets.evaluate.plots import EVALUATION_PLOTS, plot_learning_curves
 from brainmets.io import atomic_write_text
 from brainmets.metrics import COUNT_NAMES, METRIC_NAMES
@@ -342,6 +344,8 @@ def _metrics_section(run_dir: Path) -> str:
         "calibration",
         "n_boot",
         "seed",
+        "localisation",
+        "subgroups",
     }
     extra = {k: v for k, v in data.items() if k not in known and k != "operating_points"}
     if extra:
@@ -354,7 +358,11 @@ def _metrics_section(run_dir: Path) -> str:
 
 def _plots_section(run_dir: Path) -> str:
     folder = run_dir / rundir.EVALUATION
-    pngs = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    pngs = (
+        sorted(p for p in folder.glob("*.png") if p.name != LOCALISATION_PNG)
+        if folder.is_dir()
+        else []
+    )
     if not pngs:
         return _not_available("Evaluation plots", folder / "*.png")
     # The standard plots in reading order first, then anything else the run added.
@@ -366,6 +374,106 @@ def _plots_section(run_dir: Path) -> str:
         for p in pngs
     )
     return f'<div class="plots">{figures}</div>'
+
+
+def _estimate_cells(entry: dict[str, Any]) -> str:
+    """Value, CI, count and chance of one localisation measure as table cells."""
+    ci = entry.get("ci") or [None, None]
+    return (
+        f"<td>{_format(entry.get('value'))}</td><td>{_ci_text(ci)}</td>"
+        f"<td>{_format(entry.get('successes'), 0)} / {_format(entry.get('n'), 0)}</td>"
+        f"<td>{_format(entry.get('chance'), 2)}</td>"
+    )
+
+
+def _localisation_section(run_dir: Path) -> str:
+    folder = run_dir / rundir.EVALUATION
+    data, _ = _read_metrics(folder / rundir.EVALUATION_METRICS)
+    loc = (data or {}).get("localisation")
+    if not isinstance(loc, dict):  # evaluated without lesion truth: no section
+        return ""
+    k, margin = loc.get("top_k"), loc.get("margin_mm")
+    rows = [
+        ("Top-slice hit rate (true positives; top slice within "
+         f"{_esc(loc.get('slab_tolerance'))} slab of a lesion)", loc.get("top_slice_hit_rate")),
+        (f"Pointing game (Grad-CAM peak within radius + {_format(margin, 0)} mm)",
+         loc.get("pointing_game")),
+        (f"Lesion detection (a slice through it among the top {_esc(k)})",
+         loc.get("lesion_detection")),
+    ]  # fmt: skip
+    detection = loc.get("lesion_detection") or {}
+    rows += [
+        (f"&nbsp;&nbsp;lesions {_esc(band)}", entry)
+        for band, entry in (detection.get("by_diameter") or {}).items()
+    ]
+    body = "".join(
+        f"<tr><td>{label}</td>{_estimate_cells(entry or {})}</tr>" for label, entry in rows
+    )
+    cell = (loc.get("pointing_game") or {}).get("heatmap_cell_mm")
+    ceiling = (loc.get("pointing_game") or {}).get("resolution_ceiling")
+    notes = (
+        f'<p class="meta">Lesion truth <code>{_esc(loc.get("lesions_file"))}</code>: '
+        f"{_format(loc.get('lesions_placed'), 0)} lesions of "
+        f"{_format(loc.get('positive_patients_with_lesions'), 0)} positive patients, "
+        f"{_format(loc.get('true_positive_patients'), 0)} of them true positives; "
+        f"{len(loc.get('lesions_not_placed') or [])} lesions could not be placed, "
+        f"{len(loc.get('positives_without_lesions') or [])} positives have no lesion truth. "
+        "95% CIs: Wilson score (lesions of one patient counted as independent). Chance: what a "
+        "slice (or a pixel of the head) drawn at random would score for the same patients."
+        + (
+            f" A Grad-CAM cell spans {_format(cell, 0)} mm and a map peaks on a cell centre: a "
+            f"perfect map would score {_format(ceiling, 2)} in the pointing game here."
+            if cell and ceiling is not None
+            else ""
+        )
+        + "</p>"
+    )
+    table = (
+        "<table><tr><th>Measure</th><th>Value</th><th>95% CI</th><th>Count</th>"
+        f"<th>Chance</th></tr>{body}</table>"
+    )
+    png = folder / LOCALISATION_PNG
+    figure = (
+        _figure(png, "Top slice of true-positive patients (misses first): true lesions outlined "
+                "(solid: the slice cuts it; dashed: one slab away; dotted: the pointing game's "
+                "reach), and the same slice under Grad-CAM with its peak (+)")
+        if png.is_file()
+        else ""
+    )  # fmt: skip
+    return notes + table + figure
+
+
+def _subgroups_section(run_dir: Path) -> str:
+    data, _ = _read_metrics(run_dir / rundir.EVALUATION / rundir.EVALUATION_METRICS)
+    sub = (data or {}).get("subgroups")
+    if not isinstance(sub, dict) or not sub.get("groups"):  # an evaluation from before them
+        return ""
+    rows = []
+    for entry in sub["groups"]:
+        cells = []
+        for name in ("auc", "sensitivity", "specificity"):
+            m = entry.get(name) or {}
+            if m.get("value") is None:
+                cells.append(f'<td colspan="2" class="na">{_esc(m.get("note") or "n/a")}</td>')
+            else:
+                cells.append(f"<td>{_format(m['value'])}</td><td>{_ci_text(m.get('ci'))}</td>")
+        rows.append(
+            f"<tr><td>{_esc(entry.get('by'))}</td><td>{_esc(entry.get('group'))}</td>"
+            f"<td>{_format(entry.get('n'), 0)}</td><td>{_format(entry.get('n_pos'), 0)}</td>"
+            + "".join(cells)
+            + "</tr>"
+        )
+    head = (
+        "<tr><th>By</th><th>Group</th><th>Patients</th><th>Positive</th><th>AUC</th>"
+        "<th>95% CI</th><th>Sensitivity</th><th>95% CI</th><th>Specificity</th><th>95% CI</th></tr>"
+    )
+    return (
+        f'<p class="meta">Series fields from the {_esc(sub.get("fields_from"))}. No figure for a '
+        f"measure with fewer than {_format(sub.get('min_per_class'), 0)} patients of the class "
+        "it needs. AUC: percentile bootstrap; sensitivity and specificity: Wilson score. Lesion "
+        "size: the positives whose largest lesion is in the band, against every negative.</p>"
+        f"<table>{head}{''.join(rows)}</table>"
+    )
 
 
 def _heatmap_section(run_dir: Path) -> str:
@@ -453,6 +561,8 @@ _LABEL_WORDS = {1: "metastasis", 0: "no metastasis"}
 _SECTIONS = (
     ("cross_validation", "Cross-validation"),
     ("metrics", "Evaluation metrics"),
+    ("localisation", "Localisation"),
+    ("subgroups", "Subgroups"),
     ("plots", "Evaluation plots"),
     ("curves", "Learning curves"),
     ("heatmaps", "Highest-scoring slices"),
@@ -486,6 +596,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     bodies = {
         "cross_validation": cross_validation,
         "metrics": _metrics_section(run_dir),
+        "localisation": _localisation_section(run_dir),
+        "subgroups": _subgroups_section(run_dir),
         "plots": _plots_section(run_dir),
         "curves": _learning_section(run_dir, _stage_epochs(config))
         if cross_validation is None
@@ -493,7 +605,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         "heatmaps": _heatmap_section(run_dir),
         "config": _config_section(run_dir, config_text, problem),
     }
-    shown = [(key, title) for key, title in _SECTIONS if bodies[key] is not None]
+    # Optional sections (cross-validation, localisation, subgroups) without content are left out.
+    shown = [(key, title) for key, title in _SECTIONS if bodies[key]]
     nav = "".join(f'<a href="#{key}">{_esc(title)}</a>' for key, title in shown)
     sections = "".join(
         f'<section id="{key}"><h2>{_esc(title)}</h2>{bodies[key]}</section>' for key, title in shown
