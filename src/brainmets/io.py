@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -235,3 +236,26 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_format_json(
+    path: str | Path, *, fmt: str, version: int, what: str, again: str
+) -> dict[str, Any]:
+    """A JSON file that names its ``format`` and ``format_version`` (a sidecar, an ensemble):
+    parsed and checked to be ``what`` at ``version``; otherwise a ValueError naming the file
+    and, for another version, what to do (``again``)."""
+    from brainmets import __version__
+
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not {what} ({error})") from error
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ValueError(f'{path}: not {what} (no "format": "{fmt}")')
+    if meta.get("format_version") != version:
+        raise ValueError(
+            f"{path}: format_version {meta.get('format_version')!r} is not supported by "
+            f"brainmets {__version__} (reads {version}); {again}"
+        )
+    return meta

@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
-import brainmets
 from brainmets import rundir
 from brainmets.backends.exported import OnnxSliceNetwork, check_graph, check_signature
 from brainmets.backends.onnx_runtime import execution_providers, open_session
 from brainmets.backends.triton import TritonSliceNetwork
 from brainmets.device import resolve_device
 from brainmets.inference import TrainedModel, model_path
+from brainmets.io import read_format_json
 from brainmets.model.checkpoint import load_checkpoint
 from brainmets.model.ensemble import EnsembleNetwork, EnsembleScorer, MemberPooling
 from brainmets.model.identity import checked_ensemble_id, digest, ensemble_fields, ensemble_id
@@ -75,18 +75,8 @@ def is_ensemble(path: str | Path) -> bool:
 def read_ensemble(folder: str | Path) -> dict[str, Any]:
     """``ensemble.json``, checked to be one and unedited since it was written."""
     path = Path(folder) / rundir.ENSEMBLE
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not a brainmets ensemble ({error})") from error
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f'{path}: not a brainmets ensemble (no "format": "{FORMAT}")')
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: ensemble format_version {meta.get('format_version')!r} is not supported "
-            f"by brainmets {brainmets.__version__} (reads {FORMAT_VERSION}); combine the folds "
-            "again (brainmets ensemble)"
-        )
+    meta = read_format_json(path, fmt=FORMAT, version=FORMAT_VERSION, what="a brainmets ensemble",
+                            again="combine the folds again (brainmets ensemble)")  # fmt: skip
     checked_ensemble_id(meta, path)
     return meta
 
@@ -155,17 +145,9 @@ def export_digest(sidecar: dict[str, Any]) -> str:
 def read_export_sidecar(path: str | Path) -> dict[str, Any]:
     """An ensemble export's ``brainmets.json``, checked to be one and unedited since export."""
     path = Path(path)
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not a brainmets ensemble export ({error})") from error
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f'{path}: not an ensemble export (no "format": "{EXPORT_FORMAT}")')
-    if meta.get("format_version") != EXPORT_FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: ensemble export format_version {meta.get('format_version')!r} is not "
-            f"supported by brainmets {brainmets.__version__}; export the ensemble again"
-        )
+    meta = read_format_json(path, fmt=EXPORT_FORMAT, version=EXPORT_FORMAT_VERSION,
+                            what="a brainmets ensemble export",
+                            again="export the ensemble again")  # fmt: skip
     quantization = meta.get("onnx", {}).get("quantization", "none")
     suffix = "" if quantization == "none" else f"-{quantization}"
     try:

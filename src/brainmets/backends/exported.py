@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import brainmets
 from brainmets import rundir
 from brainmets.inference import TrainedModel, model_path
-from brainmets.io import file_sha256
+from brainmets.io import file_sha256, read_format_json
 from brainmets.model.checkpoint import load_checkpoint
 from brainmets.model.identity import checked_model_id, decisive_fields, digest, model_id
 from brainmets.model.pooling import pool_patients
@@ -59,17 +58,8 @@ def base_model_id(sidecar: dict[str, Any]) -> str:
 def read_export_sidecar(path: str | Path) -> dict[str, Any]:
     """``brainmets.json`` of an export, checked to be one and unedited since export."""
     path = Path(path)
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not a brainmets export sidecar ({error})") from error
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f'{path}: not a brainmets export sidecar (no "format": "{FORMAT}")')
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: export format_version {meta.get('format_version')!r} is not supported by "
-            f"brainmets {brainmets.__version__} (reads {FORMAT_VERSION}); export the run again"
-        )
+    meta = read_format_json(path, fmt=FORMAT, version=FORMAT_VERSION,
+                            what="a brainmets export sidecar", again="export the run again")  # fmt: skip
     try:
         bound = export_digest(meta) == meta.get("digest") and base_model_id(meta) == model_id(meta)
     except (KeyError, TypeError, ValueError):
