@@ -150,3 +150,22 @@ def test_a_shard_outside_the_shards_is_refused(tiny_run, cache, tmp_path, capsys
     assert main(["predict", str(tiny_run), str(cache), "--out", str(tmp_path / "p.csv"),
                  "--num-shards", "2", "--shard-id", "2"]) == 2  # fmt: skip
     assert "--shard-id 2 must be in [0, --num-shards 2)" in capsys.readouterr().err
+
+
+def test_compare_an_ensemble_with_one_of_its_members(tiny_ensemble, cache, tmp_path, capsys):
+    """compare takes an ensemble as it takes a run: each scores the same patients as evaluate
+    scores them, and the paired tests run on those scores."""
+    out = tmp_path / "cmp"
+    member = tiny_ensemble / "fold-0"
+    assert main(["-q", "compare", str(member), str(tiny_ensemble), "--data", str(cache),
+                 "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    result = json.loads((out / "compare.json").read_text())["runs"]
+    for key, run in (("a", member), ("b", tiny_ensemble)):
+        assert main(["-q", "evaluate", str(run), "--data", str(cache), "--n-boot", "0",
+                     "--device", "cpu", "--out", str(tmp_path / key)]) == 0  # fmt: skip
+        scored = json.loads((tmp_path / key / "metrics.json").read_text())["metrics"]["auc"]
+        assert result[key]["auc"] == pytest.approx(scored, abs=1e-9)
+    assert (
+        result["b"]["model_id"]
+        == json.loads((tiny_ensemble / "ensemble.json").read_text())["model_id"]
+    )

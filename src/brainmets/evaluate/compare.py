@@ -80,6 +80,7 @@ def _run_summary(run: Path, trained, table: pd.DataFrame, auc_ci: list[float]) -
     m = patient_metrics(table["label"], expit(table["logit"].to_numpy()), trained.plain_threshold)
     return {
         "run": str(run),
+        "model_id": trained.model_id,
         "auc": m["auc"],
         "auc_ci": auc_ci,
         "threshold": trained.threshold,
