@@ -592,6 +592,7 @@ def cmd_demo(args) -> int:
         full=args.full,
         seed=args.seed,
         folds=args.folds,
+        progress=not args.quiet,
     )
     return 0
 

@@ -59,7 +59,9 @@ def demo_config(*, full: bool, epochs: int | None, device: str, seed: int) -> Co
     return load_config(None, overrides)
 
 
-def _demo_data(out: Path, cfg, cohort: dict, *, patients: int | None, seed: int, workers: int):
+def _demo_data(
+    out: Path, cfg, cohort: dict, *, patients: int | None, seed: int, workers: int, progress: bool
+):
     """synth -> index -> prepare: the cohort's labels with their splits, its index, its cache."""
     from brainmets.data.labels import read_labels
     from brainmets.data.prepare import prepare_cache
@@ -67,16 +69,18 @@ def _demo_data(out: Path, cfg, cohort: dict, *, patients: int | None, seed: int,
     from brainmets.data.synthetic import SynthConfig, write_synthetic_cohort
 
     synth = SynthConfig(**{**cohort, "num_patients": patients or cohort["num_patients"]}, seed=seed)
-    labels_path = write_synthetic_cohort(out / "cohort", synth, workers=workers)
+    labels_path = write_synthetic_cohort(out / "cohort", synth, workers=workers, progress=progress)
     labels = assign_splits(read_labels(labels_path), seed)
     manifest = out / "cohort" / "labels_split.csv"
     atomic_write_csv(manifest, labels)
 
-    index = index_dicom_root(out / "cohort" / "dicom", workers=workers)
+    index = index_dicom_root(out / "cohort" / "dicom", workers=workers, progress=progress)
     write_index(index, out / "index")
 
     cache = out / "cache"
-    result = prepare_cache(labels, cache, cfg.preprocess, series_index=index, workers=workers)
+    result = prepare_cache(
+        labels, cache, cfg.preprocess, series_index=index, workers=workers, progress=progress
+    )
     if result.failed:
         raise RuntimeError(
             f"demo: {result.failed} synthetic patients failed to prepare; see {cache}/errors.csv"
@@ -94,6 +98,7 @@ def run_demo(
     full: bool = False,
     seed: int = 0,
     folds: int | None = None,
+    progress: bool = True,
 ) -> dict:
     from brainmets.backends import BackendSpec
     from brainmets.evaluate.evaluation import evaluate_run
@@ -114,7 +119,7 @@ def run_demo(
     )
 
     labels, index, cache = _demo_data(out, cfg, cohort, patients=patients, seed=seed,
-                                       workers=workers)  # fmt: skip
+                                       workers=workers, progress=progress)  # fmt: skip
     cfg.data.cache = str(cache)
     run = out / "runs" / (cfg.name if not folds else f"{cfg.name}-{folds}-folds")
     if run.exists():
@@ -124,9 +129,9 @@ def run_demo(
         shutil.rmtree(run)
     if folds:
         cfg.data.folds = folds
-        print(train_folds(cfg, run).ensemble.text)
+        print(train_folds(cfg, run, progress=progress).ensemble.text)
     else:
-        train(cfg, run)
+        train(cfg, run, progress=progress)
 
     test_dirs = index.series[
         index.series["chosen"]
@@ -139,6 +144,7 @@ def run_demo(
         heatmaps_dir=run / rundir.HEATMAPS,
         top_k=1,
         backend=BackendSpec(device=device),
+        progress=progress,
     )
     # Evaluation last: it writes report.html, which then already holds the heatmap gallery.
     # With the cohort's lesion truth: does the model look at the metastases (docs/evaluation.md)?
@@ -149,6 +155,7 @@ def run_demo(
         backend=BackendSpec(device=device),
         lesions=out / "cohort" / "lesions.csv",
         series_index=out / "index",
+        progress=progress,
     )
     report = run / rundir.REPORT
     minutes = (time.perf_counter() - started) / 60
