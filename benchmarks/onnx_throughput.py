@@ -43,8 +43,9 @@ from brainmets.model.resnet import BrainMetsNet  # noqa: E402
 from brainmets.model.scoring import SliceScorer  # noqa: E402
 
 
-def head_slices(count: int, size: int, seed: int = 0) -> np.ndarray:
-    """uint8 slices like the cache's: a bright-rimmed disc of brain-window noise on air."""
+def head_slices(count: int, size: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+    """uint8 slices like the cache's: a bright-rimmed disc of brain-window noise on air
+    (``seed``: a seed, or a generator to draw several cohorts' slices from one stream)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j]
     radius = np.hypot(yy, xx)

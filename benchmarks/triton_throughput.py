@@ -32,41 +32,17 @@ sys.path.insert(0, str(HERE))
 # The server launcher the Triton tests use.
 sys.path.insert(0, str(HERE.parent / "tests" / "backends"))
 
+from onnx_throughput import head_slices, random_run  # noqa: E402
 from timing import Candidate, measure_in_turn, median_rate, paired_ratio  # noqa: E402
 from triton_server import TritonServer, missing  # noqa: E402
 
 from brainmets.backends.onnx_runtime import load_exported  # noqa: E402
 from brainmets.backends.triton import load_triton  # noqa: E402
-from brainmets.config import PreprocessConfig  # noqa: E402
 from brainmets.export import export_run  # noqa: E402
 from brainmets.inference import load_trained  # noqa: E402
-from brainmets.model.checkpoint import save_checkpoint  # noqa: E402
-from brainmets.model.resnet import BrainMetsNet  # noqa: E402
 
 REFERENCE = "onnxruntime (local)"
 SERVED = "triton (gRPC, loopback)"
-
-
-def head_slices(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 slices like the cache's: a bright-rimmed disc of brain-window noise on air."""
-    yy, xx = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j]
-    radius = np.hypot(yy, xx)
-    slices = rng.integers(60, 140, size=(count, size, size)).astype(np.uint8)
-    slices[:, radius > 0.85] = 0
-    slices[:, (radius > 0.8) & (radius <= 0.85)] = 255
-    return slices
-
-
-def random_run(folder: Path, arch: str, size: int) -> Path:
-    """A run folder with randomly initialised weights: speed does not depend on the values."""
-    torch.manual_seed(0)
-    preprocess = PreprocessConfig(size=size).model_dump(mode="json")
-    save_checkpoint(
-        BrainMetsNet(arch).eval(),
-        folder / "model.safetensors",
-        {"preprocess": preprocess, "normalization": "zscore", "threshold": 0.5},
-    )
-    return folder
 
 
 def throughput(args, tmp: Path) -> dict:
