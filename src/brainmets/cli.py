@@ -288,7 +288,13 @@ def _train_folds(args, cfg, cv_dir: Path, *, resume: bool) -> int:
     from brainmets.train.folds import fold_dir
 
     result = train_folds(
-        cfg, cv_dir, fold=args.fold, resume=resume, combine=args.combine, progress=not args.quiet
+        cfg,
+        cv_dir,
+        fold=args.fold,
+        resume=resume,
+        combine=args.combine,
+        members=args.members,
+        progress=not args.quiet,
     )
     if _rank() != 0:
         return 0
@@ -337,7 +343,7 @@ def cmd_ensemble(args) -> int:
     runs = list(args.runs)
     if args.out is None and len(runs) != 1:
         raise ValueError("give --out for the ensemble of fold runs from several folders")
-    summary = build_ensemble(runs, args.out or runs[0], combine=args.combine)
+    summary = build_ensemble(runs, args.out or runs[0], combine=args.combine, members=args.members)
     _write_report(summary.folder)
     print(summary.text)
     return _ranking_exit(summary.meta.get("ranking"), args.allow_chance)
@@ -819,10 +825,12 @@ def _add_allow_chance(p: argparse.ArgumentParser) -> None:
     )
 
 
-# brainmets.model.ensemble.COMBINE and brainmets.train.ensemble.DEFAULT_COMBINE, copied so
-# that the parser loads no torch (a test keeps them equal).
+# brainmets.model.ensemble.COMBINE, brainmets.train.ensemble.DEFAULT_COMBINE, MEMBER_RULES and
+# DEFAULT_MEMBERS, copied so that the parser loads no torch (a test keeps them equal).
 COMBINE_NAMES = ("mean_logit", "mean_probability")
 DEFAULT_COMBINE_NAME = "mean_logit"
+MEMBER_RULE_NAMES = ("all", "ranking")
+DEFAULT_MEMBER_RULE = "all"
 
 
 def _add_combine(p) -> None:
@@ -832,6 +840,14 @@ def _add_combine(p) -> None:
         default=DEFAULT_COMBINE_NAME,
         help="the ensemble's patient score: the members' mean patient logit or their mean "
         "probability (default %(default)s)",
+    )
+    p.add_argument(
+        "--members",
+        choices=MEMBER_RULE_NAMES,
+        default=DEFAULT_MEMBER_RULE,
+        help="the fold models the ensemble keeps: all, or those whose own fold shows they rank "
+        "(a fold whose verdict is 'does not rank' is left out, unless none ranks) "
+        "(default %(default)s)",
     )
 
 

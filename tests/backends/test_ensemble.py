@@ -174,3 +174,64 @@ def test_predict_scores_the_ensemble_alike_on_torch_onnxruntime_and_triton(
         np.testing.assert_allclose(table["probability"], tables["torch"]["probability"],
                                    atol=1e-4, err_msg=name)  # fmt: skip
         assert table["decision"].tolist() == tables["torch"]["decision"].tolist(), name
+
+
+def _verdict(verdict: str) -> dict:
+    """A fold run's ranking record as training writes it (``brainmets.ranking``)."""
+    separation = 0.6 if verdict == "ranks" else 0.01
+    reasons = [] if verdict == "ranks" else [
+        f"separation (mean p+ - mean p-) {separation} on the plain sigmoid is in the poor band "
+        "(< 0.10)"
+    ]  # fmt: skip
+    return {"verdict": verdict, "auc": 0.9, "auc_ci": [0.7, 1.0], "n_boot": 1000, "n_pos": 2,
+            "n_neg": 2, "reasons": reasons, "scale": "plain sigmoid", "separation": separation,
+            "separation_band": "excellent" if verdict == "ranks" else "poor"}  # fmt: skip
+
+
+def _with_verdicts(tiny_ensemble: Path, to: Path, verdicts: list[str]) -> Path:
+    folder = shutil.copytree(tiny_ensemble, to)
+    for k, verdict in enumerate(verdicts):
+        path = folder / f"fold-{k}" / "model.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "ranking": _verdict(verdict)}))
+    return folder
+
+
+def test_a_fold_that_does_not_rank_its_own_patients_can_be_left_out(
+    tiny_ensemble, arrays, tmp_path
+):
+    """``members="ranking"`` keeps the folds whose own verdict shows they rank: the left-out
+    fold's patients choose nothing, it scores nothing, and the summary and the report name it.
+    By default every fold is kept."""
+    folder = _with_verdicts(tiny_ensemble, tmp_path / "cv", ["ranks", "does_not_rank"])
+    summary = build_ensemble([folder], folder, members="ranking")
+    meta = summary.meta
+    assert [m["run"] for m in meta["members"]] == ["fold-0"]
+    assert [(x["run"], x["fold"]) for x in meta["left_out"]] == [("fold-1", 1)]
+    assert "not shown to rank" in meta["left_out"][0]["reason"]
+    own = pd.read_csv(folder / "fold-0" / "val_predictions.csv", dtype={"patient_id": str})
+    oof = pd.read_csv(folder / "oof_predictions.csv", dtype={"patient_id": str})
+    assert oof["patient_id"].tolist() == own["patient_id"].tolist()
+    assert meta["oof"]["patients"] == len(own)
+    ensemble = load_backend(folder, CPU)
+    member = _members(folder)[0]
+    np.testing.assert_allclose(ensemble.scorer(arrays).patient_logits.numpy(),
+                               member.scorer(arrays).patient_logits.numpy(), atol=1e-6)  # fmt: skip
+    assert "1 of 2 folds" in summary.text and "fold 1 left out" in summary.text
+    assert main(["-q", "report", str(folder)]) == 0
+    report = (folder / "report.html").read_text()
+    assert "does_not_rank (left out)" in report and "was left out of the ensemble" in report
+
+    assert main(["-q", "ensemble", str(folder), "--out", str(tmp_path / "all"),
+                 "--allow-chance"]) == 0  # fmt: skip
+    every = json.loads((tmp_path / "all" / "ensemble.json").read_text())
+    assert "was left out of the ensemble" not in (tmp_path / "all" / "report.html").read_text()
+    assert [m["fold"] for m in every["members"]] == [0, 1] and every["left_out"] == []
+    assert every["model_id"] != meta["model_id"]
+
+
+def test_when_no_fold_ranks_every_fold_is_kept(tiny_ensemble, tmp_path):
+    folder = _with_verdicts(tiny_ensemble, tmp_path / "cv", ["does_not_rank", "does_not_rank"])
+    meta = build_ensemble([folder], folder, members="ranking").meta
+    assert [m["fold"] for m in meta["members"]] == [0, 1] and meta["left_out"] == []
+    folder = _with_verdicts(tiny_ensemble, tmp_path / "cv2", ["undetermined", "ranks"])
+    assert build_ensemble([folder], folder, members="ranking").meta["left_out"] == []  # unknown

@@ -444,13 +444,14 @@ def test_the_parser_names_the_backends_without_loading_them():
     import subprocess
     import sys
 
+    from brainmets import cli
     from brainmets.backends import BACKENDS
-    from brainmets.cli import BACKEND_NAMES, COMBINE_NAMES, DEFAULT_COMBINE_NAME
     from brainmets.model.ensemble import COMBINE
-    from brainmets.train.ensemble import DEFAULT_COMBINE
+    from brainmets.train.ensemble import DEFAULT_COMBINE, DEFAULT_MEMBERS, MEMBER_RULES
 
-    assert BACKEND_NAMES == BACKENDS
-    assert (COMBINE_NAMES, DEFAULT_COMBINE_NAME) == (COMBINE, DEFAULT_COMBINE)
+    assert cli.BACKEND_NAMES == BACKENDS
+    assert (cli.COMBINE_NAMES, cli.DEFAULT_COMBINE_NAME) == (COMBINE, DEFAULT_COMBINE)
+    assert (cli.MEMBER_RULE_NAMES, cli.DEFAULT_MEMBER_RULE) == (MEMBER_RULES, DEFAULT_MEMBERS)
     code = "import sys; from brainmets.cli import build_parser; build_parser(); " \
            "print('torch' in sys.modules)"  # fmt: skip
     loaded = subprocess.run(

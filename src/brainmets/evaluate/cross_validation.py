@@ -66,12 +66,19 @@ def _json_object(path: Path) -> dict[str, Any] | None:
 
 def _fold_rows(folder: Path, meta: dict[str, Any], oof: pd.DataFrame | None) -> list[str]:
     threshold = float(meta.get("threshold") or 0.5)
+    left_out = meta.get("left_out") or []
     rows = []
-    for member in meta.get("members", []):
+    by_fold = [*meta.get("members", []), *left_out]
+    folds = sorted(by_fold, key=lambda m: (not isinstance(m.get("fold"), int), m.get("fold") or 0))
+    for member in folds:
         run, fold = folder / str(member.get("run")), member.get("fold")
         sidecar = _json_object(run / rundir.MODEL_SIDECAR)
-        part = oof[oof["fold"] == fold] if oof is not None else None
-        if sidecar is None or part is None or part.empty:
+        if member in left_out:  # its patients are not in the out-of-fold table: its own file
+            path = run / rundir.VAL_PREDICTIONS
+            part = pd.read_csv(path, dtype={"patient_id": str}) if path.is_file() else None
+        else:
+            part = oof[oof["fold"] == fold] if oof is not None else None
+        if sidecar is None or part is None or part.empty or "logit" not in part:
             rows.append(f"<tr><td>{_esc(fold)}</td><td colspan='8' class='na'>{_esc(run)}: not "
                         "readable</td></tr>")  # fmt: skip
             continue
@@ -90,9 +97,16 @@ def _fold_rows(folder: Path, meta: dict[str, Any], oof: pd.DataFrame | None) -> 
             f"{_num(own['sensitivity'], 2)} / {_num(own['specificity'], 2)}</td>"
             f"<td>{_num(common['sensitivity'], 2)} / {_num(common['specificity'], 2)}</td>"
             f"<td>{_num(separation)}</td>"
-            f"<td>{_esc(verdict.verdict if verdict else 'n/a')}</td></tr>"
+            f"<td>{_esc(verdict.verdict if verdict else 'n/a')}"
+            f"{' (left out)' if member in left_out else ''}</td></tr>"
         )
     return rows
+
+
+_LEFT_OUT_NOTE = (
+    " A fold marked left out does not rank its own patients and was left out of the ensemble "
+    "(<code>--members ranking</code>): its patients choose nothing."
+)
 
 
 def _tables(folder: Path, meta: dict[str, Any], oof: pd.DataFrame | None) -> str:
@@ -121,7 +135,7 @@ def _tables(folder: Path, meta: dict[str, Any], oof: pd.DataFrame | None) -> str
         f"<table>{head}{''.join(_fold_rows(folder, meta, oof))}{oof_row}</table>"
         '<p class="meta">Sensitivity / specificity of each fold\'s validation patients at the '
         "fold's own threshold (chosen on those same patients, as a single run chooses it) and "
-        "at the ensemble's.</p>"
+        f"at the ensemble's.{_LEFT_OUT_NOTE if meta.get('left_out') else ''}</p>"
     )
 
 

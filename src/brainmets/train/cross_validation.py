@@ -19,7 +19,12 @@ from typing import Any
 
 from brainmets import rundir
 from brainmets.config import Config, save_config
-from brainmets.train.ensemble import DEFAULT_COMBINE, EnsembleSummary, build_ensemble
+from brainmets.train.ensemble import (
+    DEFAULT_COMBINE,
+    DEFAULT_MEMBERS,
+    EnsembleSummary,
+    build_ensemble,
+)
 from brainmets.train.folds import fold_dir
 from brainmets.train.trainer import train
 
@@ -45,6 +50,7 @@ def train_folds(
     fold: int | None = None,
     resume: bool = False,
     combine: str = DEFAULT_COMBINE,
+    members: str = DEFAULT_MEMBERS,
     progress: bool = True,
 ) -> CrossValidationResult:
     """Train fold ``fold`` of ``cfg.data.folds`` into ``cv_dir/fold-{fold}``, or, without
@@ -66,7 +72,7 @@ def train_folds(
         log.info("fold %d of %d: %s %s", k, folds, "resuming" if again else "training", run)
         result.folds[k] = train(fold_config(cfg, k), run, resume=again, progress=progress)
     if fold is None and _is_main_process():
-        result.ensemble = build_ensemble([cv_dir], cv_dir, combine=combine)
+        result.ensemble = build_ensemble([cv_dir], cv_dir, combine=combine, members=members)
         log.info("%s", result.ensemble.text)
     return result
 

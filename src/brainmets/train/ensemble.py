@@ -9,6 +9,13 @@ single run chooses on its 20-80 validation patients, the ensemble chooses on all
   patients of each class, as a single run's (``brainmets.train.scale``);
 - the ranking verdict and the separation band.
 
+Every fold is a member by default, as in nnU-Net. ``members="ranking"`` leaves out a fold model
+whose own validation fold says it does not rank (its ranking verdict, as a single run's), unless
+none ranks; the patients of a left-out fold then choose nothing, and the report still shows the
+fold and why. In the transfer study (docs/benchmarks.md, "Does the operating point transfer?")
+the rule narrowed the gap between the out-of-fold estimate and held-out patients on the cohorts
+it was devised on, but not on the two trained after it was fixed: an option, not the default.
+
 The ensemble scores a patient with every member and averages (``brainmets.model.ensemble``),
 so its threshold is one chosen on scores of the same kind: a member's patient logit, which
 the average of like members keeps on the same scale.
@@ -24,6 +31,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +46,7 @@ from brainmets.metrics import best_f1_threshold, patient_metrics, separation_ban
 from brainmets.model.ensemble import COMBINE
 from brainmets.model.identity import checked_model_id, ensemble_id
 from brainmets.model.probability import Calibration, logits_of
-from brainmets.ranking import RankingVerdict
+from brainmets.ranking import DOES_NOT_RANK, RankingVerdict
 from brainmets.train.folds import assignment_digest, fold_runs, read_assignment
 from brainmets.train.scale import epoch_scale
 
@@ -46,6 +54,10 @@ log = logging.getLogger(__name__)
 
 #: The average the ensemble takes unless told otherwise (docs/benchmarks.md, Ensembles).
 DEFAULT_COMBINE = "mean_logit"
+
+#: Which fold models an ensemble keeps: every one, or those that rank their own fold.
+MEMBER_RULES = ("all", "ranking")
+DEFAULT_MEMBERS = "all"
 
 OOF_COLUMNS = ["patient_id", "label", "fold", "model", "probability", "logit"]
 
@@ -67,6 +79,10 @@ class Member:
     @property
     def model_id(self) -> str:
         return str(self.sidecar["model_id"])
+
+    @cached_property
+    def ranking(self) -> RankingVerdict | None:
+        return RankingVerdict.from_sidecar(self.sidecar)
 
 
 @dataclass
@@ -92,14 +108,21 @@ class EnsembleSummary:
     @property
     def text(self) -> str:
         m, oof = self.meta, self.meta["oof"]
+        left_out = m.get("left_out", [])
+        folds = len(m["members"]) + len(left_out)
+        kept = f"{len(m['members'])} of {folds} folds" if left_out else f"{folds} folds"
         lines = [
-            f"ensemble {self.folder}: model {m['model_id']}, {len(m['members'])} folds, "
+            f"ensemble {self.folder}: model {m['model_id']}, {kept}, "
             f"{m['combine'].replace('_', ' ')} of the members",
             f"  out-of-fold ({oof['patients']} patients, {oof['n_pos']} positive): AUC "
             f"{_fmt(oof['auc'])}, F1 {_fmt(oof['f1'])}, sensitivity {_fmt(oof['sensitivity'])}, "
             f"specificity {_fmt(oof['specificity'])} at threshold {oof['threshold']:.3f}, "
             f"separation {_fmt(oof['separation'])} ({oof['separation_band']})",
             f"  probabilities and thresholds: {Calibration.from_sidecar(m).describe()}",
+        ]
+        lines += [
+            f"  fold {x['fold']} left out (its patients choose nothing): {x['reason']}"
+            for x in left_out
         ]
         return "\n".join(lines)
 
@@ -180,8 +203,8 @@ def _check_members(members: list[Member]) -> None:
 
 
 def out_of_fold(members: list[Member]) -> pd.DataFrame:
-    """Every fold's validation patients scored by its fold's model: the ensemble's evidence."""
-    _check_members(members)
+    """The kept folds' validation patients, each scored by its fold's model: the ensemble's
+    evidence (``_check_members`` has checked the folds)."""
     parts = [
         m.validation.assign(fold=m.fold, model=m.model_id)[OOF_COLUMNS]
         for m in sorted(members, key=lambda m: m.fold)
@@ -219,30 +242,54 @@ def oof_choices(labels, logits, *, seed: int = 0, method: str = "platt") -> OofC
 
 
 def build_ensemble(
-    runs: list[Path], out: Path, *, combine: str = DEFAULT_COMBINE
+    runs: list[Path],
+    out: Path,
+    *,
+    combine: str = DEFAULT_COMBINE,
+    members: str = DEFAULT_MEMBERS,
 ) -> EnsembleSummary:
     """Combine fold runs (or the folds of cross-validation folders) into ``out``: write
-    ``ensemble.json``, ``oof_predictions.csv`` and ``folds.csv`` there."""
+    ``ensemble.json``, ``oof_predictions.csv`` and ``folds.csv`` there. ``members``: keep
+    ``all`` fold models or those that rank their own fold (``ranking``)."""
     if combine not in COMBINE:
         raise ValueError(f"combine={combine!r} is not supported; choose one of {COMBINE}")
-    members = [read_member(run) for run in expand_runs(runs)]
-    oof = out_of_fold(members)
+    if members not in MEMBER_RULES:
+        raise ValueError(f"members={members!r} is not supported; choose one of {MEMBER_RULES}")
+    folds = [read_member(run) for run in expand_runs(runs)]
+    _check_members(folds)
+    kept, left_out = choose_members(folds, members)
+    oof = out_of_fold(kept)
     labels = oof["label"].to_numpy()
     choices = oof_choices(
-        labels, oof["logit"].to_numpy(), seed=members[0].seed, method=members[0].calibration
+        labels, oof["logit"].to_numpy(), seed=folds[0].seed, method=folds[0].calibration
     )
     oof["probability"] = choices.calibration.probability(oof["logit"].to_numpy())
-    for member in members:
-        verdict = RankingVerdict.from_sidecar(member.sidecar)
-        if verdict is not None and not verdict.ranks:
-            log.warning("fold %d (%s): %s", member.fold, member.run, verdict.describe())
     out = Path(out)
-    meta = _ensemble_meta(members, out, combine, choices)
+    meta = _ensemble_meta(kept, left_out, out, combine, choices)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(out / rundir.OOF_PREDICTIONS, oof)
-    atomic_write_csv(out / rundir.FOLDS, members[0].assignment)
+    atomic_write_csv(out / rundir.FOLDS, folds[0].assignment)
     atomic_write_text(out / rundir.ENSEMBLE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return EnsembleSummary(out, meta, oof)
+
+
+def choose_members(folds: list[Member], rule: str) -> tuple[list[Member], list[Member]]:
+    """(kept, left out): under ``ranking`` every fold but those whose own verdict says they do
+    not rank (an undetermined verdict is kept), or every fold when none ranks (the ensemble's
+    verdict then says so); under ``all`` every fold."""
+    for member in folds:
+        if member.ranking is not None and not member.ranking.ranks:
+            log.warning("fold %d (%s): %s", member.fold, member.run, member.ranking.describe())
+    not_ranking = [m for m in folds if m.ranking is not None and m.ranking.verdict == DOES_NOT_RANK]
+    if rule == "all" or not not_ranking:
+        return folds, []
+    if len(not_ranking) == len(folds):
+        log.warning("no fold model ranks its own fold: the ensemble keeps all %d", len(folds))
+        return folds, []
+    for member in not_ranking:
+        log.warning("fold %d is left out of the ensemble (--members ranking)", member.fold)
+    kept = [m for m in folds if m not in not_ranking]
+    return kept, not_ranking
 
 
 def expand_runs(runs: list[Path]) -> list[Path]:
@@ -258,7 +305,7 @@ def expand_runs(runs: list[Path]) -> list[Path]:
 
 
 def _ensemble_meta(
-    members: list[Member], out: Path, combine: str, choices: OofChoices
+    members: list[Member], left_out: list[Member], out: Path, combine: str, choices: OofChoices
 ) -> dict[str, Any]:
     first = members[0]
     ranking = choices.ranking.to_json()
@@ -268,13 +315,15 @@ def _ensemble_meta(
         "format_version": FORMAT_VERSION,
         "members": [
             {
-                "run": os.path.relpath(member.run.resolve(), out.resolve()),
-                "model_id": member.model_id,
-                "fold": member.fold,
+                **_member_record(member, out),
                 "epoch": member.sidecar.get("epoch"),
                 "threshold": member.sidecar.get("threshold"),
             }
             for member in sorted(members, key=lambda m: m.fold)
+        ],
+        "left_out": [
+            {**_member_record(member, out), "reason": member.ranking.describe()}
+            for member in sorted(left_out, key=lambda m: m.fold)
         ],
         "combine": combine,
         "threshold": choices.threshold,
@@ -310,6 +359,12 @@ def _ensemble_meta(
     }
     meta["model_id"] = ensemble_id(meta)
     return meta
+
+
+def _member_record(member: Member, out: Path) -> dict[str, Any]:
+    """Where a fold run lies (relative to the ensemble), its model and its fold."""
+    run = os.path.relpath(member.run.resolve(), out.resolve())
+    return {"run": run, "model_id": member.model_id, "fold": member.fold}
 
 
 def _finite(value: float) -> float | None:
