@@ -21,6 +21,10 @@ choose nothing.
     # the table and the JSON
     PYTHONPATH=src python benchmarks/ensemble_transfer.py analyse --out runs-ens \
         --json benchmarks/results/ensemble_transfer.json
+    # the demo's cohort: demo --folds 5 against the single demo run of the same seed
+    brainmets demo --folds 5 --out demo-folds && brainmets demo --out demo-single
+    PYTHONPATH=src python benchmarks/ensemble_transfer.py analyse-demo --demo demo-folds \
+        --single demo-single/runs/demo-cpu --json benchmarks/results/ensemble_transfer.json
 """
 
 from __future__ import annotations
@@ -215,9 +219,11 @@ def record(
 METHODS = {
     "single": "today's run: its epoch and threshold from its 20 validation patients",
     "single_ema": "the same run's weight average, selected and thresholded the same way",
-    "ensemble": "K = 5 fold models, mean patient logit, OOF threshold (the product)",
-    "ensemble_mean_probability": "the same folds, mean probability, OOF threshold",
-    "ensemble_ema": "the folds' weight averages, mean patient logit, OOF threshold",
+    "ensemble": "all K = 5 fold models, mean patient logit, OOF threshold (the product)",
+    "ensemble_ranking_folds": "the fold models that rank their own fold (--members ranking), "
+    "mean patient logit, the OOF threshold of their folds",
+    "ensemble_mean_probability": "all fold models, mean probability, the ensemble's threshold",
+    "ensemble_ema": "all folds' weight averages, mean patient logit, OOF threshold",
 }
 
 
@@ -263,49 +269,86 @@ def _ema_tables(run: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def analyse_cohort(folder: Path) -> list[dict]:
+    """A recorded cohort: the single run, its weight average, the ensembles of its folds."""
+    from brainmets.metrics import best_f1_threshold
+    from brainmets.model.ensemble import combine_numpy
+    from brainmets.train.ensemble import oof_choices
+
+    name, cv = folder.name, folder / "cv"
+    rows, held_out = _compared(name, folder / "cache", folder / "single", cv, folder)
+    ema_val, ema_test = _ema_tables(folder / "single")
+    threshold = best_f1_threshold(ema_val["label"], expit(ema_val["logit"]))[0]
+    rows.insert(1, _row(name, "single_ema", threshold, ema_val, ema_test))
+    tables = [_ema_tables(cv / f"fold-{k}") for k in range(FOLDS)]
+    ema_oof = pd.concat([v for v, _ in tables], ignore_index=True)
+    choice = oof_choices(ema_oof["label"], ema_oof["logit"])
+    test_ids = held_out["patient_id"].tolist()
+    ema_logits = np.stack([t.set_index("patient_id").loc[test_ids, "logit"] for _, t in tables], 1)
+    ema_held = pd.DataFrame(
+        {"label": held_out["label"], "logit": combine_numpy(ema_logits, "mean_logit")}
+    )
+    rows.append(_row(name, "ensemble_ema", choice.threshold, ema_oof, ema_held))
+    return rows
+
+
+def _compared(
+    name: str, cache_dir: Path, single: Path, cv: Path, scratch: Path
+) -> tuple[list[dict], pd.DataFrame]:
+    """Rows of the single run, the product's ensemble of ``cv`` (every fold), the ensemble of
+    the folds that rank (into ``scratch/ensemble-ranking``) and the mean probability; and the
+    held-out patients (id and label)."""
     from brainmets.backends import BackendSpec, load_backend
     from brainmets.data.cache import PatientCache
     from brainmets.inference import score_cache
-    from brainmets.metrics import best_f1_threshold
     from brainmets.model.ensemble import combine_numpy
-    from brainmets.train.ensemble import build_ensemble, oof_choices
+    from brainmets.train.ensemble import build_ensemble
+    from brainmets.train.folds import fold_runs
 
     torch.set_num_threads(1)
-    cache = PatientCache(folder / "cache")
+    cache = PatientCache(cache_dir)
     test_ids = cache.index.loc[cache.index["split"] == "test", "patient_id"].tolist()
     cpu = BackendSpec(device="cpu")
 
     def held_out(run: Path) -> pd.DataFrame:
         return score_cache(load_backend(run, cpu), cache, test_ids, progress=False)
 
-    rows = []
-    single = folder / "single"
     meta = json.loads((single / "model.json").read_text())
     val = pd.read_csv(single / rundir.VAL_PREDICTIONS, dtype={"patient_id": str})
-    rows.append(_row(folder.name, "single", float(meta["threshold"]), val, held_out(single)))
-    ema_val, ema_test = _ema_tables(single)
-    threshold = best_f1_threshold(ema_val["label"], expit(ema_val["logit"]))[0]
-    rows.append(_row(folder.name, "single_ema", threshold, ema_val, ema_test))
-
-    cv = folder / "cv"
-    ensemble = build_ensemble([cv], cv)  # the product's ensemble, in the cohort's folder
-    product = held_out(cv)
-    members = [held_out(cv / f"fold-{k}") for k in range(FOLDS)]
+    rows = [_row(name, "single", float(meta["threshold"]), val, held_out(single))]
+    members = [held_out(run) for run in fold_runs(cv)]  # by fold number
     logits = np.stack([m["logit"].to_numpy() for m in members], axis=1)
-    by_hand = combine_numpy(logits, "mean_logit")
-    if not np.allclose(product["logit"], by_hand, atol=1e-4):
-        raise RuntimeError(f"{cv}: the ensemble's scores are not its members' mean")
-    oof, labels = ensemble.oof, product["label"]
-    rows.append(_row(folder.name, "ensemble", ensemble.meta["threshold"], oof, product))
-    mean_p = pd.DataFrame({"label": labels, "logit": combine_numpy(logits, "mean_probability")})
-    rows.append(_row(folder.name, "ensemble_mean_probability", ensemble.meta["threshold"], oof,
-                     mean_p))  # fmt: skip
-    tables = [_ema_tables(cv / f"fold-{k}") for k in range(FOLDS)]
-    ema_oof = pd.concat([v for v, _ in tables], ignore_index=True)
-    choice = oof_choices(ema_oof["label"], ema_oof["logit"])
-    ema_logits = np.stack([t.set_index("patient_id").loc[test_ids, "logit"] for _, t in tables], 1)
-    ema_held = pd.DataFrame({"label": labels, "logit": combine_numpy(ema_logits, "mean_logit")})
-    rows.append(_row(folder.name, "ensemble_ema", choice.threshold, ema_oof, ema_held))
+    labels = members[0]["label"]
+    for method, rule, out in (("ensemble", "all", cv), ("ensemble_ranking_folds", "ranking",
+                              scratch / "ensemble-ranking")):  # fmt: skip
+        ensemble = build_ensemble([cv], out, members=rule)  # the product's ensemble
+        product = held_out(out)
+        kept = [m["fold"] for m in ensemble.meta["members"]]
+        if not np.allclose(
+            product["logit"], combine_numpy(logits[:, kept], "mean_logit"), atol=1e-4
+        ):
+            raise RuntimeError(f"{out}: the ensemble's scores are not its members' mean")
+        rows.append(_row(name, method, ensemble.meta["threshold"], ensemble.oof, product)
+                    | {"members": kept})  # fmt: skip
+        if rule == "all":
+            mean_p = pd.DataFrame(
+                {"label": labels, "logit": combine_numpy(logits[:, kept], "mean_probability")}
+            )
+            rows.append(_row(name, "ensemble_mean_probability", ensemble.meta["threshold"],
+                             ensemble.oof, mean_p))  # fmt: skip
+    return rows, members[0][["patient_id", "label"]]
+
+
+def analyse_demo(demo: Path, single: Path, json_path: Path | None) -> list[dict]:
+    """``brainmets demo --folds 5 --out DEMO`` against the single run of ``brainmets demo`` at
+    the same seed (``SINGLE``: its run folder), on the demo's held-out patients; rows added to
+    ``json_path`` (replacing the demo's earlier ones)."""
+    (cv,) = [p for p in (demo / "runs").iterdir() if (p / rundir.ENSEMBLE).is_file()]
+    rows, _ = _compared(f"demo-{cv.name}", demo / "cache", single, cv, demo)
+    print(markdown(pd.DataFrame(rows)))
+    if json_path is not None:
+        kept = json.loads(json_path.read_text()) if json_path.is_file() else []
+        kept = [r for r in kept if r["cohort"] != rows[0]["cohort"]]
+        json_path.write_text(json.dumps(kept + rows, indent=1) + "\n")
     return rows
 
 
@@ -340,7 +383,7 @@ def markdown(frame: pd.DataFrame) -> str:
             f"/ {r.estimate_specificity:.2f} ({r.estimate_patients}) | {r.sens_gap:+.2f} / "
             f"{r.spec_gap:+.2f} |"
         )
-    lines += ["", "| method | mean |gap| | cohorts with held-out AUC >= 0.90 | of them, sens and "
+    lines += ["", "| method | mean \\|gap\\| | cohorts with held-out AUC >= 0.90 | of them, sens and "
               "spec >= 0.75 | mean held-out sens / spec |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for method, part in frame.groupby("method", sort=False):
         gap = ((part["sens_gap"].abs() + part["spec_gap"].abs()) / 2).mean()
@@ -356,7 +399,7 @@ def markdown(frame: pd.DataFrame) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["record", "train-one", "analyse"])
+    parser.add_argument("command", choices=["record", "train-one", "analyse", "analyse-demo"])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--cohorts", nargs="+", default=["demo:0", "demo:1", "demo:2",
                         "small_bright:0", "small_bright:1"])  # fmt: skip
@@ -369,11 +412,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--fold", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--demo", type=Path, help="analyse-demo: the demo --folds 5 folder")
+    parser.add_argument("--single", type=Path, help="analyse-demo: the single demo's run")
     args = parser.parse_args()
     if args.command == "record":
         record(args.out, args.cohorts, args.patients, args.ema_epochs, args.jobs, args.epochs)
     elif args.command == "train-one":
         train_one(args.run, args.cache, args.seed, args.fold, args.ema_epochs, args.epochs)
+    elif args.command == "analyse-demo":
+        analyse_demo(args.demo, args.single, args.json)
     else:
         analyse(args.out, args.json)
 
