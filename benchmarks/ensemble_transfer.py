@@ -21,6 +21,9 @@ choose nothing.
     # the table and the JSON
     PYTHONPATH=src python benchmarks/ensemble_transfer.py analyse --out runs-ens \
         --json benchmarks/results/ensemble_transfer.json
+    # the recorded runs on 200 more held-out patients of each cohort's setting
+    PYTHONPATH=src python benchmarks/ensemble_transfer.py analyse-extra --out runs-ens \
+        --cohorts demo:0 small_bright:1 --json benchmarks/results/ensemble_transfer_again.json
     # the demo's cohort: demo --folds 5 against the single demo run of the same seed
     brainmets demo --folds 5 --out demo-folds && brainmets demo --out demo-single
     PYTHONPATH=src python benchmarks/ensemble_transfer.py analyse-demo --demo demo-folds \
@@ -127,8 +130,11 @@ class RecordingTrainer(Trainer):
 # --------------------------------------------------------------------------- record
 
 
-def prepare_cohort(folder: Path, setting: str, seed: int, patients: int) -> Path:
-    """The cohort's cache (made once; the DICOM is removed after)."""
+def prepare_cohort(
+    folder: Path, setting: str, seed: int, patients: int, *, all_held_out: bool = False
+) -> Path:
+    """The cohort's cache (made once; the DICOM is removed after); with ``all_held_out`` every
+    patient is a test patient (a further held-out cohort of the same setting)."""
     from brainmets.data.labels import assign_splits, read_labels
     from brainmets.data.prepare import prepare_cache
     from brainmets.data.series_index import index_dicom_root
@@ -145,6 +151,8 @@ def prepare_cohort(folder: Path, setting: str, seed: int, patients: int) -> Path
         folder / "cohort", SynthConfig(**cohort, seed=seed), workers=1, progress=False
     )
     labels = assign_splits(read_labels(labels_path), seed)
+    if all_held_out:
+        labels = labels.assign(split="test")
     index = index_dicom_root(folder / "cohort" / "dicom", workers=1, progress=False)
     result = prepare_cache(labels, cache, preprocess, series_index=index, workers=1, progress=False)
     if result.failed:
@@ -352,6 +360,32 @@ def analyse_demo(demo: Path, single: Path, json_path: Path | None) -> list[dict]
     return rows
 
 
+def analyse_extra(
+    out: Path, cohorts: list[str], patients: int, seed_offset: int, json_path: Path | None
+) -> list[dict]:
+    """The recorded runs of ``cohorts`` scored on a further held-out cohort of their setting
+    (``patients`` new patients generated with seed ``seed + seed_offset``, all held out), with
+    the thresholds and estimates they chose on their own validation or out-of-fold patients:
+    the held-out figures from more than 20 patients. Rows added to ``json_path``."""
+    rows = []
+    for spec in cohorts:
+        setting, _, seed = spec.partition(":")
+        folder = out / f"{setting}-seed{seed}"
+        extra_seed = int(seed) + seed_offset
+        extra = folder / f"held-out-seed{extra_seed}"
+        cache = prepare_cohort(extra, setting, extra_seed, patients, all_held_out=True)
+        name = f"{folder.name}, {patients} more held out (seed {extra_seed})"
+        part, _ = _compared(name, cache, folder / "single", folder / "cv", extra)
+        rows += part
+    print(markdown(pd.DataFrame(rows)))
+    if json_path is not None:
+        names = {r["cohort"] for r in rows}
+        kept = json.loads(json_path.read_text()) if json_path.is_file() else []
+        kept = [r for r in kept if r["cohort"] not in names]
+        json_path.write_text(json.dumps(kept + rows, indent=1) + "\n")
+    return rows
+
+
 def analyse(out: Path, json_path: Path | None) -> list[dict]:
     rows = []
     for folder in sorted(p for p in out.iterdir() if (p / "cohort.json").is_file()):
@@ -399,7 +433,9 @@ def markdown(frame: pd.DataFrame) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["record", "train-one", "analyse", "analyse-demo"])
+    parser.add_argument(
+        "command", choices=["record", "train-one", "analyse", "analyse-demo", "analyse-extra"]
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--cohorts", nargs="+", default=["demo:0", "demo:1", "demo:2",
                         "small_bright:0", "small_bright:1"])  # fmt: skip
@@ -414,11 +450,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--demo", type=Path, help="analyse-demo: the demo --folds 5 folder")
     parser.add_argument("--single", type=Path, help="analyse-demo: the single demo's run")
+    parser.add_argument("--extra-patients", type=int, default=200, help="analyse-extra")
+    parser.add_argument("--extra-seed-offset", type=int, default=1000, help="analyse-extra")
     args = parser.parse_args()
     if args.command == "record":
         record(args.out, args.cohorts, args.patients, args.ema_epochs, args.jobs, args.epochs)
     elif args.command == "train-one":
         train_one(args.run, args.cache, args.seed, args.fold, args.ema_epochs, args.epochs)
+    elif args.command == "analyse-extra":
+        analyse_extra(
+            args.out, args.cohorts, args.extra_patients, args.extra_seed_offset, args.json
+        )
     elif args.command == "analyse-demo":
         analyse_demo(args.demo, args.single, args.json)
     else:
