@@ -353,11 +353,18 @@ def analyse_demo(demo: Path, single: Path, json_path: Path | None) -> list[dict]
     (cv,) = [p for p in (demo / "runs").iterdir() if (p / rundir.ENSEMBLE).is_file()]
     rows, _ = _compared(f"demo-{cv.name}", demo / "cache", single, cv, demo)
     print(markdown(pd.DataFrame(rows)))
-    if json_path is not None:
-        kept = json.loads(json_path.read_text()) if json_path.is_file() else []
-        kept = [r for r in kept if r["cohort"] != rows[0]["cohort"]]
-        json_path.write_text(json.dumps(kept + rows, indent=1) + "\n")
+    _add_rows(json_path, rows)
     return rows
+
+
+def _add_rows(json_path: Path | None, rows: list[dict]) -> None:
+    """``rows`` into ``json_path``, in place of any earlier rows of the same cohorts."""
+    if json_path is None:
+        return
+    cohorts = {r["cohort"] for r in rows}
+    kept = json.loads(json_path.read_text()) if json_path.is_file() else []
+    kept = [r for r in kept if r["cohort"] not in cohorts]
+    json_path.write_text(json.dumps(kept + rows, indent=1) + "\n")
 
 
 def analyse_extra(
@@ -378,11 +385,7 @@ def analyse_extra(
         part, _ = _compared(name, cache, folder / "single", folder / "cv", extra)
         rows += part
     print(markdown(pd.DataFrame(rows)))
-    if json_path is not None:
-        names = {r["cohort"] for r in rows}
-        kept = json.loads(json_path.read_text()) if json_path.is_file() else []
-        kept = [r for r in kept if r["cohort"] not in names]
-        json_path.write_text(json.dumps(kept + rows, indent=1) + "\n")
+    _add_rows(json_path, rows)
     return rows
 
 

@@ -66,14 +66,14 @@ def _json_object(path: Path) -> dict[str, Any] | None:
 
 def _fold_rows(folder: Path, meta: dict[str, Any], oof: pd.DataFrame | None) -> list[str]:
     threshold = float(meta.get("threshold") or 0.5)
-    left_out = meta.get("left_out") or []
     rows = []
-    by_fold = [*meta.get("members", []), *left_out]
-    folds = sorted(by_fold, key=lambda m: (not isinstance(m.get("fold"), int), m.get("fold") or 0))
-    for member in folds:
+    tagged = [(m, False) for m in meta.get("members", [])]
+    tagged += [(m, True) for m in meta.get("left_out") or []]
+    tagged.sort(key=lambda t: (not isinstance(t[0].get("fold"), int), t[0].get("fold") or 0))
+    for member, left_out in tagged:
         run, fold = folder / str(member.get("run")), member.get("fold")
         sidecar = _json_object(run / rundir.MODEL_SIDECAR)
-        if member in left_out:  # its patients are not in the out-of-fold table: its own file
+        if left_out:  # its patients are not in the out-of-fold table: its own file
             path = run / rundir.VAL_PREDICTIONS
             part = pd.read_csv(path, dtype={"patient_id": str}) if path.is_file() else None
         else:
@@ -98,7 +98,7 @@ def _fold_rows(folder: Path, meta: dict[str, Any], oof: pd.DataFrame | None) -> 
             f"<td>{_num(common['sensitivity'], 2)} / {_num(common['specificity'], 2)}</td>"
             f"<td>{_num(separation)}</td>"
             f"<td>{_esc(verdict.verdict if verdict else 'n/a')}"
-            f"{' (left out)' if member in left_out else ''}</td></tr>"
+            f"{' (left out)' if left_out else ''}</td></tr>"
         )
     return rows
 

@@ -288,8 +288,8 @@ def choose_members(folds: list[Member], rule: str) -> tuple[list[Member], list[M
         return folds, []
     for member in not_ranking:
         log.warning("fold %d is left out of the ensemble (--members ranking)", member.fold)
-    kept = [m for m in folds if m not in not_ranking]
-    return kept, not_ranking
+    left_out = {m.fold for m in not_ranking}
+    return [m for m in folds if m.fold not in left_out], not_ranking
 
 
 def expand_runs(runs: list[Path]) -> list[Path]:
