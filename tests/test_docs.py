@@ -28,8 +28,8 @@ TEST_COMMAND = (
     "python3 -m venv .venv && . .venv/bin/activate && pip install -q torch==2.14.1 "
     "torchvision==0.29.1 -e '.[test]' && python -m pytest"
 )
-# The contract allows 350 lines; 340 keeps room for a fix without a cut.
-README_MAX_LINES = 340
+# The contract allows 350 lines; the aim is 300, and 320 keeps room for a fix without a cut.
+README_MAX_LINES = 320
 # Without a GPU: the same pins from PyTorch's CPU index (about 1 GB instead of the CUDA build's
 # 6), right after the first command. CI cannot run it: that index is out of its reach.
 CPU_DEMO_COMMAND = (
